@@ -1,0 +1,90 @@
+"""`GenerationParams`: validated decoding parameters; equal params share a batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import InvalidInput
+
+
+class GenerationParams(BaseModel):
+    """Decoding parameters for captions and answers. Frozen and hashable: it is part of the batch key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_new_tokens: int = Field(default=30, ge=1, le=512, description="Most tokens to generate.")
+    min_new_tokens: int = Field(default=0, ge=0, le=512, description="Fewest tokens to generate.")
+    num_beams: int = Field(default=1, ge=1, le=16, description="Beam-search width (1 = greedy or sampling).")
+    do_sample: bool = Field(default=False, description="Sample instead of greedy/beam search.")
+    temperature: float = Field(default=1.0, gt=0.0, le=5.0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=50, ge=0, le=1000, description="Sample among the k most likely tokens (0 = all).")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="Penalty for repeated tokens.")
+    length_penalty: float = Field(default=1.0, ge=-10.0, le=10.0, description="Beam-search length penalty.")
+    num_return_sequences: int = Field(default=1, ge=1, le=16, description="Texts returned per image.")
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Seed for reproducible sampling.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationParams:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            )
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) needs num_beams >= it or do_sample=true "
+                f"(got num_beams={self.num_beams})"
+            )
+        return self
+
+    @classmethod
+    def from_kwargs(cls, params: GenerationParams | None = None, **gen: Any) -> GenerationParams:
+        """Build params from keyword arguments, raising `InvalidInput` with a readable message."""
+        from pydantic import ValidationError
+
+        if params is not None and not gen:
+            return params
+        base = params.model_dump() if params is not None else {}
+        base.update({k: v for k, v in gen.items() if v is not None})
+        try:
+            return cls(**base)
+        except ValidationError as exc:
+            raise InvalidInput(format_validation_error(exc)) from None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `transformers` `generate()` (seed excluded)."""
+        kw: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "num_beams": self.num_beams,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+            "num_return_sequences": self.num_return_sequences,
+        }
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.num_beams > 1:
+            kw.update(length_penalty=self.length_penalty, early_stopping=True)
+        return kw
+
+
+def format_validation_error(exc: Exception) -> str:
+    """One readable line per invalid field, e.g. `num_beams: Input should be less than or equal to 16 (got 99)`."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "input"
+        msg = err.get("msg", "invalid value")
+        if "input" in err and err.get("type") not in ("missing",):
+            got = repr(err["input"])
+            if len(got) > 80:
+                got = got[:77] + "..."
+            parts.append(f"{loc}: {msg} (got {got})")
+        else:
+            parts.append(f"{loc}: {msg}")
+    return "Invalid arguments: " + "; ".join(parts)
