@@ -9,7 +9,7 @@ class GeneratedText(BaseModel):
     """One generated text with its confidence."""
 
     text: str = Field(description="The generated text (control characters stripped, length capped).")
-    mean_logprob: float = Field(description="Mean log-probability of the generated tokens (<= 0; closer to 0 is surer).")
+    mean_logprob: float = Field(description="Mean token log-probability (<= 0; closer to 0 is surer).")
     confidence: float = Field(description="exp(mean_logprob): the geometric-mean token probability, in [0, 1].")
     itm_probability: float | None = Field(
         default=None, description="Image-text match probability from the retrieval model, when it is loaded."

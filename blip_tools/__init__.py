@@ -1,0 +1,69 @@
+"""blip-tools: BLIP-2 image captioning, VQA and image search for LLM agents, with one shared, batched model.
+
+The public surface is `__all__`; heavy libraries (torch, transformers) load on first use, not on import.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BlipError,
+    CapabilityUnavailable,
+    ImageTooLarge,
+    InferenceError,
+    InvalidImage,
+    InvalidInput,
+    ModelNotAvailable,
+    Overloaded,
+    PathNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceClosed,
+    UrlNotAllowed,
+)
+from .params import GenerationParams
+from .results import (
+    AnswerResult,
+    CaptionResult,
+    EmbeddingResult,
+    GeneratedText,
+    ImageInfo,
+    ModelInfo,
+    ScoreResult,
+    ServiceStats,
+    TextScore,
+    Timing,
+)
+from .service import Blip2Service
+from .settings import BlipSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnswerResult",
+    "Blip2Service",
+    "BlipError",
+    "BlipSettings",
+    "CapabilityUnavailable",
+    "CaptionResult",
+    "EmbeddingResult",
+    "GeneratedText",
+    "GenerationParams",
+    "ImageInfo",
+    "ImageTooLarge",
+    "InferenceError",
+    "InvalidImage",
+    "InvalidInput",
+    "ModelInfo",
+    "ModelNotAvailable",
+    "Overloaded",
+    "PathNotAllowed",
+    "PayloadTooLarge",
+    "RequestTimeout",
+    "ScoreResult",
+    "ServiceClosed",
+    "ServiceStats",
+    "TextScore",
+    "Timing",
+    "UrlNotAllowed",
+    "__version__",
+]

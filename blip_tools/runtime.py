@@ -1,0 +1,515 @@
+"""Model I/O: load BLIP-2 checkpoints and run batched captioning, VQA, embeddings and ITM.
+
+This is the only module that touches `transformers` models. Every batch method is called from the batcher's
+single worker thread; preprocessing (`preprocess_*`, `encode_prompt`) is called from caller threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import BlipError, CapabilityUnavailable, InvalidInput, ModelNotAvailable
+from .params import GenerationParams
+from .results import GeneratedText
+from .settings import BlipSettings
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+VQA_TEMPLATE = "Question: {question} Answer:"
+MAX_PROMPT_TOKENS = 256
+MAX_TEXT_TOKENS = 64
+_IMAGE_TOKEN = "<image>"
+_CONTROL_RE = re.compile(r"\s+")
+
+
+def resolve_device(name: str) -> str:
+    """`auto` → cuda, then mps, then cpu; anything else is passed through to torch."""
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto` → bf16 (or fp16) on CUDA, fp16 on MPS, fp32 on CPU (no fast bf16 kernels there)."""
+    import torch
+
+    if name != "auto":
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+def clean_text(text: str, max_chars: int) -> str:
+    """Generated text as plain data: first line only, control characters removed, whitespace collapsed, capped."""
+    text = text.split("\n", 1)[0]
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch == " ")
+    text = _CONTROL_RE.sub(" ", text).strip()
+    return text[:max_chars]
+
+
+def _sanitize(text: str) -> str:
+    # A literal "<image>" in user text would add placeholder tokens and misalign the image features.
+    return text.replace(_IMAGE_TOKEN, " ").strip()
+
+
+class _LRU:
+    """A small LRU of tensors keyed by image hash, with hit/miss counters (worker thread only)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[str, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Any | None:
+        value = self._data.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        if self.capacity <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+@dataclass
+class ImageItem:
+    """One decoded and preprocessed image, keyed by its pixel hash."""
+
+    key: str
+    pixel_values: torch.Tensor
+    image: Image.Image | None = None
+
+
+@dataclass
+class GenerationItem:
+    """One caption/VQA request: image features come from `image`, the prompt is already tokenised."""
+
+    image: ImageItem
+    prompt_ids: list[int]
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    processor: Any
+    load_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Blip2Runtime:
+    """Owns the captioner and (lazily) the retrieval model on one device; all batch methods are batched."""
+
+    def __init__(self, settings: BlipSettings) -> None:
+        self.settings = settings
+        self.device = resolve_device(str(settings.device))
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self._lock = threading.RLock()
+        self._captioner: _Loaded | None = None
+        self._retrieval: _Loaded | None = None
+        self.feature_cache = _LRU(settings.feature_cache_size)
+        self.retrieval_cache = _LRU(settings.feature_cache_size)
+        self.models_loaded = 0
+        self.model_load_s = 0.0
+
+    # ------------------------------------------------------------------ loading
+    def _from_pretrained(self, cls: Any, name: str) -> tuple[Any, Any]:
+        from transformers import AutoProcessor
+
+        kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if self.settings.cache_dir is not None:
+            kwargs["cache_dir"] = str(self.settings.cache_dir)
+        try:
+            processor = AutoProcessor.from_pretrained(
+                name, **({"cache_dir": kwargs["cache_dir"]} if "cache_dir" in kwargs else {})
+            )
+            model = cls.from_pretrained(name, **kwargs)
+        except BlipError:
+            raise
+        except Exception as exc:  # OSError, ValueError, hub errors: one boundary, one message
+            local = Path(name).expanduser()
+            where = (
+                f"the local directory {local.resolve()} (it exists but could not be loaded)"
+                if local.exists()
+                else f"a local directory {local.resolve()} (not found) and the Hugging Face Hub id '{name}'"
+            )
+            raise ModelNotAvailable(
+                f"Could not load the BLIP-2 checkpoint '{name}': {type(exc).__name__}: {str(exc)[:300]}. "
+                f"Looked for {where}. Fix: point BLIP_MODEL / --model at a local folder written by save_pretrained, "
+                "make the hub reachable with the weights cached (HF_HOME), or run with --demo to use a tiny random "
+                "checkpoint built on the fly."
+            ) from exc
+        model.to(self.device)
+        model.eval()
+        return model, processor
+
+    def load_captioner(self) -> _Loaded:
+        """Load the captioning/VQA checkpoint once (thread-safe)."""
+        with self._lock:
+            if self._captioner is not None:
+                return self._captioner
+            from transformers import Blip2ForConditionalGeneration
+
+            start = time.perf_counter()
+            model, processor = self._from_pretrained(Blip2ForConditionalGeneration, self.settings.model)
+            tok = processor.tokenizer
+            tok.padding_side = "left"
+            config = model.config
+            image_id = tok.convert_tokens_to_ids(_IMAGE_TOKEN)
+            if getattr(config, "image_token_index", None) is None:
+                if image_id is None or image_id == tok.unk_token_id:
+                    raise ModelNotAvailable(
+                        f"The checkpoint '{self.settings.model}' has no image_token_index and its tokenizer no "
+                        "<image> token; re-save it with a current transformers Blip2Processor."
+                    )
+                config.image_token_index = image_id
+            if getattr(processor, "num_query_tokens", None) is None:
+                processor.num_query_tokens = config.num_query_tokens
+            if processor.num_query_tokens != config.num_query_tokens:
+                raise ModelNotAvailable(
+                    f"Processor num_query_tokens ({processor.num_query_tokens}) differs from the model's "
+                    f"({config.num_query_tokens}) in '{self.settings.model}': features would be mis-assigned."
+                )
+            if image_id != config.image_token_index:
+                raise ModelNotAvailable(
+                    f"Tokenizer <image> id {image_id} differs from config.image_token_index "
+                    f"{config.image_token_index} in '{self.settings.model}'."
+                )
+            eos_ids = {int(config.text_config.eos_token_id or tok.eos_token_id)}
+            newline = tok.encode("\n", add_special_tokens=False)
+            if len(newline) == 1:  # captioning checkpoints end a caption with a newline
+                eos_ids.add(int(newline[0]))
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else config.text_config.pad_token_id
+            elapsed = time.perf_counter() - start
+            self._captioner = _Loaded(
+                model, processor, elapsed, {"eos_ids": sorted(eos_ids), "pad_id": int(pad_id), "image_id": image_id}
+            )
+            self.models_loaded += 1
+            self.model_load_s += elapsed
+            logger.info("loaded captioner %s on %s/%s in %.2fs", self.settings.model, self.device, self.dtype, elapsed)
+            return self._captioner
+
+    def load_retrieval(self) -> _Loaded:
+        """Load the retrieval checkpoint (aligned embeddings + ITM head) once, on first use."""
+        with self._lock:
+            if self._retrieval is not None:
+                return self._retrieval
+            from transformers import Blip2ForImageTextRetrieval
+
+            start = time.perf_counter()
+            model, processor = self._from_pretrained(Blip2ForImageTextRetrieval, self.settings.retrieval_model)
+            if not getattr(model.config.qformer_config, "use_qformer_text_input", False):
+                raise CapabilityUnavailable(
+                    f"'{self.settings.retrieval_model}' has no Q-Former text layers, so it cannot embed text or "
+                    "score image-text pairs. Set BLIP_RETRIEVAL_MODEL to a retrieval checkpoint such as "
+                    "Salesforce/blip2-itm-vit-g."
+                )
+            elapsed = time.perf_counter() - start
+            self._retrieval = _Loaded(model, processor, elapsed)
+            self.models_loaded += 1
+            self.model_load_s += elapsed
+            logger.info("loaded retrieval model %s in %.2fs", self.settings.retrieval_model, elapsed)
+            return self._retrieval
+
+    @property
+    def captioner_loaded(self) -> bool:
+        return self._captioner is not None
+
+    @property
+    def retrieval_loaded(self) -> bool:
+        return self._retrieval is not None
+
+    @property
+    def num_query_tokens(self) -> int | None:
+        return int(self._captioner.model.config.num_query_tokens) if self._captioner else None
+
+    def empty_cache(self) -> None:
+        """Release cached device memory after an out-of-memory error."""
+        import torch
+
+        self.feature_cache.clear()
+        self.retrieval_cache.clear()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ caller-thread preprocessing
+    def preprocess(self, image: Image.Image, key: str, *, retrieval: bool = False) -> ImageItem:
+        """Turn a decoded RGB image into model pixel values (CPU tensor), off the worker thread."""
+        loaded = self.load_retrieval() if retrieval else self.load_captioner()
+        pixels = loaded.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return ImageItem(key=key, pixel_values=pixels, image=image)
+
+    def encode_prompt(self, prompt: str | None) -> list[int]:
+        """Token ids of a prompt prefix (with BOS), validated for length."""
+        tok = self.load_captioner().processor.tokenizer
+        text = _sanitize(prompt or "")
+        ids: list[int] = tok(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise InvalidInput(
+                f"The prompt is {len(ids)} tokens long; at most {MAX_PROMPT_TOKENS} are allowed. Shorten it."
+            )
+        return ids
+
+    def tokenize_texts(self, texts: Sequence[str]) -> list[str]:
+        """Validate texts for the retrieval model (non-empty)."""
+        out = []
+        for text in texts:
+            clean = _sanitize(text)
+            if not clean:
+                raise InvalidInput("Texts to embed or score must be non-empty strings.")
+            out.append(clean)
+        return out
+
+    # ------------------------------------------------------------------ worker-thread batch methods
+    def _lm_features(self, images: Sequence[ImageItem]) -> torch.Tensor:
+        """Projected Q-Former outputs (B, Q, H_lm) for each image, reusing cached ones."""
+        import torch
+
+        cap = self.load_captioner()
+        feats: list[torch.Tensor | None] = [self.feature_cache.get(item.key) for item in images]
+        missing = [i for i, f in enumerate(feats) if f is None]
+        if missing:
+            # Deduplicate identical images inside the batch.
+            unique: dict[str, int] = {}
+            for i in missing:
+                unique.setdefault(images[i].key, i)
+            order = list(unique.values())
+            pixels = torch.cat([images[i].pixel_values for i in order]).to(self.device, self.dtype)
+            out = cap.model.get_image_features(pixel_values=pixels).pooler_output
+            by_key = {images[i].key: out[j] for j, i in enumerate(order)}
+            for i in missing:
+                feats[i] = by_key[images[i].key]
+            for key, value in by_key.items():
+                self.feature_cache.put(key, value)
+        return torch.stack([f for f in feats if f is not None])
+
+    def generate(
+        self, items: Sequence[GenerationItem], params: GenerationParams
+    ) -> list[list[GeneratedText] | BaseException]:
+        """Caption or answer a batch (prompts may differ): left-padded prompts, one `generate` call."""
+        import torch
+
+        cap = self.load_captioner()
+        model = cap.model
+        tok = cap.processor.tokenizer
+        q = int(model.config.num_query_tokens)
+        image_id = int(model.config.image_token_index)
+        pad_id = cap.extra["pad_id"]
+        eos_ids: list[int] = cap.extra["eos_ids"]
+
+        with torch.inference_mode():
+            lm_inputs = self._lm_features([it.image for it in items])
+            rows = [[image_id] * q + it.prompt_ids for it in items]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                attention[i, width - len(r) :] = 1
+            input_ids = input_ids.to(self.device)
+            attention = attention.to(self.device)
+            embeds = model.get_input_embeddings()(input_ids)
+            mask = (input_ids == image_id).unsqueeze(-1).to(embeds.device)
+            embeds = embeds.masked_scatter(mask, lm_inputs.to(embeds.device, embeds.dtype))
+
+            kwargs = params.generate_kwargs()
+            beams = params.num_beams > 1
+            gen_kwargs: dict[str, Any] = dict(
+                inputs_embeds=embeds,
+                attention_mask=attention,
+                input_ids=input_ids,
+                eos_token_id=eos_ids,
+                pad_token_id=pad_id,
+                return_dict_in_generate=True,
+                output_scores=beams,
+                output_logits=not beams,
+                **kwargs,
+            )
+            if params.do_sample and params.seed is not None:
+                devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(params.seed)
+                    out = model.language_model.generate(**gen_kwargs)
+            else:
+                out = model.language_model.generate(**gen_kwargs)
+
+            new_tokens = out.sequences[:, width:]
+            logprobs = self._token_logprobs(model.language_model, out, new_tokens, beams)
+            eos_t = torch.tensor(eos_ids, device=new_tokens.device)
+            is_eos = torch.isin(new_tokens, eos_t)
+            after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+            valid = ~after_eos
+            counts = valid.sum(dim=1).clamp(min=1)
+            means = (logprobs.float().masked_fill(~valid, 0.0).sum(dim=1) / counts).tolist()
+            texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+
+        n = params.num_return_sequences
+        results: list[list[GeneratedText] | BaseException] = []
+        for i in range(len(items)):
+            group = []
+            for j in range(i * n, (i + 1) * n):
+                mean = float(min(0.0, means[j]))
+                group.append(
+                    GeneratedText(
+                        text=clean_text(texts[j], self.settings.max_output_chars),
+                        mean_logprob=mean,
+                        confidence=math.exp(mean),
+                    )
+                )
+            if params.do_sample and not beams:
+                group.sort(key=lambda g: g.mean_logprob, reverse=True)
+            results.append(group)
+        if self.retrieval_loaded:
+            self._add_itm_confidence(items, results)
+        return results
+
+    def _token_logprobs(self, lm: Any, out: Any, new_tokens: torch.Tensor, beams: bool) -> torch.Tensor:
+        import torch
+
+        if new_tokens.shape[1] == 0:
+            return torch.zeros_like(new_tokens, dtype=torch.float32)
+        if beams:
+            scores = lm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+            return scores[:, -new_tokens.shape[1] :]
+        logits = torch.stack(out.logits, dim=1).float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+
+    def _add_itm_confidence(
+        self, items: Sequence[GenerationItem], results: list[list[GeneratedText] | BaseException]
+    ) -> None:
+        """Attach the ITM match probability of each generated text (retrieval model already loaded)."""
+        pairs: list[tuple[ImageItem, str, GeneratedText]] = []
+        for item, group in zip(items, results, strict=True):
+            if isinstance(group, BaseException) or item.image.image is None:
+                continue
+            r_item = self.preprocess(item.image.image, item.image.key, retrieval=True)
+            pairs.extend((r_item, g.text, g) for g in group if g.text)
+        if not pairs:
+            return
+        probs = self.itm([p[0] for p in pairs], [p[1] for p in pairs])
+        for (_, _, g), prob in zip(pairs, probs, strict=True):
+            g.itm_probability = float(prob)
+
+    # ------------------------------------------------------------------ retrieval model
+    def _vision_embeds(self, images: Sequence[ImageItem]) -> torch.Tensor:
+        """Retrieval vision-encoder outputs (B, P, H_v), cached per image hash."""
+        import torch
+
+        ret = self.load_retrieval()
+        feats: list[torch.Tensor | None] = [self.retrieval_cache.get(item.key) for item in images]
+        missing = [i for i, f in enumerate(feats) if f is None]
+        if missing:
+            unique: dict[str, int] = {}
+            for i in missing:
+                unique.setdefault(images[i].key, i)
+            order = list(unique.values())
+            pixels = torch.cat([images[i].pixel_values for i in order]).to(self.device, self.dtype)
+            out = ret.model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
+            by_key = {images[i].key: out[j] for j, i in enumerate(order)}
+            for i in missing:
+                feats[i] = by_key[images[i].key]
+            for key, value in by_key.items():
+                self.retrieval_cache.put(key, value)
+        return torch.stack([f for f in feats if f is not None])
+
+    def image_query_embeddings(self, images: Sequence[ImageItem]) -> torch.Tensor:
+        """L2-normalised per-query image embeddings (B, Q, D) in the shared space."""
+        import torch
+
+        ret = self.load_retrieval().model
+        with torch.inference_mode():
+            image_embeds = self._vision_embeds(images)
+            mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+            query_tokens = ret.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            out = ret.qformer(
+                query_embeds=query_tokens,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=mask,
+                return_dict=True,
+            ).last_hidden_state
+            out = out.to(ret.vision_projection.weight.dtype)
+            return torch.nn.functional.normalize(ret.vision_projection(out), dim=-1).float()
+
+    @staticmethod
+    def pool_queries(query_embeds: torch.Tensor) -> torch.Tensor:
+        """One vector per image: the normalised mean of its normalised query embeddings."""
+        import torch
+
+        return torch.nn.functional.normalize(query_embeds.mean(dim=1), dim=-1)
+
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        tok = self.load_retrieval().processor.tokenizer
+        enc = tok(list(texts), padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (B, D) from the Q-Former text side ([CLS] + projection)."""
+        import torch
+
+        ret = self.load_retrieval().model
+        with torch.inference_mode():
+            enc = self._tokenize(texts)
+            embeds = ret.embeddings(input_ids=enc["input_ids"])
+            out = ret.qformer(
+                query_embeds=embeds, query_length=0, attention_mask=enc["attention_mask"], return_dict=True
+            ).last_hidden_state
+            out = out.to(ret.text_projection.weight.dtype)
+            return torch.nn.functional.normalize(ret.text_projection(out[:, 0, :]), dim=-1).float()
+
+    def itm(self, images: Sequence[ImageItem], texts: Sequence[str]) -> list[float]:
+        """Image-text matching probability for each (image, text) pair."""
+        import torch
+
+        ret = self.load_retrieval().model
+        with torch.inference_mode():
+            image_embeds = self._vision_embeds(images)
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+            enc = self._tokenize(texts)
+            query_tokens = ret.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=query_tokens.device)
+            embeds = ret.embeddings(input_ids=enc["input_ids"], query_embeds=query_tokens)
+            out = ret.qformer(
+                query_embeds=embeds,
+                query_length=query_tokens.shape[1],
+                attention_mask=torch.cat([query_mask, enc["attention_mask"]], dim=1),
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+                return_dict=True,
+            ).last_hidden_state
+            out = out.to(ret.itm_head.weight.dtype)
+            logits = ret.itm_head(out[:, : query_tokens.shape[1], :]).mean(dim=1)
+            return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()  # type: ignore[no-any-return]

@@ -1,0 +1,657 @@
+"""`Blip2Service`: the one model owner per process. Typed requests → DynamicBatcher → runtime → typed results.
+
+Callers' threads decode and preprocess images (so a bad image fails alone and CPU work overlaps the model);
+one worker thread runs batches. Sync methods block the calling thread; async twins await without blocking
+the event loop, and cancelling the awaiting task cancels the queued request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from .batching import BatchEvent, DynamicBatcher
+from .errors import BlipError, InferenceError, InvalidInput, Overloaded, ServiceClosed
+from .images import ImageInput, LoadedImage, load_image
+from .params import GenerationParams
+from .results import (
+    AnswerResult,
+    CaptionResult,
+    EmbeddingResult,
+    GeneratedText,
+    ImageInfo,
+    ModelInfo,
+    ScoreResult,
+    ServiceStats,
+    TaskStats,
+    TextScore,
+    Timing,
+)
+from .runtime import VQA_TEMPLATE, Blip2Runtime, GenerationItem, ImageItem
+from .settings import BlipSettings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ProgressFn = Callable[[int, int], None]
+
+CAPTION, ANSWER, EMBED_IMAGE, EMBED_TEXT, SCORE = "caption", "answer", "embed_image", "embed_text", "score"
+
+
+@dataclass
+class _Request:
+    """What travels through the batcher: the payload plus when it was submitted."""
+
+    payload: Any
+    submitted: float
+
+
+@dataclass
+class _Outcome:
+    """A handler's result for one request with its timing."""
+
+    value: Any
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+class Blip2Service:
+    """The shared BLIP-2 service: captioning, VQA, embeddings and ITM scores, dynamically batched.
+
+    Use `Blip2Service.shared()` for the process-wide instance, or `Blip2Service(settings)` for a private one.
+    """
+
+    _shared: ClassVar[Blip2Service | None] = None
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, settings: BlipSettings | None = None, *, runtime: Blip2Runtime | None = None) -> None:
+        self.settings = settings if settings is not None else BlipSettings()
+        self.runtime = runtime if runtime is not None else Blip2Runtime(self.settings)
+        self._started_at = time.monotonic()
+        self._batcher: DynamicBatcher[_Request, _Outcome] = DynamicBatcher(
+            self._handle,
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_ms=self.settings.max_wait_ms,
+            max_queue=self.settings.max_queue,
+            name="blip-model-worker",
+            on_oom=self.runtime.empty_cache,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def shared(cls) -> Blip2Service:
+        """The process-wide service, created on first use from `BlipSettings()` (thread-safe)."""
+        with cls._shared_lock:
+            if cls._shared is None or cls._shared.closed:
+                cls._shared = cls()
+            return cls._shared
+
+    @classmethod
+    def set_shared(cls, service: Blip2Service | None) -> None:
+        """Install (or clear, with None) the process-wide service, e.g. one built from CLI flags."""
+        with cls._shared_lock:
+            cls._shared = service
+
+    def start(self) -> Blip2Service:
+        """Load the captioner now instead of on the first request. Returns self."""
+        self.runtime.load_captioner()
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._batcher.closed
+
+    def close(self, drain: bool = True, timeout_s: float | None = 30.0) -> None:
+        """Stop accepting requests; with `drain`, finish the queued ones first. Every future is resolved."""
+        self._batcher.close(drain=drain, timeout_s=timeout_s)
+        with Blip2Service._shared_lock:
+            if Blip2Service._shared is self:
+                Blip2Service._shared = None
+
+    def __enter__(self) -> Blip2Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_listener(self, fn: Callable[[BatchEvent], None]) -> None:
+        """Call `fn(BatchEvent)` after every batch (metrics, dashboards)."""
+        self._batcher.add_listener(fn)
+
+    # ------------------------------------------------------------------ the worker side
+    def _handle(self, key: Hashable, requests: list[_Request]) -> list[_Outcome | BaseException]:
+        """Run one batch of same-key requests on the model (worker thread only)."""
+        task = key[0] if isinstance(key, tuple) else key
+        start = time.monotonic()
+        values: Sequence[Any]
+        payloads = [r.payload for r in requests]
+        if task in (CAPTION, ANSWER):
+            values = self.runtime.generate(payloads, key[1])  # type: ignore[index]
+        elif task == EMBED_IMAGE:
+            values = self._embed_images_batch(payloads)
+        elif task == EMBED_TEXT:
+            vectors = self.runtime.text_embeddings(payloads)
+            values = [vectors[i] for i in range(len(payloads))]
+        elif task == SCORE:
+            values = self._score_batch(payloads)
+        else:  # pragma: no cover - keys are built in this module
+            raise InferenceError(f"unknown task {task!r}")
+        done = time.monotonic()
+        inference_ms = (done - start) * 1000.0
+        return [
+            v
+            if isinstance(v, BaseException)
+            else _Outcome(v, (start - r.submitted) * 1000.0, inference_ms, len(requests))
+            for r, v in zip(requests, values, strict=True)
+        ]
+
+    def _embed_images_batch(self, items: list[ImageItem]) -> list[Any]:
+        query = self.runtime.image_query_embeddings(items)
+        pooled = self.runtime.pool_queries(query)
+        return [(pooled[i], query[i]) for i in range(len(items))]
+
+    def _score_batch(self, payloads: list[tuple[ImageItem, list[str]]]) -> list[Any]:
+        import torch
+
+        images = [p[0] for p in payloads]
+        query = self.runtime.image_query_embeddings(images)
+        all_texts = [t for _, texts in payloads for t in texts]
+        text_vecs = self.runtime.text_embeddings(all_texts)
+        pair_images = [img for img, texts in payloads for _ in texts]
+        itm = self.runtime.itm(pair_images, all_texts)
+        out: list[Any] = []
+        offset = 0
+        for i, (_, texts) in enumerate(payloads):
+            t = text_vecs[offset : offset + len(texts)]
+            itc = torch.einsum("qd,td->tq", query[i], t).max(dim=1).values.tolist()
+            out.append(list(zip(texts, itc, itm[offset : offset + len(texts)], strict=True)))
+            offset += len(texts)
+        return out
+
+    # ------------------------------------------------------------------ caller side helpers
+    def _load(self, image: ImageInput) -> LoadedImage:
+        return load_image(image, self.settings)
+
+    def _image_item(self, image: ImageInput, *, retrieval: bool) -> tuple[ImageItem, ImageInfo]:
+        loaded = self._load(image)
+        item = self.runtime.preprocess(loaded.image, loaded.sha256, retrieval=retrieval)
+        return item, loaded.info
+
+    def _submit(self, key: Hashable, payload: Any) -> concurrent.futures.Future[_Outcome]:
+        if self.closed:
+            raise ServiceClosed("The blip-tools service is closed; create a new one or restart the server.")
+        return self._batcher.submit(key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s)
+
+    @staticmethod
+    def _wait(future: concurrent.futures.Future[_Outcome]) -> _Outcome:
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError as exc:
+            raise BlipError("The request was cancelled before it ran.") from exc
+
+    @staticmethod
+    async def _await(future: concurrent.futures.Future[_Outcome]) -> _Outcome:
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+
+    @staticmethod
+    def _timing(outcome: _Outcome, began: float) -> Timing:
+        return Timing(
+            queue_ms=round(outcome.queue_ms, 3),
+            inference_ms=round(outcome.inference_ms, 3),
+            total_ms=round((time.monotonic() - began) * 1000.0, 3),
+            batch_size=outcome.batch_size,
+        )
+
+    # ------------------------------------------------------------------ caption / answer
+    def _prepare_generation(
+        self, task: str, image: ImageInput, text: str | None, params: GenerationParams | None, gen: dict[str, Any]
+    ) -> tuple[Hashable, GenerationItem, ImageInfo, GenerationParams]:
+        p = GenerationParams.from_kwargs(params, **gen)
+        if p.max_new_tokens > self.settings.max_new_tokens_limit:
+            raise InvalidInput(
+                f"max_new_tokens must be <= {self.settings.max_new_tokens_limit} (BLIP_MAX_NEW_TOKENS_LIMIT), "
+                f"got {p.max_new_tokens}"
+            )
+        if task == ANSWER:
+            if not text or not text.strip():
+                raise InvalidInput("question must be a non-empty string, e.g. 'What color is the car?'")
+            prompt: str | None = VQA_TEMPLATE.format(question=text.strip())
+        else:
+            prompt = text
+        item, info = self._image_item(image, retrieval=False)
+        gen_item = GenerationItem(image=item, prompt_ids=self.runtime.encode_prompt(prompt))
+        # Seeded sampling runs alone so the same seed gives the same text whatever else is queued.
+        key: Hashable = (task, p, object()) if (p.do_sample and p.seed is not None) else (task, p)
+        return key, gen_item, info, p
+
+    @staticmethod
+    def _caption_result(outcome: _Outcome, info: ImageInfo, prompt: str | None, began: float) -> CaptionResult:
+        texts: list[GeneratedText] = outcome.value
+        return CaptionResult(
+            caption=texts[0].text,
+            captions=texts,
+            prompt=prompt,
+            image=info,
+            timing=Blip2Service._timing(outcome, began),
+        )
+
+    @staticmethod
+    def _answer_result(outcome: _Outcome, info: ImageInfo, question: str, began: float) -> AnswerResult:
+        texts: list[GeneratedText] = outcome.value
+        return AnswerResult(
+            answer=texts[0].text,
+            answers=texts,
+            question=question,
+            image=info,
+            timing=Blip2Service._timing(outcome, began),
+        )
+
+    def caption(
+        self, image: ImageInput, prompt: str | None = None, *, params: GenerationParams | None = None, **gen: Any
+    ) -> CaptionResult:
+        """Caption one image; with `prompt`, continue that text (prompted captioning)."""
+        began = time.monotonic()
+        key, item, info, _ = self._prepare_generation(CAPTION, image, prompt, params, gen)
+        return self._caption_result(self._wait(self._submit(key, item)), info, prompt, began)
+
+    async def acaption(
+        self, image: ImageInput, prompt: str | None = None, *, params: GenerationParams | None = None, **gen: Any
+    ) -> CaptionResult:
+        """Async `caption`: decoding runs in a thread, the model call is awaited."""
+        began = time.monotonic()
+        key, item, info, _ = await asyncio.to_thread(self._prepare_generation, CAPTION, image, prompt, params, gen)
+        return self._caption_result(await self._await(self._submit(key, item)), info, prompt, began)
+
+    def answer(
+        self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
+    ) -> AnswerResult:
+        """Answer a question about one image (prompt `Question: {q} Answer:`)."""
+        began = time.monotonic()
+        key, item, info, _ = self._prepare_generation(ANSWER, image, question, params, gen)
+        return self._answer_result(self._wait(self._submit(key, item)), info, question, began)
+
+    async def aanswer(
+        self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
+    ) -> AnswerResult:
+        """Async `answer`."""
+        began = time.monotonic()
+        key, item, info, _ = await asyncio.to_thread(self._prepare_generation, ANSWER, image, question, params, gen)
+        return self._answer_result(await self._await(self._submit(key, item)), info, question, began)
+
+    # ------------------------------------------------------------------ batch forms
+    def _run_many(
+        self,
+        count: int,
+        prepare: Callable[[int], tuple[Hashable, Any, Any]],
+        finish: Callable[[int, _Outcome, Any], T],
+        return_exceptions: bool,
+        on_progress: ProgressFn | None,
+    ) -> list[T | BlipError]:
+        """Submit `count` requests with a bounded window (backing off on Overloaded), collect in order."""
+        results: list[T | BlipError | None] = [None] * count
+        window = max(2 * self.settings.max_batch_size, 1)
+        pending: dict[concurrent.futures.Future[_Outcome], tuple[int, Any]] = {}
+        done_count = 0
+        next_index = 0
+        deadline = time.monotonic() + self.settings.request_timeout_s
+
+        def record(index: int, value: T | BlipError) -> None:
+            nonlocal done_count
+            results[index] = value
+            done_count += 1
+            if on_progress is not None:
+                on_progress(done_count, count)
+
+        while next_index < count or pending:
+            while next_index < count and len(pending) < window:
+                index = next_index
+                try:
+                    key, payload, meta = prepare(index)
+                    pending[self._submit(key, payload)] = (index, meta)
+                except Overloaded as exc:
+                    if not pending:
+                        if time.monotonic() + exc.retry_after_s > deadline:
+                            raise
+                        time.sleep(min(exc.retry_after_s, 0.5))
+                        continue
+                    break
+                except BlipError as exc:
+                    if not return_exceptions:
+                        for fut in pending:
+                            fut.cancel()
+                        raise
+                    record(index, exc)
+                next_index += 1
+            if not pending:
+                continue
+            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in finished:
+                index, meta = pending.pop(fut)
+                try:
+                    record(index, finish(index, self._wait(fut), meta))
+                except BlipError as exc:
+                    if not return_exceptions:
+                        for other in pending:
+                            other.cancel()
+                        raise
+                    record(index, exc)
+            deadline = time.monotonic() + self.settings.request_timeout_s
+        return [r for r in results if r is not None]
+
+    def caption_batch(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str | None = None,
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[CaptionResult | BlipError]:
+        """Caption many images (batched); with `return_exceptions`, a bad image yields its error in place."""
+        began = time.monotonic()
+
+        def prepare(i: int) -> tuple[Hashable, Any, Any]:
+            key, item, info, _ = self._prepare_generation(CAPTION, images[i], prompt, params, gen)
+            return key, item, info
+
+        return self._run_many(
+            len(images),
+            prepare,
+            lambda i, o, info: self._caption_result(o, info, prompt, began),
+            return_exceptions,
+            on_progress,
+        )
+
+    def answer_batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[AnswerResult | BlipError]:
+        """Answer `questions[i]` about `images[i]` for every pair (batched)."""
+        if len(images) != len(questions):
+            raise InvalidInput(
+                f"answer_batch needs as many questions as images, got {len(questions)} and {len(images)}"
+            )
+        began = time.monotonic()
+
+        def prepare(i: int) -> tuple[Hashable, Any, Any]:
+            key, item, info, _ = self._prepare_generation(ANSWER, images[i], questions[i], params, gen)
+            return key, item, info
+
+        return self._run_many(
+            len(images),
+            prepare,
+            lambda i, o, info: self._answer_result(o, info, questions[i], began),
+            return_exceptions,
+            on_progress,
+        )
+
+    async def acaption_batch(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str | None = None,
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[CaptionResult | BlipError]:
+        """Async `caption_batch`; `on_progress` may be a plain function or a coroutine function."""
+        return await self._gather(
+            [lambda img=img: self.acaption(img, prompt, params=params, **gen) for img in images],  # type: ignore[misc]
+            return_exceptions,
+            on_progress,
+        )
+
+    async def aanswer_batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[AnswerResult | BlipError]:
+        """Async `answer_batch`."""
+        if len(images) != len(questions):
+            raise InvalidInput(
+                f"answer_batch needs as many questions as images, got {len(questions)} and {len(images)}"
+            )
+        return await self._gather(
+            [
+                lambda img=img, q=q: self.aanswer(img, q, params=params, **gen)  # type: ignore[misc]
+                for img, q in zip(images, questions, strict=True)
+            ],
+            return_exceptions,
+            on_progress,
+        )
+
+    async def _gather(
+        self,
+        calls: list[Callable[[], Awaitable[T]]],
+        return_exceptions: bool,
+        on_progress: Callable[[int, int], Any] | None,
+    ) -> list[T | BlipError]:
+        """Run calls with a bounded window, retrying on Overloaded, reporting progress as each finishes."""
+        window = asyncio.Semaphore(max(2 * self.settings.max_batch_size, 1))
+        total = len(calls)
+        done = 0
+
+        async def one(call: Callable[[], Awaitable[T]]) -> T | BlipError:
+            nonlocal done
+            async with window:
+                deadline = time.monotonic() + self.settings.request_timeout_s
+                while True:
+                    try:
+                        value: T | BlipError = await call()
+                        break
+                    except Overloaded as exc:
+                        if time.monotonic() + exc.retry_after_s > deadline:
+                            if not return_exceptions:
+                                raise
+                            value = exc
+                            break
+                        await asyncio.sleep(min(exc.retry_after_s, 0.5))
+                    except BlipError as exc:
+                        if not return_exceptions:
+                            raise
+                        value = exc
+                        break
+            done += 1
+            if on_progress is not None:
+                maybe = on_progress(done, total)
+                if asyncio.iscoroutine(maybe):
+                    await maybe
+            return value
+
+        tasks = [asyncio.ensure_future(one(c)) for c in calls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    # ------------------------------------------------------------------ embeddings and scores
+    def _embedding_result(self, outcome: _Outcome, info: ImageInfo, include_query_vectors: bool) -> EmbeddingResult:
+        pooled, query = outcome.value
+        vector = pooled.tolist()
+        return EmbeddingResult(
+            kind="image",
+            vector=vector,
+            dim=len(vector),
+            model=self.settings.retrieval_model,
+            image=info,
+            query_vectors=query.tolist() if include_query_vectors else None,
+        )
+
+    def _prepare_embed_image(self, image: ImageInput) -> tuple[Hashable, Any, Any]:
+        item, info = self._image_item(image, retrieval=True)
+        return (EMBED_IMAGE,), item, info
+
+    def embed_images(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        include_query_vectors: bool = False,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+    ) -> list[EmbeddingResult | BlipError]:
+        """L2-normalised image embeddings in the space shared with `embed_texts` (retrieval model)."""
+        return self._run_many(
+            len(images),
+            lambda i: self._prepare_embed_image(images[i]),
+            lambda i, o, info: self._embedding_result(o, info, include_query_vectors),
+            return_exceptions,
+            on_progress,
+        )
+
+    async def aembed_images(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        include_query_vectors: bool = False,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+    ) -> list[EmbeddingResult | BlipError]:
+        """Async `embed_images`."""
+
+        async def one(image: ImageInput) -> EmbeddingResult:
+            key, item, info = await asyncio.to_thread(self._prepare_embed_image, image)
+            return self._embedding_result(await self._await(self._submit(key, item)), info, include_query_vectors)
+
+        return await self._gather(
+            [lambda img=img: one(img) for img in images],  # type: ignore[misc]
+            return_exceptions,
+            on_progress,
+        )
+
+    def _prepare_texts(self, texts: Sequence[str]) -> list[str]:
+        if isinstance(texts, str):
+            raise InvalidInput("embed_texts takes a list of strings, not a single string")
+        self.runtime.load_retrieval()
+        return self.runtime.tokenize_texts(texts)
+
+    def _text_result(self, outcome: _Outcome, text: str) -> EmbeddingResult:
+        vector = outcome.value.tolist()
+        return EmbeddingResult(
+            kind="text", vector=vector, dim=len(vector), model=self.settings.retrieval_model, text=text
+        )
+
+    def embed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        """L2-normalised text embeddings in the space shared with `embed_images`."""
+        clean = self._prepare_texts(texts)
+        futures = [self._submit((EMBED_TEXT,), t) for t in clean]
+        return [self._text_result(self._wait(f), t) for f, t in zip(futures, texts, strict=True)]
+
+    async def aembed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        """Async `embed_texts`."""
+        clean = await asyncio.to_thread(self._prepare_texts, texts)
+        futures = [self._submit((EMBED_TEXT,), t) for t in clean]
+        try:
+            outcomes = [await self._await(f) for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return [self._text_result(o, t) for o, t in zip(outcomes, texts, strict=True)]
+
+    def _prepare_score(self, image: ImageInput, texts: Sequence[str]) -> tuple[Hashable, Any, ImageInfo]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise InvalidInput("score needs at least one text to compare with the image")
+        if len(texts) > 64:
+            raise InvalidInput(f"score takes at most 64 texts per call, got {len(texts)}")
+        clean = self._prepare_texts(texts)
+        item, info = self._image_item(image, retrieval=True)
+        return (SCORE,), (item, clean), info
+
+    def _score_result(self, outcome: _Outcome, texts: Sequence[str], info: ImageInfo, began: float) -> ScoreResult:
+        scores = [
+            TextScore(text=text, itc=float(itc), itm_probability=float(p))
+            for text, (_, itc, p) in zip(texts, outcome.value, strict=True)
+        ]
+        best = max(scores, key=lambda s: s.itm_probability).text
+        return ScoreResult(scores=scores, best=best, image=info, timing=self._timing(outcome, began))
+
+    def score(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
+        """How well each text matches the image: ITC cosine similarity and ITM probability."""
+        began = time.monotonic()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        key, payload, info = self._prepare_score(image, texts)
+        return self._score_result(self._wait(self._submit(key, payload)), texts, info, began)
+
+    async def ascore(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
+        """Async `score`."""
+        began = time.monotonic()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        key, payload, info = await asyncio.to_thread(self._prepare_score, image, texts)
+        return self._score_result(await self._await(self._submit(key, payload)), texts, info, began)
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> ServiceStats:
+        """Counters: requests, batches, batch-size histogram, queue depth, rejections, cache hits, errors."""
+        b = self._batcher.stats()
+        rt = self.runtime
+        return ServiceStats(
+            requests=b.requests,
+            batches=b.batches,
+            batch_size_histogram=dict(b.batch_size_histogram),
+            queue_depth=b.queue_depth,
+            rejected=b.rejected,
+            cancelled=b.cancelled,
+            expired=b.expired,
+            errors=b.errors,
+            completed=b.completed,
+            retries=b.retries,
+            cache_hits=rt.feature_cache.hits + rt.retrieval_cache.hits,
+            cache_misses=rt.feature_cache.misses + rt.retrieval_cache.misses,
+            prefix_cache_hits=getattr(rt, "prefix_cache_hits", 0),
+            per_task={k: TaskStats(requests=v[0], batches=v[1], errors=v[2]) for k, v in b.per_task.items()},
+            models_loaded=rt.models_loaded,
+            model_load_s=round(rt.model_load_s, 3),
+            uptime_s=round(time.monotonic() - self._started_at, 3),
+        )
+
+    def model_info(self) -> ModelInfo:
+        """Which checkpoints, device and dtype the service runs, what it can do, and its limits."""
+        s = self.settings
+        return ModelInfo(
+            model=s.model,
+            retrieval_model=s.retrieval_model,
+            retrieval_loaded=self.runtime.retrieval_loaded,
+            device=self.runtime.device,
+            dtype=str(self.runtime.dtype).replace("torch.", ""),
+            capabilities=["caption", "prompted_caption", "answer", "embed_image", "embed_text", "score"],
+            limits={
+                "max_batch_size": s.max_batch_size,
+                "max_wait_ms": s.max_wait_ms,
+                "max_queue": s.max_queue,
+                "request_timeout_s": s.request_timeout_s,
+                "max_image_bytes": s.max_image_bytes,
+                "max_image_pixels": s.max_image_pixels,
+                "max_new_tokens": s.max_new_tokens_limit,
+                "allow_urls": s.allow_urls,
+            },
+            num_query_tokens=self.runtime.num_query_tokens,
+        )

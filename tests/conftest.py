@@ -1,0 +1,73 @@
+"""Shared fixtures: the tiny checkpoint (built once per session), settings, a started service, test images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _limit_threads() -> None:
+    import torch
+
+    # 2-core CI machines: oversubscription made runs ~7x slower.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BLIP-2 captioner + retrieval model, written with save_pretrained."""
+    from blip_tools.testing import build_tiny_checkpoint
+
+    _limit_threads()
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def settings(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
+    """Settings that load the tiny checkpoint on CPU in float32 (deterministic greedy decoding)."""
+    from blip_tools import BlipSettings
+    from blip_tools.testing import tiny_settings_kwargs
+
+    return BlipSettings(**tiny_settings_kwargs(tiny_checkpoint), max_wait_ms=2.0)
+
+
+@pytest.fixture(scope="session")
+def service(settings):  # type: ignore[no-untyped-def]
+    """A started service on the tiny checkpoint, shared by the whole session."""
+    from blip_tools import Blip2Service
+
+    svc = Blip2Service(settings).start()
+    yield svc
+    svc.close()
+
+
+def _image(seed: int, size: tuple[int, int] = (48, 40)):  # type: ignore[no-untyped-def]
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+@pytest.fixture
+def make_image() -> Callable[..., object]:
+    """`make_image(seed, size=(w, h))` → a distinct random RGB PIL image."""
+    return _image
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Iterator[Path]:
+    """A folder with six distinct PNG files (img0.png … img5.png)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        _image(100 + i).save(folder / f"img{i}.png")
+    yield folder
