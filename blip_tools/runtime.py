@@ -149,6 +149,10 @@ class Blip2Runtime:
     # ------------------------------------------------------------------ loading
     def _from_pretrained(self, cls: Any, name: str) -> tuple[Any, Any]:
         from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        # Weight-loading progress bars are noise for a long-running service (and never belong on stdout).
+        hf_logging.disable_progress_bar()
 
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.settings.cache_dir is not None:

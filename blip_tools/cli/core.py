@@ -1,0 +1,134 @@
+"""Core subcommands: `tiny-checkpoint`, `caption` and `ask`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import BlipError
+from ._common import add_model_options, service_from_args
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `tiny-checkpoint`, `caption` and `ask`."""
+    p = sub.add_parser("tiny-checkpoint", help="write a tiny random BLIP-2 checkpoint (tests, demos)")
+    p.add_argument("dir", type=Path, help="output folder (gets captioner/ and retrieval/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_tiny_checkpoint)
+
+    p = sub.add_parser("caption", help="caption one or more images (files or folders)")
+    p.add_argument("images", nargs="+", help="image files, folders, file:// or data: URIs")
+    p.add_argument("--prompt", help="text the caption should continue, e.g. 'a photo of'")
+    _add_common(p)
+    p.set_defaults(handler=_caption)
+
+    p = sub.add_parser("ask", help="answer a question about an image")
+    p.add_argument("image", help="image file, file:// or data: URI")
+    p.add_argument("question", help="the question, e.g. 'What color is the car?'")
+    _add_common(p)
+    p.set_defaults(handler=_ask)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    add_model_options(p)
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int)
+    g.add_argument("--num-beams", type=int)
+    g.add_argument("--sample", action="store_true", default=None, dest="do_sample", help="sample instead of greedy")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--length-penalty", type=float)
+    g.add_argument("--num-captions", type=int, dest="num_return_sequences", help="texts per image")
+    g.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print JSON results")
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = (
+        "max_new_tokens",
+        "min_new_tokens",
+        "num_beams",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "length_penalty",
+        "num_return_sequences",
+        "seed",
+    )
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _expand(refs: list[str]) -> list[str]:
+    """Folders become their image files (sorted); everything else is passed through."""
+    out: list[str] = []
+    for ref in refs:
+        path = Path(ref)
+        if path.is_dir():
+            out.extend(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in _IMAGE_SUFFIXES)
+        else:
+            out.append(ref)
+    return out
+
+
+def _tiny_checkpoint(args: argparse.Namespace) -> int:
+    from ..testing import build_tiny_checkpoint
+
+    root = build_tiny_checkpoint(args.dir, seed=args.seed)
+    print(f"wrote {root / 'captioner'} and {root / 'retrieval'}")
+    print(f"use it with: BLIP_MODEL={root / 'captioner'} BLIP_RETRIEVAL_MODEL={root / 'retrieval'}")
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    images = _expand(args.images)
+    if not images:
+        print("error: no images found", file=sys.stderr)
+        return 2
+    with service_from_args(args) as service:
+        bar = tqdm(total=len(images), unit="img", file=sys.stderr, disable=len(images) < 2 or not sys.stderr.isatty())
+        results = service.caption_batch(
+            images,
+            args.prompt,
+            return_exceptions=True,
+            on_progress=lambda done, total: bar.update(done - bar.n),
+            **_gen_kwargs(args),
+        )
+        bar.close()
+    failed = 0
+    rows: list[dict[str, Any]] = []
+    for ref, result in zip(images, results, strict=True):
+        if isinstance(result, BlipError):
+            failed += 1
+            rows.append({"image": ref, "error": str(result), "type": type(result).__name__})
+            if not args.json:
+                print(f"{ref}: error: {result}", file=sys.stderr)
+            continue
+        rows.append({"image": ref, **result.model_dump(mode="json")})
+        if not args.json:
+            texts = [c.text for c in result.captions]
+            print(f"{ref}: {texts[0]}" if len(texts) == 1 else f"{ref}:\n  " + "\n  ".join(texts))
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    return 1 if failed else 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    with service_from_args(args) as service:
+        result = service.answer(args.image, args.question, **_gen_kwargs(args))
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        print(result.answer)
+    return 0
