@@ -1,0 +1,415 @@
+"""Blip2Service on the tiny checkpoint: batching equals one-by-one, parity with transformers, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blip_tools import (
+    Blip2Service,
+    BlipSettings,
+    InvalidImage,
+    InvalidInput,
+    Overloaded,
+    PathNotAllowed,
+    RequestTimeout,
+    ServiceClosed,
+)
+from blip_tools.runtime import VQA_TEMPLATE, Blip2Runtime, clean_text
+
+QUESTIONS = [
+    "what?",
+    "what color is the car?",
+    "how many people are sitting at the table next to the big tree?",
+    "is there a dog?",
+    "where is the small red bird looking?",
+]
+
+
+def _private(settings: BlipSettings, **overrides: Any) -> Blip2Service:
+    return Blip2Service(settings.model_copy(update=overrides)).start()
+
+
+@pytest.fixture
+def images(make_image: Callable[..., Any]) -> list[Any]:
+    return [make_image(i, size=(40 + i, 36)) for i in range(8)]
+
+
+def test_batched_captions_equal_one_by_one(settings: BlipSettings, images: list[Any]) -> None:
+    with _private(settings, max_batch_size=8, max_wait_ms=500.0) as svc:
+        batched = svc.caption_batch(images, max_new_tokens=12)
+        assert svc.stats().batch_size_histogram == {8: 1}
+    with _private(settings, max_batch_size=1) as svc:
+        single = [svc.caption(img, max_new_tokens=12) for img in images]
+    assert [r.caption for r in batched] == [r.caption for r in single]  # type: ignore[union-attr]
+    assert len({r.caption for r in single}) > 1, "different images should give different captions"
+    for b, s in zip(batched, single, strict=True):
+        assert b.captions[0].mean_logprob == pytest.approx(s.captions[0].mean_logprob, abs=1e-4)  # type: ignore[union-attr]
+
+
+def test_batched_vqa_with_different_question_lengths(settings: BlipSettings, images: list[Any]) -> None:
+    pairs = list(zip(images[: len(QUESTIONS)], QUESTIONS, strict=True))
+    with _private(settings, max_batch_size=len(pairs), max_wait_ms=500.0) as svc:
+        batched = svc.answer_batch([p[0] for p in pairs], [p[1] for p in pairs], max_new_tokens=10)
+        assert svc.stats().batch_size_histogram == {len(pairs): 1}
+    with _private(settings, max_batch_size=1) as svc:
+        single = [svc.answer(img, q, max_new_tokens=10) for img, q in pairs]
+    assert [r.answer for r in batched] == [r.answer for r in single]  # type: ignore[union-attr]
+
+
+def test_batched_embeddings_equal_one_by_one(settings: BlipSettings, images: list[Any]) -> None:
+    import numpy as np
+
+    with _private(settings, max_batch_size=8, max_wait_ms=500.0) as svc:
+        batched = svc.embed_images(images)
+        texts = svc.embed_texts(["a red car", "two dogs on the beach", "a cat"])
+    with _private(settings, max_batch_size=1) as svc:
+        single = [svc.embed_images([img])[0] for img in images]
+        single_t = [svc.embed_texts([t])[0] for t in ["a red car", "two dogs on the beach", "a cat"]]
+    for b, s in zip(batched, single, strict=True):
+        assert np.allclose(b.vector, s.vector, atol=1e-5)  # type: ignore[union-attr]
+        assert abs(np.linalg.norm(b.vector) - 1.0) < 1e-5  # type: ignore[union-attr]
+    for b, s in zip(texts, single_t, strict=True):
+        assert np.allclose(b.vector, s.vector, atol=1e-5)
+    assert batched[0].dim == texts[0].dim  # type: ignore[union-attr]
+
+
+def test_parity_with_plain_transformers(service: Blip2Service, images: list[Any]) -> None:
+    """The service's greedy caption and VQA answer equal processor(...) + model.generate(...)."""
+    import torch
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    model = Blip2ForConditionalGeneration.from_pretrained(service.settings.model).eval()
+    processor = AutoProcessor.from_pretrained(service.settings.model)
+    eos = service.runtime.load_captioner().extra["eos_ids"]
+
+    def direct(image: Any, prompt: str | None) -> str:
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        if "input_ids" not in inputs:
+            ids = [model.config.image_token_index] * model.config.num_query_tokens + [2]
+            inputs["input_ids"] = torch.tensor([ids])
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=12, eos_token_id=eos)
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return clean_text(processor.tokenizer.decode(new, skip_special_tokens=True), 2000)
+
+    for img in images[:3]:
+        assert service.caption(img, max_new_tokens=12).caption == direct(img, None)
+    for img, q in zip(images[:3], QUESTIONS, strict=False):
+        assert service.answer(img, q, max_new_tokens=12).answer == direct(img, VQA_TEMPLATE.format(question=q))
+    assert service.caption(images[0], "a photo of", max_new_tokens=12).caption == direct(images[0], "a photo of")
+
+
+def test_concurrent_threads_and_tasks_coalesce(settings: BlipSettings, images: list[Any]) -> None:
+    refs = [images[i % 8] for i in range(16)]
+    with _private(settings, max_batch_size=1) as svc:
+        expected = [svc.caption(img, max_new_tokens=10).caption for img in refs]
+    with _private(settings, max_batch_size=16, max_wait_ms=5.0) as svc:
+        results: list[str | None] = [None] * 16
+        barrier = threading.Barrier(16)
+
+        def call(i: int) -> None:
+            barrier.wait(timeout=10)
+            results[i] = svc.caption(refs[i], max_new_tokens=10).caption
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == expected
+        first = svc.stats()
+        assert first.requests == 16 and first.batches < 16
+
+        async def many() -> list[str]:
+            out = await asyncio.gather(*(svc.acaption(img, max_new_tokens=10) for img in refs))
+            return [r.caption for r in out]
+
+        assert asyncio.run(many()) == expected
+        second = svc.stats()
+        assert second.batches - first.batches < 16
+        assert max(second.batch_size_histogram) > 1
+
+
+def test_mixed_tasks_and_params_grouped(settings: BlipSettings, images: list[Any]) -> None:
+    calls: list[tuple[str, Any, dict[str, Any]]] = []
+    for i in range(4):
+        calls.append(("caption", images[i], {"max_new_tokens": 8}))
+        calls.append(("caption", images[i], {"max_new_tokens": 5}))
+        calls.append(("answer", images[i], {"question": QUESTIONS[i], "max_new_tokens": 8}))
+
+    def run(svc: Blip2Service, kind: str, img: Any, kw: dict[str, Any]) -> str:
+        if kind == "caption":
+            return svc.caption(img, **kw).caption
+        kw = dict(kw)
+        return svc.answer(img, kw.pop("question"), **kw).answer
+
+    with _private(settings, max_batch_size=1) as svc:
+        expected = [run(svc, *c) for c in calls]
+    with _private(settings, max_batch_size=16, max_wait_ms=20.0) as svc:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lambda c: run(svc, *c), calls))
+        stats = svc.stats()
+    assert got == expected
+    assert stats.per_task["caption"].requests == 8 and stats.per_task["answer"].requests == 4
+    assert stats.batches < len(calls)
+
+
+class _GatedRuntime(Blip2Runtime):
+    """A real runtime whose generate() can be held on an event, or fail on chosen prompts."""
+
+    def __init__(self, settings: BlipSettings) -> None:
+        super().__init__(settings)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.seen: list[int] = []
+        self.poison: str | None = None
+        self.oom_above: int | None = None
+
+    def generate(self, items: Any, params: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(timeout=30)
+        self.seen.append(len(items))
+        if self.oom_above is not None and len(items) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.poison is not None:
+            poison_ids = self.encode_prompt(self.poison)
+            if any(it.prompt_ids == poison_ids for it in items):
+                raise ValueError("simulated failure on one input")
+        return super().generate(items, params)
+
+
+@pytest.fixture
+def gated(settings: BlipSettings) -> Iterator[tuple[Blip2Service, _GatedRuntime]]:
+    s = settings.model_copy(update={"max_batch_size": 8, "max_queue": 4, "max_wait_ms": 0.0})
+    runtime = _GatedRuntime(s)
+    svc = Blip2Service(s, runtime=runtime).start()
+    yield svc, runtime
+    runtime.gate.set()
+    svc.close(drain=False)
+
+
+def _hold_worker(svc: Blip2Service, runtime: _GatedRuntime, image: Any) -> concurrent.futures.Future[Any]:
+    runtime.gate.clear()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    fut = pool.submit(svc.caption, image, max_new_tokens=4)
+    assert runtime.entered.wait(timeout=10)
+    pool.shutdown(wait=False)
+    return fut
+
+
+def test_overload_cancellation_and_deadline(gated: tuple[Blip2Service, _GatedRuntime], images: list[Any]) -> None:
+    svc, runtime = gated
+    running = _hold_worker(svc, runtime, images[0])
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(svc.acaption(images[i], max_new_tokens=4)) for i in range(1, 5)]
+        deadline = time.monotonic() + 10
+        while svc.stats().queue_depth < 4:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            await svc.acaption(images[5], max_new_tokens=4)
+        assert time.monotonic() - started < 0.5 and info.value.retry_after_s > 0
+        tasks[0].cancel()
+        tasks[1].cancel()
+        runtime.gate.set()
+        done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+        assert isinstance(done[0], asyncio.CancelledError) and isinstance(done[1], asyncio.CancelledError)
+        assert all(not isinstance(d, BaseException) for d in done[2:])
+
+    asyncio.run(scenario())
+    assert running.result(timeout=30).caption is not None
+    stats = svc.stats()
+    assert stats.cancelled == 2 and stats.rejected == 1
+    assert sum(runtime.seen) == 3, "cancelled requests must never reach the model"
+
+
+def test_request_deadline(settings: BlipSettings, images: list[Any]) -> None:
+    s = settings.model_copy(update={"request_timeout_s": 0.2, "max_wait_ms": 0.0})
+    runtime = _GatedRuntime(s)
+    with Blip2Service(s, runtime=runtime).start() as svc:
+        running = _hold_worker(svc, runtime, images[0])
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        late = pool.submit(svc.caption, images[1], max_new_tokens=4)
+        time.sleep(0.4)  # let the queued request pass its 0.2 s deadline while the worker is held
+        runtime.gate.set()
+        with pytest.raises(RequestTimeout):
+            late.result(timeout=10)
+        running.result(timeout=10)
+        assert svc.caption(images[2], max_new_tokens=4).caption is not None
+        pool.shutdown()
+
+
+def test_failing_request_fails_alone(gated: tuple[Blip2Service, _GatedRuntime], images: list[Any]) -> None:
+    svc, runtime = gated
+    runtime.poison = "poisoned prompt"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = _hold_worker(svc, runtime, images[0])
+        futs = [
+            pool.submit(svc.caption, images[i], "poisoned prompt" if i == 2 else None, max_new_tokens=4)
+            for i in (1, 2, 3)
+        ]
+        deadline = time.monotonic() + 10
+        while svc.stats().queue_depth < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        runtime.gate.set()
+        running.result(timeout=30)
+        assert futs[0].result(timeout=30).caption is not None
+        assert futs[2].result(timeout=30).caption is not None
+        with pytest.raises(Exception, match="simulated failure"):
+            futs[1].result(timeout=30)
+    assert svc.stats().retries >= 1
+
+
+def test_out_of_memory_halves_and_all_succeed(gated: tuple[Blip2Service, _GatedRuntime], images: list[Any]) -> None:
+    svc, runtime = gated
+    runtime.oom_above = 1
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = _hold_worker(svc, runtime, images[0])
+        futs = [pool.submit(svc.caption, images[i], max_new_tokens=4) for i in (1, 2, 3, 4)]
+        deadline = time.monotonic() + 10
+        while svc.stats().queue_depth < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        runtime.gate.set()
+        running.result(timeout=30)
+        assert all(f.result(timeout=30).caption is not None for f in futs)
+    assert svc.stats().errors == 0
+
+
+def test_close_drains_every_future(settings: BlipSettings, images: list[Any]) -> None:
+    s = settings.model_copy(update={"max_batch_size": 2, "max_wait_ms": 0.0})
+    runtime = _GatedRuntime(s)
+    svc = Blip2Service(s, runtime=runtime).start()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        running = _hold_worker(svc, runtime, images[0])
+        futs = [pool.submit(svc.caption, images[i], max_new_tokens=4) for i in (1, 2, 3)]
+        deadline = time.monotonic() + 10
+        while svc.stats().queue_depth < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        closer = pool.submit(svc.close, True)
+        runtime.gate.set()
+        closer.result(timeout=30)
+        assert running.result(timeout=5).caption is not None
+        assert all(f.result(timeout=5).caption is not None for f in futs)
+    with pytest.raises(ServiceClosed):
+        svc.caption(images[0])
+
+
+def test_input_forms_and_bad_inputs(service: Blip2Service, tmp_path: Path, make_image: Callable[..., Any]) -> None:
+    import base64
+    import os
+
+    img = make_image(7)
+    path = tmp_path / "ok.png"
+    img.save(path)
+    raw = path.read_bytes()
+    b64 = base64.b64encode(raw).decode()
+    forms: list[Any] = [str(path), path, path.as_uri(), f"data:image/png;base64,{b64}", b64, raw, img]
+    captions = {service.caption(f, max_new_tokens=6).caption for f in forms}
+    assert len(captions) == 1, "every input form of the same image gives the same caption"
+
+    (tmp_path / "dir.png").mkdir()
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    bad: list[tuple[Any, type[Exception]]] = [
+        (str(tmp_path / "missing.png"), InvalidImage),
+        (str(tmp_path / "dir.png"), InvalidImage),
+        (str(fifo), InvalidImage),
+        (str(truncated), InvalidImage),
+        (b"not an image at all", InvalidImage),
+        ("data:image/png;base64,@@@not-base64@@@", InvalidImage),
+        ("https://example.com/cat.png", InvalidImage),
+    ]
+    for ref, err in bad:
+        started = time.monotonic()
+        with pytest.raises(err):
+            service.caption(ref, max_new_tokens=4)
+        assert time.monotonic() - started < 1.0, ref
+    with pytest.raises(InvalidInput):
+        service.caption(img, num_beams=99)
+    with pytest.raises(InvalidInput):
+        service.answer(img, "   ")
+    assert service.caption(str(path), max_new_tokens=6).caption in captions
+
+
+def test_allowed_dirs(settings: BlipSettings, tmp_path: Path, make_image: Callable[..., Any]) -> None:
+    inside = tmp_path / "allowed"
+    inside.mkdir()
+    make_image(1).save(inside / "a.png")
+    make_image(2).save(tmp_path / "secret.png")
+    (inside / "link.png").symlink_to(tmp_path / "secret.png")
+    svc = Blip2Service(settings.model_copy(update={"allowed_dirs": [inside.resolve()]}))
+    try:
+        assert svc.caption(str(inside / "a.png"), max_new_tokens=4).caption is not None
+        for ref in (str(inside / ".." / "secret.png"), str(inside / "link.png"), str(tmp_path / "secret.png")):
+            with pytest.raises(PathNotAllowed):
+                svc.caption(ref, max_new_tokens=4)
+    finally:
+        svc.close()
+
+
+def test_generation_options_and_confidence(service: Blip2Service, make_image: Callable[..., Any]) -> None:
+    img = make_image(3)
+    beams = service.caption(img, num_beams=3, num_return_sequences=3, max_new_tokens=8)
+    assert len(beams.captions) == 3
+    assert all(-100 < c.mean_logprob <= 0 and 0 <= c.confidence <= 1 for c in beams.captions)
+    a = service.caption(img, do_sample=True, seed=7, temperature=0.9, top_p=0.9, num_return_sequences=2)
+    b = service.caption(img, do_sample=True, seed=7, temperature=0.9, top_p=0.9, num_return_sequences=2)
+    assert [c.text for c in a.captions] == [c.text for c in b.captions]
+    longer = service.caption(img, min_new_tokens=6, max_new_tokens=6, repetition_penalty=1.3)
+    assert longer.caption
+    score = service.score(img, ["a red car", "a dog"])
+    assert len(score.scores) == 2 and score.best in {"a red car", "a dog"}
+    assert all(0 <= s.itm_probability <= 1 and -1 <= s.itc <= 1 for s in score.scores)
+    # With the retrieval model loaded, captions also carry an ITM match probability.
+    assert service.caption(img, max_new_tokens=6).captions[0].itm_probability is not None
+
+
+def test_output_is_clean_text() -> None:
+    assert clean_text("a cat\x1b[31m on\x00 a\u202e mat\nsecond line", 100) == "a cat[31m on a mat"
+    assert len(clean_text("word " * 1000, 50)) == 50
+
+
+def test_tiny_checkpoint_cli_loads_with_plain_transformers(tmp_path: Path) -> None:
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    from blip_tools.cli import main
+
+    assert main(["tiny-checkpoint", str(tmp_path / "ckpt")]) == 0
+    model = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "ckpt" / "captioner")
+    assert model.config.num_query_tokens == 8
+    Blip2ForImageTextRetrieval.from_pretrained(tmp_path / "ckpt" / "retrieval")
+
+
+def test_tiny_checkpoint_is_deterministic(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from blip_tools.testing import build_tiny_checkpoint
+
+    a = load_file(build_tiny_checkpoint(tmp_path / "a", seed=3) / "captioner" / "model.safetensors")
+    b = load_file(build_tiny_checkpoint(tmp_path / "b", seed=3) / "captioner" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_model_not_available_message(tmp_path: Path) -> None:
+    from blip_tools import ModelNotAvailable
+
+    svc = Blip2Service(BlipSettings(model=str(tmp_path / "nope"), device="cpu"))
+    with pytest.raises(ModelNotAvailable, match="--demo"):
+        svc.start()
+    svc.close()
