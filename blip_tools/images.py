@@ -84,7 +84,7 @@ _FORMATS_TEXT: Final = "JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF"
 _SIGNATURES: Final = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 _MAX_PATH_CHARS: Final = 4096
 _B64_CHARS = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,31})://")
 _WHITESPACE: Final = " \t\r\n\f\v"
 _ORIENTATION_TAG: Final = 0x0112
 _TRANSPOSE: Final = {
@@ -133,7 +133,8 @@ def load_image(ref: ImageInput, settings: BlipSettings) -> LoadedImage:
         PathNotAllowed: outside `allowed_dirs`, or a FIFO, device or socket.
         UrlNotAllowed: URLs disabled, or a refused scheme, host, address or redirect.
     """
-    source = describe_ref(ref)
+    kind = _classify(ref) if isinstance(ref, str) else ""
+    source = _describe_str(ref, kind) if isinstance(ref, str) else describe_ref(ref)
     try:
         if isinstance(ref, Image.Image):
             image = _from_pil(ref, settings)
@@ -143,7 +144,7 @@ def load_image(ref: ImageInput, settings: BlipSettings) -> LoadedImage:
         elif isinstance(ref, Path):
             image = _decode(_read_file(ref, settings, source), settings, source)
         elif isinstance(ref, str):
-            image = _decode(_bytes_from_str(ref, settings, source), settings, source)
+            image = _decode(_bytes_from_str(ref, kind, settings, source), settings, source)
         else:
             raise InvalidImage(
                 f"Unsupported image input of type {type(ref).__name__}; pass {ACCEPTED_FORMS}, "
@@ -166,7 +167,10 @@ def describe_ref(ref: ImageInput) -> str:
         return _shorten(str(ref))
     if not isinstance(ref, str):
         return type(ref).__name__
-    kind = _classify(ref)
+    return _describe_str(ref, _classify(ref))
+
+
+def _describe_str(ref: str, kind: str) -> str:
     text = ref.strip()
     if kind == "data":
         return f"data URI ({_b64_size(text.partition(',')[2])} bytes)"
@@ -228,21 +232,22 @@ def _b64_clean(text: str, *, sample: int | None = None) -> bool:
     With `sample`, only the first `sample` characters and the tail are scanned (classification must stay
     cheap for huge strings; the full check runs after the size limit, in `_decode_base64`).
     """
-    compact_len = _compact_len(text)
-    if compact_len == 0 or compact_len % 4 == 1:
-        return False
     if sample is not None and len(text) > sample + 8:
         head = _compact(text[:sample])
         head = head[: len(head) - len(head) % 4]  # whole quanta, so a '=' cannot sit mid-sample
         tail = _compact(text[-8:])
         return _B64_CHARS.fullmatch(head.rstrip("=")) is not None and _B64_CHARS.fullmatch(tail) is not None
+    compact_len = _compact_len(text)
+    if compact_len == 0 or compact_len % 4 == 1:
+        return False
     # Whitespace-free strings are the common case; avoid copying a large string just to test it.
     body = text if compact_len == len(text) else _compact(text)
     return _B64_CHARS.fullmatch(body) is not None
 
 
 def _compact_len(text: str) -> int:
-    return len(text) - sum(text.count(ch) for ch in _WHITESPACE)
+    """Length without whitespace, counted in place (no copy of a possibly huge string)."""
+    return len(text) - sum(text.count(ch) for ch in _WHITESPACE if ch in text)
 
 
 def _compact(text: str) -> str:
@@ -281,9 +286,8 @@ def _to_standard_alphabet(text: str) -> str:
     return text + "=" * (-len(text) % 4)
 
 
-def _bytes_from_str(ref: str, settings: BlipSettings, source: str) -> bytes:
-    """Dispatch a string reference to the reader for its kind and return the encoded image bytes."""
-    kind = _classify(ref)
+def _bytes_from_str(ref: str, kind: str, settings: BlipSettings, source: str) -> bytes:
+    """Dispatch a string reference to the reader for its kind (`_classify`) and return the encoded bytes."""
     text = ref.strip()
     if kind == "empty":
         raise InvalidImage(f"The image reference is an empty string; pass {ACCEPTED_FORMS}.")
