@@ -56,7 +56,7 @@ def _opt_tokenizer(workdir: Path) -> Any:
     ]
     return GPT2Tokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # tuples are what the BPE model needs
         bos_token="</s>",
         eos_token="</s>",
         unk_token="</s>",
