@@ -1,0 +1,688 @@
+"""DynamicBatcher and take_batch: coalescing, keys, wait window, errors, OOM, overload, cancel, deadlines, close.
+
+No model here: handlers are plain Python functions, controlled with Events so nothing depends on timing luck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blip_tools.batching import (
+    BatchEvent,
+    DynamicBatcher,
+    _Pending,
+    is_out_of_memory,
+    take_batch,
+)
+from blip_tools.errors import (
+    InferenceError,
+    InvalidImage,
+    InvalidInput,
+    Overloaded,
+    RequestTimeout,
+    ServiceClosed,
+)
+
+WAIT_S = 10.0
+"""Upper bound for anything that should happen 'soon'; tests normally finish in milliseconds."""
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.001)
+
+
+class Handler:
+    """A batch handler that records every call and can be held on a gate.
+
+    `gate_calls` calls (counted from the first) wait on `gate`; `fn(key, item)` computes each result.
+    """
+
+    def __init__(self, fn: Callable[[Hashable, Any], Any] | None = None, *, gate_calls: int = 0) -> None:
+        self.fn = fn or (lambda key, item: (key, item))
+        self.calls: list[tuple[Hashable, list[Any]]] = []
+        self.gate = threading.Event()
+        self.gate_calls = gate_calls
+        self.entered = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: Hashable, items: list[Any]) -> Sequence[Any]:
+        with self._lock:
+            self.calls.append((key, list(items)))
+            number = len(self.calls)
+        self.entered.set()
+        if number <= self.gate_calls:
+            assert self.gate.wait(WAIT_S), "test never opened the gate"
+        return [self.fn(key, item) for item in items]
+
+    @property
+    def sizes(self) -> list[int]:
+        with self._lock:
+            return [len(items) for _, items in self.calls]
+
+    @property
+    def seen(self) -> list[Any]:
+        with self._lock:
+            return [item for _, items in self.calls for item in items]
+
+
+@pytest.fixture
+def make_batcher() -> Iterator[Callable[..., DynamicBatcher[Any, Any]]]:
+    """Build batchers with test defaults; every one is closed (without draining) at teardown."""
+    made: list[DynamicBatcher[Any, Any]] = []
+
+    def make(handler: Callable[[Hashable, list[Any]], Sequence[Any]], **kwargs: Any) -> DynamicBatcher[Any, Any]:
+        options: dict[str, Any] = {"max_batch_size": 8, "max_wait_ms": 0, "max_queue": 64}
+        options.update(kwargs)
+        batcher: DynamicBatcher[Any, Any] = DynamicBatcher(handler, **options)
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        batcher.close(drain=False, timeout_s=WAIT_S)
+
+
+def results(futures: Sequence[concurrent.futures.Future[Any]]) -> list[Any]:
+    return [f.result(timeout=WAIT_S) for f in futures]
+
+
+# ---------------------------------------------------------------------- take_batch (pure collation)
+
+
+def _pending(key: Hashable, item: Any = None) -> _Pending[Any, Any]:
+    return _Pending(
+        key=key,
+        task=str(key),
+        item=item,
+        future=concurrent.futures.Future(),
+        enqueued=0.0,
+        deadline=None,
+        timeout_s=None,
+    )
+
+
+def test_take_batch_takes_oldest_key_in_arrival_order_and_keeps_the_rest_in_order() -> None:
+    queue = collections.deque(_pending(k, i) for i, k in enumerate("ABAABCA"))
+    batch = take_batch(queue, 3)
+    assert [(p.key, p.item) for p in batch] == [("A", 0), ("A", 2), ("A", 3)]
+    assert [(p.key, p.item) for p in queue] == [("B", 1), ("B", 4), ("C", 5), ("A", 6)]
+    assert [(p.key, p.item) for p in take_batch(queue, 8)] == [("B", 1), ("B", 4)]
+    assert [(p.key, p.item) for p in queue] == [("C", 5), ("A", 6)]
+
+
+def test_take_batch_skips_cancelled_requests_and_leaves_them_in_place() -> None:
+    queue = collections.deque(_pending("A", i) for i in range(4))
+    assert queue[0].future.cancel() and queue[2].future.cancel()
+    batch = take_batch(queue, 8)
+    assert [p.item for p in batch] == [1, 3]
+    assert [p.item for p in queue] == [0, 2]
+    assert take_batch(queue, 8) == []
+    assert len(queue) == 2
+
+
+def test_take_batch_on_an_empty_queue_and_bad_size() -> None:
+    assert take_batch(collections.deque(), 4) == []
+    with pytest.raises(InvalidInput, match="max_batch_size must be an integer >= 1, got 0"):
+        take_batch(collections.deque([_pending("A")]), 0)
+
+
+class _EqRaises:
+    def __hash__(self) -> int:
+        return 1
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no comparing me")
+
+
+def test_take_batch_treats_a_key_whose_eq_raises_as_unlike_the_others() -> None:
+    evil = _EqRaises()
+    queue = collections.deque([_pending("A", 0), _pending(evil, 1), _pending("A", 2), _pending(evil, 3)])
+    assert [p.item for p in take_batch(queue, 8)] == [0, 2]
+    # The same key object compares equal by identity, so it still batches with itself.
+    assert [p.item for p in take_batch(queue, 8)] == [1, 3]
+
+
+@given(keys=st.lists(st.sampled_from("abc"), max_size=30), size=st.integers(1, 10))
+def test_take_batch_properties(keys: list[str], size: int) -> None:
+    queue = collections.deque(_pending(k, i) for i, k in enumerate(keys))
+    batch = take_batch(queue, size)
+    if not keys:
+        assert batch == []
+        return
+    assert 1 <= len(batch) <= size
+    assert batch[0].item == 0
+    assert all(p.key == keys[0] for p in batch)
+    assert [p.item for p in batch] == sorted(p.item for p in batch)
+    # Nothing lost, nothing duplicated, the rest in its original order.
+    assert sorted(p.item for p in [*batch, *queue]) == list(range(len(keys)))
+    assert [p.item for p in queue] == sorted(p.item for p in queue)
+    # Taken greedily: every same-key request left behind would not have fitted.
+    if len(batch) < size:
+        assert all(p.key != keys[0] for p in queue)
+
+
+# ---------------------------------------------------------------------- construction and validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
+        ({"max_batch_size": 2.5}, "max_batch_size must be an integer >= 1, got 2.5"),
+        ({"max_queue": 0}, "max_queue must be an integer >= 1, got 0"),
+        ({"max_wait_ms": -1}, "max_wait_ms must be a finite number >= 0, got -1"),
+        ({"max_wait_ms": float("nan")}, "max_wait_ms must be a finite number >= 0, got nan"),
+    ],
+)
+def test_constructor_rejects_bad_values_with_the_value_in_the_message(kwargs: dict[str, Any], message: str) -> None:
+    options: dict[str, Any] = {"max_batch_size": 4, "max_wait_ms": 0, "max_queue": 4, **kwargs}
+    with pytest.raises(InvalidInput, match=message):
+        DynamicBatcher(Handler(), **options)
+
+
+def test_submit_rejects_bad_timeout_and_unhashable_key(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    batcher = make_batcher(Handler())
+    with pytest.raises(InvalidInput, match="timeout_s must be a positive number"):
+        batcher.submit("k", 1, timeout_s=0)
+    with pytest.raises(InvalidInput, match="batch key must be hashable"):
+        batcher.submit(["not", "hashable"], 1)
+    assert batcher.stats().requests == 0
+
+
+# ---------------------------------------------------------------------- coalescing and keys
+
+
+def test_concurrent_submits_coalesce_into_few_batches(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(lambda key, item: item * 10, gate_calls=1)
+    batcher = make_batcher(handler, max_batch_size=8)
+    first = batcher.submit("k", -1)
+    assert handler.entered.wait(WAIT_S)
+    barrier = threading.Barrier(16)
+    futures: dict[int, concurrent.futures.Future[Any]] = {}
+
+    def caller(i: int) -> None:
+        barrier.wait(WAIT_S)
+        futures[i] = batcher.submit("k", i)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert batcher.queue_depth == 16
+    handler.gate.set()
+    assert first.result(WAIT_S) == -10
+    assert {i: f.result(WAIT_S) for i, f in futures.items()} == {i: i * 10 for i in range(16)}
+    later = handler.sizes[1:]
+    assert later == [8, 8]  # formed from what queued while the first batch ran
+    stats = batcher.stats()
+    assert stats.batches == 3 < 16
+    assert stats.batch_size_histogram == {1: 1, 8: 2}
+
+
+def test_keys_never_mix_and_arrival_order_is_kept(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(lambda key, item: f"{key}:{item}", gate_calls=1)
+    batcher = make_batcher(handler, max_batch_size=4)
+    blocker = batcher.submit(("caption", "greedy"), "warm")
+    assert handler.entered.wait(WAIT_S)
+    keys = [("caption", "greedy"), ("caption", "beam"), ("vqa", "greedy"), "embed"]
+    futures = [(keys[i % 4], i, batcher.submit(keys[i % 4], i)) for i in range(20)]
+    handler.gate.set()
+    blocker.result(WAIT_S)
+    for key, i, future in futures:
+        assert future.result(WAIT_S) == f"{key}:{i}"
+    for key, items in handler.calls[1:]:
+        assert len(items) <= 4
+        assert all(keys[item % 4] == key for item in items)
+        assert items == sorted(items)
+    # The oldest request goes first, so keys are served round-robin by age, not starved.
+    assert [key for key, _ in handler.calls[1:5]] == keys
+    assert batcher.stats().per_task == {
+        "caption": (11, 5, 0),
+        "vqa": (5, 2, 0),
+        "embed": (5, 2, 0),
+    }
+
+
+def test_max_batch_size_for_lowers_the_size_per_key(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler, max_batch_size=8, max_batch_size_for=lambda key: 2 if key == "beam" else 100)
+    blocker = batcher.submit("greedy", 0)
+    assert handler.entered.wait(WAIT_S)
+    futures = [batcher.submit("beam", i) for i in range(5)] + [batcher.submit("greedy", i) for i in range(10)]
+    handler.gate.set()
+    results([blocker, *futures])
+    sizes = {key: [len(items) for k, items in handler.calls[1:] if k == key] for key in ("beam", "greedy")}
+    assert sizes == {"beam": [2, 2, 1], "greedy": [8, 2]}
+
+
+# ---------------------------------------------------------------------- wait window
+
+
+def test_wait_window_when_idle_gathers_requests_counted_from_the_oldest(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    handler = Handler()
+    batcher = make_batcher(handler, max_wait_ms=400)
+    start = time.monotonic()
+    a = batcher.submit("k", 1)
+    b = batcher.submit("k", 2)
+    assert results([a, b]) == [("k", 1), ("k", 2)]
+    assert handler.sizes == [2]
+    assert time.monotonic() - start >= 0.39  # the window was honoured, not skipped
+
+
+def test_wait_window_ends_as_soon_as_the_batch_is_full(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler()
+    batcher = make_batcher(handler, max_batch_size=2, max_wait_ms=1000)
+    start = time.monotonic()
+    futures = [batcher.submit("k", i) for i in range(2)]
+    results(futures)
+    assert handler.sizes == [2]
+    assert time.monotonic() - start < 0.9
+
+
+def test_no_wait_window_while_busy(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(gate_calls=1)
+    # "first" fills its batch alone (limit 1), so it runs at once and holds the worker busy.
+    batcher = make_batcher(handler, max_wait_ms=1000, max_batch_size_for=lambda key: 1 if key == "first" else 8)
+    blocker = batcher.submit("first", 0)
+    assert handler.entered.wait(WAIT_S)
+    queued = [batcher.submit("k", i) for i in range(3)]
+    handler.gate.set()
+    released = time.monotonic()
+    results([blocker, *queued])
+    # A 3-request batch, not full, run immediately: the worker was not idle when it formed it.
+    assert handler.sizes == [1, 3]
+    assert time.monotonic() - released < 0.9
+
+
+def test_zero_wait_window_runs_a_lone_request_at_once(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler()
+    batcher = make_batcher(handler, max_wait_ms=0)
+    assert batcher.submit("k", 7).result(WAIT_S) == ("k", 7)
+    assert handler.sizes == [1]
+
+
+# ---------------------------------------------------------------------- errors, bisection, OOM
+
+
+def test_per_item_exception_fails_only_that_request(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    bad_image = InvalidImage("not an image")
+
+    def fn(key: Hashable, item: int) -> Any:
+        if item == 3:
+            return ValueError("bad item")
+        if item == 5:
+            return bad_image
+        return item
+
+    handler = Handler(fn, gate_calls=1)
+    batcher = make_batcher(handler)
+    blocker = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    futures = [batcher.submit("k", i) for i in range(1, 8)]
+    handler.gate.set()
+    blocker.result(WAIT_S)
+    for i, future in zip(range(1, 8), futures, strict=True):
+        if i == 3:
+            with pytest.raises(InferenceError, match="ValueError: bad item") as info:
+                future.result(WAIT_S)
+            assert isinstance(info.value.__cause__, ValueError)
+        elif i == 5:
+            with pytest.raises(InvalidImage) as image_info:
+                future.result(WAIT_S)
+            assert image_info.value is bad_image  # our own errors pass through unchanged
+        else:
+            assert future.result(WAIT_S) == i
+    stats = batcher.stats()
+    assert (stats.errors, stats.completed, stats.retries) == (2, 6, 0)
+
+
+def test_raising_handler_is_bisected_so_only_the_poisoned_request_fails(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    gate = threading.Event()
+    calls: list[list[int]] = []
+
+    def handler(key: Hashable, items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if items == [0]:
+            assert gate.wait(WAIT_S)
+        if 13 in items:
+            raise KeyError("poison")
+        if 15 in items:
+            raise InvalidImage("cannot decode image 15")
+        return [i + 100 for i in items]
+
+    batcher = make_batcher(handler, max_batch_size=8)
+    blocker = batcher.submit("k", 0)
+    wait_until(lambda: bool(calls))
+    futures = {i: batcher.submit("k", i) for i in range(10, 18)}
+    gate.set()
+    blocker.result(WAIT_S)
+    for i, future in futures.items():
+        if i == 13:
+            with pytest.raises(InferenceError, match="KeyError: 'poison'") as info:
+                future.result(WAIT_S)
+            assert isinstance(info.value.__cause__, KeyError)
+        elif i == 15:
+            with pytest.raises(InvalidImage, match="cannot decode image 15"):
+                future.result(WAIT_S)
+        else:
+            assert future.result(WAIT_S) == i + 100
+    assert [10, 11, 12, 13, 14, 15, 16, 17] in calls
+    assert [13] in calls and [15] in calls
+    stats = batcher.stats()
+    assert stats.errors == 2
+    assert stats.completed == 7
+    assert stats.retries > 0
+    assert stats.retries == stats.batches - 2  # every call after the first two re-ran part of the 8-batch
+
+
+def test_simulated_oom_halves_retries_and_remembers_a_smaller_batch(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+    freed: list[int] = []
+
+    def handler(key: Hashable, items: list[int]) -> list[int]:
+        calls.append(len(items))
+        if items == [-1]:
+            assert gate.wait(WAIT_S)
+        if len(items) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [i * 2 for i in items]
+
+    batcher = make_batcher(handler, max_batch_size=8, on_oom=lambda: freed.append(1))
+
+    def round_of_eight() -> list[int]:
+        gate.clear()
+        calls.clear()
+        blocker = batcher.submit("k", -1)
+        wait_until(lambda: bool(calls))
+        futures = [batcher.submit("k", i) for i in range(8)]
+        gate.set()
+        blocker.result(WAIT_S)
+        assert results(futures) == [i * 2 for i in range(8)]
+        return calls[1:]
+
+    first = round_of_eight()
+    assert first[0] == 8 and max(first[1:]) <= 4
+    assert len(freed) == 3  # 8 → 4 → OOM again, 4 → 2 ×2: one on_oom per OOM
+    assert batcher.stats().errors == 0
+    # The lowered size is remembered for this key: the next round does not run out of memory again.
+    second = round_of_eight()
+    assert max(second) <= 2
+    assert len(freed) == 3
+
+
+def test_oom_on_a_single_request_becomes_inference_error_with_a_hint(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    def handler(key: Hashable, items: list[int]) -> list[int]:
+        raise MemoryError()
+
+    batcher = make_batcher(handler)
+    with pytest.raises(InferenceError, match=r"out of memory.*BLIP_MAX_BATCH_SIZE"):
+        batcher.submit("k", 1).result(WAIT_S)
+
+
+def test_is_out_of_memory() -> None:
+    torch = pytest.importorskip("torch")
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("boom"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_wrong_result_length_fails_the_whole_batch(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(lambda key, items: handler(key, items)[:-1] if len(items) > 1 else handler(key, items))
+    blocker = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    futures = [batcher.submit("k", i) for i in range(3)]
+    handler.gate.set()
+    blocker.result(WAIT_S)
+    for future in futures:
+        with pytest.raises(InferenceError, match="returned 2 results for 3 requests"):
+            future.result(WAIT_S)
+    assert batcher.submit("k", 9).result(WAIT_S) == ("k", 9)
+    assert batcher.stats().errors == 3
+
+
+# ---------------------------------------------------------------------- overload, cancellation, deadlines
+
+
+def test_full_queue_rejects_at_once_with_a_retry_hint(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler, max_queue=4)
+    blocker = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    queued = [batcher.submit("k", i) for i in range(1, 5)]
+    assert batcher.queue_depth == 4
+    start = time.perf_counter()
+    with pytest.raises(Overloaded, match=r"queue is full .*retry after [0-9.]+ s") as info:
+        batcher.submit("k", 5)
+    assert time.perf_counter() - start < 0.1
+    assert 0 < info.value.retry_after_s <= 30
+    # A cancelled request gives its slot back at once.
+    assert queued[0].cancel()
+    replacement = batcher.submit("k", 6)
+    handler.gate.set()
+    assert results([blocker, *queued[1:], replacement]) == [("k", i) for i in (0, 2, 3, 4, 6)]
+    stats = batcher.stats()
+    assert (stats.rejected, stats.cancelled, stats.requests) == (1, 1, 6)
+
+
+def test_cancelled_queued_requests_never_reach_the_handler(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler)
+    blocker = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    futures = [batcher.submit("k", i) for i in range(1, 7)]
+    assert futures[1].cancel() and futures[3].cancel()
+    handler.gate.set()
+    blocker.result(WAIT_S)
+    assert [f.result(WAIT_S) for i, f in enumerate(futures) if i not in (1, 3)] == [("k", i) for i in (1, 3, 5, 6)]
+    assert futures[1].cancelled() and futures[3].cancelled()
+    assert 2 not in handler.seen and 4 not in handler.seen
+    assert batcher.stats().cancelled == 2
+
+
+def test_expired_requests_fail_with_request_timeout_before_running(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler)
+    blocker = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    submitted = time.monotonic()
+    doomed = batcher.submit("k", 1, timeout_s=0.05)
+    fine = batcher.submit("k", 2, timeout_s=60)
+    wait_until(lambda: time.monotonic() > submitted + 0.06)
+    handler.gate.set()
+    blocker.result(WAIT_S)
+    with pytest.raises(RequestTimeout, match=r"waited [0-9.]+ s.*BLIP_REQUEST_TIMEOUT_S"):
+        doomed.result(WAIT_S)
+    assert fine.result(WAIT_S) == ("k", 2)
+    assert 1 not in handler.seen
+    assert batcher.stats().expired == 1
+
+
+def test_deadline_is_enforced_during_a_long_wait_window(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    handler = Handler()
+    batcher = make_batcher(handler, max_wait_ms=5000)
+    start = time.monotonic()
+    future = batcher.submit("k", 1, timeout_s=0.05)
+    with pytest.raises(RequestTimeout):
+        future.result(WAIT_S)
+    assert time.monotonic() - start < 2.0
+    assert handler.calls == []
+
+
+# ---------------------------------------------------------------------- close
+
+
+def test_close_drain_runs_everything_queued(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler, max_batch_size=4)
+    futures = [batcher.submit("k", 0)]
+    assert handler.entered.wait(WAIT_S)
+    futures += [batcher.submit("k" if i % 2 else "j", i) for i in range(1, 10)]
+    closer = threading.Thread(target=batcher.close, kwargs={"drain": True})
+    closer.start()
+    wait_until(lambda: batcher.closed)
+    with pytest.raises(ServiceClosed, match="closed and accepts no more requests"):
+        batcher.submit("k", 99)
+    handler.gate.set()
+    closer.join(WAIT_S)
+    assert not closer.is_alive()
+    assert [f.result(0) for f in futures] == [("k" if i % 2 else "j", i) if i else ("k", 0) for i in range(10)]
+    batcher.close()  # idempotent
+    batcher.close(drain=False)
+
+
+def test_close_without_drain_fails_queued_requests(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler)
+    running = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    queued = [batcher.submit("k", i) for i in range(1, 6)]
+    closer = threading.Thread(target=batcher.close, kwargs={"drain": False})
+    closer.start()
+    wait_until(lambda: all(f.done() for f in queued))
+    for future in queued:
+        with pytest.raises(ServiceClosed):
+            future.result(0)
+    handler.gate.set()
+    closer.join(WAIT_S)
+    assert running.result(0) == ("k", 0)  # a batch already running still finishes
+    assert handler.seen == [0]
+    assert batcher.stats().dropped == 5
+    with pytest.raises(ServiceClosed):
+        batcher.submit("k", 1)
+
+
+def test_close_timeout_fails_what_is_still_queued(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler)
+    running = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    queued = [batcher.submit("k", i) for i in range(1, 4)]
+    start = time.monotonic()
+    batcher.close(drain=True, timeout_s=0.1)
+    assert time.monotonic() - start < 5
+    for future in queued:
+        with pytest.raises(ServiceClosed, match="did not finish its queue"):
+            future.result(0)
+    handler.gate.set()
+    assert running.result(WAIT_S) == ("k", 0)
+
+
+def test_context_manager_closes_and_drains() -> None:
+    handler = Handler()
+    with DynamicBatcher(handler, max_batch_size=4, max_wait_ms=0, max_queue=8) as batcher:
+        future = batcher.submit("k", 1)
+    assert batcher.closed
+    assert future.result(0) == ("k", 1)
+
+
+# ---------------------------------------------------------------------- stats and listeners
+
+
+def test_stats_listeners_and_a_raising_listener(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    def fn(key: Hashable, item: int) -> Any:
+        return ValueError("odd") if item == 3 else item
+
+    handler = Handler(fn, gate_calls=1)
+    batcher = make_batcher(handler, max_batch_size=4)
+    events: list[BatchEvent] = []
+
+    def broken_listener(event: BatchEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    batcher.add_listener(broken_listener)
+    batcher.add_listener(events.append)
+    with caplog.at_level(logging.ERROR, logger="blip_tools.batching"):
+        blocker = batcher.submit(("caption", 1), 0)
+        assert handler.entered.wait(WAIT_S)
+        futures = [batcher.submit(("caption", 1), i) for i in range(1, 6)]
+        futures.append(batcher.submit("embed", 6))
+        handler.gate.set()
+        for future in [blocker, *futures]:
+            future.exception(WAIT_S)
+        wait_until(lambda: len(events) == 4)
+    assert "listener bug" in caplog.text
+    assert [(e.task, e.size, e.failed, e.retried) for e in events] == [
+        ("caption", 1, 0, False),
+        ("caption", 4, 1, False),
+        ("caption", 1, 0, False),
+        ("embed", 1, 0, False),
+    ]
+    assert events[1].key == ("caption", 1)
+    assert len(events[1].queue_wait_s) == 4 and all(w >= 0 for w in events[1].queue_wait_s)
+    assert all(e.exec_s >= 0 for e in events)
+    stats = batcher.stats()
+    assert stats.requests == 7
+    assert stats.batches == 4
+    assert stats.batch_size_histogram == {1: 3, 4: 1}
+    assert (stats.completed, stats.errors, stats.rejected, stats.cancelled, stats.expired) == (6, 1, 0, 0, 0)
+    assert stats.queue_depth == 0
+    assert stats.per_task == {"caption": (6, 3, 1), "embed": (1, 1, 0)}
+
+
+# ---------------------------------------------------------------------- asyncio callers
+
+
+async def test_asyncio_callers_share_batches(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    handler = Handler(lambda key, item: item + 1, gate_calls=1)
+    batcher = make_batcher(handler, max_batch_size=8)
+
+    async def call(i: int) -> int:
+        result: int = await asyncio.wrap_future(batcher.submit("k", i))
+        return result
+
+    with anyio.fail_after(WAIT_S):
+        blocker = asyncio.ensure_future(call(-1))
+        while not handler.entered.is_set():
+            await asyncio.sleep(0.001)
+        tasks = [asyncio.ensure_future(call(i)) for i in range(16)]
+        cancelled_task = asyncio.ensure_future(call(100))
+        while batcher.queue_depth < 17:
+            await asyncio.sleep(0.001)
+        cancelled_task.cancel()  # cancelling the awaiting task cancels the queued request
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled_task
+        handler.gate.set()
+        assert await blocker == 0
+        assert await asyncio.gather(*tasks) == [i + 1 for i in range(16)]
+    assert 100 not in handler.seen
+    assert handler.sizes[1:] == [8, 8]
+    assert batcher.stats().cancelled == 1
