@@ -459,10 +459,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """The loop: form a batch, run it, resolve its futures; errors fail only the requests concerned."""
         while True:
             self._inflight = []
+            ran = False
             try:
                 if self._next_batch() is None:
                     return
                 if self._inflight:
+                    ran = True
                     self._execute(self._inflight)
             except Exception as exc:
                 logger.exception("%s: internal error while serving a batch", self._name)
@@ -471,8 +473,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._fail_unresolved(self._inflight, exc)
             finally:
                 self._fail_unresolved(self._inflight, None)
-            with self._cond:
-                self._idle = not self._pending
+            if ran:  # "idle" means the queue was empty when the last batch finished
+                with self._cond:
+                    self._idle = not self._pending
 
     def _next_batch(self) -> bool | None:
         """Wait for work and move the next batch into `_inflight` (None: closed and drained).
@@ -489,9 +492,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     if not self._pending:
                         return None
                     now = time.monotonic()
-                    expired.extend(self._prune_locked(now))
+                    expired = self._prune_locked(now)
+                    if expired:
+                        return True  # fail them now (outside the lock), then come back for a batch
                     if not self._pending:
-                        continue
+                        continue  # everything queued was cancelled
                     head = self._pending[0]
                     try:
                         limit = self._limit_for(head.key, now)
@@ -502,7 +507,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     if self._idle and self._max_wait_s > 0 and not self._closing:
                         remaining = head.enqueued + self._max_wait_s - now
                         if remaining > 0 and self._count_like(head, limit) < limit:
-                            self._cond.wait(remaining)
+                            # Wake for a new request, the window's end, or the next deadline to enforce.
+                            self._cond.wait(min(remaining, self._until_next_deadline(now)))
                             continue
                     self._inflight = take_batch(self._pending, limit)
                     return True
@@ -615,6 +621,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 else:
                     limit = min(limit, lowered[0])
         return limit
+
+    def _until_next_deadline(self, now: float) -> float:
+        """Seconds until the earliest queued deadline (a large number when none)."""
+        deadlines = [request.deadline for request in self._pending if request.deadline is not None]
+        return max(min(deadlines) - now, 0.0) + 0.001 if deadlines else 3600.0
 
     def _count_like(self, head: _Pending[ItemT, ResultT], limit: int) -> int:
         """Live queued requests with the head's key, counting no further than `limit`."""

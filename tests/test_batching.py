@@ -9,8 +9,10 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -446,14 +448,25 @@ def test_oom_on_a_single_request_becomes_inference_error_with_a_hint(
         batcher.submit("k", 1).result(WAIT_S)
 
 
-def test_is_out_of_memory() -> None:
-    torch = pytest.importorskip("torch")
+def test_is_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"))
     assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
     assert is_out_of_memory(MemoryError())
-    assert is_out_of_memory(torch.cuda.OutOfMemoryError("boom"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))
+    if "torch" in sys.modules:  # the real class, without paying for a torch import here
+        assert is_out_of_memory(sys.modules["torch"].cuda.OutOfMemoryError("boom"))
+
+    # torch's own OOM type is recognised by class, whatever its message; torch itself is never imported.
+    class FakeOutOfMemoryError(RuntimeError):
+        pass
+
+    fake_torch = types.ModuleType("torch")
+    fake_torch.cuda = types.SimpleNamespace(OutOfMemoryError=FakeOutOfMemoryError)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    assert is_out_of_memory(FakeOutOfMemoryError("allocation failed"))
+    monkeypatch.delitem(sys.modules, "torch")
+    assert not is_out_of_memory(FakeOutOfMemoryError("allocation failed"))
 
 
 def test_wrong_result_length_fails_the_whole_batch(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
