@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .batching import BatchEvent, DynamicBatcher
 from .errors import BlipError, InferenceError, InvalidInput, Overloaded, ServiceClosed
+from .grounding import LocateResult, build_locate_result, gradcam_batch
 from .images import ImageInput, LoadedImage, load_image
 from .params import GenerationParams
 from .results import (
@@ -42,6 +43,7 @@ T = TypeVar("T")
 ProgressFn = Callable[[int, int], None]
 
 CAPTION, ANSWER, EMBED_IMAGE, EMBED_TEXT, SCORE = "caption", "answer", "embed_image", "embed_text", "score"
+LOCATE = "locate"
 
 
 @dataclass
@@ -141,6 +143,8 @@ class Blip2Service:
             values = [vectors[i] for i in range(len(payloads))]
         elif task == SCORE:
             values = self._score_batch(payloads)
+        elif task == LOCATE:
+            values = gradcam_batch(self.runtime, [p[0] for p in payloads], [p[1] for p in payloads])
         else:  # pragma: no cover - keys are built in this module
             raise InferenceError(f"unknown task {task!r}")
         done = time.monotonic()
@@ -642,7 +646,7 @@ class Blip2Service:
             retrieval_loaded=self.runtime.retrieval_loaded,
             device=self.runtime.device,
             dtype=str(self.runtime.dtype).replace("torch.", ""),
-            capabilities=["caption", "prompted_caption", "answer", "embed_image", "embed_text", "score"],
+            capabilities=["caption", "prompted_caption", "answer", "embed_image", "embed_text", "score", "locate"],
             limits={
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms,
@@ -655,3 +659,31 @@ class Blip2Service:
             },
             num_query_tokens=self.runtime.num_query_tokens,
         )
+
+    # ------------------------------------------------------------------ grounding (ITM Grad-CAM)
+    def _prepare_locate(self, image: ImageInput, text: str) -> tuple[Hashable, Any, LoadedImage]:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput("locate needs a non-empty text to find in the image, e.g. 'a red car'")
+        (clean,) = self._prepare_texts([text])
+        loaded = self._load(image)
+        item = self.runtime.preprocess(loaded.image, loaded.sha256, retrieval=True)
+        return (LOCATE,), (item, clean), loaded
+
+    @staticmethod
+    def _locate_result(outcome: _Outcome, loaded: LoadedImage, text: str, began: float) -> LocateResult:
+        grid, probability, layer = outcome.value
+        timing = Blip2Service._timing(outcome, began)
+        return build_locate_result(loaded.image, loaded.info, text, grid, probability, layer, timing)
+
+    def locate(self, image: ImageInput, text: str) -> LocateResult:
+        """Where `text` matches in the image: ITM Grad-CAM heatmap (image size, [0, 1]), peak and box."""
+        began = time.monotonic()
+        key, payload, loaded = self._prepare_locate(image, text)
+        return self._locate_result(self._wait(self._submit(key, payload)), loaded, text, began)
+
+    async def alocate(self, image: ImageInput, text: str) -> LocateResult:
+        """Async `locate`."""
+        began = time.monotonic()
+        key, payload, loaded = await asyncio.to_thread(self._prepare_locate, image, text)
+        outcome = await self._await(self._submit(key, payload))
+        return await asyncio.to_thread(self._locate_result, outcome, loaded, text, began)

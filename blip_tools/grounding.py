@@ -1,0 +1,283 @@
+"""Grounding: where in an image a text matches, as an ITM Grad-CAM heatmap and a peak box.
+
+The method is LAVIS's `compute_gradcam` for BLIP-2: run the image-text matching (ITM) head on the pair with the
+Q-Former's cross-attention probabilities recorded, backpropagate the "match" logit to one cross-attention layer
+(the middle one, LAVIS's block 6 of 12), and weight each attention probability by its positive gradient. Averaged
+over heads and query tokens this gives one value per vision patch (the CLS token dropped), laid out on the
+patch grid, normalised to [0, 1] and upsampled to the image's size.
+
+`gradcam_batch` runs on the model worker thread (it needs gradients: `torch.enable_grad()` inside);
+`build_locate_result` turns its output into a `LocateResult` on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, Field, PrivateAttr
+
+from .errors import InferenceError
+from .results import ImageInfo, Timing
+
+if TYPE_CHECKING:
+    from .runtime import Blip2Runtime, ImageItem
+
+logger = logging.getLogger(__name__)
+
+BOX_THRESHOLD = 0.5
+"""Grid cells at or above this fraction of the peak, connected to the peak, make up the box."""
+
+MAX_PAIRS_PER_BACKWARD = 8
+"""Pairs per forward/backward pass: Grad-CAM keeps activations for the backward, so batches are capped."""
+
+
+class LocateResult(BaseModel):
+    """Where a text matches in an image: a Grad-CAM heatmap over the image, its peak and a box around the peak.
+
+    `heatmap` (a float32 array of the image's height × width, values in [0, 1]) and `overlay_png()` are Python
+    only; the JSON form carries the heatmap on the vision patch grid (`grid`).
+    """
+
+    text: str = Field(description="The text that was located.")
+    itm_probability: float = Field(description="Image-text matching probability that the text fits the image.")
+    box: list[int] = Field(
+        description="[x0, y0, x1, y1] in pixels around the peak region (x1, y1 exclusive), inside the image."
+    )
+    peak: list[int] = Field(description="[x, y] pixel where the heatmap is highest.")
+    grid: list[list[float]] = Field(
+        description="The heatmap on the vision patch grid (rows top to bottom), values in [0, 1]."
+    )
+    layer: int = Field(description="Q-Former layer whose cross-attention was used.")
+    image: ImageInfo
+    timing: Timing = Field(default_factory=Timing)
+
+    _heatmap: npt.NDArray[np.float32] = PrivateAttr()
+    _image: Image.Image | None = PrivateAttr(default=None)
+
+    @property
+    def heatmap(self) -> npt.NDArray[np.float32]:
+        """The heatmap at the image's size: shape (height, width), float32, values in [0, 1]."""
+        return self._heatmap
+
+    def summary(self) -> str:
+        """A one-line description for a model or a terminal."""
+        x0, y0, x1, y1 = self.box
+        w, h = self.image.width, self.image.height
+        share = 100.0 * (x1 - x0) * (y1 - y0) / max(w * h, 1)
+        return (
+            f"'{self.text}' matches best around pixel ({self.peak[0]}, {self.peak[1]}); box [{x0}, {y0}, {x1}, {y1}] "
+            f"covers {share:.0f}% of the {w}x{h} image; ITM match probability {self.itm_probability:.3f}."
+        )
+
+    def overlay_png(self, *, alpha: float = 0.6, max_side: int | None = 1024, draw_box: bool = True) -> bytes:
+        """The heatmap blended over the image (jet colours, hot = match) with the box drawn, as PNG bytes.
+
+        Args:
+            alpha: opacity of the colours at the hottest point (0 shows only the image).
+            max_side: downscale so neither side exceeds this (keeps tool replies small); None keeps the size.
+            draw_box: outline `box` in white.
+        """
+        if self._image is None:
+            raise InferenceError("This LocateResult has no image attached (it was rebuilt from JSON).")
+        base = np.asarray(self._image.convert("RGB"), dtype=np.float32) / 255.0
+        heat = self._heatmap
+        weight = (np.clip(alpha, 0.0, 1.0) * np.power(heat, 0.7))[..., None]
+        blended = (1.0 - weight) * base + weight * _jet(heat)
+        out = Image.fromarray((np.clip(blended, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
+        if draw_box:
+            x0, y0, x1, y1 = self.box
+            width = max(1, round(min(out.size) / 150))
+            ImageDraw.Draw(out).rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=width)
+        if max_side is not None and max(out.size) > max_side:
+            scale = max_side / max(out.size)
+            out = out.resize(
+                (max(1, round(out.width * scale)), max(1, round(out.height * scale))), Image.Resampling.BILINEAR
+            )
+        buffer = io.BytesIO()
+        out.save(buffer, format="PNG", optimize=False)
+        return buffer.getvalue()
+
+
+def _jet(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The classic jet colour map (blue → cyan → yellow → red) for values in [0, 1], shape (..., 3)."""
+    r = np.clip(1.5 - np.abs(4.0 * x - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * x - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * x - 1.0), 0.0, 1.0)
+    return np.stack([r, g, b], axis=-1).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+
+def gradcam_layer(qformer: Any) -> tuple[int, int]:
+    """(Q-Former layer index, its position among the cross-attention layers) used for Grad-CAM.
+
+    LAVIS uses block 6 of BLIP-2's 12 Q-Former layers; we take the cross-attention layer nearest the middle.
+    """
+    layers = [i for i, layer in enumerate(qformer.encoder.layer) if getattr(layer, "has_cross_attention", False)]
+    if not layers:
+        raise InferenceError("The retrieval model's Q-Former has no cross-attention layer; cannot locate.")
+    middle = len(qformer.encoder.layer) // 2
+    position = min(range(len(layers)), key=lambda k: (abs(layers[k] - middle), -layers[k]))
+    return layers[position], position
+
+
+@contextlib.contextmanager
+def _eager_attention(module: Any) -> Iterator[None]:
+    """Eager attention while inside (SDPA does not return attention probabilities); restored afterwards."""
+    previous = module.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(previous)
+
+
+def gradcam_batch(
+    runtime: Blip2Runtime, images: Sequence[ImageItem], texts: Sequence[str]
+) -> list[tuple[npt.NDArray[np.float32], float, int]]:
+    """Grad-CAM grids for (image, text) pairs: one (grid g×g in [0, 1], ITM probability, layer) per pair.
+
+    Runs on the model worker thread. Pairs go through in chunks of `MAX_PAIRS_PER_BACKWARD`; each pair's
+    gradients are independent of the others in its chunk (no cross-sample interaction in the Q-Former).
+    """
+    out: list[tuple[npt.NDArray[np.float32], float, int]] = []
+    for start in range(0, len(images), MAX_PAIRS_PER_BACKWARD):
+        stop = start + MAX_PAIRS_PER_BACKWARD
+        out.extend(_gradcam_chunk(runtime, images[start:stop], texts[start:stop]))
+    return out
+
+
+def _gradcam_chunk(
+    runtime: Blip2Runtime, images: Sequence[ImageItem], texts: Sequence[str]
+) -> list[tuple[npt.NDArray[np.float32], float, int]]:
+    import torch
+
+    model = runtime.load_retrieval().model
+    qformer = model.qformer
+    layer, position = gradcam_layer(qformer)
+    with torch.no_grad():
+        vision = runtime._vision_embeds(images)
+    # Cached features may be inference-mode tensors, which autograd refuses to save: work on a plain copy.
+    vision = vision.detach().clone()
+    tokens = vision.shape[1] - 1
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise InferenceError(f"Cannot lay {tokens} vision patches on a square grid for the heatmap.")
+    with torch.enable_grad(), _eager_attention(qformer):
+        enc = runtime._tokenize(texts)
+        query_tokens = model.query_tokens.expand(vision.shape[0], -1, -1)
+        n_query = query_tokens.shape[1]
+        query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=query_tokens.device)
+        embeds = model.embeddings(input_ids=enc["input_ids"], query_embeds=query_tokens).detach().requires_grad_(True)
+        result = qformer(
+            query_embeds=embeds,
+            query_length=n_query,
+            attention_mask=torch.cat([query_mask, enc["attention_mask"]], dim=1),
+            encoder_hidden_states=vision,
+            encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device),
+            output_attentions=True,
+            return_dict=True,
+        )
+        cross = result.cross_attentions
+        if cross is None or len(cross) <= position or cross[position] is None:
+            raise InferenceError("The Q-Former did not return cross-attention probabilities; cannot locate.")
+        attention = cross[position]  # (B, heads, queries, 1 + patches)
+        hidden = result.last_hidden_state[:, :n_query, :].to(model.itm_head.weight.dtype)
+        logits = model.itm_head(hidden).mean(dim=1).float()  # (B, 2)
+        (grads,) = torch.autograd.grad(logits[:, 1].sum(), attention)
+    with torch.no_grad():
+        cam = attention.detach().float()[..., 1:] * grads.float()[..., 1:].clamp(min=0)
+        cam = cam.mean(dim=(1, 2)).reshape(-1, side, side)  # heads and queries averaged → (B, g, g)
+        probs = torch.softmax(logits.detach(), dim=-1)[:, 1].tolist()
+    grids = cam.cpu().numpy().astype(np.float32)
+    return [(_normalise(grids[i]), float(probs[i]), layer) for i in range(len(images))]
+
+
+def _normalise(grid: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Clamp at 0 and min-max scale to [0, 1]; an all-flat map (no evidence) becomes zeros."""
+    grid = np.nan_to_num(np.maximum(grid, 0.0), nan=0.0, posinf=0.0).astype(np.float32)
+    low, high = float(grid.min()), float(grid.max())
+    if high - low <= 1e-12:
+        return np.zeros_like(grid)
+    return ((grid - low) / (high - low)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- caller side
+
+
+def upsample(grid: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.float32]:
+    """Bilinear upsampling of a [0, 1] grid to (height, width), still in [0, 1]."""
+    image = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32), mode="F")
+    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(resized, 0.0, 1.0)
+
+
+def peak_box(grid: npt.NDArray[np.float32], width: int, height: int, threshold: float = BOX_THRESHOLD) -> list[int]:
+    """The pixel box of the grid cells ≥ `threshold` × peak that are 4-connected to the peak cell.
+
+    A flat (all-zero) grid has no peak: the box is the whole image.
+    """
+    rows, cols = grid.shape
+    if float(grid.max()) <= 0.0:
+        return [0, 0, width, height]
+    peak = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    hot = grid >= threshold * float(grid.max())
+    seen = {(int(peak[0]), int(peak[1]))}
+    stack = list(seen)
+    while stack:
+        r, c = stack.pop()
+        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= nr < rows and 0 <= nc < cols and hot[nr, nc] and (nr, nc) not in seen:
+                seen.add((nr, nc))
+                stack.append((nr, nc))
+    r0, r1 = min(r for r, _ in seen), max(r for r, _ in seen)
+    c0, c1 = min(c for _, c in seen), max(c for _, c in seen)
+    x0 = min(math.floor(c0 * width / cols), width - 1)
+    y0 = min(math.floor(r0 * height / rows), height - 1)
+    x1 = max(min(math.ceil((c1 + 1) * width / cols), width), x0 + 1)
+    y1 = max(min(math.ceil((r1 + 1) * height / rows), height), y0 + 1)
+    return [x0, y0, x1, y1]
+
+
+def build_locate_result(
+    image: Image.Image,
+    info: ImageInfo,
+    text: str,
+    grid: npt.NDArray[np.float32],
+    itm_probability: float,
+    layer: int,
+    timing: Timing | None = None,
+) -> LocateResult:
+    """Upsample a Grad-CAM grid to the image and find its peak and box (caller thread)."""
+    width, height = image.size
+    heatmap = upsample(grid, width, height)
+    flat = int(np.argmax(heatmap))
+    peak = [flat % width, flat // width] if float(heatmap.max()) > 0.0 else [width // 2, height // 2]
+    result = LocateResult(
+        text=text,
+        itm_probability=float(itm_probability),
+        box=peak_box(grid, width, height),
+        peak=peak,
+        grid=[[round(float(v), 4) for v in row] for row in grid],
+        layer=layer,
+        image=info,
+        timing=timing or Timing(),
+    )
+    result._heatmap = heatmap
+    result._image = image
+    return result
+
+
+__all__ = ["LocateResult", "build_locate_result", "gradcam_batch", "peak_box", "upsample"]
