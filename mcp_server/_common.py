@@ -1,0 +1,137 @@
+"""Shared pieces for every tool module: the typed app context, service access and the one error mapping.
+
+Tool modules (ours and the collections tools) import from here, so errors are mapped once and the
+service is always reached through the lifespan context, never through a global.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from blip_tools.errors import BlipError, Overloaded
+from blip_tools.service import Blip2Service
+from blip_tools.settings import BlipSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AppContext:
+    """What the lifespan yields: the one service every session shares, and room for other tool modules' state."""
+
+    service: Blip2Service
+    """The started service (one model owner per process)."""
+
+    settings: BlipSettings
+    """The settings the service runs with (limits, allowed dirs, URL policy)."""
+
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Per-server objects other tool modules keep (e.g. an open image index), keyed by module name."""
+
+    ready: threading.Event = field(default_factory=threading.Event)
+    """Set once the background model load has finished (successfully or not)."""
+
+    load_error: BaseException | None = None
+    """Why the background load failed; requests retry the load and report the same error to the model."""
+
+    def load_in_background(self) -> None:
+        """Load the captioner in a thread, so a stdio host's `initialize` is answered at once.
+
+        Requests that arrive first simply wait on the runtime's load lock; a failed load is retried by the
+        first request, which then reports the readable `ModelNotAvailable` as a tool error.
+        """
+
+        def load() -> None:
+            try:
+                self.service.start()
+            except BaseException as exc:
+                self.load_error = exc
+                logger.error("loading the model failed: %s", exc)
+            finally:
+                self.ready.set()
+
+        threading.Thread(target=load, name="blip-model-loader", daemon=True).start()
+
+    @property
+    def status(self) -> str:
+        """`ok` (model loaded), `loading`, `error` (the load failed) or `closed`."""
+        if self.service.closed:
+            return "closed"
+        if not self.ready.is_set():
+            return "loading"
+        return "error" if self.load_error is not None else "ok"
+
+
+def app_context(ctx: Context) -> AppContext:
+    """The lifespan's `AppContext` for this request (raises `ToolError` outside a running server)."""
+    try:
+        value = ctx.request_context.lifespan_context
+    except ValueError as exc:  # Context used outside a request
+        raise ToolError("The blip-tools service is not running in this context.") from exc
+    if not isinstance(value, AppContext):
+        raise ToolError("The blip-tools service is not running (the server was started without its lifespan).")
+    return value
+
+
+def get_service(ctx: Context) -> Blip2Service:
+    """The shared `Blip2Service` for this request."""
+    return app_context(ctx).service
+
+
+def error_message(exc: BlipError) -> str:
+    """The readable text a model sees for one of our errors, with its code and, when overloaded, the retry hint."""
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, Overloaded) and "retry" not in text.lower():
+        text = f"{text} Retry after {exc.retry_after_s:.1f} s."
+    return f"[{exc.code}] {text}"
+
+
+def to_tool_error(exc: BlipError) -> ToolError:
+    """Map a `BlipError` to the `ToolError` whose message reaches the model (other exceptions stay masked)."""
+    return ToolError(error_message(exc))
+
+
+@contextmanager
+def tool_errors() -> Iterator[None]:
+    """Turn any `BlipError` raised inside the block into a `ToolError` with its readable message."""
+    try:
+        yield
+    except BlipError as exc:
+        raise to_tool_error(exc) from exc
+
+
+def read_only(title: str, *, open_world: bool = False, idempotent: bool = True) -> ToolAnnotations:
+    """Annotations for our tools: they read images and never change anything."""
+    return ToolAnnotations(
+        title=title,
+        read_only_hint=True,
+        destructive_hint=False,
+        idempotent_hint=idempotent,
+        open_world_hint=open_world,
+    )
+
+
+IMAGE_DESCRIPTION = (
+    "The image: an absolute file path (preferred), a file:// URI, a data:image/...;base64, URI or raw base64"
+    " (http(s) URLs only when the server allows them). Images pasted into the chat cannot be passed; "
+    "ask the user for the file path."
+)
+
+ImageArg = Annotated[str, Field(description=IMAGE_DESCRIPTION, min_length=1)]
+"""The `image` argument every tool takes (one string, as in the tool contract)."""
+
+ImagesArg = Annotated[
+    list[Annotated[str, Field(min_length=1)]],
+    Field(description="Images, each as for `image`: absolute paths preferred.", min_length=1, max_length=64),
+]
+"""The `images` argument of batch tools (1 to 64 entries)."""

@@ -1,0 +1,169 @@
+"""`blip-mcp`: run the blip-tools MCP server over stdio (default) or streamable HTTP.
+
+Flags mirror `BlipSettings`; a flag given wins, `BLIP_*` environment variables apply to the rest.
+In stdio mode stdout is claimed for the protocol before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed so other commands can extend it)."""
+    parser = argparse.ArgumentParser(
+        prog="blip-mcp",
+        description="BLIP-2 image captioning, VQA, scores and embeddings as MCP tools (one shared, batched model).",
+    )
+    model = parser.add_argument_group("model (mirror BLIP_* settings)")
+    model.add_argument("--model", help="Captioning checkpoint: hub id or local dir (BLIP_MODEL).")
+    model.add_argument("--retrieval-model", help="Retrieval checkpoint for embeddings/scores (BLIP_RETRIEVAL_MODEL).")
+    model.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (BLIP_DEVICE).")
+    model.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="BLIP_DTYPE.")
+    model.add_argument(
+        "--allowed-dir",
+        action="append",
+        dest="allowed_dirs",
+        metavar="DIR",
+        help="Only read images inside DIR (repeatable; BLIP_ALLOWED_DIRS).",
+    )
+    model.add_argument(
+        "--allow-urls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Allow http(s) image URLs, public addresses only (BLIP_ALLOW_URLS).",
+    )
+    model.add_argument("--max-batch-size", type=int, help="Most requests per forward pass (BLIP_MAX_BATCH_SIZE).")
+    model.add_argument("--max-wait-ms", type=float, help="Batching wait window when idle (BLIP_MAX_WAIT_MS).")
+    model.add_argument("--max-queue", type=int, help="Queued requests before Overloaded (BLIP_MAX_QUEUE).")
+    model.add_argument(
+        "--demo",
+        action="store_true",
+        help="Run on a tiny random checkpoint built on first use (for trying the plumbing; captions are noise).",
+    )
+    transport = parser.add_argument_group("transport")
+    transport.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="Default: stdio.")
+    transport.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1).")
+    transport.add_argument("--port", type=int, default=None, help="HTTP port (default 8765; 0 picks a free one).")
+    transport.add_argument(
+        "--token",
+        default=None,
+        help="Bearer token for HTTP (prefer BLIP_TOKEN: a flag is visible to other local users). "
+        "Required for a non-loopback --host.",
+    )
+    transport.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        default=[],
+        metavar="NAME",
+        help="Extra Host header value to accept over HTTP, e.g. a DNS name (repeatable).",
+    )
+    transport.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="HTTP request body limit (default: one base64 image of BLIP_MAX_IMAGE_BYTES plus 256 KiB).",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `BlipSettings` values the flags set explicitly (the environment fills in the rest)."""
+    values: dict[str, Any] = {}
+    if args.demo:
+        from blip_tools.testing import ensure_demo_checkpoint, tiny_settings_kwargs
+
+        values.update(tiny_settings_kwargs(ensure_demo_checkpoint()))
+    for name in (
+        "model",
+        "retrieval_model",
+        "device",
+        "dtype",
+        "allowed_dirs",
+        "allow_urls",
+        "max_batch_size",
+        "max_wait_ms",
+        "max_queue",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            values[name] = value
+    if args.token is not None:
+        values["token"] = args.token
+    return values
+
+
+def _configure_logging(level: str) -> None:
+    """Log to stderr (stdout belongs to the protocol in stdio mode); route warnings there too."""
+    logging.basicConfig(
+        stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.captureWarnings(True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `blip-mcp` / `python -m mcp_server`. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    wire = None
+    if args.transport == "stdio":
+        from .stdio import claim_stdout, quiet_libraries
+
+        quiet_libraries()
+        wire = claim_stdout()
+    _configure_logging(args.log_level)
+
+    from pydantic import ValidationError
+
+    from blip_tools.errors import BlipError
+    from blip_tools.params import format_validation_error
+    from blip_tools.settings import BlipSettings
+
+    try:
+        settings = BlipSettings(**settings_kwargs(args))
+    except ValidationError as exc:
+        logger.error("invalid settings: %s", format_validation_error(exc))
+        return 2
+    except BlipError as exc:
+        logger.error("%s", exc)
+        return 2
+
+    from .server import create_server
+
+    server = create_server(settings)
+    try:
+        if wire is not None:
+            import anyio
+
+            from .stdio import serve_stdio
+
+            anyio.run(serve_stdio, server, wire)
+        else:
+            from .http import DEFAULT_PORT, HttpConfig, run_http
+
+            config = HttpConfig(
+                host=args.host,
+                port=DEFAULT_PORT if args.port is None else args.port,
+                token=settings.token,
+                allowed_hosts=list(args.allowed_hosts),
+                max_body_bytes=args.max_body_bytes,
+            )
+            config.check()
+            run_http(server, config)
+    except BlipError as exc:
+        logger.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

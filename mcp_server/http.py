@@ -1,0 +1,349 @@
+"""The HTTP app for `blip-mcp --transport http`: streamable HTTP MCP at `/mcp`, `/healthz`, and room for more routes.
+
+Security, outermost first, for EVERY route (ours and those other modules add):
+1. `HostOriginMiddleware`: Host must be one of the allowed hosts (else 421), a browser Origin one of the
+   allowed origins (else 403) — DNS-rebinding protection derived from the bind address.
+2. `BearerTokenMiddleware`: with a token set, `Authorization: Bearer <token>` compared in constant time
+   (else 401); only `/healthz` is exempt. A non-loopback bind without a token is refused at startup.
+3. A request body limit (413), sized for one base64 image of `max_image_bytes` plus JSON-RPC slack.
+
+Other modules build on `build_http_app(server, config, routes=..., lifespan_hooks=...)`; their routes sit
+behind the same three checks and reach the service with `service_from_request(request)`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from blip_tools.errors import InvalidInput
+from blip_tools.service import Blip2Service
+from blip_tools.settings import BlipSettings
+
+from .server import BlipMCPServer
+
+logger = logging.getLogger(__name__)
+
+MCP_PATH = "/mcp"
+HEALTH_PATH = "/healthz"
+DEFAULT_PORT = 8765
+
+#: Room for the JSON-RPC envelope, the data-URI prefix and the other arguments around one image.
+BODY_SLACK_BYTES = 256 * 1024
+
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def body_limit_for(settings: BlipSettings) -> int:
+    """Largest request body: one base64 image of `max_image_bytes` (4/3 of it, rounded up) plus slack.
+
+    The default `max_image_bytes` of 20 MB gives 26,666,668 + 262,144 = 26,928,812 bytes (about 25.7 MiB).
+    """
+    base64_len = 4 * ((settings.max_image_bytes + 2) // 3)
+    return base64_len + BODY_SLACK_BYTES
+
+
+def is_loopback(host: str) -> bool:
+    """True for a bind address that only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_forms(host: str) -> list[str]:
+    """Host-header spellings of one address: bracketed for IPv6."""
+    bare = host.strip("[]")
+    try:
+        if ipaddress.ip_address(bare).version == 6:
+            return [f"[{bare}]"]
+    except ValueError:
+        pass
+    return [bare]
+
+
+def _machine_names() -> list[str]:
+    """This machine's names and addresses, for an all-interfaces bind (0.0.0.0 / ::)."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            names.add(str(info[4][0]))
+    except OSError:
+        pass
+    return sorted(n for n in names if n)
+
+
+def security_settings_for(host: str, extra_hosts: Iterable[str] = ()) -> TransportSecuritySettings:
+    """Explicit Host/Origin allow-lists derived from the bind address (never left to the SDK's defaults).
+
+    Loopback binds accept the loopback names; a specific address accepts itself; 0.0.0.0/:: accept this
+    machine's names and addresses. `extra_hosts` (e.g. a DNS name or a reverse proxy's host) are added.
+    Each host is allowed with any port; origins are http(s)://host with any port.
+    """
+    bases: list[str] = []
+    if is_loopback(host):
+        bases += ["127.0.0.1", "localhost", "::1"]
+    elif host in ("0.0.0.0", "::", ""):
+        bases += ["127.0.0.1", "localhost", "::1", *_machine_names()]
+    else:
+        bases.append(host)
+    bases += list(extra_hosts)
+    hosts: list[str] = []
+    origins: list[str] = []
+    for base in dict.fromkeys(bases):
+        for form in _host_forms(base):
+            hosts += [form, f"{form}:*"]
+            origins += [f"http://{form}", f"http://{form}:*", f"https://{form}", f"https://{form}:*"]
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+@dataclass
+class HttpConfig:
+    """How the HTTP app is served and guarded."""
+
+    host: str = "127.0.0.1"
+    """Bind address. Anything but loopback needs a token."""
+
+    port: int = DEFAULT_PORT
+    """TCP port (0 picks a free one)."""
+
+    token: str | None = None
+    """Bearer token every route but /healthz requires (`--token` or `BLIP_TOKEN`)."""
+
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Extra Host names to accept besides those derived from `host` (e.g. a DNS name)."""
+
+    max_body_bytes: int | None = None
+    """Request body limit; None derives it from `max_image_bytes` (see `body_limit_for`)."""
+
+    def check(self) -> None:
+        """Refuse unsafe combinations before binding (a non-loopback bind without a token)."""
+        if not is_loopback(self.host) and not self.token:
+            raise InvalidInput(
+                f"Refusing to serve on {self.host} without a token: anyone who can reach this address could use "
+                "the model and read images the server can see. Set --token (or BLIP_TOKEN), or bind to 127.0.0.1."
+            )
+        if self.token is not None and len(self.token) < 16:
+            raise InvalidInput(
+                "The token must be at least 16 characters (e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`)."
+            )
+        if self.max_body_bytes is not None and self.max_body_bytes < 1024:
+            raise InvalidInput(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+
+    def body_limit(self, settings: BlipSettings) -> int:
+        """The request body limit in bytes."""
+        return self.max_body_bytes if self.max_body_bytes is not None else body_limit_for(settings)
+
+
+# ---------------------------------------------------------------------------------------------- token checks
+def bearer_token(headers: Headers) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def token_matches(presented: str | None, expected: str) -> bool:
+    """Constant-time comparison of a presented token with the expected one."""
+    if presented is None:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _plain(status: int, text: str, headers: dict[str, str] | None = None) -> Response:
+    return PlainTextResponse(text + "\n", status_code=status, headers=headers)
+
+
+class BearerTokenMiddleware:
+    """Require `Authorization: Bearer <token>` on every HTTP request except `exempt_paths` (401 otherwise).
+
+    Default-deny: routes added later by other modules are covered without doing anything.
+    """
+
+    def __init__(self, app: ASGIApp, token: str | None, exempt_paths: Iterable[str] = (HEALTH_PATH,)) -> None:
+        self.app = app
+        self.token = token
+        self.exempt_paths = frozenset(exempt_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self.token is None or scope["path"] in self.exempt_paths:
+            await self.app(scope, receive, send)
+            return
+        if token_matches(bearer_token(Headers(scope=scope)), self.token):
+            await self.app(scope, receive, send)
+            return
+        response = _plain(
+            401,
+            "Unauthorized: send the server token as 'Authorization: Bearer <token>'.",
+            {"WWW-Authenticate": 'Bearer realm="blip-mcp"'},
+        )
+        await response(scope, receive, send)
+
+
+class HostOriginMiddleware:
+    """DNS-rebinding protection for every route: bad Host → 421, bad browser Origin → 403."""
+
+    def __init__(self, app: ASGIApp, security: TransportSecuritySettings) -> None:
+        self.app = app
+        self.security = security
+
+    def _host_ok(self, host: str | None) -> bool:
+        if not host:
+            return False
+        for allowed in self.security.allowed_hosts:
+            if host == allowed or (
+                allowed.endswith(":*") and host.startswith(allowed[:-1]) and host[len(allowed) - 1 :].isdigit()
+            ):
+                return True
+        return False
+
+    def _origin_ok(self, origin: str | None) -> bool:
+        if origin is None:  # non-browser clients send none
+            return True
+        for allowed in self.security.allowed_origins:
+            if origin == allowed or (
+                allowed.endswith(":*") and origin.startswith(allowed[:-1]) and origin[len(allowed) - 1 :].isdigit()
+            ):
+                return True
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if not self._host_ok(headers.get("host")):
+            logger.warning("refused a request with Host %r (allowed: see --allowed-host)", headers.get("host"))
+            await _plain(421, "Misdirected request: this Host is not served here.")(scope, receive, send)
+            return
+        if not self._origin_ok(headers.get("origin")):
+            logger.warning("refused a request with Origin %r", headers.get("origin"))
+            await _plain(403, "Forbidden: cross-origin requests are not allowed.")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def service_from_request(request: Request) -> Blip2Service:
+    """The running service, for routes other modules add (e.g. /metrics, /ui)."""
+    server: BlipMCPServer = request.app.state.blip_server
+    return server.app_context.service
+
+
+async def _healthz(request: Request) -> Response:
+    """Liveness and readiness without the token: 200 `ok` once the model is loaded, 503 while loading or failed."""
+    server: BlipMCPServer = request.app.state.blip_server
+    context = server.current_context
+    status = "starting" if context is None else context.status
+    body: dict[str, Any] = {"status": status}
+    if context is not None and status == "ok":
+        body["queue_depth"] = context.service.stats().queue_depth
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+LifespanHook = Callable[[BlipMCPServer], AbstractAsyncContextManager[None]]
+"""Entered after the service is running and exited before it closes (e.g. to attach a metrics listener)."""
+
+
+def build_http_app(
+    server: BlipMCPServer,
+    config: HttpConfig | None = None,
+    *,
+    routes: Sequence[BaseRoute] = (),
+    lifespan_hooks: Sequence[LifespanHook] = (),
+    exempt_paths: Iterable[str] = (HEALTH_PATH,),
+) -> Starlette:
+    """The Starlette app: MCP at `/mcp`, `/healthz`, plus `routes`, all behind Host/Origin, token and body checks.
+
+    Args:
+        server: from `create_server()`; its lifespan (the service) starts with the app and is shared by all
+            sessions.
+        config: bind address, token, extra hosts and body limit; `config.check()` is applied here.
+        routes: extra routes or mounts (e.g. `/metrics`, `/ui`); they need the token like `/mcp` does.
+        lifespan_hooks: async context managers entered once the service is running.
+        exempt_paths: paths reachable without the token (default only `/healthz`).
+    """
+    config = config or HttpConfig()
+    config.check()
+    security = security_settings_for(config.host, config.allowed_hosts)
+    limit = config.body_limit(server.blip_settings)
+    mcp_app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        max_request_body_size=limit,
+        transport_security=security,
+        host=config.host,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with server.session_manager.run(), AsyncExitStack() as hooks:
+            for hook in lifespan_hooks:
+                await hooks.enter_async_context(hook(server))
+            logger.info(
+                "blip-mcp HTTP ready on %s:%s%s (token %s, body limit %d bytes)",
+                config.host,
+                config.port,
+                MCP_PATH,
+                "required" if config.token else "off",
+                limit,
+            )
+            yield
+
+    app = Starlette(
+        routes=[Route(HEALTH_PATH, _healthz, methods=["GET"]), *routes, *mcp_app.routes],
+        middleware=[
+            Middleware(HostOriginMiddleware, security=security),
+            Middleware(BearerTokenMiddleware, token=config.token, exempt_paths=exempt_paths),
+            Middleware(RequestBodyLimitMiddleware, max_body_size=limit),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.blip_server = server
+    app.state.http_config = config
+    app.state.body_limit = limit
+    return app
+
+
+def uvicorn_config(app: Starlette, config: HttpConfig, **overrides: Any) -> Any:
+    """A `uvicorn.Config` that logs to stderr at warning level (no access log, no server header)."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": "warning",
+        "access_log": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": 5,
+        "lifespan": "on",
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def run_http(server: BlipMCPServer, config: HttpConfig) -> None:
+    """Serve `server` over streamable HTTP until interrupted."""
+    import uvicorn
+
+    app = build_http_app(server, config)
+    uvicorn.Server(uvicorn_config(app, config)).run()
