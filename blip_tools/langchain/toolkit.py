@@ -1,0 +1,47 @@
+"""`Blip2Toolkit`: every blip-tools LangChain tool, all sharing one `Blip2Service`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from langchain_core.tools import BaseTool, BaseToolkit
+from pydantic import ConfigDict, Field, model_validator
+
+from ..service import Blip2Service
+from ..settings import BlipSettings
+from ._base import Blip2BaseTool
+from .tools import CORE_TOOLS
+
+logger = logging.getLogger(__name__)
+
+TOOL_CLASSES: list[type[Blip2BaseTool]] = [*CORE_TOOLS]
+"""The tool classes `get_tools()` instantiates, in order; adding a tool is one more entry here."""
+
+
+class Blip2Toolkit(BaseToolkit):
+    """All blip-tools LangChain tools over one shared service.
+
+    `Blip2Toolkit()` uses `Blip2Service.shared()`; `Blip2Toolkit(settings=...)` builds a private service
+    from those settings (close it with `toolkit.service.close()` when done); `Blip2Toolkit(service=...)`
+    uses the given one (e.g. in tests).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    service: Blip2Service = Field(default=None, exclude=True)  # type: ignore[assignment]
+    """The service every tool calls (filled in at construction)."""
+    settings: BlipSettings | None = Field(default=None, exclude=True)
+    """Settings for a private service, when no `service` is given."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_service(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("service") is None:
+            settings = data.get("settings")
+            data = {**data, "service": Blip2Service(settings) if settings is not None else Blip2Service.shared()}
+        return data
+
+    def get_tools(self) -> list[BaseTool]:
+        """One instance of every tool class, all bound to this toolkit's service."""
+        return [tool_class.model_validate({"service": self.service}) for tool_class in TOOL_CLASSES]
