@@ -97,6 +97,10 @@ def is_public_address(ip: IPAddress) -> bool:
         inner = _embedded_ipv4(ip)
         if inner is not None and not is_public_address(inner):
             return False
+        if inner is not None and (ip.ipv4_mapped is not None or ip in _NAT64):
+            # These forms reach exactly the embedded IPv4 address (NAT64: via the local translator), so
+            # that address decides; Python versions disagree on their is_private/is_global flags.
+            return True
     if (
         ip.is_private
         or ip.is_loopback

@@ -84,7 +84,8 @@ _FORMATS_TEXT: Final = "JPEG, PNG, WebP, BMP, GIF (first frame) or TIFF"
 _SIGNATURES: Final = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 _MAX_PATH_CHARS: Final = 4096
 _B64_CHARS = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,31})://")
+# `scheme://…`, or a nested `jar:http://…`; a Windows drive letter (`C:\\`) never matches.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,31}):(?://|[A-Za-z][A-Za-z0-9+.-]{0,31}://)")
 _WHITESPACE: Final = " \t\r\n\f\v"
 _ORIENTATION_TAG: Final = 0x0112
 _TRANSPOSE: Final = {
