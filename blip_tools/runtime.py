@@ -143,6 +143,8 @@ class Blip2Runtime:
         self._retrieval: _Loaded | None = None
         self.feature_cache = _LRU(settings.feature_cache_size)
         self.retrieval_cache = _LRU(settings.feature_cache_size)
+        # Language-model KV of the image-token prefix per image: a follow-up question skips that prefill.
+        self.prefix_cache = _LRU(0 if settings.static_cache else settings.prefix_cache_size)
         self.models_loaded = 0
         self.model_load_s = 0.0
 
@@ -218,6 +220,7 @@ class Blip2Runtime:
             if len(newline) == 1:  # captioning checkpoints end a caption with a newline
                 eos_ids.add(int(newline[0]))
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else config.text_config.pad_token_id
+            self._apply_fast_paths(model)
             elapsed = time.perf_counter() - start
             self._captioner = _Loaded(
                 model, processor, elapsed, {"eos_ids": sorted(eos_ids), "pad_id": int(pad_id), "image_id": image_id}
@@ -226,6 +229,27 @@ class Blip2Runtime:
             self.model_load_s += elapsed
             logger.info("loaded captioner %s on %s/%s in %.2fs", self.settings.model, self.device, self.dtype, elapsed)
             return self._captioner
+
+    def _apply_fast_paths(self, model: Any) -> None:
+        """Optional speed-ups from the settings: int8 dynamic quantization (CPU) and `torch.compile` (GPU)."""
+        import torch
+
+        if self.settings.quantize == "int8":
+            if self.device != "cpu":
+                logger.warning("quantize=int8 is a CPU option; ignored on %s", self.device)
+            else:
+                import warnings
+
+                from torch.ao.quantization import quantize_dynamic
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.ao's migration notice; the API still works
+                    quantize_dynamic(model.language_model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+                logger.info("language model linear layers quantized to int8 (dynamic)")
+        if self.settings.compile:
+            # In place, so parameter names (and state dicts) stay the same; shapes vary with the batch size.
+            model.vision_model.compile(dynamic=True)
+            logger.info("vision encoder compiled; the decoding step compiles on first use with static_cache")
 
     def load_retrieval(self) -> _Loaded:
         """Load the retrieval checkpoint (aligned embeddings + ITM head) once, on first use."""
@@ -261,12 +285,18 @@ class Blip2Runtime:
     def num_query_tokens(self) -> int | None:
         return int(self._captioner.model.config.num_query_tokens) if self._captioner else None
 
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Rows whose image-prefix KV came from the cache (read by `Blip2Service.stats`)."""
+        return self.prefix_cache.hits
+
     def empty_cache(self) -> None:
         """Release cached device memory after an out-of-memory error."""
         import torch
 
         self.feature_cache.clear()
         self.retrieval_cache.clear()
+        self.prefix_cache.clear()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -337,18 +367,13 @@ class Blip2Runtime:
 
         with torch.inference_mode():
             lm_inputs = self._lm_features([it.image for it in items])
-            rows = [[image_id] * q + it.prompt_ids for it in items]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-                attention[i, width - len(r) :] = 1
-            input_ids = input_ids.to(self.device)
-            attention = attention.to(self.device)
+            use_prefix = self.prefix_cache.capacity > 0 and all(it.prompt_ids for it in items)
+            input_ids, attention = self._layout(items, q, image_id, pad_id, image_first=use_prefix)
+            width = input_ids.shape[1]
             embeds = model.get_input_embeddings()(input_ids)
             mask = (input_ids == image_id).unsqueeze(-1).to(embeds.device)
-            embeds = embeds.masked_scatter(mask, lm_inputs.to(embeds.device, embeds.dtype))
+            lm_inputs = lm_inputs.to(embeds.device, embeds.dtype)
+            embeds = embeds.masked_scatter(mask, lm_inputs)
 
             kwargs = params.generate_kwargs()
             beams = params.num_beams > 1
@@ -363,6 +388,14 @@ class Blip2Runtime:
                 output_logits=not beams,
                 **kwargs,
             )
+            if use_prefix:
+                # generate() repeats inputs per beam / returned sequence, but not a cache passed in: repeat it here.
+                repeat = params.num_beams if beams else params.num_return_sequences
+                gen_kwargs["past_key_values"] = self._prefix_kv(items, lm_inputs, repeat)
+            elif self.settings.static_cache:
+                gen_kwargs["cache_implementation"] = "static"
+            if self.settings.static_cache and not self.settings.compile:
+                gen_kwargs["disable_compile"] = True
             if params.do_sample and params.seed is not None:
                 devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
                 with torch.random.fork_rng(devices=devices):
@@ -400,6 +433,66 @@ class Blip2Runtime:
         if self.retrieval_loaded:
             self._add_itm_confidence(items, results)
         return results
+
+    def _layout(
+        self, items: Sequence[GenerationItem], q: int, image_id: int, pad_id: int, *, image_first: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, left-aligned to a common width.
+
+        `image_first=False`: `[pad…][<image>×Q][prompt]`. `image_first=True`: `[<image>×Q][pad…][prompt]`, so
+        every row's image prefix sits at positions 0..Q-1 and one cached prefix KV per image can be stacked
+        into a batch. OPT takes positions from the attention mask, so both give the same result.
+        """
+        import torch
+
+        width = q + max(len(it.prompt_ids) for it in items)
+        input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it.prompt_ids)
+            input_ids[i, width - n :] = torch.tensor(it.prompt_ids, dtype=torch.long)
+            attention[i, width - n :] = 1
+            start = 0 if image_first else width - n - q
+            input_ids[i, start : start + q] = image_id
+            attention[i, start : start + q] = 1
+        return input_ids.to(self.device), attention.to(self.device)
+
+    def _prefix_kv(self, items: Sequence[GenerationItem], lm_inputs: torch.Tensor, repeat: int) -> Any:
+        """A `DynamicCache` holding each row's image-prefix KV (positions 0..Q-1), from the LRU or computed now.
+
+        The image prefix does not depend on the prompt, so its KV per image is reused across questions. Missing
+        prefixes are computed in one decoder pass (no padding: every prefix has Q tokens). Cached tensors are
+        never mutated: the batch cache is built from copies (`torch.cat`).
+        """
+        import torch
+        from transformers import DynamicCache
+
+        lm = self.load_captioner().model.language_model
+        entries: list[Any] = [self.prefix_cache.get(it.image.key) for it in items]
+        missing: dict[str, int] = {}
+        for i, entry in enumerate(entries):
+            if entry is None:
+                missing.setdefault(items[i].image.key, i)
+        if missing:
+            rows = list(missing.values())
+            feats = lm_inputs[rows]
+            ones = torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device)
+            out = lm.get_decoder()(inputs_embeds=feats, attention_mask=ones, use_cache=True, return_dict=True)
+            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            for j, key in enumerate(missing):
+                entry = [(k[j : j + 1].clone(), v[j : j + 1].clone()) for k, v in layers]
+                self.prefix_cache.put(key, entry)
+                for i, it in enumerate(items):
+                    if entries[i] is None and it.image.key == key:
+                        entries[i] = entry
+        data = []
+        for layer in range(len(entries[0])):
+            keys = torch.cat([e[layer][0] for e in entries])
+            values = torch.cat([e[layer][1] for e in entries])
+            if repeat > 1:
+                keys, values = keys.repeat_interleave(repeat, dim=0), values.repeat_interleave(repeat, dim=0)
+            data.append((keys, values))
+        return DynamicCache(ddp_cache_data=data)
 
     def _token_logprobs(self, lm: Any, out: Any, new_tokens: torch.Tensor, beams: bool) -> torch.Tensor:
         import torch

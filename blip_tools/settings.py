@@ -67,6 +67,17 @@ class BlipSettings(BaseSettings):
     prefix_cache_size: int = Field(default=32, ge=0)
     """Images whose language-model KV cache of the image-token prefix is kept (LRU; 0 disables)."""
 
+    quantize: Literal["none", "int8"] = "none"
+    """`int8`: dynamic int8 quantization of the language model's linear layers (CPU only; faster decoding, small
+    output drift, see the README's benchmark section). Ignored with a warning on GPU."""
+
+    static_cache: bool = False
+    """Decode with a static (preallocated) KV cache instead of a growing one; needed for `compile` to pay off on
+    GPU. Turns the image-prefix KV cache off."""
+
+    compile: bool = False
+    """`torch.compile` the vision encoder and the decoding step (GPU; the first calls of each shape are slow)."""
+
     max_new_tokens_limit: int = Field(default=256, ge=1)
     """Upper bound a caller may ask for with `max_new_tokens`."""
 
