@@ -114,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     wire = None
     if args.transport == "stdio":
-        from .stdio import claim_stdout, quiet_libraries
+        from .stdio import claim_stdio, quiet_libraries
 
         quiet_libraries()
-        wire = claim_stdout()
+        wire = claim_stdio()
     _configure_logging(args.log_level)
 
     from pydantic import ValidationError

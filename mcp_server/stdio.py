@@ -1,22 +1,38 @@
-"""Serve over stdio with nothing but protocol messages on stdout.
+"""Serve over stdio with nothing but protocol messages on stdout, and an answer for every malformed line.
 
-`claim_stdout()` runs first thing in `blip-mcp` (before torch or transformers are imported): it keeps a
-private duplicate of the real stdout for the transport, points file descriptor 1 at stderr (so C
-libraries and child processes write there) and sets `sys.stdout` to `sys.stderr` (so `print`, tqdm and
-stray library output go there). Warnings and logging already go to stderr.
+`claim_stdio()` runs first thing in `blip-mcp` (before torch or transformers are imported): it keeps
+private duplicates of the real stdin/stdout for the transport, points descriptor 1 at stderr (C
+libraries, child processes) and descriptor 0 at /dev/null, and sets `sys.stdout` to `sys.stderr`
+(`print`, tqdm, stray library output). Warnings and logging already go to stderr.
+
+The SDK's stdio transport silently drops a line it cannot parse, so a client waiting on that request id
+would hang. `_CheckedLines` answers such lines itself with a JSON-RPC error (-32700 parse error,
+-32600 invalid request, echoing the id when there is one) before they reach the SDK.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import sys
-from typing import BinaryIO
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import anyio
+import anyio.to_thread
 from mcp.server.stdio import stdio_server
+from mcp.types import jsonrpc_message_adapter
+from pydantic import ValidationError
 
 from .server import BlipMCPServer
+
+logger = logging.getLogger(__name__)
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
 
 
 def quiet_libraries() -> None:
@@ -26,28 +42,135 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def claim_stdout() -> BinaryIO:
-    """Take the real stdout for the protocol and send everything else written to stdout to stderr.
+@dataclass
+class StdioWire:
+    """The protocol's private ends of stdin and stdout."""
 
-    Returns an unbuffered binary stream on a private duplicate of the original stdout.
-    """
+    stdin: BinaryIO
+    stdout: BinaryIO
+
+
+def _claim(fd: int, mode: str, divert_to: int) -> BinaryIO:
+    private = os.dup(fd)
+    os.set_inheritable(private, False)
+    os.dup2(divert_to, fd)
+    return os.fdopen(private, mode, buffering=0)  # type: ignore[return-value]
+
+
+def claim_stdio() -> StdioWire:
+    """Take the real stdin/stdout for the protocol; everything else written to stdout goes to stderr."""
     sys.stdout.flush()
     try:
-        wire_fd = os.dup(1)
-        os.dup2(2, 1)
-    except OSError:  # no real descriptors (embedded interpreters): fall back to the Python-level swap only
-        wire = sys.stdout.buffer
-        sys.stdout = sys.stderr
-        return wire
-    os.set_inheritable(wire_fd, False)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            stdin = _claim(0, "rb", devnull)
+        finally:
+            os.close(devnull)
+        stdout = _claim(1, "wb", 2)
+    except OSError:  # no real descriptors (embedded interpreters): swap the Python-level streams only
+        stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr
-    return os.fdopen(wire_fd, "wb", buffering=0)
+    return StdioWire(stdin=stdin, stdout=stdout)  # type: ignore[arg-type]
 
 
-async def serve_stdio(server: BlipMCPServer, wire: BinaryIO) -> None:
-    """Run one MCP session over stdin and `wire` (the claimed stdout) until stdin closes."""
-    text = io.TextIOWrapper(wire, encoding="utf-8", newline="\n", write_through=True)
-    async with stdio_server(stdout=anyio.wrap_file(text)) as (read_stream, write_stream):
-        # MCPServer.run_stdio_async() would claim sys.stdout itself; we pass our own wire instead.
+class _Writer:
+    """Serialised line writes to the wire (the SDK's writer and our error answers share it)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._lock = anyio.Lock()
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._stream.write(view)
+            view = view[written or 0 :]
+
+    async def write(self, text: str) -> None:
+        async with self._lock:
+            await anyio.to_thread.run_sync(self._write_all, text.encode("utf-8"))
+
+    async def flush(self) -> None:
+        return None
+
+
+def malformed_line_error(line: str) -> dict[str, Any] | None:
+    """The JSON-RPC error answer for a line the SDK would drop, or None when the line is a valid message.
+
+    Also None for a malformed notification (no id): notifications are never answered.
+    """
+    try:
+        message = jsonrpc_message_adapter.validate_json(line, by_name=False)
+    except ValidationError as exc:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return _error(None, PARSE_ERROR, "Parse error: each line must be one JSON-RPC message in JSON.")
+        if isinstance(data, list):
+            return _error(
+                None, INVALID_REQUEST, "Invalid request: JSON-RPC batches are not supported; send one message per line."
+            )
+        if not isinstance(data, dict):
+            return _error(None, INVALID_REQUEST, "Invalid request: a JSON-RPC message must be a JSON object.")
+        request_id = _valid_id(data.get("id"))
+        if "method" in data and "id" not in data:
+            logger.warning("dropped a malformed notification: %s", _first_error(exc))
+            return None
+        return _error(request_id, INVALID_REQUEST, f"Invalid request: {_first_error(exc)}")
+    data = json.loads(line)
+    if isinstance(data, dict) and "id" in data and "method" in data and getattr(message, "id", None) is None:
+        # e.g. a fractional or boolean id: the SDK would take it for a notification and never answer.
+        return _error(None, INVALID_REQUEST, "Invalid request: id must be a string or an integer.")
+    return None
+
+
+def _valid_id(value: Any) -> str | int | None:
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "not a JSON-RPC 2.0 message"
+    err = errors[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{loc}: {err.get('msg', 'invalid')}"[:200]
+
+
+def _error(request_id: str | int | None, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
+
+class _CheckedLines:
+    """stdin lines for the SDK's reader; malformed ones are answered here and not passed on."""
+
+    def __init__(self, stream: BinaryIO, writer: _Writer) -> None:
+        text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="\n")
+        self._lines = anyio.wrap_file(text)
+        self._writer = writer
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        async for line in self._lines:
+            if not line.strip():
+                continue
+            answer = malformed_line_error(line)
+            if answer is None:
+                yield line
+            else:
+                logger.warning("answered a malformed message with error %s", answer["error"]["code"])
+                await self._writer.write(json.dumps(answer, separators=(",", ":")) + "\n")
+
+
+async def serve_stdio(server: BlipMCPServer, wire: StdioWire) -> None:
+    """Run one MCP session over the claimed stdin/stdout until stdin closes."""
+    writer = _Writer(wire.stdout)
+    lines = _CheckedLines(wire.stdin, writer)
+    async with stdio_server(stdin=lines, stdout=writer) as (read_stream, write_stream):  # type: ignore[arg-type]
+        # MCPServer.run_stdio_async() would claim sys.stdin/stdout itself; we pass our own checked wire.
         lowlevel = server._lowlevel_server
         await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
