@@ -1,0 +1,963 @@
+"""`ImageIndex`: a persistent, incremental SQLite index of a folder tree's images for text and image search.
+
+Each image row holds its path, size, mtime, a SHA-256 of the file bytes, a hash of the decoded pixels, the
+pooled embedding (float32), the per-query-token embeddings (float16, for exact ITC scores) and an optional
+caption. Runs are incremental: a file whose size and mtime are unchanged is skipped; a changed one is hashed
+and re-embedded only if its bytes changed (or reuses the vectors of an identical file already indexed);
+files gone from disk are removed. Every chunk of work is committed, so a run can be interrupted and resumed,
+and the database is in WAL mode, so searches (from any thread or process) see committed rows while a run goes on.
+
+Search is brute force over normalised vectors with numpy: the pooled vectors pick candidates, then the exact
+ITC score (max over query tokens, as `Blip2Service.score`) ranks them; an optional ITM re-rank scores the top k
+with the matching head. The vectors are cached in memory and reloaded when the database changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import contextlib
+import hashlib
+import inspect
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, Field
+
+from .errors import BlipError, InvalidImage, InvalidInput
+from .images import _check_allowed, describe_ref
+from .results import CaptionResult, EmbeddingResult
+
+if TYPE_CHECKING:
+    from .images import ImageInput
+    from .service import Blip2Service
+
+logger = logging.getLogger(__name__)
+
+INDEXED_EXTENSIONS: Final = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".mpo"}
+)
+"""File suffixes an index run picks up (the formats `load_image` accepts)."""
+
+SCHEMA_VERSION: Final = 1
+_MAX_REPORTED_ERRORS: Final = 50
+_PREFILTER_MIN: Final = 64
+"""Text search scores at least this many pooled-vector candidates exactly (max over query tokens)."""
+
+ProgressFn = Callable[[int, int], Any]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    path TEXT PRIMARY KEY,
+    dir TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    file_sha256 TEXT,
+    pixel_sha256 TEXT,
+    width INTEGER,
+    height INTEGER,
+    model TEXT,
+    dim INTEGER,
+    embedding BLOB,
+    query_vectors BLOB,
+    caption TEXT,
+    caption_confidence REAL,
+    caption_model TEXT,
+    error TEXT,
+    indexed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_file_sha256 ON images (file_sha256);
+CREATE INDEX IF NOT EXISTS images_dir ON images (dir);
+"""
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+class IndexFailure(BaseModel):
+    """A file that could not be indexed (or captioned), and why."""
+
+    path: str
+    error: str
+
+
+class IndexReport(BaseModel):
+    """What one index run did. Run it again to resume when `complete` is false."""
+
+    directory: str = Field(description="The indexed directory (resolved).")
+    index_path: str = Field(description="The SQLite database file.")
+    scanned: int = Field(description="Image files found.")
+    embedded: int = Field(description="Files sent through the model for an embedding this run.")
+    captioned: int = Field(description="Files captioned this run.")
+    reused: int = Field(description="Changed or new files whose bytes were already indexed: vectors reused.")
+    unchanged: int = Field(description="Files skipped because size and mtime were unchanged.")
+    removed: int = Field(description="Rows removed because their file is gone.")
+    failed: int = Field(description="Files that could not be read or embedded (kept as failures until they change).")
+    errors: list[IndexFailure] = Field(default_factory=list, description="Failures of this run (first 50).")
+    indexed: int = Field(description="Searchable images under the directory after the run.")
+    complete: bool = Field(description="False when the run was stopped early; the next run resumes it.")
+    elapsed_s: float
+
+    def summary(self) -> str:
+        """One line for a model or a terminal."""
+        state = "done" if self.complete else "stopped early (run again to resume)"
+        return (
+            f"Indexed {self.directory}: {self.indexed} searchable images; this run embedded {self.embedded}, "
+            f"captioned {self.captioned}, reused {self.reused}, skipped {self.unchanged} unchanged, removed "
+            f"{self.removed}, {self.failed} failed; {state} in {self.elapsed_s:.1f}s."
+        )
+
+
+class SearchHit(BaseModel):
+    """One search result."""
+
+    path: str
+    score: float = Field(description="What the ranking used: ITC cosine, or the ITM probability after a re-rank.")
+    itc: float = Field(description="Contrastive similarity: max over query tokens (text) or pooled cosine (image).")
+    itm_probability: float | None = Field(default=None, description="Matching-head probability (re-rank only).")
+    caption: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class SearchResult(BaseModel):
+    """Ranked images for a text or an image query."""
+
+    query: str | None = Field(default=None, description="The text query, if any.")
+    image: str | None = Field(default=None, description="The query image (description), if any.")
+    directory: str | None = Field(default=None, description="Folder filter (resolved), if any.")
+    hits: list[SearchHit]
+    searched: int = Field(description="Images compared.")
+    reranked: bool = False
+    elapsed_ms: float = 0.0
+
+    def summary(self) -> str:
+        """Short text for a model: one line per hit."""
+        what = f"'{self.query}'" if self.query is not None else f"images like {self.image}"
+        if not self.hits:
+            return f"No indexed images match {what} (searched {self.searched}). Index a folder with index_images."
+        lines = [f"Top {len(self.hits)} of {self.searched} images for {what}:"]
+        for i, hit in enumerate(self.hits, 1):
+            caption = f" — {hit.caption}" if hit.caption else ""
+            lines.append(f"{i}. {hit.path} (score {hit.score:.3f}){caption}")
+        return "\n".join(lines)
+
+
+class DuplicateGroup(BaseModel):
+    """Images that look the same: cosine similarity at or above the threshold (or identical pixels)."""
+
+    paths: list[str]
+    exact: bool = Field(description="All members have identical decoded pixels.")
+    min_similarity: float = Field(description="Lowest pairwise cosine similarity inside the group.")
+
+
+class IndexStats(BaseModel):
+    """Counts of what the index file holds."""
+
+    index_path: str
+    images: int = Field(description="Searchable images (embedded with the current retrieval model).")
+    captioned: int
+    failed: int
+    stale: int = Field(description="Rows embedded with another retrieval model (re-embedded on the next run).")
+    size_bytes: int
+
+
+# ---------------------------------------------------------------------------------------------- internals
+
+
+@dataclass
+class _Matrix:
+    """The searchable vectors, sorted by path so a folder is one contiguous slice."""
+
+    generation: str
+    model: str
+    rowids: npt.NDArray[np.int64]
+    paths: list[str]
+    vectors: npt.NDArray[np.float32]
+
+
+@dataclass
+class _Todo:
+    path: str
+    size: int
+    mtime_ns: int
+    row: sqlite3.Row | None
+    caption_only: bool = False
+
+
+def _dir_range(directory: str) -> tuple[str, str]:
+    """All paths under `directory` sort in [lo, hi): '/' + 1 is '0' (and likewise for '\\')."""
+    sep = os.sep
+    return directory.rstrip(sep) + sep, directory.rstrip(sep) + chr(ord(sep) + 1)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:500] or type(exc).__name__
+
+
+class _DeferredProgress:
+    """Calls the user's progress callback; an exception from it stops the run after the current chunk is saved."""
+
+    def __init__(self, fn: ProgressFn | None, total: int) -> None:
+        self.fn = fn
+        self.total = total
+        self.last = -1
+        self.error: BaseException | None = None
+
+    def __call__(self, done: int) -> None:
+        if self.fn is None or self.error is not None or done <= self.last:
+            return
+        self.last = done
+        try:
+            self.fn(done, self.total)
+        except BaseException as exc:  # re-raised once the chunk is committed
+            self.error = exc
+
+
+# ---------------------------------------------------------------------------------------------- the index
+
+
+class ImageIndex:
+    """A persistent image index over `Blip2Service` embeddings: index folders, search by text or image.
+
+    Args:
+        path: the SQLite file (created with its folder). Default: `settings.resolved_index_path()`
+            (`BLIP_INDEX_PATH`, else `~/.cache/blip-tools/index.sqlite`).
+        service: the model service (default `Blip2Service.shared()`). Its settings' `allowed_dirs` apply to
+            every directory indexed or searched and every file read.
+
+    Thread-safe: each thread gets its own connection; index runs are serialised; searches run concurrently.
+    """
+
+    def __init__(self, path: str | Path | None = None, *, service: Blip2Service | None = None) -> None:
+        if service is None:
+            from .service import Blip2Service
+
+            service = Blip2Service.shared()
+        self.service = service
+        self.settings = service.settings
+        self.path = Path(path).expanduser() if path is not None else self.settings.resolved_index_path()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._run_lock = threading.Lock()
+        self._matrix: _Matrix | None = None
+        self._closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BlipError(f"Cannot create the folder for the image index {self.path}: {exc}") from exc
+        conn = self._conn()
+        with self._write(conn):
+            # Statement by statement: executescript() would commit outside our transaction.
+            for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if int(version) != SCHEMA_VERSION:
+            raise BlipError(
+                f"The image index {self.path} has schema version {version}; this blip-tools expects "
+                f"{SCHEMA_VERSION}. Point BLIP_INDEX_PATH at a new file or delete this one to rebuild it."
+            )
+
+    # ------------------------------------------------------------------ connections and transactions
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise BlipError(f"The image index {self.path} is closed; open a new ImageIndex.")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error as exc:
+                raise BlipError(
+                    f"Cannot open the image index {self.path}: {exc}. Check the file or set BLIP_INDEX_PATH to "
+                    "a writable location."
+                ) from exc
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """One write transaction that bumps the generation counter, so searchers reload their vectors."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise BlipError(f"The image index {self.path} is not writable: {exc}") from exc
+        try:
+            yield
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('generation', '1') "
+                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close every connection this object opened (the file stays)."""
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+            self._matrix = None
+
+    def __enter__(self) -> ImageIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ paths
+    def _resolve_dir(self, directory: str | Path) -> str:
+        """The real path of a directory that exists and lies inside `allowed_dirs`."""
+        if not isinstance(directory, (str, Path)) or not str(directory).strip():
+            raise InvalidInput("directory must be a non-empty path to a folder of images")
+        raw = Path(directory).expanduser()
+        real = Path(os.path.realpath(raw))
+        _check_allowed(real, self.settings, str(directory))
+        if not real.is_dir():
+            raise InvalidInput(f"{directory} is not a directory; pass the folder that holds the images.")
+        return str(real)
+
+    def _allowed_ranges(self, directory: str | None) -> list[tuple[str, str]] | None:
+        """Path ranges a search may return: the folder filter and/or the allowed dirs (None: everything)."""
+        ranges: list[tuple[str, str]] = []
+        if directory is not None:
+            ranges.append(_dir_range(directory))
+        elif self.settings.allowed_dirs:
+            ranges.extend(_dir_range(os.path.realpath(d)) for d in self.settings.allowed_dirs)
+        return ranges or None
+
+    def _scan(self, directory: str, recursive: bool) -> dict[str, os.stat_result]:
+        """Image files under `directory` (hidden names skipped, directory symlinks not followed)."""
+        found: dict[str, os.stat_result] = {}
+        stack = [directory]
+        while stack:
+            current = stack.pop()
+            try:
+                entries = list(os.scandir(current))
+            except OSError as exc:
+                logger.warning("cannot list %s: %s", current, exc)
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if recursive:
+                            stack.append(entry.path)
+                    elif Path(entry.name).suffix.lower() in INDEXED_EXTENSIONS and entry.is_file():
+                        found[entry.path] = entry.stat()
+                except OSError as exc:
+                    logger.warning("cannot stat %s: %s", entry.path, exc)
+        return found
+
+    # ------------------------------------------------------------------ indexing
+    def index(
+        self,
+        directory: str | Path,
+        *,
+        recursive: bool = True,
+        captions: bool = True,
+        on_progress: ProgressFn | None = None,
+        stop: threading.Event | None = None,
+        chunk_size: int | None = None,
+    ) -> IndexReport:
+        """Bring the index of `directory` up to date: embed new and changed images, drop deleted ones.
+
+        Args:
+            directory: folder to index (must lie inside `allowed_dirs` when that is set).
+            recursive: include subfolders (hidden files and folders are skipped; folder symlinks not followed).
+            captions: also caption each image (slower: one generation per image); captions are shown in search
+                results. Images indexed without a caption get one on a later run with `captions=True`.
+            on_progress: `on_progress(done, total)` over the files that need work. If it raises, the run stops
+                after the current chunk is saved and the exception propagates; the next run resumes.
+            stop: set this event to stop after the current chunk (the report says `complete=False`).
+            chunk_size: files per committed chunk (default 4 × `max_batch_size`).
+        """
+        began = time.monotonic()
+        root = self._resolve_dir(directory)
+        chunk = max(1, chunk_size if chunk_size is not None else 4 * self.settings.max_batch_size)
+        model = self.settings.retrieval_model
+        with self._run_lock:
+            conn = self._conn()
+            found = self._scan(root, recursive)
+            lo, hi = _dir_range(root)
+            rows = {
+                row["path"]: row
+                for row in conn.execute(
+                    "SELECT path, dir, size, mtime_ns, file_sha256, model, embedding IS NOT NULL AS has_vec, "
+                    "caption IS NOT NULL AS has_caption, caption_model, error FROM images "
+                    "WHERE path >= ? AND path < ?",
+                    (lo, hi),
+                )
+                if recursive or row["dir"] == root
+            }
+            gone = [p for p in rows if p not in found]
+            if gone:
+                with self._write(conn):
+                    conn.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
+            report = IndexReport(
+                directory=root,
+                index_path=str(self.path),
+                scanned=len(found),
+                embedded=0,
+                captioned=0,
+                reused=0,
+                unchanged=0,
+                removed=len(gone),
+                failed=0,
+                indexed=0,
+                complete=True,
+                elapsed_s=0.0,
+            )
+            todo: list[_Todo] = []
+            for path in sorted(found):
+                st = found[path]
+                row = rows.get(path)
+                same_stat = row is not None and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns
+                if same_stat and row is not None and row["error"] is not None:
+                    report.failed += 1  # unchanged file that failed before: not retried until it changes
+                elif same_stat and row is not None and row["has_vec"] and row["model"] == model:
+                    if captions and (not row["has_caption"] or row["caption_model"] != self.settings.model):
+                        todo.append(_Todo(path, st.st_size, st.st_mtime_ns, row, caption_only=True))
+                    else:
+                        report.unchanged += 1
+                else:
+                    todo.append(_Todo(path, st.st_size, st.st_mtime_ns, row))
+            progress = _DeferredProgress(on_progress, len(todo))
+            done = 0
+            progress(0)
+            for start in range(0, len(todo), chunk):
+                if stop is not None and stop.is_set():
+                    report.complete = False
+                    break
+                part = todo[start : start + chunk]
+                self._index_chunk(conn, root, part, captions, report, progress, done)
+                done += len(part)
+                progress(done)
+                if progress.error is not None:
+                    report.complete = False
+                    break
+            report.indexed = int(
+                conn.execute(
+                    "SELECT COUNT(*) FROM images WHERE path >= ? AND path < ? AND embedding IS NOT NULL AND model = ?"
+                    + ("" if recursive else " AND dir = ?"),
+                    (lo, hi, model) if recursive else (lo, hi, model, root),
+                ).fetchone()[0]
+            )
+            report.elapsed_s = round(time.monotonic() - began, 3)
+            logger.info("%s", report.summary())
+            if progress.error is not None:
+                raise progress.error
+            return report
+
+    def _index_chunk(
+        self,
+        conn: sqlite3.Connection,
+        root: str,
+        part: list[_Todo],
+        captions: bool,
+        report: IndexReport,
+        progress: _DeferredProgress,
+        done_before: int,
+    ) -> None:
+        """Hash, reuse or embed, optionally caption, then commit one chunk of files."""
+        model = self.settings.retrieval_model
+        now = time.time()
+        writes: dict[str, dict[str, Any]] = {}
+        to_embed: list[_Todo] = []
+        to_caption: list[str] = []
+
+        def fail(item: _Todo, message: str) -> None:
+            report.failed += 1
+            if len(report.errors) < _MAX_REPORTED_ERRORS:
+                report.errors.append(IndexFailure(path=item.path, error=message))
+            writes[item.path] = {"error": message, "embedding": None, "query_vectors": None, "file_sha256": None}
+
+        for item in part:
+            if item.caption_only:
+                to_caption.append(item.path)
+                continue
+            try:
+                digest = _file_sha256(item.path)
+            except OSError as exc:
+                fail(item, f"cannot read the file: {exc.strerror or exc}")
+                continue
+            if (
+                item.row is not None
+                and item.row["file_sha256"] == digest
+                and item.row["has_vec"]
+                and item.row["model"] == model
+            ):
+                # Touched (new mtime) but the same bytes: keep the vectors.
+                writes[item.path] = {"file_sha256": digest}
+                report.reused += 1
+                if captions and (not item.row["has_caption"] or item.row["caption_model"] != self.settings.model):
+                    to_caption.append(item.path)
+                continue
+            twin = conn.execute(
+                "SELECT pixel_sha256, width, height, dim, embedding, query_vectors, caption, caption_confidence, "
+                "caption_model FROM images WHERE file_sha256 = ? AND model = ? AND embedding IS NOT NULL LIMIT 1",
+                (digest, model),
+            ).fetchone()
+            if twin is not None:
+                writes[item.path] = {**dict(twin), "file_sha256": digest, "model": model, "error": None}
+                report.reused += 1
+                if captions and (twin["caption"] is None or twin["caption_model"] != self.settings.model):
+                    to_caption.append(item.path)
+                continue
+            writes[item.path] = {"file_sha256": digest}
+            to_embed.append(item)
+
+        if to_embed:
+            last_stage_is_embed = not captions
+            results = self.service.embed_images(
+                [Path(item.path) for item in to_embed],
+                include_query_vectors=True,
+                return_exceptions=True,
+                on_progress=(lambda d, _t: progress(done_before + d)) if last_stage_is_embed else None,
+            )
+            for item, result in zip(to_embed, results, strict=True):
+                if isinstance(result, InvalidImage):  # this file's fault: remembered until the file changes
+                    fail(item, _short(result))
+                    continue
+                if isinstance(result, BlipError):  # the model or service failed: stop; finished chunks are kept
+                    raise result
+                assert isinstance(result, EmbeddingResult)
+                writes[item.path].update(self._embedding_columns(result))
+                report.embedded += 1
+                if captions:
+                    to_caption.append(item.path)
+
+        if to_caption:
+            offset = done_before + len(part) - len(to_caption)
+            captioned = self.service.caption_batch(
+                [Path(p) for p in to_caption],
+                return_exceptions=True,
+                on_progress=lambda d, _t: progress(offset + d),
+            )
+            for path, outcome in zip(to_caption, captioned, strict=True):
+                if isinstance(outcome, BlipError) and not isinstance(outcome, InvalidImage):
+                    raise outcome
+                if isinstance(outcome, BlipError):
+                    if len(report.errors) < _MAX_REPORTED_ERRORS:
+                        report.errors.append(IndexFailure(path=path, error=f"caption failed: {_short(outcome)}"))
+                    continue
+                assert isinstance(outcome, CaptionResult)
+                writes.setdefault(path, {}).update(
+                    caption=outcome.caption,
+                    caption_confidence=float(outcome.captions[0].confidence),
+                    caption_model=self.settings.model,
+                )
+                report.captioned += 1
+
+        by_path = {item.path: item for item in part}
+        with self._write(conn):
+            for path, columns in writes.items():
+                item = by_path[path]
+                self._upsert(conn, root, item, columns, now)
+
+    def _embedding_columns(self, result: EmbeddingResult) -> dict[str, Any]:
+        vector = np.asarray(result.vector, dtype=np.float32)
+        query = np.asarray(result.query_vectors or [result.vector], dtype=np.float16)
+        info = result.image
+        return {
+            "pixel_sha256": info.sha256 if info else None,
+            "width": info.width if info else None,
+            "height": info.height if info else None,
+            "model": self.settings.retrieval_model,
+            "dim": int(vector.shape[0]),
+            "embedding": vector.tobytes(),
+            "query_vectors": query.tobytes(),
+            "error": None,
+            # A new embedding means new content: an old caption no longer applies.
+            "caption": None,
+            "caption_confidence": None,
+            "caption_model": None,
+        }
+
+    @staticmethod
+    def _upsert(conn: sqlite3.Connection, root: str, item: _Todo, columns: dict[str, Any], now: float) -> None:
+        base = {"path": item.path, "dir": os.path.dirname(item.path), "size": item.size, "mtime_ns": item.mtime_ns}
+        values = {**base, **columns, "indexed_at": now}
+        names = list(values)
+        updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "path")
+        conn.execute(
+            f"INSERT INTO images ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)}) "
+            f"ON CONFLICT(path) DO UPDATE SET {updates}",
+            [values[n] for n in names],
+        )
+
+    async def aindex(
+        self,
+        directory: str | Path,
+        *,
+        recursive: bool = True,
+        captions: bool = True,
+        on_progress: ProgressFn | None = None,
+        chunk_size: int | None = None,
+    ) -> IndexReport:
+        """Async `index`: runs in a thread; `on_progress` may be a coroutine function (e.g. MCP progress).
+
+        Cancelling the awaiting task stops the run after its current chunk is saved.
+        """
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def relay(done: int, total: int) -> None:
+            if on_progress is None:
+                return
+            if inspect.iscoroutinefunction(on_progress):
+                future = asyncio.run_coroutine_threadsafe(on_progress(done, total), loop)
+                future.add_done_callback(_log_progress_error)
+            else:
+                loop.call_soon_threadsafe(on_progress, done, total)
+
+        task = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.index,
+                directory,
+                recursive=recursive,
+                captions=captions,
+                on_progress=relay,
+                stop=stop,
+                chunk_size=chunk_size,
+            )
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    # ------------------------------------------------------------------ search
+    def _load_matrix(self) -> _Matrix:
+        """The cached vectors, reloaded when another write (from any connection) bumped the generation."""
+        conn = self._conn()
+        model = self.settings.retrieval_model
+        row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        generation = row[0] if row is not None else "0"
+        cached = self._matrix
+        if cached is not None and cached.generation == generation and cached.model == model:
+            return cached
+        rows = conn.execute(
+            "SELECT rowid, path, dim, embedding FROM images WHERE embedding IS NOT NULL AND model = ? ORDER BY path",
+            (model,),
+        ).fetchall()
+        dims = {r["dim"] for r in rows}
+        if len(dims) > 1:
+            raise BlipError(f"The image index {self.path} mixes embedding sizes {sorted(dims)}; re-index the folders.")
+        dim = dims.pop() if dims else 0
+        vectors = (
+            np.frombuffer(b"".join(r["embedding"] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+            if rows
+            else np.zeros((0, 0), dtype=np.float32)
+        )
+        matrix = _Matrix(
+            generation=generation,
+            model=model,
+            rowids=np.fromiter((r["rowid"] for r in rows), dtype=np.int64, count=len(rows)),
+            paths=[r["path"] for r in rows],
+            vectors=vectors,
+        )
+        self._matrix = matrix
+        return matrix
+
+    @staticmethod
+    def _candidates(matrix: _Matrix, ranges: list[tuple[str, str]] | None) -> npt.NDArray[np.int64]:
+        """Row positions inside the path ranges (contiguous slices of the path-sorted matrix)."""
+        if ranges is None:
+            return np.arange(len(matrix.paths), dtype=np.int64)
+        parts = [
+            np.arange(bisect.bisect_left(matrix.paths, lo), bisect.bisect_left(matrix.paths, hi), dtype=np.int64)
+            for lo, hi in ranges
+        ]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+    def search_vector(
+        self,
+        vector: Sequence[float] | npt.NDArray[np.float32],
+        *,
+        top_k: int = 10,
+        directory: str | Path | None = None,
+        text_query: bool = False,
+    ) -> tuple[list[SearchHit], int]:
+        """Nearest images to a normalised vector in the shared space → (hits, images compared).
+
+        With `text_query`, the pooled vectors pick `max(64, 5 × top_k)` candidates and the exact ITC score
+        (max over each image's query-token vectors) ranks them; otherwise the pooled cosine ranks directly.
+        """
+        if top_k < 1:
+            raise InvalidInput(f"top_k must be >= 1, got {top_k}")
+        root = self._resolve_dir(directory) if directory is not None else None
+        matrix = self._load_matrix()
+        positions = self._candidates(matrix, self._allowed_ranges(root))
+        if positions.size == 0:
+            return [], 0
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if query.shape[0] != matrix.vectors.shape[1]:
+            raise InvalidInput(
+                f"The query vector has {query.shape[0]} dimensions; the index holds {matrix.vectors.shape[1]}."
+            )
+        contiguous = positions.size == positions[-1] - positions[0] + 1
+        block = (
+            matrix.vectors[positions[0] : positions[-1] + 1] if contiguous else matrix.vectors[positions]
+        )  # a slice is a view: no copy for one folder
+        scores = block @ query
+        keep = min(positions.size, max(_PREFILTER_MIN, 5 * top_k) if text_query else top_k)
+        best = np.argpartition(-scores, keep - 1)[:keep] if keep < positions.size else np.arange(positions.size)
+        chosen = positions[best]
+        chosen_scores = scores[best].astype(np.float64)
+        details = self._details(matrix.rowids[chosen].tolist(), with_query_vectors=text_query)
+        hits: list[SearchHit] = []
+        for rowid, pooled in zip(matrix.rowids[chosen].tolist(), chosen_scores.tolist(), strict=True):
+            row = details.get(rowid)
+            if row is None:  # removed since the matrix was loaded
+                continue
+            itc = pooled
+            if text_query and row["query_vectors"] is not None:
+                q = np.frombuffer(row["query_vectors"], dtype=np.float16).reshape(-1, query.shape[0])
+                itc = float((q.astype(np.float32) @ query).max())
+            hits.append(
+                SearchHit(
+                    path=row["path"],
+                    score=itc,
+                    itc=itc,
+                    caption=row["caption"],
+                    width=row["width"],
+                    height=row["height"],
+                )
+            )
+        hits.sort(key=lambda h: (-h.score, h.path))
+        return hits[:top_k], int(positions.size)
+
+    def _details(self, rowids: list[int], *, with_query_vectors: bool) -> dict[int, sqlite3.Row]:
+        if not rowids:
+            return {}
+        columns = "rowid, path, caption, width, height" + (", query_vectors" if with_query_vectors else "")
+        conn = self._conn()
+        out: dict[int, sqlite3.Row] = {}
+        for start in range(0, len(rowids), 500):
+            part = rowids[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            for row in conn.execute(f"SELECT {columns} FROM images WHERE rowid IN ({marks})", part):
+                out[int(row["rowid"])] = row
+        return out
+
+    def search(
+        self,
+        query: str | None = None,
+        *,
+        image: ImageInput | None = None,
+        top_k: int = 10,
+        directory: str | Path | None = None,
+        rerank: bool = False,
+    ) -> SearchResult:
+        """Find indexed images by a text (ITC, optional ITM re-rank of the top k) or by an example image.
+
+        Args:
+            query: what to look for, e.g. "a dog on a beach". Give this or `image`.
+            image: an example image (any form `load_image` takes); returns its nearest neighbours.
+            top_k: how many results.
+            directory: only images under this folder (inside `allowed_dirs`).
+            rerank: re-score the top k with the ITM head (text queries; slower, usually more precise).
+        """
+        began = time.monotonic()
+        if (query is None) == (image is None):
+            raise InvalidInput("search needs exactly one of a text query or an example image")
+        if query is not None and (not isinstance(query, str) or not query.strip()):
+            raise InvalidInput("the search text must be a non-empty string, e.g. 'a dog on a beach'")
+        root = self._resolve_dir(directory) if directory is not None else None
+        if query is not None:
+            vector = self.service.embed_texts([query])[0].vector
+        else:
+            assert image is not None
+            first = self.service.embed_images([image])[0]
+            assert isinstance(first, EmbeddingResult)
+            vector = first.vector
+        hits, searched = self.search_vector(vector, top_k=top_k, directory=root, text_query=query is not None)
+        reranked = False
+        if rerank and query is not None and hits:
+            hits = self._rerank(query, hits)
+            reranked = True
+        return SearchResult(
+            query=query,
+            image=describe_ref(image) if image is not None else None,
+            directory=root,
+            hits=hits,
+            searched=searched,
+            reranked=reranked,
+            elapsed_ms=round((time.monotonic() - began) * 1000.0, 3),
+        )
+
+    def _rerank(self, query: str, hits: list[SearchHit]) -> list[SearchHit]:
+        """Score each hit with the ITM head (concurrently, so the service batches them) and sort by it."""
+
+        def one(hit: SearchHit) -> float | None:
+            try:
+                return self.service.score(Path(hit.path), [query]).scores[0].itm_probability
+            except BlipError as exc:  # e.g. the file changed or vanished since it was indexed
+                logger.info("re-rank skipped %s: %s", hit.path, exc)
+                return None
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(hits), 16)) as pool:
+            probabilities = list(pool.map(one, hits))
+        for hit, p in zip(hits, probabilities, strict=True):
+            hit.itm_probability = p
+            hit.score = p if p is not None else -1.0
+        return sorted(hits, key=lambda h: (-h.score, h.path))
+
+    async def asearch(
+        self,
+        query: str | None = None,
+        *,
+        image: ImageInput | None = None,
+        top_k: int = 10,
+        directory: str | Path | None = None,
+        rerank: bool = False,
+    ) -> SearchResult:
+        """Async `search` (runs in a thread; the model calls go through the shared batcher)."""
+        return await asyncio.to_thread(self.search, query, image=image, top_k=top_k, directory=directory, rerank=rerank)
+
+    # ------------------------------------------------------------------ near-duplicates and stats
+    def duplicates(
+        self, *, threshold: float = 0.95, directory: str | Path | None = None, block: int = 2048
+    ) -> list[DuplicateGroup]:
+        """Groups of images whose embeddings have cosine similarity >= `threshold` (identical pixels always group).
+
+        Brute force in blocks of rows (O(n²) dot products, O(block × n) memory): fine up to tens of thousands.
+        """
+        if not -1.0 <= threshold <= 1.0:
+            raise InvalidInput(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+        root = self._resolve_dir(directory) if directory is not None else None
+        matrix = self._load_matrix()
+        positions = self._candidates(matrix, self._allowed_ranges(root))
+        n = int(positions.size)
+        if n < 2:
+            return []
+        vectors = matrix.vectors[positions]
+        parent = list(range(n))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        def union(i: int, j: int) -> None:
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+
+        for start in range(0, n, block):
+            sims = vectors[start : start + block] @ vectors.T
+            rows, cols = np.nonzero(sims >= threshold - 1e-6)
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+                if start + r < c:
+                    union(start + r, c)
+        details = self._pixel_hashes(matrix.rowids[positions].tolist())
+        by_hash: dict[str, int] = {}
+        for i, rowid in enumerate(matrix.rowids[positions].tolist()):
+            digest = details.get(rowid)
+            if digest is not None:
+                union(i, by_hash.setdefault(digest, i))
+        members: dict[int, list[int]] = {}
+        for i in range(n):
+            members.setdefault(find(i), []).append(i)
+        groups: list[DuplicateGroup] = []
+        for idx in members.values():
+            if len(idx) < 2:
+                continue
+            sub = vectors[idx] @ vectors[idx].T
+            hashes = {details.get(int(matrix.rowids[positions[i]])) for i in idx}
+            groups.append(
+                DuplicateGroup(
+                    paths=sorted(matrix.paths[int(positions[i])] for i in idx),
+                    exact=len(hashes) == 1 and None not in hashes,
+                    min_similarity=round(float(sub.min()), 6),
+                )
+            )
+        groups.sort(key=lambda g: (-len(g.paths), g.paths[0]))
+        return groups
+
+    def _pixel_hashes(self, rowids: list[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        conn = self._conn()
+        for start in range(0, len(rowids), 500):
+            part = rowids[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            for row in conn.execute(f"SELECT rowid, pixel_sha256 FROM images WHERE rowid IN ({marks})", part):
+                if row["pixel_sha256"]:
+                    out[int(row["rowid"])] = row["pixel_sha256"]
+        return out
+
+    def stats(self) -> IndexStats:
+        """How many images the index holds, captioned, failed and stale."""
+        conn = self._conn()
+        model = self.settings.retrieval_model
+        row = conn.execute(
+            "SELECT SUM(embedding IS NOT NULL AND model = ?) AS images, "
+            "SUM(embedding IS NOT NULL AND model = ? AND caption IS NOT NULL) AS captioned, "
+            "SUM(error IS NOT NULL) AS failed, SUM(embedding IS NOT NULL AND model != ?) AS stale FROM images",
+            (model, model, model),
+        ).fetchone()
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return IndexStats(
+            index_path=str(self.path),
+            images=int(row["images"] or 0),
+            captioned=int(row["captioned"] or 0),
+            failed=int(row["failed"] or 0),
+            stale=int(row["stale"] or 0),
+            size_bytes=size,
+        )
+
+    def paths(self, directory: str | Path | None = None) -> list[str]:
+        """Paths of the searchable images (optionally under a folder), sorted."""
+        root = self._resolve_dir(directory) if directory is not None else None
+        matrix = self._load_matrix()
+        return [matrix.paths[int(i)] for i in self._candidates(matrix, self._allowed_ranges(root))]
+
+
+def _log_progress_error(future: concurrent.futures.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("progress callback failed: %s", future.exception())
+
+
+__all__ = [
+    "DuplicateGroup",
+    "ImageIndex",
+    "IndexFailure",
+    "IndexReport",
+    "IndexStats",
+    "SearchHit",
+    "SearchResult",
+]
