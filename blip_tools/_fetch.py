@@ -19,6 +19,7 @@ Proxies from the environment are deliberately not used: a proxy would do its own
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import ipaddress
 import logging
@@ -213,6 +214,12 @@ def _resolve(host: str, port: int, deadline: _Deadline, label: str) -> list[IPAd
     return addresses
 
 
+@functools.lru_cache(maxsize=1)
+def _default_tls() -> ssl.SSLContext:
+    """The system trust store with hostname checks, built once (loading CA files costs milliseconds)."""
+    return ssl.create_default_context()
+
+
 class _PinnedConnection(http.client.HTTPConnection):
     """An HTTP(S) connection to an already-checked IP; Host header and TLS name stay the URL's host."""
 
@@ -316,7 +323,7 @@ def fetch_url(
             ip = addresses[0]
         tls = None
         if scheme == "https":
-            tls = tls_context if tls_context is not None else ssl.create_default_context()
+            tls = tls_context if tls_context is not None else _default_tls()
         status, location, body = _one_request(host, port, ip, target, tls, deadline, max_bytes, label)
         if status in _REDIRECT_CODES:
             if not location:

@@ -445,6 +445,7 @@ def _read_regular(real: Path, expected: os.stat_result, settings: BlipSettings, 
         # The path may have been swapped between stat and open (TOCTOU): insist on the same regular file.
         if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (expected.st_dev, expected.st_ino):
             raise PathNotAllowed(f"{source} changed while it was being opened; refused.")
+        _check_opened_location(fd, settings, source)
         limit = settings.max_image_bytes
         chunks: list[bytes] = []
         total = 0
@@ -463,6 +464,22 @@ def _read_regular(real: Path, expected: os.stat_result, settings: BlipSettings, 
         raise InvalidImage(f"Cannot read {source}: {exc.strerror or exc}.") from exc
     finally:
         os.close(fd)
+
+
+def _check_opened_location(fd: int, settings: BlipSettings, source: str) -> None:
+    """Where the kernel says the open file lies must be inside the allowed dirs too.
+
+    Closes the race where a parent directory is swapped for a symlink between `realpath` and `open`
+    (Linux `/proc/self/fd`; elsewhere the stat/fstat identity check above is what we have).
+    """
+    if not settings.allowed_dirs:
+        return
+    try:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return
+    if where.startswith("/"):
+        _check_allowed(Path(where), settings, source)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

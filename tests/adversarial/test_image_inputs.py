@@ -99,7 +99,7 @@ def expect(fn: Callable[[], Any], kind: type[BlipError], limit_s: float = 1.0) -
 )
 def test_header_only_pixel_bombs(width: int, height: int) -> None:
     data = png_header_only(width, height)
-    expect(lambda: load_image(data, make_settings()), ImageTooLarge, 0.5)
+    expect(lambda: load_image(data, make_settings()), ImageTooLarge)
 
 
 def test_pixel_bomb_in_other_formats() -> None:
@@ -115,14 +115,14 @@ def test_pixel_bomb_in_other_formats() -> None:
     bmp = b"BM" + struct.pack("<IHHI", 14 + 40, 0, 0, 14 + 40) + bmp_info
     for data in (gif, bmp):
         result, seconds = outcome(lambda data=data: load_image(data, make_settings()))  # type: ignore[misc]
-        assert isinstance(result, (ImageTooLarge, InvalidImage)) and seconds < 0.5, result
+        assert isinstance(result, (ImageTooLarge, InvalidImage)) and seconds < 1.0, result
 
 
 def test_gif_with_thousands_of_frames_loads_the_first_frame_fast() -> None:
     data = many_frame_gif(20_000)
     result, seconds = outcome(lambda: load_image(data, make_settings()))
     assert not isinstance(result, BlipError), result
-    assert result.image.size == (1, 1) and seconds < 0.5, seconds
+    assert result.image.size == (1, 1) and seconds < 1.0, seconds
 
 
 def test_animated_webp_and_apng_use_the_first_frame() -> None:
@@ -131,6 +131,23 @@ def test_animated_webp_and_apng_use_the_first_frame() -> None:
     for fmt, params in (("WEBP", {"lossless": True}), ("PNG", {})):
         data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], **params)
         assert load_image(data, s).image.getpixel((4, 4)) == (255, 0, 0)
+
+
+def test_multi_picture_jpeg_uses_the_first_picture() -> None:
+    first, second = Image.new("RGB", (16, 8), (250, 0, 0)), Image.new("RGB", (16, 8), (0, 0, 250))
+    data = encode(first, "MPO", save_all=True, append_images=[second], quality=95)
+    r, _, b = load_image(data, make_settings()).image.getpixel((8, 4))  # type: ignore[misc]
+    assert r > 200 and b < 50
+
+
+def test_compressed_text_chunk_bomb_is_bounded() -> None:
+    # A zTXt chunk inflating to 16 MB (Pillow caps text chunks): refused or ignored, fast either way.
+    ztxt = b"Comment\x00\x00" + zlib.compress(b"\0" * 16_000_000, 9)
+    good = encode(gradient())
+    data = good[:33] + png_chunk(b"zTXt", ztxt) + good[33:]
+    result, seconds = outcome(lambda: load_image(data, make_settings()))
+    assert seconds < 1.0
+    assert isinstance(result, InvalidImage) or result.image.size == (6, 4)
 
 
 # ------------------------------------------------------------------------------------------- limit edges
