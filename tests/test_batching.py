@@ -617,6 +617,25 @@ def test_close_timeout_fails_what_is_still_queued(make_batcher: Callable[..., Dy
     assert running.result(WAIT_S) == ("k", 0)
 
 
+def test_close_from_inside_the_handler_does_not_deadlock() -> None:
+    holder: list[DynamicBatcher[Any, Any]] = []
+    all_submitted = threading.Event()
+
+    def handler(key: Hashable, items: list[int]) -> list[int]:
+        if 0 in items:
+            assert all_submitted.wait(WAIT_S)
+            holder[0].close()  # on the worker thread: must return, not join itself
+        return items
+
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(handler, max_batch_size=1, max_wait_ms=0, max_queue=8)
+    holder.append(batcher)
+    futures = [batcher.submit("k", i) for i in range(3)]
+    all_submitted.set()
+    assert results(futures) == [0, 1, 2]  # close() drains what was queued
+    assert batcher.closed
+    batcher.close(timeout_s=WAIT_S)
+
+
 def test_context_manager_closes_and_drains() -> None:
     handler = Handler()
     with DynamicBatcher(handler, max_batch_size=4, max_wait_ms=0, max_queue=8) as batcher:
