@@ -1,0 +1,928 @@
+"""`RemoteService`: the `Blip2Service` API, served by a shared `blip-mcp` daemon over MCP (streamable HTTP).
+
+One machine runs one model owner (`blip-mcp --transport http`); LangChain agents, scripts and the stdio proxy
+(`blip-mcp --connect URL`) talk to it instead of loading their own copy. `RemoteService` has the public methods
+the interfaces call on `Blip2Service` (`caption`, `acaption`, `caption_batch`, `answer`, `score`, `embed_images`,
+`embed_texts`, `stats`, `model_info`, ...) and rebuilds the same typed results from the tools' structured content.
+
+Connections: every operation opens a fresh, short-lived MCP client over its own HTTP connection (the protocol
+version learned on the first connection is reused, so a call costs one HTTP request). Nothing is held open, so
+a daemon restart needs no reconnect logic: the next call simply works again. A daemon that is down fails fast
+with `ModelNotAvailable` (bounded connect timeout), never a hang.
+
+Images given as paths are read here and sent as `data:` URIs when the daemon cannot see this machine's files
+(`send_files`): `"auto"` sends data unless the daemon's URL is loopback, `"always"` always sends data, `"never"`
+sends paths (made absolute). Bytes and PIL images are always sent as data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import ipaddress
+import json
+import logging
+import mimetypes
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import (
+    BlipError,
+    CapabilityUnavailable,
+    InvalidImage,
+    InvalidInput,
+    ModelNotAvailable,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceClosed,
+)
+from .params import GenerationParams
+from .results import AnswerResult, CaptionResult, EmbeddingResult, ModelInfo, ScoreResult, ServiceStats
+from .settings import BlipSettings
+
+if TYPE_CHECKING:
+    import mcp_types
+    from mcp import Client
+    from PIL import Image
+
+    from .images import ImageInput
+    from .service import Blip2Service
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+SendFiles = Literal["auto", "always", "never"]
+ProgressFn = Callable[[int, int], Any]
+ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
+"""An MCP progress callback: `(progress, total, message)`."""
+
+MCP_PATH = "/mcp"
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_READ_TIMEOUT_S = 300.0
+DEFAULT_CONCURRENCY = 16
+CAPTION_IMAGES_MAX = 64
+"""Most images the daemon's `caption_images` tool takes per call; longer lists are sent in chunks."""
+
+_START_HINT = (
+    "Start it with `blip-mcp --transport http` (add --port/--host/--token as needed), or point "
+    "BLIP_REMOTE_URL / --connect at a running daemon."
+)
+
+
+# ---------------------------------------------------------------------------------------------- URLs
+def normalize_url(url: str) -> str:
+    """The daemon's MCP endpoint: `http://host:port` gets the `/mcp` path; anything else is kept as given."""
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInput(f"The daemon URL must be http(s)://host:port[/mcp], got {text!r}")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path=MCP_PATH)
+    return urlunsplit(parts)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when the URL's host is this machine (localhost, 127.0.0.0/8 or ::1), so it can read our files."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _error_classes() -> dict[str, type[BlipError]]:
+    """Every `BlipError` subclass by its `code` (walked, so new leaves are picked up without a table)."""
+    found: dict[str, type[BlipError]] = {BlipError.code: BlipError}
+    stack: list[type[BlipError]] = [BlipError]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            found.setdefault(sub.code, sub)
+            stack.append(sub)
+    return found
+
+
+_TOOL_PREFIX = re.compile(r"^Error executing tool [\w.-]+:\s*")
+_CODE = re.compile(r"^\[([a-z_]+)\]\s*")
+_RETRY = re.compile(r"retry after ([0-9]+(?:\.[0-9]+)?)\s*s", re.IGNORECASE)
+
+
+def error_from_text(text: str) -> BlipError:
+    """Rebuild the typed error from a daemon tool error (`[code] message`); unknown codes give `BlipError`."""
+    message = _TOOL_PREFIX.sub("", text.strip(), count=1)
+    match = _CODE.match(message)
+    cls: type[BlipError] = BlipError
+    if match:
+        cls = _error_classes().get(match.group(1), BlipError)
+        message = message[match.end() :]
+    elif "validation error" in message:
+        cls = InvalidInput
+    message = message.strip() or "The daemon reported an error without a message."
+    if cls is Overloaded or issubclass(cls, Overloaded):
+        retry = _RETRY.search(message)
+        return Overloaded(message, retry_after_s=float(retry.group(1)) if retry else 1.0)
+    try:
+        return cls(message)
+    except TypeError:  # a subclass with a different constructor: keep the text, lose only the type
+        return BlipError(message)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The leaf exceptions of (nested) exception groups, plus `__cause__` chains one level deep."""
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in exc.exceptions:
+            out.extend(_leaves(sub))
+        return out
+    return [exc]
+
+
+def transport_error(exc: BaseException, url: str) -> BlipError:
+    """Map what the MCP client / HTTP stack raised while talking to the daemon to one readable `BlipError`."""
+    import httpx2
+    from mcp.shared.exceptions import MCPError
+
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, BlipError):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, (httpx2.ConnectError, httpx2.ConnectTimeout, ConnectionRefusedError)):
+            return ModelNotAvailable(f"The blip-mcp daemon at {url} is unreachable ({leaf}). {_START_HINT}")
+        if isinstance(leaf, httpx2.HTTPStatusError):
+            return _status_error(leaf.response.status_code, url)
+        if isinstance(leaf, httpx2.TimeoutException | TimeoutError):
+            return RequestTimeout(f"The blip-mcp daemon at {url} did not answer in time ({type(leaf).__name__}).")
+        if isinstance(leaf, (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError)):
+            return ModelNotAvailable(
+                f"The connection to the blip-mcp daemon at {url} was lost during the call ({leaf}); "
+                "it may have stopped or restarted. Retry, and check the daemon's log if it persists."
+            )
+        if isinstance(leaf, MCPError):
+            return _mcp_error(leaf, url)
+    first = leaves[0] if leaves else exc
+    logger.debug("unexpected error talking to %s", url, exc_info=first)
+    return BlipError(f"Talking to the blip-mcp daemon at {url} failed: {type(first).__name__}: {first}")
+
+
+_TELLING_STATUSES = (401, 403, 404, 413, 421)
+
+
+def _status_error(status: int, url: str) -> BlipError:
+    if status in (401, 403):
+        return BlipError(
+            f"The blip-mcp daemon at {url} refused the request (HTTP {status}): pass its token "
+            "(BLIP_TOKEN, --token, or RemoteService(url, token=...))."
+        )
+    if status == 404:
+        return ModelNotAvailable(f"No MCP endpoint at {url} (HTTP 404): the daemon serves it at /mcp.")
+    if status == 413:
+        return PayloadTooLarge(f"The request was too large for the daemon at {url} (HTTP 413): send a smaller image.")
+    if status == 421:
+        return BlipError(
+            f"The daemon at {url} does not accept this host name (HTTP 421): start it with --allowed-host <name>."
+        )
+    return BlipError(f"The blip-mcp daemon at {url} answered HTTP {status}.")
+
+
+def _mcp_error(exc: Any, url: str) -> BlipError:
+    """A JSON-RPC error from the daemon (or the transport's synthetic one) as a `BlipError`."""
+    code = getattr(exc, "code", None)
+    message = str(getattr(exc, "message", None) or exc)
+    status = re.search(r"\b(401|403|404|413|421)\b", message)
+    if status and ("HTTP" in message or "status" in message.lower()):
+        return _status_error(int(status.group(1)), url)
+    if code in (-32602, -32601):  # invalid params, method not found
+        return InvalidInput(message)
+    if "connect" in message.lower() and ("fail" in message.lower() or "refused" in message.lower()):
+        return ModelNotAvailable(f"The blip-mcp daemon at {url} is unreachable ({message}). {_START_HINT}")
+    return BlipError(f"The blip-mcp daemon at {url} returned an error: {message}")
+
+
+def tool_text(result: mcp_types.CallToolResult) -> str:
+    """The text blocks of a tool result, joined."""
+    return "\n".join(getattr(block, "text", "") for block in result.content if getattr(block, "type", "") == "text")
+
+
+# ---------------------------------------------------------------------------------------------- image inputs
+def _image_mime(name: str, data: bytes) -> str:
+    """A plausible `image/*` media type (the daemon sniffs the real format anyway)."""
+    guess, _ = mimetypes.guess_type(name)
+    if guess and guess.startswith("image/"):
+        return guess
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    return "image/png"
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    """`data:<mime>;base64,<data>`."""
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def prepare_image(ref: ImageInput | str, settings: BlipSettings, *, send_data: bool) -> tuple[str, str | None]:
+    """Turn an image reference into the string sent to the daemon, and the source label to show locally.
+
+    Paths and `file://` URIs are read here (with this side's `allowed_dirs` and size limit) and sent as a data
+    URI when `send_data`, else sent as an absolute path. Bytes and PIL images are always sent as data.
+    Data URIs, base64 and URLs pass through. Returns `(wire_ref, label)`; `label` is None when the daemon's own
+    description is already right.
+    """
+    from PIL import Image
+
+    from . import images
+
+    if isinstance(ref, Image.Image):
+        return data_uri(_png_bytes(ref)), "PIL image"
+    if isinstance(ref, (bytes, bytearray)):
+        raw = bytes(ref)
+        if len(raw) > settings.max_image_bytes:
+            raise PayloadTooLarge(
+                f"The image is {len(raw)} bytes; the limit is {settings.max_image_bytes} (BLIP_MAX_IMAGE_BYTES)."
+            )
+        return data_uri(raw, _image_mime("", raw)), images.describe_ref(raw)
+    if isinstance(ref, Path):
+        ref = str(ref)
+    if not isinstance(ref, str):
+        raise InvalidImage(f"Unsupported image input of type {type(ref).__name__}; pass {images.ACCEPTED_FORMS}.")
+    kind = images._classify(ref)
+    if kind not in ("path", "file-uri"):
+        return ref, None
+    label = images.describe_ref(ref)
+    path = images._file_uri_path(ref.strip(), strict=True) if kind == "file-uri" else ref
+    absolute = os.path.abspath(os.path.expanduser(path))
+    if not send_data:
+        return absolute, None
+    data = images._read_file(Path(absolute), settings, label)
+    return data_uri(data, _image_mime(absolute, data)), label
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- the MCP client
+class DaemonClient:
+    """Async access to a daemon's MCP tools and resources; a fresh connection per operation, in any event loop.
+
+    Args:
+        url: the daemon's endpoint (`http://127.0.0.1:8765/mcp`; a bare `http://host:port` gets `/mcp`).
+        token: bearer token the daemon requires (`--token` / `BLIP_TOKEN` there).
+        connect_timeout_s: how long to wait for the TCP/TLS connection before reporting the daemon down.
+        timeout_s: overall limit for listing and reading resources.
+        read_timeout_s: longest silence while a tool call runs (progress notifications reset it).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        timeout_s: float = 30.0,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    ) -> None:
+        if connect_timeout_s <= 0 or timeout_s <= 0 or read_timeout_s <= 0:
+            raise InvalidInput(
+                f"timeouts must be > 0, got connect={connect_timeout_s}, timeout={timeout_s}, read={read_timeout_s}"
+            )
+        self.url = normalize_url(url)
+        self.token = token
+        self.connect_timeout_s = connect_timeout_s
+        self.timeout_s = timeout_s
+        self.read_timeout_s = read_timeout_s
+        self._discover: mcp_types.DiscoverResult | None = None
+        self._version: str | None = None
+        self._tools: dict[str, mcp_types.Tool] | None = None
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the daemon runs on this machine (and can read this machine's files)."""
+        return is_loopback_url(self.url)
+
+    @asynccontextmanager
+    async def connect(self, statuses: list[int] | None = None) -> AsyncIterator[Client]:
+        """A connected MCP client for one operation (the first connection negotiates the protocol version).
+
+        HTTP error statuses seen on the way are appended to `statuses`: the MCP transport reports most of them
+        only as a generic error, and a 401 deserves a message about the token.
+        """
+        import httpx2
+        from mcp import Client
+        from mcp.client.streamable_http import streamable_http_client
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        timeout = httpx2.Timeout(self.read_timeout_s, connect=self.connect_timeout_s)
+
+        @asynccontextmanager
+        async def transport() -> AsyncIterator[Any]:
+            async def record(response: httpx2.Response) -> None:
+                if response.status_code >= 400 and statuses is not None:
+                    statuses.append(response.status_code)
+
+            async with (
+                httpx2.AsyncClient(headers=headers, timeout=timeout, event_hooks={"response": [record]}) as http,
+                streamable_http_client(self.url, http_client=http, terminate_on_close=False) as streams,
+            ):
+                yield streams
+
+        known = self._discover
+        client = Client(
+            transport(),
+            mode=self._version if known is not None and self._version else "auto",
+            prior_discover=known,
+            cache=None,
+        )
+        async with client:
+            if known is None and client.session.discover_result is not None:
+                # A modern daemon: later connections adopt this result and skip the discovery round trip.
+                self._discover = client.session.discover_result
+                self._version = client.protocol_version
+            yield client
+
+    async def run(self, operation: Callable[[Client], Awaitable[T]], *, timeout_s: float | None = None) -> T:
+        """Run `operation(client)` on a fresh connection, mapping every transport failure to a `BlipError`."""
+        import anyio
+        from mcp.shared.exceptions import MCPError
+
+        for attempt in range(2):
+            statuses: list[int] = []
+            try:
+                with anyio.fail_after(timeout_s):
+                    async with self.connect(statuses) as client:
+                        return await operation(client)
+            except BlipError:
+                raise
+            except Exception as exc:
+                if attempt == 0 and self._discover is not None and _is_version_error(exc, MCPError):
+                    self._discover = None  # the daemon was replaced by another version: negotiate again
+                    continue
+                telling = [code for code in statuses if code in _TELLING_STATUSES]
+                if telling:
+                    raise _status_error(telling[-1], self.url) from exc
+                raise transport_error(exc, self.url) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def call_tool(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+        timeout_s: float | None = None,
+    ) -> mcp_types.CallToolResult:
+        """Call one tool and return its result as the daemon sent it (`is_error` results are returned, not raised)."""
+
+        async def op(client: Client) -> mcp_types.CallToolResult:
+            return await client.call_tool(name, dict(arguments or {}), progress_callback=progress)  # type: ignore[arg-type]
+
+        return await self.run(op, timeout_s=timeout_s)
+
+    async def list_tools(self) -> list[mcp_types.Tool]:
+        """Every tool the daemon offers (all pages); remembered for `tool_schema`."""
+
+        async def op(client: Client) -> list[mcp_types.Tool]:
+            tools: list[mcp_types.Tool] = []
+            cursor: str | None = None
+            for _ in range(100):
+                page = await client.list_tools(cursor=cursor)
+                tools.extend(page.tools)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+            return tools
+
+        tools = await self.run(op, timeout_s=self.timeout_s)
+        self._tools = {t.name: t for t in tools}
+        return tools
+
+    async def tool_parameters(self, name: str) -> set[str]:
+        """The argument names the daemon's tool accepts (listed once, then remembered)."""
+        if self._tools is None or name not in self._tools:
+            await self.list_tools()
+        assert self._tools is not None
+        tool = self._tools.get(name)
+        if tool is None:
+            raise CapabilityUnavailable(f"The blip-mcp daemon at {self.url} has no tool {name!r}.")
+        return set((tool.input_schema or {}).get("properties", {}))
+
+    async def read_text(self, uri: str) -> str:
+        """The text of a resource (e.g. `blip://stats`)."""
+
+        async def op(client: Client) -> str:
+            result = await client.read_resource(uri)
+            return "".join(getattr(c, "text", "") or "" for c in result.contents)
+
+        return await self.run(op, timeout_s=self.timeout_s)
+
+
+def _is_version_error(exc: BaseException, mcp_error: type[Exception]) -> bool:
+    from mcp_types import UNSUPPORTED_PROTOCOL_VERSION
+
+    return any(isinstance(e, mcp_error) and e.code == UNSUPPORTED_PROTOCOL_VERSION for e in _leaves(exc))  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------- the service
+class RemoteService:
+    """The `Blip2Service` API backed by a `blip-mcp` daemon: same methods, same typed results, same errors.
+
+    Use it where a `Blip2Service` is expected (e.g. `Blip2Toolkit(service=RemoteService(url))`). Sync methods
+    run on a private event-loop thread; async methods run in the caller's loop, and cancelling the awaiting task
+    cancels the call on the daemon.
+
+    Args:
+        url: the daemon (`http://127.0.0.1:8765` or `.../mcp`).
+        token: the daemon's bearer token, if it requires one.
+        settings: this side's settings: `allowed_dirs` and `max_image_bytes` apply when files are read here.
+            Defaults to `BlipSettings()`.
+        send_files: `auto` (send file contents unless the daemon is on loopback), `always` or `never`.
+        connect_timeout_s: how long a connection attempt may take before the daemon counts as down.
+        concurrency: most calls in flight at once from one batch method.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        settings: BlipSettings | None = None,
+        send_files: SendFiles = "auto",
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        if send_files not in ("auto", "always", "never"):
+            raise InvalidInput(f"send_files must be 'auto', 'always' or 'never', got {send_files!r}")
+        if concurrency < 1:
+            raise InvalidInput(f"concurrency must be an integer >= 1, got {concurrency}")
+        self.settings = settings if settings is not None else BlipSettings()
+        self.daemon = DaemonClient(url, token=token, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
+        self.url = self.daemon.url
+        self.send_files: SendFiles = send_files
+        self.concurrency = concurrency
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RemoteService({self.url!r}, send_files={self.send_files!r})"
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def sends_data(self) -> bool:
+        """Whether image paths are read here and sent as data (see `send_files`)."""
+        return self.send_files == "always" or (self.send_files == "auto" and not self.daemon.loopback)
+
+    def start(self) -> RemoteService:
+        """Check that the daemon answers (reads `blip://model`); raises `ModelNotAvailable` if it does not."""
+        self.model_info()
+        return self
+
+    def close(self, drain: bool = True, timeout_s: float | None = 30.0) -> None:
+        """Stop accepting calls and stop the private loop thread (the daemon keeps running)."""
+        with self._lock:
+            self._closed = True
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def __enter__(self) -> RemoteService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_listener(self, fn: Callable[..., None]) -> None:
+        """Batch events happen in the daemon; read `stats()` (or `blip://stats`) instead."""
+        raise CapabilityUnavailable("Batch listeners run inside the daemon; poll RemoteService.stats() instead.")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ServiceClosed("This RemoteService is closed; create a new one.")
+
+    def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the private loop thread and wait for it (Ctrl-C cancels the call)."""
+        try:
+            self._check_open()
+            with self._lock:
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                    self._thread = threading.Thread(target=self._loop.run_forever, name="blip-remote-loop", daemon=True)
+                    self._thread.start()
+                loop = self._loop
+        except BaseException:
+            coro.close()
+            raise
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError as exc:
+            raise BlipError("The request was cancelled before it finished.") from exc
+        except BaseException:
+            future.cancel()
+            raise
+
+    # ------------------------------------------------------------------ helpers
+    async def _image_arg(self, image: ImageInput) -> tuple[str, str | None]:
+        return await asyncio.to_thread(prepare_image, image, self.settings, send_data=self.sends_data)
+
+    async def _gen_args(self, tool: str, params: GenerationParams | None, gen: dict[str, Any]) -> dict[str, Any]:
+        """The decoding arguments to send: validated here, only the non-default ones, each one the tool takes."""
+        p = GenerationParams.from_kwargs(params, **gen)
+        wanted = p.model_dump(exclude_defaults=True)
+        if not wanted:
+            return {}
+        accepted = await self.daemon.tool_parameters(tool)
+        missing = sorted(set(wanted) - accepted)
+        if missing:
+            raise InvalidInput(f"The daemon's {tool} tool does not take {', '.join(missing)}; leave it at its default.")
+        return wanted
+
+    async def _call(
+        self,
+        tool: str,
+        arguments: dict[str, Any],
+        progress: ProgressCallback | None = None,
+    ) -> dict[str, Any]:
+        """Call a tool; return its structured content or raise the typed error it reported."""
+        self._check_open()
+        result = await self.daemon.call_tool(
+            tool, {k: v for k, v in arguments.items() if v is not None}, progress=progress
+        )
+        if result.is_error:
+            raise error_from_text(tool_text(result))
+        if result.structured_content is None:
+            text = tool_text(result)
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                raise BlipError(f"The daemon's {tool} tool returned no structured content: {text[:200]}") from None
+            if not isinstance(parsed, dict):
+                raise BlipError(f"The daemon's {tool} tool returned no structured content.")
+            return parsed
+        return dict(result.structured_content)
+
+    @staticmethod
+    def _relabel(result: T, label: str | None) -> T:
+        """Show the caller's own description of the image (a path, not 'data URI') in the result."""
+        info = getattr(result, "image", None)
+        if label is not None and info is not None:
+            info.source = label
+        return result
+
+    async def _gather(
+        self,
+        calls: Sequence[Callable[[], Awaitable[T]]],
+        return_exceptions: bool,
+        on_progress: ProgressFn | None,
+    ) -> list[T | BlipError]:
+        """Run calls with at most `concurrency` in flight, in order; progress as each finishes."""
+        window = asyncio.Semaphore(self.concurrency)
+        total = len(calls)
+        done = 0
+
+        async def one(call: Callable[[], Awaitable[T]]) -> T | BlipError:
+            nonlocal done
+            async with window:
+                try:
+                    value: T | BlipError = await call()
+                except BlipError as exc:
+                    if not return_exceptions:
+                        raise
+                    value = exc
+            done += 1
+            if on_progress is not None:
+                maybe = on_progress(done, total)
+                if asyncio.iscoroutine(maybe):
+                    await maybe
+            return value
+
+        tasks = [asyncio.ensure_future(one(c)) for c in calls]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    # ------------------------------------------------------------------ caption / answer
+    async def acaption(
+        self, image: ImageInput, prompt: str | None = None, *, params: GenerationParams | None = None, **gen: Any
+    ) -> CaptionResult:
+        """Caption one image on the daemon (`caption_image`)."""
+        gen_args = await self._gen_args("caption_image", params, gen)
+        ref, label = await self._image_arg(image)
+        content = await self._call("caption_image", {"image": ref, "prompt": prompt, **gen_args})
+        return self._relabel(CaptionResult.model_validate(content), label)
+
+    def caption(
+        self, image: ImageInput, prompt: str | None = None, *, params: GenerationParams | None = None, **gen: Any
+    ) -> CaptionResult:
+        """Caption one image on the daemon."""
+        return self._sync(self.acaption(image, prompt, params=params, **gen))
+
+    async def aanswer(
+        self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
+    ) -> AnswerResult:
+        """Answer a question about one image on the daemon (`answer_question`)."""
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInput("question must be a non-empty string, e.g. 'What color is the car?'")
+        gen_args = await self._gen_args("answer_question", params, gen)
+        ref, label = await self._image_arg(image)
+        content = await self._call("answer_question", {"image": ref, "question": question, **gen_args})
+        return self._relabel(AnswerResult.model_validate(content), label)
+
+    def answer(
+        self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
+    ) -> AnswerResult:
+        """Answer a question about one image on the daemon."""
+        return self._sync(self.aanswer(image, question, params=params, **gen))
+
+    async def acaption_batch(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str | None = None,
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[CaptionResult | BlipError]:
+        """Caption many images: one `caption_images` call per 64 images (batched on the daemon, progress per image).
+
+        Decoding arguments that `caption_images` does not take fall back to one `caption_image` call per image.
+        """
+        p = GenerationParams.from_kwargs(params, **gen)
+        wanted = p.model_dump(exclude_defaults=True)
+        accepted = await self.daemon.tool_parameters("caption_images")
+        if not set(wanted) <= accepted:
+            return await self._gather(
+                [lambda img=img: self.acaption(img, prompt, params=p) for img in images],  # type: ignore[misc]
+                return_exceptions,
+                on_progress,
+            )
+        total = len(images)
+        results: list[CaptionResult | BlipError | None] = [None] * total
+        prepared: list[tuple[int, str, str | None]] = []
+        done = 0
+
+        async def report(count: int) -> None:
+            nonlocal done
+            done += count
+            if on_progress is not None and count:
+                maybe = on_progress(done, total)
+                if asyncio.iscoroutine(maybe):
+                    await maybe
+
+        for index, image in enumerate(images):
+            try:
+                ref, label = await self._image_arg(image)
+            except BlipError as exc:
+                if not return_exceptions:
+                    raise
+                results[index] = exc
+                await report(1)
+                continue
+            prepared.append((index, ref, label))
+        for start in range(0, len(prepared), CAPTION_IMAGES_MAX):
+            chunk = prepared[start : start + CAPTION_IMAGES_MAX]
+            reported = 0
+
+            async def progress(value: float, _total: float | None, _message: str | None) -> None:
+                nonlocal reported
+                step = int(value) - reported
+                if step > 0:
+                    reported += step
+                    await report(step)
+
+            content = await self._call(
+                "caption_images", {"images": [ref for _, ref, _ in chunk], "prompt": prompt, **wanted}, progress
+            )
+            items = content.get("items", [])
+            if len(items) != len(chunk):
+                raise BlipError(f"The daemon returned {len(items)} captions for {len(chunk)} images.")
+            for (index, _, label), item in zip(chunk, items, strict=True):
+                if item.get("ok") and item.get("result") is not None:
+                    results[index] = self._relabel(CaptionResult.model_validate(item["result"]), label)
+                else:
+                    error = error_from_text(str(item.get("error") or "unknown error"))
+                    if not return_exceptions:
+                        raise error
+                    results[index] = error
+            await report(len(chunk) - reported)
+        return [r for r in results if r is not None]
+
+    def caption_batch(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str | None = None,
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[CaptionResult | BlipError]:
+        """Caption many images on the daemon (see `acaption_batch`); `on_progress` runs on the loop thread."""
+        return self._sync(
+            self.acaption_batch(
+                images, prompt, params=params, return_exceptions=return_exceptions, on_progress=on_progress, **gen
+            )
+        )
+
+    async def aanswer_batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[AnswerResult | BlipError]:
+        """Answer `questions[i]` about `images[i]` for every pair (concurrent calls, batched on the daemon)."""
+        if len(images) != len(questions):
+            raise InvalidInput(
+                f"answer_batch needs as many questions as images, got {len(questions)} and {len(images)}"
+            )
+        p = GenerationParams.from_kwargs(params, **gen)
+        return await self._gather(
+            [
+                lambda img=img, q=q: self.aanswer(img, q, params=p)  # type: ignore[misc]
+                for img, q in zip(images, questions, strict=True)
+            ],
+            return_exceptions,
+            on_progress,
+        )
+
+    def answer_batch(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        *,
+        params: GenerationParams | None = None,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+        **gen: Any,
+    ) -> list[AnswerResult | BlipError]:
+        """Answer questions about images on the daemon (see `aanswer_batch`)."""
+        return self._sync(
+            self.aanswer_batch(
+                images, questions, params=params, return_exceptions=return_exceptions, on_progress=on_progress, **gen
+            )
+        )
+
+    # ------------------------------------------------------------------ embeddings and scores
+    async def ascore(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
+        """How well each text matches the image (`score_image_text`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InvalidInput("score needs at least one text to compare with the image")
+        ref, label = await self._image_arg(image)
+        content = await self._call("score_image_text", {"image": ref, "texts": texts})
+        return self._relabel(ScoreResult.model_validate(content), label)
+
+    def score(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
+        """How well each text matches the image."""
+        return self._sync(self.ascore(image, texts))
+
+    async def _embed_image(self, image: ImageInput, include_query_vectors: bool) -> EmbeddingResult:
+        ref, label = await self._image_arg(image)
+        arguments: dict[str, Any] = {"image": ref}
+        if include_query_vectors:
+            arguments["include_query_vectors"] = True
+        content = await self._call("embed_image", arguments)
+        return self._relabel(EmbeddingResult.model_validate(content), label)
+
+    async def aembed_images(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        include_query_vectors: bool = False,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+    ) -> list[EmbeddingResult | BlipError]:
+        """Image embeddings (one `embed_image` call per image, concurrent, batched on the daemon)."""
+        return await self._gather(
+            [lambda img=img: self._embed_image(img, include_query_vectors) for img in images],  # type: ignore[misc]
+            return_exceptions,
+            on_progress,
+        )
+
+    def embed_images(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        include_query_vectors: bool = False,
+        return_exceptions: bool = False,
+        on_progress: ProgressFn | None = None,
+    ) -> list[EmbeddingResult | BlipError]:
+        """Image embeddings from the daemon."""
+        return self._sync(
+            self.aembed_images(
+                images,
+                include_query_vectors=include_query_vectors,
+                return_exceptions=return_exceptions,
+                on_progress=on_progress,
+            )
+        )
+
+    async def aembed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        """Text embeddings (one `embed_text` call per text, concurrent, batched on the daemon)."""
+        if isinstance(texts, str):
+            raise InvalidInput("embed_texts takes a list of strings, not a single string")
+
+        async def one(text: str) -> EmbeddingResult:
+            return EmbeddingResult.model_validate(await self._call("embed_text", {"text": text}))
+
+        results = await self._gather([lambda t=t: one(t) for t in texts], False, None)  # type: ignore[misc]
+        return [r for r in results if isinstance(r, EmbeddingResult)]
+
+    def embed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        """Text embeddings from the daemon."""
+        return self._sync(self.aembed_texts(texts))
+
+    # ------------------------------------------------------------------ introspection
+    async def astats(self) -> ServiceStats:
+        """The daemon's counters (`blip://stats`)."""
+        self._check_open()
+        return ServiceStats.model_validate_json(await self.daemon.read_text("blip://stats"))
+
+    def stats(self) -> ServiceStats:
+        """The daemon's counters: requests, batches, batch-size histogram, models loaded, ..."""
+        return self._sync(self.astats())
+
+    async def amodel_info(self) -> ModelInfo:
+        """What the daemon runs (`blip://model`)."""
+        self._check_open()
+        return ModelInfo.model_validate_json(await self.daemon.read_text("blip://model"))
+
+    def model_info(self) -> ModelInfo:
+        """Which checkpoints, device and dtype the daemon runs, what it can do, and its limits."""
+        return self._sync(self.amodel_info())
+
+
+# ---------------------------------------------------------------------------------------------- selection
+_defaults: dict[tuple[str, str | None], RemoteService] = {}
+_defaults_lock = threading.Lock()
+
+
+def default_service(settings: BlipSettings | None = None) -> Blip2Service | RemoteService:
+    """The service an interface should use: a `RemoteService` when `BLIP_REMOTE_URL` is set, else the shared one.
+
+    The remote service is created once per (URL, token) and reused, like `Blip2Service.shared()`.
+    """
+    settings = settings if settings is not None else BlipSettings()
+    if not settings.remote_url:
+        from .service import Blip2Service
+
+        return Blip2Service.shared()
+    key = (normalize_url(settings.remote_url), settings.token)
+    with _defaults_lock:
+        service = _defaults.get(key)
+        if service is None or service.closed:
+            service = RemoteService(
+                settings.remote_url,
+                token=settings.token,
+                settings=settings,
+                send_files=getattr(settings, "remote_send_files", "auto"),
+            )
+            _defaults[key] = service
+        return service
+
+
+__all__ = [
+    "DaemonClient",
+    "RemoteService",
+    "SendFiles",
+    "default_service",
+    "error_from_text",
+    "is_loopback_url",
+    "normalize_url",
+    "prepare_image",
+    "transport_error",
+]
