@@ -1,0 +1,52 @@
+"""`Blip2ImageLoader`: folders and files → caption Documents with metadata, batched, errors raised or skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blip_tools.errors import InvalidImage, InvalidInput
+from blip_tools.langchain import Blip2ImageLoader
+
+
+def test_folder_loads_as_caption_documents_in_batches(service: Any, image_dir: Path) -> None:
+    nested = image_dir / "sub"
+    nested.mkdir()
+    (image_dir / "img0.png").rename(nested / "img0.png")
+    (image_dir / "notes.txt").write_text("not an image")
+    questions = ["What is this?", "Is it outdoors?"]
+
+    loader = Blip2ImageLoader(image_dir, recursive=True, questions=questions, batch_size=4, service=service)
+    paths = loader.image_paths()
+    assert [p.name for p in paths] == ["img1.png", "img2.png", "img3.png", "img4.png", "img5.png", "img0.png"]
+    assert len(Blip2ImageLoader(image_dir, service=service).image_paths()) == 5  # not recursive
+
+    docs = list(loader.lazy_load())
+    assert [d.metadata["source"] for d in docs] == [str(p) for p in paths]
+    for doc, path in zip(docs, paths, strict=True):
+        expected = service.caption(path)
+        assert doc.page_content == expected.caption
+        assert doc.metadata["width"] == 48 and doc.metadata["height"] == 40
+        assert doc.metadata["sha256"] == expected.image.sha256
+        assert doc.metadata["confidence"] == pytest.approx(expected.captions[0].confidence, abs=1e-6)
+        assert doc.metadata["answers"] == {q: service.answer(path, q).answer for q in questions}
+
+
+def test_files_glob_and_bad_images(service: Any, image_dir: Path) -> None:
+    bad = image_dir / "broken.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    files = [image_dir / "img2.png", bad, image_dir / "img4.png"]
+
+    with pytest.raises(InvalidImage):
+        Blip2ImageLoader(files, service=service).load()
+    docs = Blip2ImageLoader(files, on_error="skip", service=service).load()
+    assert [Path(d.metadata["source"]).name for d in docs] == ["img2.png", "img4.png"]
+    assert "answers" not in docs[0].metadata
+
+    only = Blip2ImageLoader(image_dir, glob="img[13].png", service=service).load()
+    assert [Path(d.metadata["source"]).name for d in only] == ["img1.png", "img3.png"]
+
+    with pytest.raises(InvalidInput, match="not found"):
+        Blip2ImageLoader(image_dir / "missing", service=service).load()
