@@ -496,6 +496,8 @@ class ImageIndex:
         writes: dict[str, dict[str, Any]] = {}
         to_embed: list[_Todo] = []
         to_caption: list[str] = []
+        pending: dict[str, _Todo] = {}
+        aliases: list[tuple[_Todo, _Todo]] = []
 
         def fail(item: _Todo, message: str) -> None:
             report.failed += 1
@@ -535,6 +537,11 @@ class ImageIndex:
                 if captions and (twin["caption"] is None or twin["caption_model"] != self.settings.model):
                     to_caption.append(item.path)
                 continue
+            first = pending.get(digest)
+            if first is not None:  # the same bytes earlier in this chunk: copy its vectors once they exist
+                aliases.append((item, first))
+                continue
+            pending[digest] = item
             writes[item.path] = {"file_sha256": digest}
             to_embed.append(item)
 
@@ -579,6 +586,14 @@ class ImageIndex:
                     caption_model=self.settings.model,
                 )
                 report.captioned += 1
+
+        for item, first in aliases:
+            source = writes.get(first.path, {})
+            if source.get("embedding") is None:
+                fail(item, source.get("error") or "the identical file could not be embedded")
+                continue
+            writes[item.path] = dict(source)
+            report.reused += 1
 
         by_path = {item.path: item for item in part}
         with self._write(conn):

@@ -1,0 +1,272 @@
+"""ImageIndex on the tiny checkpoint: incremental indexing, search, restart, resume, duplicates, allowed dirs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from PIL import Image
+
+from blip_tools import Blip2Service, BlipSettings
+from blip_tools.errors import InvalidInput, PathNotAllowed
+from blip_tools.index import ImageIndex, IndexReport
+
+
+def _pixels(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """30 distinct PNGs: 24 in the folder, 6 in a subfolder."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    for i in range(30):
+        folder = root / "sub" if i >= 24 else root
+        _pixels(1000 + i).save(folder / f"p{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def index(tmp_path: Path, service: Blip2Service) -> Any:
+    idx = ImageIndex(tmp_path / "db" / "index.sqlite", service=service)
+    yield idx
+    idx.close()
+
+
+def _embeds(service: Blip2Service) -> int:
+    task = service.stats().per_task.get("embed_image")
+    return task.requests if task else 0
+
+
+def test_index_then_text_search_ranks_everything(index: ImageIndex, photos: Path, service: Blip2Service) -> None:
+    seen: list[tuple[int, int]] = []
+    report = index.index(photos, on_progress=lambda d, t: seen.append((d, t)))
+    assert (report.scanned, report.embedded, report.captioned, report.indexed) == (30, 30, 30, 30)
+    assert report.complete and report.failed == 0 and report.removed == 0
+    assert seen[0] == (0, 30) and seen[-1] == (30, 30)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+    result = index.search("a dog on a beach", top_k=50)
+    assert len(result.hits) == 30 and result.searched == 30
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True)
+    assert {Path(h.path).name for h in result.hits} == {f"p{i:02d}.png" for i in range(30)}
+    assert all(h.caption is not None and h.width == 48 and h.height == 40 for h in result.hits)
+    # The score is the service's ITC (max over query tokens); query vectors are stored as float16.
+    top = result.hits[0]
+    expected = service.score(top.path, ["a dog on a beach"]).scores[0].itc
+    assert top.itc == pytest.approx(expected, abs=2e-3)
+    assert "1. " in result.summary()
+
+
+def test_image_query_ranks_its_own_file_first(index: ImageIndex, photos: Path) -> None:
+    index.index(photos, captions=False)
+    for name in ("p03.png", "p17.png", "sub/p27.png"):
+        target = photos / name
+        hits = index.search(image=str(target), top_k=3).hits
+        assert hits[0].path == str(target.resolve())
+        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert hits[1].score < hits[0].score
+
+
+def test_incremental_runs_touch_change_delete(index: ImageIndex, photos: Path, service: Blip2Service) -> None:
+    index.index(photos, captions=False)
+    before = _embeds(service)
+    second = index.index(photos, captions=False)
+    assert (second.embedded, second.unchanged, second.reused) == (0, 30, 0)
+    assert _embeds(service) == before
+
+    # A new mtime with the same bytes: hashed, not re-embedded.
+    touched = photos / "p05.png"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    third = index.index(photos, captions=False)
+    assert (third.embedded, third.reused, third.unchanged) == (0, 1, 29)
+    assert _embeds(service) == before
+
+    # New content: only that file is re-embedded, and search sees the new pixels.
+    _pixels(7777).save(touched)
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000_000))
+    fourth = index.index(photos, captions=False)
+    assert (fourth.embedded, fourth.unchanged) == (1, 29)
+    assert _embeds(service) == before + 1
+    replacement = photos.parent / "replacement.png"
+    _pixels(7777).save(replacement)
+    assert index.search(image=str(replacement), top_k=1).hits[0].path == str(touched.resolve())
+
+    # Deleted: removed from the index and from results.
+    (photos / "p06.png").unlink()
+    fifth = index.index(photos, captions=False)
+    assert (fifth.removed, fifth.embedded, fifth.indexed) == (1, 0, 29)
+    assert str((photos / "p06.png").resolve()) not in {h.path for h in index.search("x", top_k=50).hits}
+
+
+def test_database_survives_restart(tmp_path: Path, photos: Path, service: Blip2Service) -> None:
+    db = tmp_path / "restart.sqlite"
+    with ImageIndex(db, service=service) as first:
+        first.index(photos, captions=False)
+        expected = [h.path for h in first.search("a red car", top_k=5).hits]
+    before = _embeds(service)
+    with ImageIndex(db, service=service) as again:
+        assert again.stats().images == 30
+        assert [h.path for h in again.search("a red car", top_k=5).hits] == expected
+        assert again.index(photos, captions=False).embedded == 0
+    assert _embeds(service) == before
+
+
+def test_default_path_comes_from_settings(tmp_path: Path, settings: BlipSettings) -> None:
+    custom = settings.model_copy(update={"index_path": tmp_path / "env" / "idx.sqlite"})
+    with Blip2Service(custom) as svc, ImageIndex(service=svc) as idx:
+        assert idx.path == tmp_path / "env" / "idx.sqlite"
+        assert idx.path.exists()
+
+
+def test_interrupted_run_resumes(index: ImageIndex, photos: Path) -> None:
+    class Stop(Exception):
+        pass
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        index.index(photos, captions=False, chunk_size=8, on_progress=interrupt)
+    kept = index.stats().images
+    assert 8 <= kept < 30  # finished chunks were committed, the rest was not started
+    resumed = index.index(photos, captions=False, chunk_size=8)
+    assert resumed.complete and resumed.embedded == 30 - kept and resumed.unchanged == kept
+    assert resumed.indexed == 30
+
+
+def test_stop_event_ends_the_run_early(index: ImageIndex, photos: Path) -> None:
+    stop = threading.Event()
+    report = index.index(photos, captions=False, chunk_size=4, stop=stop, on_progress=lambda d, t: d > 0 and stop.set())
+    assert not report.complete and report.embedded == 4 and report.indexed == 4
+    assert index.index(photos, captions=False).indexed == 30
+
+
+def test_search_while_indexing_sees_committed_rows(index: ImageIndex, photos: Path) -> None:
+    counts: list[int] = []
+    errors: list[BaseException] = []
+    report: list[IndexReport] = []
+
+    def run() -> None:
+        try:
+            report.append(index.index(photos, captions=False, chunk_size=3))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    while worker.is_alive():
+        counts.append(len(index.search("anything", top_k=50).hits))
+    worker.join(timeout=60)
+    assert not errors and report and report[0].complete
+    counts.append(len(index.search("anything", top_k=50).hits))
+    assert counts == sorted(counts) and counts[-1] == 30
+
+
+def test_folder_filter_and_non_recursive(index: ImageIndex, photos: Path) -> None:
+    top = index.index(photos, recursive=False, captions=False)
+    assert (top.scanned, top.indexed) == (24, 24)
+    index.index(photos, captions=False)
+    sub = photos / "sub"
+    hits = index.search("a cat", top_k=50, directory=sub).hits
+    assert {Path(h.path).name for h in hits} == {f"p{i}.png" for i in range(24, 30)}
+    assert len(index.search("a cat", top_k=50, directory=photos).hits) == 30
+    assert index.paths(sub) == sorted(str((sub / f"p{i}.png").resolve()) for i in range(24, 30))
+    # Re-indexing only the top level keeps the subfolder's rows.
+    assert index.index(photos, recursive=False, captions=False).removed == 0
+    assert index.stats().images == 30
+
+
+def test_rerank_orders_by_itm(index: ImageIndex, photos: Path) -> None:
+    index.index(photos, captions=False)
+    result = index.search("a small boat", top_k=5, rerank=True)
+    assert result.reranked and len(result.hits) == 5
+    probs = [h.itm_probability for h in result.hits]
+    assert all(p is not None and 0.0 <= p <= 1.0 for p in probs)
+    assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
+    assert all(h.score == h.itm_probability for h in result.hits)
+
+
+def test_exact_duplicates_group_together(index: ImageIndex, photos: Path) -> None:
+    shutil.copy(photos / "p02.png", photos / "copy of p02.png")
+    _pixels(1002).save(photos / "p02-again.bmp")  # same pixels, other format and bytes
+    report = index.index(photos, captions=False)
+    assert report.reused == 1  # the byte-identical copy reused the vectors
+    groups = index.duplicates(threshold=0.9999)
+    names = [sorted(Path(p).name for p in g.paths) for g in groups]
+    assert ["copy of p02.png", "p02-again.bmp", "p02.png"] in names
+    group = groups[names.index(["copy of p02.png", "p02-again.bmp", "p02.png"])]
+    assert group.exact and group.min_similarity == pytest.approx(1.0, abs=1e-5)
+    assert all(not g.exact for g in groups if g is not group)
+
+
+def test_bad_files_are_reported_once(index: ImageIndex, photos: Path, service: Blip2Service) -> None:
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    first = index.index(photos, captions=False)
+    assert first.failed == 1 and first.indexed == 30
+    assert first.errors[0].path.endswith("broken.png") and "broken.png" in first.errors[0].error
+    before = _embeds(service)
+    second = index.index(photos, captions=False)
+    assert second.failed == 1 and second.embedded == 0 and _embeds(service) == before
+    assert index.stats().failed == 1
+
+
+def test_allowed_dirs_are_enforced(tmp_path: Path, photos: Path, settings: BlipSettings) -> None:
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    _pixels(5).save(inside / "ok.png")
+    (inside / "escape.png").symlink_to(photos / "p00.png")  # points outside the allowed dir
+    restricted = settings.model_copy(update={"allowed_dirs": [inside.resolve()]})
+    with Blip2Service(restricted) as svc, ImageIndex(tmp_path / "r.sqlite", service=svc) as idx:
+        with pytest.raises(PathNotAllowed):
+            idx.index(photos)
+        with pytest.raises(PathNotAllowed):
+            idx.index(inside / ".." / "photos")
+        report = idx.index(inside, captions=False)
+        assert (report.indexed, report.failed) == (1, 1)
+        assert "outside the allowed" in report.errors[0].error
+        with pytest.raises(PathNotAllowed):
+            idx.search("a cat", directory=photos)
+        with pytest.raises(PathNotAllowed):
+            idx.search(image=str(photos / "p01.png"))
+        assert [Path(h.path).name for h in idx.search("a cat").hits] == ["ok.png"]
+
+
+def test_search_arguments_are_checked(index: ImageIndex, photos: Path) -> None:
+    with pytest.raises(InvalidInput):
+        index.search()
+    with pytest.raises(InvalidInput):
+        index.search("text", image=str(photos / "p00.png"))
+    with pytest.raises(InvalidInput):
+        index.search("   ")
+    with pytest.raises(InvalidInput):
+        index.search("a cat", top_k=0)
+    with pytest.raises(InvalidInput):
+        index.index(photos / "p00.png")
+    assert index.search("nothing indexed yet").hits == []
+
+
+async def test_async_index_reports_progress_and_searches(index: ImageIndex, photos: Path) -> None:
+    seen: list[tuple[int, int]] = []
+
+    async def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+
+    with anyio.fail_after(60):
+        report = await index.aindex(photos, captions=False, chunk_size=10, on_progress=progress)
+        result = await index.asearch("a tree", top_k=3)
+        while (30, 30) not in seen:  # progress callbacks are scheduled on the loop from the worker thread
+            await anyio.sleep(0.01)
+    assert report.indexed == 30 and len(result.hits) == 3
+    assert seen[-1] == (30, 30) and [d for d, _ in seen] == sorted(d for d, _ in seen)
