@@ -232,9 +232,13 @@ class _PinnedConnection(http.client.HTTPConnection):
         """Connect to the pinned address (never re-resolving the name), then wrap in TLS if asked."""
         sock = socket.create_connection((str(self._ip), self.port), self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock  # visible to the watchdog during the TLS handshake too
         if self._tls is not None:
-            sock = self._tls.wrap_socket(sock, server_hostname=self.host)
-        self.sock = sock
+            try:
+                self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
 
 
 class _Watchdog:
@@ -348,6 +352,7 @@ def _one_request(
     """One GET to a pinned address; returns (status, Location, body) with the body only for 200."""
     conn = _PinnedConnection(host, port, ip, deadline.remaining(label), tls)
     watchdog = _Watchdog(conn, deadline.remaining(label))
+    response: http.client.HTTPResponse | None = None
     try:
         conn.putrequest("GET", target, skip_accept_encoding=True)
         conn.putheader("User-Agent", _USER_AGENT)
@@ -392,4 +397,6 @@ def _one_request(
         raise InvalidImage(f"Could not fetch {label}: {_printable(str(exc) or type(exc).__name__, 200)}") from exc
     finally:
         watchdog.cancel()
+        if response is not None:
+            response.close()
         conn.close()

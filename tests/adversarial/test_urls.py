@@ -392,7 +392,7 @@ def test_dns_failures_and_hangs_are_typed_and_bounded(fake_dns: dict[str, Any]) 
     s = url_settings(url_timeout_s=0.5)
     err = expect(lambda: load_image("http://gone.example/x.png", s), InvalidImage)
     assert "resolve" in str(err)
-    err = expect(lambda: load_image("http://hang.example/x.png", s), InvalidImage, 1.5)
+    err = expect(lambda: load_image("http://hang.example/x.png", s), InvalidImage, 2.0)
     assert "took longer" in str(err)
     expect(lambda: load_image("http://empty.example/x.png", s), InvalidImage)
 
@@ -440,14 +440,14 @@ def test_slow_drip_body_hits_the_overall_deadline(canary: Canary, allow_loopback
     s = url_settings(url_timeout_s=0.6)
     result, seconds = outcome(lambda: load_image(canary.url("/slow-body"), s))
     assert isinstance(result, InvalidImage) and "took longer" in str(result), result
-    assert 0.5 < seconds < 1.5, seconds
+    assert 0.5 < seconds < 2.5, seconds
 
 
 def test_slow_drip_headers_hit_the_overall_deadline(canary: Canary, allow_loopback: None) -> None:
     s = url_settings(url_timeout_s=0.6)
     result, seconds = outcome(lambda: load_image(canary.url("/slow-headers"), s))
     assert isinstance(result, InvalidImage) and "took longer" in str(result), result
-    assert 0.5 < seconds < 1.5, seconds
+    assert 0.5 < seconds < 2.5, seconds
 
 
 def test_oversize_bodies_stop_at_the_cap(canary: Canary, allow_loopback: None) -> None:
