@@ -1,0 +1,128 @@
+"""Fine-tune a BLIP-2 captioner on your own images, with the vision encoder frozen, into a servable folder.
+
+    from blip_tools.finetune import finetune
+    report = finetune("my_data/captions.jsonl", "my-blip2", epochs=5, lr=1e-4)
+    # then: BLIP_MODEL=my-blip2 blip-mcp   (or Blip2Service(BlipSettings(model="my-blip2")))
+
+torch and transformers load when `finetune` is called, not on import.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidInput
+from ..settings import BlipSettings
+from .config import FinetuneConfig, FinetuneReport, SkippedLine
+from .data import DataIssue, Example, IssueLog, read_examples
+
+if TYPE_CHECKING:
+    from .trainer import StepInfo
+
+logger = logging.getLogger(__name__)
+
+
+def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a seeded share of the examples for validation (whole images, so no image is on both sides)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    images = sorted({ex.image for ex in examples})
+    if len(images) < 2:
+        return examples, []
+    random.Random(seed).shuffle(images)
+    n_val = min(len(images) - 1, max(1, round(fraction * len(images))))
+    held = set(images[:n_val])
+    return [ex for ex in examples if ex.image not in held], [ex for ex in examples if ex.image in held]
+
+
+def finetune(
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    model: str | None = None,
+    settings: BlipSettings | None = None,
+    config: FinetuneConfig | None = None,
+    resume: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+    **options: Any,
+) -> FinetuneReport:
+    """Fine-tune the Q-Former, query tokens and language projection (optionally LoRA on the decoder).
+
+    Args:
+        data: a `.jsonl`/`.csv` of `{"image", "caption"}` or `{"image", "question", "answer"}` rows, or a folder
+            holding `captions.jsonl`/`data.jsonl`/one such file. Image paths are relative to the data file.
+        out_dir: where the fine-tuned checkpoint, `metrics.json` and resumable `checkpoints/` go. It loads like
+            any checkpoint: `BLIP_MODEL=out_dir`.
+        model: the checkpoint to start from (default `BlipSettings().model`).
+        settings: image limits and device defaults (default `BlipSettings()` from the environment).
+        config: a `FinetuneConfig`; `options` (its field names, e.g. `epochs=5, lr=1e-4, lora=True`) override it.
+        resume: continue from the latest checkpoint in `out_dir/checkpoints` (same data and options).
+        on_step: called with a `StepInfo` after every optimizer step (metrics, custom logging).
+
+    Raises:
+        InvalidInput: bad options, no data file, bad data lines with `on_error="stop"` (each listed with file
+            and line), an `out_dir` that holds something else, or a resume that does not match the saved run.
+        ModelNotAvailable: the base checkpoint cannot be loaded.
+    """
+    settings = settings if settings is not None else BlipSettings()
+    cfg = FinetuneConfig.from_options(config, **options)
+    model_name = model or settings.model
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"Output {out} exists and is not a folder.")
+    if Path(model_name).expanduser().exists() and Path(model_name).expanduser().resolve() == out.resolve():
+        raise InvalidInput(f"The output folder {out} is the base model's folder: choose a new one.")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise InvalidInput(
+            f"Output folder {out} is not empty. Choose a new folder, or pass resume=True (--resume) to continue "
+            "the run saved there."
+        )
+
+    log = IssueLog(cfg.on_error)
+    dataset = read_examples(data, settings, log)
+    if cfg.val_data is not None:
+        val_set = read_examples(cfg.val_data, settings, log)
+        train, val = dataset.examples, val_set.examples
+    else:
+        train, val = _split(dataset.examples, cfg.val_fraction, cfg.seed)
+    log.check(f"the data of {dataset.file}")
+    if not train:
+        raise InvalidInput(
+            f"No usable training examples in {dataset.file}"
+            + (f" ({len(log.issues)} bad lines skipped)." if log.issues else ".")
+        )
+
+    from .trainer import Trainer
+
+    trainer = Trainer(
+        model_name=model_name,
+        out_dir=out,
+        config=cfg,
+        settings=settings,
+        train=train,
+        val=val,
+        log=log,
+        data_file=dataset.file,
+        resume=resume,
+        on_step=on_step,
+    )
+    report = trainer.run()
+    logger.info(
+        "fine-tuned %s → %s: %d steps, loss %s → %s, %d lines skipped",
+        model_name, out, report.steps, report.first_loss, report.final_loss, len(report.skipped),
+    )  # fmt: skip
+    return report
+
+
+__all__ = [
+    "DataIssue",
+    "Example",
+    "FinetuneConfig",
+    "FinetuneReport",
+    "SkippedLine",
+    "finetune",
+]

@@ -1,0 +1,272 @@
+"""Fine-tuning data: read a JSONL or CSV of image–caption (or image–question–answer) rows, and check every line.
+
+A row is `{"image": path, "caption": text}` (optional `"prompt"` for prompted captioning) or
+`{"image": path, "question": text, "answer": text}` (VQA-style: the prompt is the runtime's
+`Question: {question} Answer:` and the target is the answer). Image paths are relative to the data file.
+
+Every bad line is reported with its file and line number (missing image, unreadable image, empty caption,
+malformed line). With `on_error="stop"` any bad line stops the run before training, listing all of them;
+with `on_error="skip"` each is logged as a warning and listed in the report. Nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import BlipError, InvalidInput
+from ..images import load_image
+from ..settings import BlipSettings
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["skip", "stop"]
+
+DATA_FILE_NAMES = ("captions.jsonl", "data.jsonl", "train.jsonl")
+"""File names looked for, in this order, when `data` is a folder (then a single `*.jsonl` or `*.csv`)."""
+
+MAX_LISTED_ISSUES = 20
+"""How many bad lines an error message lists before it says `... and N more`."""
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """One bad line of a data file: where it is and what is wrong with it."""
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair: an image, an optional prompt, and the text the model should produce after it."""
+
+    image: Path
+    """Absolute path of the image file."""
+    target: str
+    """Caption or answer, whitespace collapsed to single spaces."""
+    prompt: str | None
+    """None for plain captioning; the prompt prefix otherwise (VQA: `Question: ... Answer:`)."""
+    source: str
+    """`file:line` of the row, for messages."""
+
+
+@dataclass
+class Dataset:
+    """Checked examples and the lines that were skipped."""
+
+    file: Path
+    examples: list[Example] = field(default_factory=list)
+    issues: list[DataIssue] = field(default_factory=list)
+
+
+class IssueLog:
+    """Applies the `on_error` policy: collect bad lines, warn for `skip`, refuse to go on for `stop`."""
+
+    def __init__(self, on_error: OnError) -> None:
+        if on_error not in ("skip", "stop"):
+            raise InvalidInput(f"on_error must be 'skip' or 'stop', got {on_error!r}")
+        self.on_error = on_error
+        self.issues: list[DataIssue] = []
+
+    def add(self, issue: DataIssue) -> None:
+        """Record one bad line (and warn about it when skipping)."""
+        self.issues.append(issue)
+        if self.on_error == "skip":
+            logger.warning("skipping %s", issue)
+
+    def check(self, what: str) -> None:
+        """With `stop`, raise `InvalidInput` listing every recorded bad line."""
+        if self.on_error == "stop" and self.issues:
+            raise InvalidInput(format_issues(self.issues, what))
+
+
+def format_issues(issues: list[DataIssue], what: str) -> str:
+    """A readable message listing bad lines (at most `MAX_LISTED_ISSUES`) and how to go on."""
+    shown = "\n".join(f"  {issue}" for issue in issues[:MAX_LISTED_ISSUES])
+    more = f"\n  ... and {len(issues) - MAX_LISTED_ISSUES} more" if len(issues) > MAX_LISTED_ISSUES else ""
+    return (
+        f"{len(issues)} bad line(s) in {what}:\n{shown}{more}\n"
+        "Fix these lines, or pass on_error='skip' (--on-error skip) to train without them."
+    )
+
+
+def find_data_file(data: str | Path) -> Path:
+    """The data file itself, or the one data file inside a folder."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in (".jsonl", ".csv"):
+            raise InvalidInput(f"Data file {path} must end in .jsonl or .csv, got '{path.suffix}'.")
+        return path
+    if not path.is_dir():
+        raise InvalidInput(f"Data {path} does not exist: pass a .jsonl or .csv file, or a folder holding one.")
+    for name in DATA_FILE_NAMES:
+        if (path / name).is_file():
+            return path / name
+    candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".jsonl", ".csv"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise InvalidInput(
+            f"No data file in {path}: put a captions.jsonl (or data.jsonl, or one *.csv) there, with rows "
+            'like {"image": "img1.jpg", "caption": "a red car"}.'
+        )
+    names = ", ".join(p.name for p in candidates)
+    raise InvalidInput(f"Several data files in {path} ({names}): pass the one to use as --data FILE.")
+
+
+def _jsonl_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row) for every non-blank line; a string instead of a row says why it is malformed."""
+    with file.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, f"malformed line: not valid JSON ({exc.msg} at column {exc.colno})"
+                continue
+            if not isinstance(row, dict):
+                yield number, f"malformed line: expected a JSON object, got {type(row).__name__}"
+                continue
+            yield number, row
+
+
+def _csv_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row) for every CSV record after the header; line numbers are where the record starts."""
+    with file.open(encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield 1, f"malformed header: {exc}"
+            return
+        header = [h.strip().lower() for h in header]
+        if "image" not in header:
+            yield 1, f"malformed header: needs an 'image' column, got {header}"
+            return
+        start = reader.line_num + 1
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield start, f"malformed line: {exc}"
+                start = reader.line_num + 1
+                continue
+            line, start = start, reader.line_num + 1
+            if not any(cell.strip() for cell in record):
+                continue
+            if len(record) != len(header):
+                yield line, f"malformed line: {len(record)} fields, the header has {len(header)}"
+                continue
+            yield line, dict(zip(header, record, strict=True))
+
+
+def _text(row: dict[str, Any], key: str) -> str | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = str(value)
+    return " ".join(value.split())
+
+
+def _example(row: dict[str, Any], base: Path, source: str) -> Example | str:
+    """Turn one row into an `Example`, or say why it cannot be one (image checks come later)."""
+    from ..runtime import VQA_TEMPLATE
+
+    image = row.get("image")
+    if not isinstance(image, str) or not image.strip():
+        return "malformed line: missing 'image' (a path relative to the data file)"
+    question = _text(row, "question")
+    if question is not None or "answer" in row:
+        answer = _text(row, "answer")
+        if not question:
+            return "empty question"
+        if not answer:
+            return "empty answer"
+        prompt: str | None = VQA_TEMPLATE.format(question=question)
+        target = answer
+    else:
+        if "caption" not in row:
+            return "malformed line: needs 'caption', or 'question' and 'answer'"
+        caption = _text(row, "caption")
+        if not caption:
+            return "empty caption"
+        prompt = _text(row, "prompt") or None
+        target = caption
+    if "<image>" in target or (prompt and "<image>" in prompt):
+        return "malformed line: text contains the reserved token '<image>'"
+    path = Path(image.strip()).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    return Example(image=path, target=target, prompt=prompt, source=source)
+
+
+def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, check_images: bool = True) -> Dataset:
+    """Read and check every line of a data file (or a folder's data file).
+
+    Args:
+        data: a `.jsonl` or `.csv` file, or a folder holding `captions.jsonl`, `data.jsonl` or one data file.
+        settings: image limits used when checking images (`max_image_bytes`, `max_image_pixels`, `allowed_dirs`).
+        log: where bad lines go; the caller decides when to `check()` it.
+        check_images: decode every image once (catches missing, truncated and non-image files up front).
+    """
+    file = find_data_file(data)
+    rows = _csv_rows(file) if file.suffix.lower() == ".csv" else _jsonl_rows(file)
+    dataset = Dataset(file=file)
+    base = file.parent
+    checked: dict[Path, str | None] = {}
+    for number, row in rows:
+        source = f"{file}:{number}"
+        item = row if isinstance(row, str) else _example(row, base, source)
+        if isinstance(item, Example) and check_images:
+            if item.image not in checked:
+                checked[item.image] = _image_problem(item.image, settings)
+            problem = checked[item.image]
+            if problem is not None:
+                item = problem
+        if isinstance(item, str):
+            issue = DataIssue(str(file), number, item)
+            log.add(issue)
+            dataset.issues.append(issue)
+        else:
+            dataset.examples.append(item)
+    return dataset
+
+
+def _image_problem(path: Path, settings: BlipSettings) -> str | None:
+    """None if the image decodes, else why not (missing file, unreadable image, over a limit)."""
+    if not path.exists():
+        return f"missing image: {path} does not exist"
+    try:
+        load_image(path, settings)
+    except BlipError as exc:
+        return f"unreadable image {path}: {exc}"
+    return None
+
+
+__all__ = [
+    "DATA_FILE_NAMES",
+    "DataIssue",
+    "Dataset",
+    "Example",
+    "IssueLog",
+    "OnError",
+    "find_data_file",
+    "format_issues",
+    "read_examples",
+]

@@ -1,0 +1,652 @@
+"""The fine-tuning loop: frozen vision encoder, trained Q-Former + query tokens + projection (+ optional LoRA).
+
+The loss is the causal LM loss on the target tokens only: image tokens, the prompt and padding are masked with
+-100, and every target ends with the token the runtime stops at (the newline for captioning checkpoints, as
+LAVIS trains them, else EOS), so the served model knows where to stop.
+
+Resumable checkpoints (`out_dir/checkpoints/step-N/state.pt`) hold the trained weights, optimizer, scheduler,
+step and RNG state. The data order of every epoch is a function of (seed, epoch), so a resumed run sees
+exactly the batches an uninterrupted run would have seen.
+
+The output folder is written by `save_pretrained` from a fresh copy of the base checkpoint with only the
+trained tensors replaced (and LoRA deltas merged into the decoder weights), so every frozen weight — the
+vision encoder above all — is bit-identical to the base, and the folder loads like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInput, ModelNotAvailable
+from ..images import load_image
+from ..runtime import Blip2Runtime, resolve_device
+from ..settings import BlipSettings
+from .config import FinetuneConfig, FinetuneReport, SkippedLine
+from .data import DataIssue, Example, IssueLog
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+MIN_SAVE_INTERVAL = 200
+"""Default checkpoints fall at epoch ends at least this many steps apart."""
+_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+_TRAINED_MODULES = ("qformer.", "query_tokens", "language_projection.")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one optimizer step did; passed to the `on_step` callback."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    elapsed_s: float
+    val_loss: float | None = None
+
+
+@dataclass
+class _Encoded:
+    """One example as token ids: `<image>` × Q + prompt (with BOS) + target + end token, and its labels."""
+
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class _History:
+    """Metrics kept across resumes."""
+
+    steps: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    best_val: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+
+
+def _precision(config: FinetuneConfig, device: str) -> tuple[torch.dtype, bool]:
+    """(dtype of frozen weights and autocast, whether to autocast): bf16/fp16 on CUDA, fp32 elsewhere."""
+    cuda = device.startswith("cuda")
+    name = config.precision
+    if name == "auto":
+        if not cuda:
+            return torch.float32, False
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), True
+    if name == "fp32":
+        return torch.float32, False
+    if not cuda:
+        raise InvalidInput(f"precision={name} needs a CUDA device (training on {device}); use precision='fp32'.")
+    return (torch.bfloat16 if name == "bf16" else torch.float16), True
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from 0, then cosine decay to 0 at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return factor
+
+
+class Trainer:
+    """One fine-tuning run. `run()` trains, writes the servable checkpoint and returns a `FinetuneReport`."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        out_dir: Path,
+        config: FinetuneConfig,
+        settings: BlipSettings,
+        train: Sequence[Example],
+        val: Sequence[Example],
+        log: IssueLog,
+        data_file: Path,
+        resume: bool = False,
+        on_step: Callable[[StepInfo], None] | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.out_dir = out_dir
+        self.config = config
+        self.settings = settings
+        self.train_examples = list(train)
+        self.val_examples = list(val)
+        self.log = log
+        self.data_file = data_file
+        self.resume = resume
+        self.on_step = on_step
+        self.device = resolve_device(config.device or str(settings.device))
+        self.frozen_dtype, self.autocast = _precision(config, self.device)
+        self.model: Any = None
+        self.processor: Any = None
+        self._features: dict[Path, torch.Tensor] = {}
+        self._lora_modules: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _load(self) -> None:
+        """Load the base through the runtime (same checks as serving), freeze it and choose what trains."""
+        runtime = Blip2Runtime(
+            self.settings.model_copy(
+                update={"model": self.model_name, "device": self.device, "dtype": _dtype_name(self.frozen_dtype)}
+            )
+        )
+        loaded = runtime.load_captioner()
+        self.model, self.processor = loaded.model, loaded.processor
+        self.eos_ids: list[int] = loaded.extra["eos_ids"]
+        self.pad_id: int = loaded.extra["pad_id"]
+        self.image_id = int(self.model.config.image_token_index)
+        self.num_query = int(self.model.config.num_query_tokens)
+        tok = self.processor.tokenizer
+        newline = tok.encode("\n", add_special_tokens=False)
+        # Captioning checkpoints stop at a newline (LAVIS appends "\n" to every caption); else at EOS.
+        if len(newline) == 1 and int(newline[0]) in self.eos_ids:
+            self.end_id = int(newline[0])
+        else:
+            self.end_id = int(self.model.config.text_config.eos_token_id or tok.eos_token_id)
+
+        model = self.model
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name, param in model.named_parameters():
+            if name.startswith(_TRAINED_MODULES):
+                # Master weights in fp32 (the Q-Former and query tokens already are; the projection may not be).
+                param.data = param.data.float()
+                param.requires_grad_(True)
+        if self.config.lora:
+            self._add_lora()
+        if self.config.gradient_checkpointing:
+            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            model.language_model.gradient_checkpointing_enable(**kwargs)
+            model.qformer.gradient_checkpointing_enable(**kwargs)
+        self._set_train_mode()
+
+    def _add_lora(self) -> None:
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as exc:
+            raise InvalidInput(
+                "lora=True needs the peft package: pip install 'blip-tools[lora]' (or pip install peft)."
+            ) from exc
+        cfg = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=list(self.config.lora_targets),
+            bias="none",
+        )
+        lm = self.model.language_model
+        inject_adapter_in_model(cfg, lm)
+        for name, module in lm.named_modules():
+            if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight") and "default" in module.lora_A:
+                self._lora_modules[name] = module
+                for param in list(module.lora_A.parameters()) + list(module.lora_B.parameters()):
+                    param.data = param.data.float()
+                    param.requires_grad_(True)
+        if not self._lora_modules:
+            raise InvalidInput(f"lora_targets {list(self.config.lora_targets)} matched no layer of the decoder.")
+        logger.info("LoRA adapters on %d decoder layers", len(self._lora_modules))
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        self.model.vision_model.eval()  # frozen: no dropout, no gradient, never updated
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ data
+    def _encode(self, examples: Sequence[Example], what: str) -> list[_Encoded]:
+        """Token ids and labels; over-long targets go to the issue log (the caller applies the policy)."""
+        tok = self.processor.tokenizer
+        runtime_prompt_cache: dict[str | None, list[int]] = {}
+        out: list[_Encoded] = []
+        for index, ex in enumerate(examples):
+            if ex.prompt not in runtime_prompt_cache:
+                runtime_prompt_cache[ex.prompt] = list(tok(ex.prompt or "", add_special_tokens=True)["input_ids"])
+            prompt_ids = runtime_prompt_cache[ex.prompt]
+            # After a prompt the continuation starts with a space (" blue"), as the model would write it.
+            text = ex.target if ex.prompt is None else " " + ex.target
+            target = [*tok(text, add_special_tokens=False)["input_ids"], self.end_id]
+            if len(target) > self.config.max_target_tokens:
+                file, _, line = ex.source.rpartition(":")
+                self.log.add(
+                    DataIssue(
+                        file,
+                        int(line),
+                        f"target too long: {len(target)} tokens > max_target_tokens={self.config.max_target_tokens}",
+                    )
+                )
+                continue
+            ids = [self.image_id] * self.num_query + prompt_ids + target
+            labels = [-100] * (self.num_query + len(prompt_ids)) + target
+            out.append(_Encoded(index=index, input_ids=ids, labels=labels))
+        logger.info("%s: %d examples encoded", what, len(out))
+        return out
+
+    def _pixels(self, paths: Sequence[Path]) -> torch.Tensor:
+        images = [load_image(p, self.settings).image for p in paths]
+        pixels: torch.Tensor = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels
+
+    @torch.no_grad()
+    def _vision(self, paths: Sequence[Path]) -> torch.Tensor:
+        pixels = self._pixels(paths).to(self.device, self.frozen_dtype)
+        out: torch.Tensor = self.model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
+        return out
+
+    def _cache_features(self, paths: Sequence[Path]) -> None:
+        """Run the frozen vision encoder once per distinct image; keep the outputs on the CPU."""
+        todo = [p for p in dict.fromkeys(paths) if p not in self._features]
+        if not todo:
+            return
+        start = time.perf_counter()
+        bs = max(1, self.config.batch_size)
+        for i in range(0, len(todo), bs):
+            chunk = todo[i : i + bs]
+            feats = self._vision(chunk).cpu()
+            for path, feat in zip(chunk, feats, strict=True):
+                self._features[path] = feat.clone()
+        logger.info("cached vision features of %d images in %.1fs", len(todo), time.perf_counter() - start)
+
+    def _image_embeds(self, examples: Sequence[Example]) -> torch.Tensor:
+        if self.config.cache_features:
+            return torch.stack([self._features[ex.image] for ex in examples]).to(self.device)
+        return self._vision([ex.image for ex in examples])
+
+    def _collate(self, rows: Sequence[_Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, attention mask and labels (OPT takes positions from the mask, so padding side is free)."""
+        width = max(len(r.input_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r.input_ids)
+            ids[i, :n] = torch.tensor(r.input_ids)
+            labels[i, :n] = torch.tensor(r.labels)
+            mask[i, :n] = 1
+        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
+
+    # ------------------------------------------------------------------ model
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.autocast:
+            return torch.autocast(device_type="cuda", dtype=self.frozen_dtype)
+        return nullcontext()
+
+    def _loss_sum(self, rows: Sequence[_Encoded], examples: Sequence[Example]) -> tuple[torch.Tensor, int]:
+        """Summed token cross-entropy over the target tokens of a micro-batch, and how many tokens."""
+        model = self.model
+        image_embeds = self._image_embeds([examples[r.index] for r in rows])
+        ids, mask, labels = self._collate(rows)
+        with self._autocast():
+            query = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+            q_out = model.qformer(
+                query_embeds=query,
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+                return_dict=True,
+            ).last_hidden_state
+            feats = model.language_projection(q_out)
+            embeds = model.language_model.get_input_embeddings()(ids)
+            slots = (ids == self.image_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(slots, feats.to(embeds.dtype))
+            logits = model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
+        shifted = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            shifted.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        return loss, int((shifted != -100).sum().item())
+
+    @torch.no_grad()
+    def evaluate(self, rows: Sequence[_Encoded], examples: Sequence[Example]) -> float:
+        """Mean token loss over `rows` (eval mode, no gradients)."""
+        self.model.eval()
+        total, tokens = 0.0, 0
+        try:
+            for i in range(0, len(rows), self.config.batch_size):
+                loss, n = self._loss_sum(rows[i : i + self.config.batch_size], examples)
+                total += float(loss.item())
+                tokens += n
+        finally:
+            self._set_train_mode()
+        return total / max(1, tokens)
+
+    # ------------------------------------------------------------------ schedule
+    def _groups(self, n: int, epoch: int) -> list[list[list[int]]]:
+        """The epoch's optimizer steps: each a list of micro-batches of row indices, in a (seed, epoch) order."""
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen).tolist()
+        bs, accum = self.config.batch_size, self.config.grad_accum
+        micro = [order[i : i + bs] for i in range(0, n, bs)]
+        return [micro[i : i + accum] for i in range(0, len(micro), accum)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        root = self.out_dir / CHECKPOINT_DIR
+        if not root.is_dir():
+            return []
+        found = []
+        for child in root.iterdir():
+            match = _STEP_DIR_RE.match(child.name)
+            if match and (child / "state.pt").is_file():
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def _fingerprint(self, total_steps: int) -> dict[str, Any]:
+        """What must match for a resume to continue the same run."""
+        c = self.config
+        return {
+            "base_model": self.model_name,
+            "train_examples": len(self.train_rows),
+            "batch_size": c.batch_size,
+            "grad_accum": c.grad_accum,
+            "seed": c.seed,
+            "total_steps": total_steps,
+            "lora": c.lora,
+            "lora_r": c.lora_r if c.lora else None,
+        }
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to("cpu", copy=True) for n, p in self._trainable()}
+
+    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        path = self.out_dir / CHECKPOINT_DIR / f"step-{step:07d}"
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        torch.save(state, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({"step": step, "fingerprint": state["fingerprint"]}, indent=2) + "\n"
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint that resume would pick
+        for _, old in self._checkpoints()[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint %s", path)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> FinetuneReport:
+        """Train, write the servable checkpoint and the metrics JSON, and return the report."""
+        began = time.perf_counter()
+        if self.config.seed is not None:
+            torch.manual_seed(self.config.seed)
+        self._load()
+        self.train_rows = self._encode(self.train_examples, "training data")
+        self.val_rows = self._encode(self.val_examples, "validation data")
+        self.log.check(f"the data of {self.data_file}")
+        if not self.train_rows:
+            raise InvalidInput(f"No usable training examples in {self.data_file}.")
+        if self.config.cache_features:
+            self._cache_features([ex.image for ex in self.train_examples + self.val_examples])
+
+        cfg = self.config
+        steps_per_epoch = len(self._groups(len(self.train_rows), 0))
+        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
+        trainable = self._trainable()
+        decay = [p for n, p in trainable if p.ndim >= 2 and "query_tokens" not in n]
+        no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "query_tokens" not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(warmup, total_steps))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and self.frozen_dtype == torch.float16)
+        fingerprint = self._fingerprint(total_steps)
+        # Default: at epoch ends, but at least MIN_SAVE_INTERVAL steps apart (tiny data sets have 1-step epochs).
+        save_every = cfg.save_every or steps_per_epoch * math.ceil(MIN_SAVE_INTERVAL / steps_per_epoch)
+
+        history = _History()
+        step = 0
+        resumed_from: int | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        elapsed_before = 0.0
+        if self.resume and self._checkpoints():
+            _, path = self._checkpoints()[-1]
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            saved = state["fingerprint"]
+            if saved != fingerprint:
+                diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+                raise InvalidInput(
+                    f"Cannot resume from {path}: the run differs in {diff} (saved, now). Use the same data and "
+                    "options, or a new output folder."
+                )
+            params = dict(self._trainable())
+            with torch.no_grad():
+                for name, tensor in state["trainable"].items():
+                    params[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"].get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            history = _History(**state["history"])
+            best_state = state.get("best_state")
+            step = resumed_from = int(state["step"])
+            elapsed_before = float(state["elapsed_s"])
+            logger.info("resumed from %s at step %d", path, step)
+        elif self.resume:
+            logger.info("no checkpoint in %s: starting from step 0", self.out_dir / CHECKPOINT_DIR)
+
+        n_trainable = sum(p.numel() for _, p in trainable)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        logger.info(
+            "training %d of %d parameters on %s (%s): %d examples, %d steps (%d per epoch), %d validation",
+            n_trainable, n_total, self.device, _dtype_name(self.frozen_dtype), len(self.train_rows),
+            total_steps, steps_per_epoch, len(self.val_rows),
+        )  # fmt: skip
+        bar = _progress(total_steps, step, cfg.progress)
+        early_stopped = False
+        train_start = time.perf_counter()
+
+        def elapsed() -> float:
+            return elapsed_before + time.perf_counter() - train_start
+
+        try:
+            while step < total_steps and not early_stopped:
+                epoch = step // steps_per_epoch
+                groups = self._groups(len(self.train_rows), epoch)
+                for group in groups[step % steps_per_epoch :]:
+                    loss_value = self._train_step(group, optimizer, scheduler, scaler)
+                    step += 1
+                    lr = float(scheduler.get_last_lr()[0])
+                    history.steps.append(
+                        {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr}
+                        | {"time_s": elapsed()}
+                    )
+                    val_loss = None
+                    epoch_end = step % steps_per_epoch == 0
+                    due_eval = step % cfg.eval_every == 0 if cfg.eval_every else epoch_end
+                    if self.val_rows and (due_eval or step == total_steps):
+                        val_loss = self.evaluate(self.val_rows, self.val_examples)
+                        history.evals.append({"step": step, "val_loss": val_loss, "time_s": elapsed()})
+                        if history.best_val is None or val_loss < history.best_val - cfg.min_delta:
+                            history.best_val, history.best_step, history.bad_evals = val_loss, step, 0
+                            best_state = self._trainable_state()
+                        else:
+                            history.bad_evals += 1
+                            if cfg.patience is not None and history.bad_evals >= cfg.patience:
+                                early_stopped = True
+                                logger.info("early stop at step %d: no improvement in %d evals", step, cfg.patience)
+                    due_save = step % save_every == 0
+                    if due_save and step < total_steps and not early_stopped:
+                        self._save_checkpoint(
+                            step,
+                            {
+                                "step": step,
+                                "fingerprint": fingerprint,
+                                "trainable": self._trainable_state(),
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(),
+                                "scaler": scaler.state_dict(),
+                                "rng": {
+                                    "torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                                },
+                                "history": asdict(history),
+                                "best_state": best_state,
+                                "elapsed_s": elapsed(),
+                            },
+                        )
+                        self._write_metrics(history, None)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    if self.on_step is not None:
+                        info = StepInfo(step, total_steps, step / steps_per_epoch, loss_value, lr, elapsed(), val_loss)
+                        self.on_step(info)
+                    if step >= total_steps or early_stopped:
+                        break
+        finally:
+            bar.close()
+
+        saved_step = step
+        if best_state is not None and history.best_step is not None:
+            params = dict(self._trainable())
+            with torch.no_grad():
+                for name, tensor in best_state.items():
+                    params[name].copy_(tensor)
+            saved_step = history.best_step
+        self._export()
+        tail = [s["loss"] for s in history.steps[-max(1, min(10, steps_per_epoch)) :]]
+        report = FinetuneReport(
+            out_dir=self.out_dir,
+            base_model=self.model_name,
+            data_file=self.data_file,
+            train_examples=len(self.train_rows),
+            val_examples=len(self.val_rows),
+            skipped=[SkippedLine(file=i.file, line=i.line, reason=i.reason) for i in self.log.issues],
+            steps=step,
+            total_steps=total_steps,
+            epochs=step / steps_per_epoch,
+            resumed_from_step=resumed_from,
+            early_stopped=early_stopped,
+            first_loss=history.steps[0]["loss"] if history.steps else None,
+            final_loss=sum(tail) / len(tail) if tail else None,
+            best_val_loss=history.best_val,
+            best_step=saved_step,
+            trainable_params=n_trainable,
+            total_params=n_total,
+            lora=cfg.lora,
+            device=self.device,
+            precision=_dtype_name(self.frozen_dtype) + (" autocast" if self.autocast else ""),
+            seconds=time.perf_counter() - began,
+            metrics_path=self.out_dir / METRICS_FILE,
+        )
+        self._write_metrics(history, report)
+        return report
+
+    def _train_step(
+        self, group: list[list[int]], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
+    ) -> float:
+        """One optimizer step over `group` (micro-batches); the loss is the mean over all target tokens."""
+        rows = [[self.train_rows[i] for i in micro] for micro in group]
+        tokens = sum(sum(1 for label in r.labels[1:] if label != -100) for micro in rows for r in micro)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in rows:
+            loss_sum, _ = self._loss_sum(micro, self.train_examples)
+            loss = loss_sum / max(1, tokens)
+            scaler.scale(loss).backward()
+            total += float(loss.item())
+        if self.config.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for _, p in self._trainable()], self.config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        return total
+
+    # ------------------------------------------------------------------ output
+    def _export(self) -> None:
+        """Write the servable checkpoint: the base re-read from disk with the trained tensors swapped in."""
+        from transformers import Blip2ForConditionalGeneration
+
+        kwargs: dict[str, Any] = {"dtype": "auto"}
+        if self.settings.cache_dir is not None:
+            kwargs["cache_dir"] = str(self.settings.cache_dir)
+        try:
+            base = Blip2ForConditionalGeneration.from_pretrained(self.model_name, **kwargs)
+        except Exception as exc:  # the training copy loaded a moment ago; this is a disk/hub hiccup
+            raise ModelNotAvailable(f"Could not re-read the base checkpoint '{self.model_name}': {exc}") from exc
+        targets = dict(base.named_parameters())
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name.startswith(_TRAINED_MODULES):
+                    targets[name].copy_(param.detach().to("cpu"))
+            for name, module in self._lora_modules.items():
+                weight = base.language_model.get_submodule(name).weight
+                delta = module.get_delta_weight("default").detach().float().cpu()
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        base.save_pretrained(self.out_dir)
+        self.processor.save_pretrained(self.out_dir)
+        logger.info("saved the fine-tuned checkpoint to %s", self.out_dir)
+
+    def _write_metrics(self, history: _History, report: FinetuneReport | None) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "base_model": self.model_name,
+            "data_file": str(self.data_file),
+            "config": self.config.model_dump(mode="json"),
+            "steps": history.steps,
+            "eval": history.evals,
+            "best_step": history.best_step,
+            "best_val_loss": history.best_val,
+            "report": report.model_dump(mode="json") if report is not None else None,
+        }
+        tmp = self.out_dir / (METRICS_FILE + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        os.replace(tmp, self.out_dir / METRICS_FILE)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr (never stdout: an MCP stdio server or a pipe may own it)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, file=sys.stderr, desc="finetune", unit="step", dynamic_ncols=True)
+
+
+__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "StepInfo", "Trainer"]
