@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="HTTP request body limit (default: one base64 image of BLIP_MAX_IMAGE_BYTES plus 256 KiB).",
     )
+    remote = parser.add_argument_group("shared daemon (load no model here)")
+    remote.add_argument(
+        "--connect",
+        metavar="URL",
+        default=None,
+        help="Serve stdio but forward every call to a running `blip-mcp --transport http` daemon at URL "
+        "(e.g. http://127.0.0.1:8765/mcp); its token comes from BLIP_TOKEN or --token.",
+    )
+    remote.add_argument(
+        "--send-files",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="With --connect: read image paths here and send their bytes (always), send paths (never), or "
+        "send bytes unless the daemon is on loopback (auto, default).",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -134,6 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlipError as exc:
         logger.error("%s", exc)
         return 2
+
+    if args.connect:
+        if wire is None:
+            logger.error("--connect serves stdio; drop --transport http (the daemon is the HTTP server)")
+            return 2
+        from .proxy import run_proxy
+
+        return run_proxy(args.connect, settings, wire, send_files=args.send_files)
 
     from .server import create_server
 
