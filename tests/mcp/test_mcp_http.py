@@ -1,0 +1,182 @@
+"""The MCP server over streamable HTTP on loopback: shared batching across sessions, security checks,
+the body limit, cancellation and /healthz. One uvicorn server (in a thread) serves the whole module."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import httpx2
+import pytest
+from _mcp_testlib import HTTP_MAX_IMAGE_BYTES, HttpServer, apoll, watching_cancellations, write_image
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from blip_tools.results import CaptionResult, ServiceStats
+
+pytestmark = pytest.mark.anyio
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+}
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@asynccontextmanager
+async def mcp_client(srv: HttpServer) -> AsyncIterator[Client]:
+    """An SDK client over streamable HTTP with the server's token."""
+    async with (
+        httpx2.AsyncClient(headers=srv.headers(), timeout=httpx2.Timeout(60.0)) as http,
+        Client(streamable_http_client(srv.url, http_client=http)) as client,
+    ):
+        yield client
+
+
+def stats(srv: HttpServer) -> ServiceStats:
+    return srv.service.stats()
+
+
+async def test_healthz_needs_no_token(http_server: HttpServer) -> None:
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"{http_server.base}/healthz", timeout=30)
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok"
+
+
+async def test_three_sessions_share_one_model_and_batch_together(
+    http_server: HttpServer, mcp_images: list[str]
+) -> None:
+    srv = http_server
+    before = stats(srv)
+    loaded_before = before.models_loaded
+    results: dict[int, CaptionResult] = {}
+
+    async def call(i: int) -> None:
+        async with mcp_client(srv) as client:
+            r = await client.call_tool("caption_image", {"image": mcp_images[i + 1]})
+            assert not r.is_error, r.content
+            results[i] = CaptionResult.model_validate(r.structured_content)
+
+    with anyio.fail_after(120):
+        with srv.gate.holding(mcp_images[0]):
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(call, i)
+                # All three requests wait in one queue while the worker is held...
+                await apoll(lambda: stats(srv).queue_depth >= 3)
+                # ...and the gate opens when the `holding` block ends, after the task group: open it now.
+                srv.gate.release()
+    after = stats(srv)
+    assert after.models_loaded == loaded_before, "a session loaded its own model"
+    grown = {
+        size: after.batch_size_histogram.get(size, 0) - before.batch_size_histogram.get(size, 0)
+        for size in after.batch_size_histogram
+    }
+    assert grown.get(3, 0) >= 1, f"the three sessions were not batched together: {grown}"
+    assert all(r.timing.batch_size == 3 for r in results.values())
+    # Batched results equal one-by-one results (greedy, float32).
+    for i, result in results.items():
+        assert result.caption == srv.service.caption(mcp_images[i + 1]).caption
+    # And blip://stats over HTTP shows the batch too.
+    with anyio.fail_after(60):
+        async with mcp_client(srv) as client:
+            resource = await client.read_resource("blip://stats")
+    remote = ServiceStats.model_validate_json(resource.contents[0].text)  # type: ignore[union-attr]
+    assert max(remote.batch_size_histogram) >= 3
+
+
+async def test_token_required(http_server: HttpServer) -> None:
+    async with httpx.AsyncClient(base_url=http_server.base, timeout=30) as http:
+        missing = await http.post("/mcp", json=INIT, headers=ACCEPT)
+        wrong = await http.post("/mcp", json=INIT, headers={**ACCEPT, "Authorization": "Bearer wrong-token-xxxxxxxx"})
+        right = await http.post("/mcp", json=INIT, headers={**ACCEPT, **http_server.headers()})
+    assert missing.status_code == 401
+    assert "Bearer" in missing.headers["www-authenticate"]
+    assert wrong.status_code == 401
+    assert right.status_code == 200
+    # The SDK client without the token is refused as well.
+    with anyio.fail_after(30), pytest.raises(Exception):  # noqa: B017 - the SDK wraps the 401 differently per version
+        async with Client(http_server.url) as client:
+            await client.list_tools()
+
+
+async def test_host_and_origin_checks(http_server: HttpServer) -> None:
+    auth = {**ACCEPT, **http_server.headers()}
+    async with httpx.AsyncClient(base_url=http_server.base, timeout=30) as http:
+        bad_host = await http.post("/mcp", json=INIT, headers={**auth, "Host": "evil.example:80"})
+        bad_origin = await http.post("/mcp", json=INIT, headers={**auth, "Origin": "http://evil.example"})
+        good_origin = await http.post(
+            "/mcp", json=INIT, headers={**auth, "Origin": f"http://localhost:{http_server.port}"}
+        )
+        health_bad_host = await http.get("/healthz", headers={"Host": "evil.example"})
+    assert bad_host.status_code == 421
+    assert bad_origin.status_code == 403
+    assert good_origin.status_code == 200
+    assert health_bad_host.status_code == 421
+
+
+async def test_body_limit_fits_one_max_size_base64_image(http_server: HttpServer, tmp_path: Path) -> None:
+    srv = http_server
+    # The derived limit: one base64 image of max_image_bytes plus 256 KiB of envelope.
+    assert srv.body_limit == 4 * ((HTTP_MAX_IMAGE_BYTES + 2) // 3) + 256 * 1024
+    # A PNG just under max_image_bytes, sent as a data URI, fits and is captioned.
+    path = write_image(tmp_path / "big.png", 7, size=(300, 300))
+    data = path.read_bytes()
+    assert 0.8 * HTTP_MAX_IMAGE_BYTES < len(data) <= HTTP_MAX_IMAGE_BYTES, len(data)
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    with anyio.fail_after(60):
+        async with mcp_client(srv) as client:
+            r = await client.call_tool("caption_image", {"image": uri})
+    assert not r.is_error, r.content
+    assert r.structured_content is not None
+    assert r.structured_content["image"]["width"] == 300
+    # A body over the limit is refused with 413 before it is parsed (with and without Content-Length).
+    over = json.dumps({**INIT, "padding": "x" * srv.body_limit}).encode()
+    async with httpx.AsyncClient(base_url=srv.base, timeout=60) as http:
+        sized = await http.post("/mcp", content=over, headers={**ACCEPT, **srv.headers()})
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(over), 65536):
+                yield over[i : i + 65536]
+
+        chunked = await http.post("/mcp", content=chunks(), headers={**ACCEPT, **srv.headers()})
+    assert sized.status_code == 413
+    assert chunked.status_code == 413
+
+
+async def test_cancelling_a_call_cancels_the_queued_request_and_server_keeps_serving(
+    http_server: HttpServer, mcp_images: list[str]
+) -> None:
+    srv = http_server
+    before = stats(srv)
+    with anyio.fail_after(90), watching_cancellations(srv.service) as handler_cancelled:
+        async with mcp_client(srv) as client:
+            with srv.gate.holding(mcp_images[0]):
+                with anyio.CancelScope() as scope:
+
+                    async def cancel_when_queued() -> None:
+                        await apoll(lambda: stats(srv).queue_depth >= 1)
+                        scope.cancel()
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(cancel_when_queued)
+                        await client.call_tool("caption_image", {"image": mcp_images[2]})
+                assert scope.cancelled_caught
+                # The client's cancel (closing the request's HTTP stream) cancels the server-side handler...
+                await apoll(handler_cancelled.is_set)
+            # ...and once the worker is free, the batcher drops the cancelled request instead of running it.
+            await apoll(lambda: stats(srv).cancelled > before.cancelled)
+            after = stats(srv)
+            assert after.completed == before.completed + 1  # only the blocker ran
+            # Still serving, on the same session.
+            r = await client.call_tool("caption_image", {"image": mcp_images[3]})
+            assert not r.is_error, r.content
+    assert stats(srv).queue_depth == 0
