@@ -25,6 +25,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,10 @@ class _DeferredProgress:
             self.error = exc
 
 
+_SHARED: weakref.WeakKeyDictionary[Blip2Service, ImageIndex] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
 # ---------------------------------------------------------------------------------------------- the index
 
 
@@ -278,6 +283,20 @@ class ImageIndex:
                 f"The image index {self.path} has schema version {version}; this blip-tools expects "
                 f"{SCHEMA_VERSION}. Point BLIP_INDEX_PATH at a new file or delete this one to rebuild it."
             )
+
+    @classmethod
+    def for_service(cls, service: Blip2Service | None = None) -> ImageIndex:
+        """The index at the service's default path (`BLIP_INDEX_PATH`), one per service, shared by the interfaces."""
+        if service is None:
+            from .service import Blip2Service
+
+            service = Blip2Service.shared()
+        with _SHARED_LOCK:
+            index = _SHARED.get(service)
+            if index is None or index._closed:
+                index = cls(service=service)
+                _SHARED[service] = index
+            return index
 
     # ------------------------------------------------------------------ connections and transactions
     def _conn(self) -> sqlite3.Connection:

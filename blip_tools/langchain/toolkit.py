@@ -11,11 +11,12 @@ from pydantic import ConfigDict, Field, model_validator
 from ..service import Blip2Service
 from ..settings import BlipSettings
 from ._base import Blip2BaseTool
+from .collection_tools import COLLECTION_TOOLS
 from .tools import CORE_TOOLS
 
 logger = logging.getLogger(__name__)
 
-TOOL_CLASSES: list[type[Blip2BaseTool]] = [*CORE_TOOLS]
+TOOL_CLASSES: list[type[Blip2BaseTool]] = [*CORE_TOOLS, *COLLECTION_TOOLS]
 """The tool classes `get_tools()` instantiates, in order; adding a tool is one more entry here."""
 
 
