@@ -581,13 +581,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 )
             self._finish(key, batch, waits, exec_s, failed=len(batch), retried=retried)
             return
-        failed = 0
+        # Count the batch before resolving its futures, so a caller reading stats() right after its result
+        # already sees the batch that produced it.
+        failed = sum(1 for result in out if isinstance(result, BaseException))
+        event = self._count(key, batch, waits, exec_s, failed=failed, retried=retried)
         for request, result in zip(batch, out, strict=True):
             if isinstance(result, BaseException):
-                failed += self._set_exception(request, _as_request_error(result, oom=False))
+                self._set_exception(request, _as_request_error(result, oom=False))
             else:
                 self._set_result(request, result)
-        self._finish(key, batch, waits, exec_s, failed=failed, retried=retried)
+        self._notify(event)
 
     # ------------------------------------------------------------------ helpers
 
@@ -742,12 +745,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         return 1
 
     def _set_result(self, request: _Pending[ItemT, ResultT], result: ResultT) -> None:
+        with self._cond:
+            self._completed += 1  # counted first: stats() read after the result must include it
         try:
             request.future.set_result(result)
         except concurrent.futures.InvalidStateError:
-            return
-        with self._cond:
-            self._completed += 1
+            with self._cond:
+                self._completed -= 1
 
     @staticmethod
     def _result_length(out: object) -> int | None:
@@ -801,6 +805,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         split: bool = False,
     ) -> None:
         """Count one handler call and tell the listeners."""
+        self._notify(self._count(key, batch, waits, exec_s, failed=failed, retried=retried, split=split))
+
+    def _count(
+        self,
+        key: Hashable,
+        batch: list[_Pending[ItemT, ResultT]],
+        waits: tuple[float, ...],
+        exec_s: float,
+        *,
+        failed: int,
+        retried: bool,
+        split: bool = False,
+    ) -> tuple[list[Callable[[BatchEvent], None]], BatchEvent] | None:
+        """Count one handler call; returns the listeners and their event (None when nobody listens)."""
         task = batch[0].task
         size = len(batch)
         with self._cond:
@@ -815,8 +833,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 )
             listeners = list(self._listeners)
         if not listeners:
-            return
-        event = BatchEvent(
+            return None
+        return listeners, BatchEvent(
             key=key,
             task=task,
             size=size,
@@ -826,6 +844,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             retried=retried,
             split=split,
         )
+
+    def _notify(self, pending: tuple[list[Callable[[BatchEvent], None]], BatchEvent] | None) -> None:
+        """Call each listener with the event; a listener that raises is logged and ignored."""
+        if pending is None:
+            return
+        listeners, event = pending
         for listener in listeners:
             try:
                 listener(event)
