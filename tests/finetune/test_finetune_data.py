@@ -1,0 +1,142 @@
+"""Fine-tuning data: JSONL/CSV/folder forms, relative paths, and every bad line reported with file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from _finetune_testlib import write_image
+
+from blip_tools import BlipSettings, InvalidInput
+from blip_tools.finetune import FinetuneConfig
+from blip_tools.finetune.data import IssueLog, find_data_file, read_examples
+from blip_tools.runtime import VQA_TEMPLATE
+
+SETTINGS = BlipSettings(model="unused", device="cpu", dtype="float32")
+
+
+def _jsonl(folder: Path, lines: list[str], name: str = "captions.jsonl") -> Path:
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _bad_folder(tmp_path: Path) -> Path:
+    """Good rows on lines 1, 4, 9; one bad row of each kind on the others (7 is blank and not data)."""
+    write_image(tmp_path / "a.png", 1)
+    write_image(tmp_path / "sub" / "b.png", 2)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # truncated PNG
+    (tmp_path / "text.png").write_text("not an image")
+    _jsonl(
+        tmp_path,
+        [
+            json.dumps({"image": "a.png", "caption": "a red dog"}),  # 1 good
+            '{"image": "a.png", "caption": ',  # 2 malformed JSON
+            json.dumps({"image": "missing.png", "caption": "a cat"}),  # 3 missing image
+            json.dumps({"image": "sub/b.png", "question": "what color?", "answer": "red"}),  # 4 good (VQA)
+            json.dumps({"image": "broken.png", "caption": "a car"}),  # 5 unreadable image
+            json.dumps({"image": "a.png", "caption": "   "}),  # 6 empty caption
+            "",  # 7 blank
+            json.dumps({"image": "text.png", "caption": "a bus"}),  # 8 unreadable image
+            json.dumps({"image": str((tmp_path / "a.png").resolve()), "caption": "two\n  dogs"}),  # 9 good (abs)
+            json.dumps(["a.png", "caption"]),  # 10 not an object
+            json.dumps({"image": "a.png"}),  # 11 no caption
+            json.dumps({"image": "a.png", "question": "what?", "answer": ""}),  # 12 empty answer
+        ],
+    )
+    return tmp_path
+
+
+def test_skip_reports_every_bad_line_by_number(tmp_path: Path) -> None:
+    folder = _bad_folder(tmp_path)
+    log = IssueLog("skip")
+    ds = read_examples(folder, SETTINGS, log)
+    assert ds.file == folder / "captions.jsonl"
+    lines = {i.line: i.reason for i in ds.issues}
+    assert sorted(lines) == [2, 3, 5, 6, 8, 10, 11, 12]
+    assert "not valid JSON" in lines[2]
+    assert "missing image" in lines[3]
+    assert "unreadable image" in lines[5] and "unreadable image" in lines[8]
+    assert lines[6] == "empty caption"
+    assert "expected a JSON object" in lines[10]
+    assert "needs 'caption'" in lines[11]
+    assert lines[12] == "empty answer"
+    assert all(i.file == str(folder / "captions.jsonl") for i in ds.issues)
+    assert log.issues == ds.issues
+    # Good rows: relative paths resolved against the data file's folder; VQA uses the runtime's template.
+    assert [e.source.rsplit(":", 1)[1] for e in ds.examples] == ["1", "4", "9"]
+    cap, vqa, absolute = ds.examples
+    assert cap.image == folder / "a.png" and cap.prompt is None and cap.target == "a red dog"
+    assert vqa.image == folder / "sub" / "b.png" and vqa.target == "red"
+    assert vqa.prompt == VQA_TEMPLATE.format(question="what color?")
+    assert absolute.target == "two dogs"  # whitespace (a newline would end the caption) collapsed
+    log.check("x")  # skip never raises
+
+
+def test_stop_lists_every_bad_line(tmp_path: Path) -> None:
+    folder = _bad_folder(tmp_path)
+    log = IssueLog("stop")
+    read_examples(folder, SETTINGS, log)
+    with pytest.raises(InvalidInput) as err:
+        log.check("the data")
+    message = str(err.value)
+    assert "8 bad line(s)" in message
+    for line in (2, 3, 5, 6, 8, 10, 11, 12):
+        assert f"captions.jsonl:{line}:" in message
+    assert "on_error='skip'" in message
+
+
+def test_csv_rows_and_line_numbers(tmp_path: Path) -> None:
+    write_image(tmp_path / "imgs" / "x.png", 3)
+    (tmp_path / "data.csv").write_text(
+        "image,caption\n"
+        "imgs/x.png,a small boat\n"  # 2
+        'imgs/x.png,"a caption\nover two lines"\n'  # 3-4 (quoted newline)
+        "imgs/none.png,a bird\n"  # 5 missing
+        "imgs/x.png,a,b\n"  # 6 too many fields
+        "imgs/x.png,\n"  # 7 empty caption
+    )
+    log = IssueLog("skip")
+    ds = read_examples(tmp_path, SETTINGS, log)  # the folder's only data file
+    assert ds.file.name == "data.csv"
+    assert [e.target for e in ds.examples] == ["a small boat", "a caption over two lines"]
+    assert {i.line: i.reason.split(":")[0] for i in ds.issues} == {
+        5: "missing image",
+        6: "malformed line",
+        7: "empty caption",
+    }
+
+
+def test_vqa_csv(tmp_path: Path) -> None:
+    write_image(tmp_path / "q.png", 4)
+    (tmp_path / "vqa.csv").write_text("image,question,answer\nq.png,how many dogs?,two\n")
+    ds = read_examples(tmp_path / "vqa.csv", SETTINGS, IssueLog("stop"))
+    (ex,) = ds.examples
+    assert ex.prompt == "Question: how many dogs? Answer:" and ex.target == "two"
+
+
+def test_find_data_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="does not exist"):
+        find_data_file(tmp_path / "nope")
+    with pytest.raises(InvalidInput, match="No data file"):
+        find_data_file(tmp_path)
+    (tmp_path / "a.csv").write_text("image,caption\n")
+    (tmp_path / "b.csv").write_text("image,caption\n")
+    with pytest.raises(InvalidInput, match="Several data files"):
+        find_data_file(tmp_path)
+    (tmp_path / "data.jsonl").write_text("")
+    assert find_data_file(tmp_path).name == "data.jsonl"  # a conventional name wins
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(InvalidInput, match=r"\.jsonl or \.csv"):
+        find_data_file(tmp_path / "x.txt")
+
+
+def test_config_validation_is_readable() -> None:
+    with pytest.raises(InvalidInput, match=r"lr: .*greater than 0"):
+        FinetuneConfig.from_options(lr=0)
+    with pytest.raises(InvalidInput, match="bogus"):
+        FinetuneConfig.from_options(bogus=1)
+    with pytest.raises(InvalidInput, match="on_error"):
+        IssueLog("ignore")  # type: ignore[arg-type]
+    assert FinetuneConfig.from_options(FinetuneConfig(epochs=2), lr=1e-3).epochs == 2

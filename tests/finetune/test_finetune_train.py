@@ -1,0 +1,304 @@
+"""Fine-tuning on the tiny checkpoint: the model really learns, the vision encoder stays bit-identical, the output
+serves through `Blip2Service`, the MCP server and the CLI, resume continues the same run, and bad lines are
+reported in both modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _finetune_testlib import CAPTIONS, write_caption_data, write_image
+
+from blip_tools import Blip2Service, BlipSettings, InvalidInput
+from blip_tools.finetune import FinetuneReport, finetune
+from blip_tools.finetune.trainer import StepInfo
+
+#: Memorisation run: a high learning rate and ~120 full-batch steps (the tiny model needs both).
+MEMORISE = {"max_steps": 120, "batch_size": 6, "lr": 1e-2, "warmup_steps": 5, "weight_decay": 0.0, "val_fraction": 0}
+
+
+def _settings(model: Path | str) -> BlipSettings:
+    return BlipSettings(model=str(model), device="cpu", dtype="float32", max_wait_ms=1.0)
+
+
+@pytest.fixture(scope="module")
+def trained(steerable_base: Path, caption_data: Path, tmp_path_factory: pytest.TempPathFactory) -> FinetuneReport:
+    """One fine-tuning run of the default trainable set on the six captioned images."""
+    out = tmp_path_factory.mktemp("ftout") / "model"
+    return finetune(caption_data, out, settings=_settings(steerable_base), progress=False, **MEMORISE)
+
+
+def test_loss_falls_and_every_training_caption_is_memorised(trained: FinetuneReport, caption_data: Path) -> None:
+    metrics = json.loads(trained.metrics_path.read_text())
+    losses = [s["loss"] for s in metrics["steps"]]
+    assert [s["step"] for s in metrics["steps"]] == list(range(1, 121))
+    assert trained.first_loss == losses[0]
+    assert trained.final_loss is not None and trained.final_loss <= losses[0] / 2
+    assert min(losses[-10:]) < 0.1 * losses[0]
+    lrs = [s["lr"] for s in metrics["steps"]]
+    assert lrs[4] == pytest.approx(1e-2)  # warm-up over 5 steps, then cosine decay to 0
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-9) and lrs[60] < lrs[10]
+    assert trained.steps == 120 and trained.train_examples == 6 and trained.skipped == []
+    # The default trainable set is tiny next to the whole model: Q-Former + query tokens + projection.
+    assert trained.trainable_params < trained.total_params / 2
+
+    with Blip2Service(_settings(trained.out_dir)) as service:
+        got = [service.caption(str(caption_data / "img" / f"{i}.png")).caption for i in range(len(CAPTIONS))]
+    assert got == list(CAPTIONS)
+
+
+def test_frozen_weights_are_bit_identical(trained: FinetuneReport, steerable_base: Path) -> None:
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    before = dict(Blip2ForConditionalGeneration.from_pretrained(steerable_base).named_parameters())
+    after = dict(Blip2ForConditionalGeneration.from_pretrained(trained.out_dir).named_parameters())
+    assert before.keys() == after.keys()
+    vision = [n for n in before if n.startswith("vision_model.")]
+    assert vision
+    assert all(torch.equal(before[n], after[n]) for n in vision)
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("language_model."))
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert any(n.startswith("qformer.") for n in changed)
+    assert "query_tokens" in changed and "language_projection.weight" in changed
+
+
+def test_trainer_keeps_vision_frozen_in_eval_mode(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    from blip_tools.finetune.data import IssueLog, read_examples
+    from blip_tools.finetune.trainer import Trainer
+
+    log = IssueLog("stop")
+    ds = read_examples(caption_data, _settings("x"), log)
+    from blip_tools.finetune.config import FinetuneConfig
+
+    trainer = Trainer(
+        model_name=str(tiny_checkpoint / "captioner"),
+        out_dir=tmp_path / "out",
+        config=FinetuneConfig(max_steps=3, batch_size=3, lr=1e-2, progress=False, cache_features=False),
+        settings=_settings(tiny_checkpoint / "captioner"),
+        train=ds.examples,
+        val=[],
+        log=log,
+        data_file=ds.file,
+    )
+    seen: list[tuple[bool, bool]] = []
+
+    def check(info: StepInfo) -> None:
+        vision = trainer.model.vision_model
+        seen.append((vision.training, any(p.requires_grad or p.grad is not None for p in vision.parameters())))
+
+    trainer.on_step = check
+    trainer.run()
+    original = {n: p.clone() for n, p in _load(tiny_checkpoint / "captioner").vision_model.named_parameters()}
+    assert seen == [(False, False)] * 3  # eval mode, no gradients, every step (features not cached here)
+    current = dict(trainer.model.vision_model.named_parameters())
+    assert all(torch.equal(original[n], current[n]) for n in original)
+    assert trainer.model.qformer.training  # the trained part is in train mode
+
+
+def _load(path: Path) -> Any:
+    from transformers import Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration.from_pretrained(path)
+
+
+def test_vqa_labels_mask_image_prompt_and_padding(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from blip_tools.finetune.config import FinetuneConfig
+    from blip_tools.finetune.data import IssueLog, read_examples
+    from blip_tools.finetune.trainer import Trainer
+
+    write_image(tmp_path / "q.png", 9)
+    (tmp_path / "vqa.jsonl").write_text(
+        json.dumps({"image": "q.png", "question": "what color is the dog?", "answer": "red"})
+        + "\n"
+        + json.dumps({"image": "q.png", "caption": "a red dog on the grass"})
+        + "\n"
+    )
+    log = IssueLog("stop")
+    ds = read_examples(tmp_path / "vqa.jsonl", _settings("x"), log)
+    trainer = Trainer(
+        model_name=str(tiny_checkpoint / "captioner"),
+        out_dir=tmp_path / "o",
+        config=FinetuneConfig(),
+        settings=_settings(tiny_checkpoint / "captioner"),
+        train=ds.examples,
+        val=[],
+        log=log,
+        data_file=ds.file,
+    )
+    trainer._load()
+    tok = trainer.processor.tokenizer
+    rows = trainer._encode(ds.examples, "t")
+    q = trainer.num_query
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert trainer.end_id == newline[0] and trainer.end_id in trainer.eos_ids  # what the runtime stops at
+    vqa, cap = rows
+    prompt = tok("Question: what color is the dog? Answer:")["input_ids"]
+    answer = tok(" red", add_special_tokens=False)["input_ids"]
+    assert vqa.input_ids == [trainer.image_id] * q + prompt + answer + newline
+    assert vqa.labels == [-100] * (q + len(prompt)) + answer + newline
+    caption = tok("a red dog on the grass", add_special_tokens=False)["input_ids"]
+    assert cap.labels == [-100] * (q + 1) + caption + newline  # image tokens and BOS masked
+    ids, mask, labels = trainer._collate(rows)
+    assert (labels[mask == 0] == -100).all() and ids.shape == labels.shape
+
+
+def test_served_through_the_mcp_server(trained: FinetuneReport, caption_data: Path) -> None:
+    pytest.importorskip("mcp_server.server")
+    import anyio
+    from mcp import Client
+
+    from mcp_server.server import create_server
+
+    async def main() -> list[str]:
+        with Blip2Service(_settings(trained.out_dir)) as service:
+            server = create_server(service)
+            with anyio.fail_after(60):
+                async with Client(server) as client:
+                    out = []
+                    for i in (0, 3):
+                        result = await client.call_tool(
+                            "caption_image", {"image": str(caption_data / "img" / f"{i}.png")}
+                        )
+                        assert not result.is_error, result
+                        assert result.structured_content is not None
+                        out.append(result.structured_content["caption"])
+                    return out
+
+    assert anyio.run(main) == [CAPTIONS[0], CAPTIONS[3]]
+
+
+def test_resume_continues_the_same_run(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
+    base = tiny_checkpoint / "captioner"
+    # 6 examples, batch 1 × accumulation 2 → 3 steps per epoch; checkpoint every 4 steps; 10 steps in all.
+    options: dict[str, Any] = {
+        "max_steps": 10,
+        "batch_size": 1,
+        "grad_accum": 2,
+        "lr": 3e-3,
+        "save_every": 4,
+        "val_fraction": 0,
+        "progress": False,
+    }
+    straight = finetune(caption_data, tmp_path / "straight", settings=_settings(base), **options)
+    full = [s["loss"] for s in json.loads(straight.metrics_path.read_text())["steps"]]
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_8(info: StepInfo) -> None:
+        if info.step == 8:  # after the step-8 checkpoint was written
+            raise Crash
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        finetune(caption_data, out, settings=_settings(base), on_step=crash_at_8, **options)
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ["step-0000004", "step-0000008"]
+    with pytest.raises(InvalidInput, match="not empty"):
+        finetune(caption_data, out, settings=_settings(base), **options)
+
+    steps: list[int] = []
+    report = finetune(
+        caption_data, out, settings=_settings(base), resume=True, on_step=lambda i: steps.append(i.step), **options
+    )
+    assert report.resumed_from_step == 8 and report.steps == 10 and steps == [9, 10]
+    resumed = json.loads(report.metrics_path.read_text())["steps"]
+    assert [s["step"] for s in resumed] == list(range(1, 11))
+    # Same data order, optimizer, schedule and RNG: the resumed losses are the uninterrupted run's.
+    assert [s["loss"] for s in resumed] == pytest.approx(full, rel=1e-5, abs=1e-6)
+
+    with pytest.raises(InvalidInput, match="differs"):
+        finetune(caption_data, out, settings=_settings(base), resume=True, **(options | {"batch_size": 2}))
+
+
+def test_bad_lines_stop_or_skip_by_line_number(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    data = write_caption_data(tmp_path / "data", CAPTIONS[:3])
+    with (data / "captions.jsonl").open("a") as fh:
+        fh.write('{"image": "img/404.png", "caption": "a dog"}\n')  # line 4: missing image
+        fh.write("{not json\n")  # line 5: malformed
+        fh.write('{"image": "img/0.png", "caption": ""}\n')  # line 6: empty caption
+    settings = _settings(tiny_checkpoint / "captioner")
+
+    with pytest.raises(InvalidInput) as err:
+        finetune(data, tmp_path / "stop", settings=settings, max_steps=1, progress=False)
+    for line in (4, 5, 6):
+        assert f"captions.jsonl:{line}:" in str(err.value)
+    assert not (tmp_path / "stop").exists()  # refused before training
+
+    report = finetune(
+        data, tmp_path / "skip", settings=settings, on_error="skip", max_steps=2, val_fraction=0, progress=False
+    )
+    assert [(s.line, s.reason.split(":")[0]) for s in report.skipped] == [
+        (4, "missing image"),
+        (5, "malformed line"),
+        (6, "empty caption"),
+    ]
+    assert report.train_examples == 3
+    metrics = json.loads(report.metrics_path.read_text())
+    assert [s["line"] for s in metrics["report"]["skipped"]] == [4, 5, 6]
+
+
+def test_validation_early_stopping_keeps_best(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
+    # min_delta is so large that no later evaluation counts as better: patience 2 stops at the third one.
+    report = finetune(
+        caption_data,
+        tmp_path / "out",
+        settings=_settings(tiny_checkpoint / "captioner"),
+        epochs=50,
+        batch_size=5,
+        val_fraction=0.2,
+        patience=2,
+        min_delta=1e3,
+        progress=False,
+    )
+    assert report.train_examples == 5 and report.val_examples == 1
+    assert report.early_stopped and report.steps == 3 and report.best_step == 1
+    evals = json.loads(report.metrics_path.read_text())["eval"]
+    assert [e["step"] for e in evals] == [1, 2, 3] and report.best_val_loss == evals[0]["val_loss"]
+
+
+def test_lora_is_merged_into_a_plain_checkpoint(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    import torch
+
+    base = tiny_checkpoint / "captioner"
+    report = finetune(
+        caption_data,
+        tmp_path / "lora",
+        settings=_settings(base),
+        lora=True,
+        lora_r=4,
+        max_steps=4,
+        batch_size=6,
+        lr=1e-2,
+        val_fraction=0,
+        progress=False,
+    )
+    assert report.lora
+    before = dict(_load(base).named_parameters())
+    after = dict(_load(report.out_dir).named_parameters())
+    assert before.keys() == after.keys()  # merged: no adapter tensors left, loads as a plain checkpoint
+    targets = [n for n in before if n.startswith("language_model.") and (".q_proj." in n or ".v_proj." in n)]
+    assert targets and all(not torch.equal(before[n], after[n]) for n in targets if n.endswith("weight"))
+    others = [n for n in before if n.startswith(("vision_model.", "language_model.")) and n not in targets]
+    assert all(torch.equal(before[n], after[n]) for n in others)
+    with Blip2Service(_settings(report.out_dir)) as service:
+        assert isinstance(service.caption(str(caption_data / "img" / "0.png")).caption, str)
+
+
+def test_cli_finetune(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from blip_tools.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["finetune", "--data", str(caption_data), "--out", str(out), "--model", str(tiny_checkpoint / "captioner")]
+    code = main([*argv, "--device", "cpu", "--max-steps", "2", "--val-fraction", "0", "--no-progress", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 2 and Path(report["out_dir"]) == out and (out / "config.json").is_file()
+    assert main([*argv, "--device", "cpu", "--max-steps", "2"]) == 2  # not empty, no --resume
+    assert "not empty" in capsys.readouterr().err
