@@ -1,0 +1,315 @@
+"""Scale out on Ray Serve: replicas that each own one `Blip2Service`, behind HTTP (MCP) and a handle API.
+
+Each replica builds one `Blip2Service` (its own model copy and dynamic batcher) and serves:
+
+- **HTTP**: the same app as `blip-mcp --transport http` (streamable-HTTP MCP at `/mcp`, `/healthz`, token and
+  Host checks), mounted with `@serve.ingress`; Ray's HTTP proxy spreads requests over the replicas. So
+  `blip-mcp --connect http://HEAD:8000/mcp` and `RemoteService("http://HEAD:8000/mcp")` work unchanged.
+- **Handle**: `caption`, `answer`, `score`, `embed_images`, `embed_texts`, `stats`, `model_info` methods for Python
+  callers in the cluster; `RayServeClient` wraps a handle and returns the typed results, mapping Ray's
+  `BackPressureError` (more than `max_queued_requests` waiting) to `Overloaded`.
+
+`max_ongoing_requests` bounds the requests one replica works on at once (they batch inside it);
+`max_queued_requests` bounds those waiting for a replica; beyond that callers get `Overloaded` (HTTP 503).
+Start it with `blip-tools serve-ray` (needs the `ray` extra: `pip install "blip-tools[ray]"`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BlipError, CapabilityUnavailable, InvalidInput, Overloaded
+from .results import AnswerResult, CaptionResult, EmbeddingResult, ModelInfo, ScoreResult, ServiceStats
+from .settings import BlipSettings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_APP_NAME = "blip"
+DEFAULT_DEPLOYMENT_NAME = "Blip2Deployment"
+
+
+def _require_ray() -> Any:
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise CapabilityUnavailable(
+            'Ray Serve is not installed: pip install "blip-tools[ray]" (or pip install "ray[serve]").'
+        ) from exc
+    return ray, serve
+
+
+@dataclass
+class RayServeConfig:
+    """How the deployment is scaled and exposed."""
+
+    num_replicas: int = 1
+    """Replicas, each with its own model copy and batcher."""
+
+    num_gpus: float = 0.0
+    """GPUs per replica (fractions share a GPU between replicas)."""
+
+    num_cpus: float = 1.0
+    """CPUs reserved per replica."""
+
+    max_ongoing_requests: int = 32
+    """Requests one replica works on at once (they batch together); twice `max_batch_size` keeps it busy."""
+
+    max_queued_requests: int = 64
+    """Requests waiting for a replica; one more gets `Overloaded` (HTTP 503). -1 means unbounded."""
+
+    route_prefix: str = "/"
+    """HTTP route of the app on Ray's proxy: the MCP endpoint is `<route_prefix>/mcp`."""
+
+    name: str = DEFAULT_APP_NAME
+    """Serve application name (one per deployment of blip-tools on a cluster)."""
+
+    token: str | None = None
+    """Bearer token for HTTP (required when Ray's proxy listens beyond loopback)."""
+
+    http_host: str = "127.0.0.1"
+    """Where Ray's HTTP proxy listens; decides the Host names accepted (see `allowed_hosts`)."""
+
+    allowed_hosts: list[str] = field(default_factory=list)
+    """Extra Host header values to accept (the head node's DNS name, a load balancer's name)."""
+
+    def check(self) -> None:
+        """Readable errors for impossible values, before anything starts."""
+        if self.num_replicas < 1:
+            raise InvalidInput(f"num_replicas must be an integer >= 1, got {self.num_replicas}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise InvalidInput(f"num_gpus and num_cpus must be >= 0, got {self.num_gpus} and {self.num_cpus}")
+        if self.max_ongoing_requests < 1:
+            raise InvalidInput(f"max_ongoing_requests must be an integer >= 1, got {self.max_ongoing_requests}")
+        if self.max_queued_requests < -1:
+            raise InvalidInput(f"max_queued_requests must be -1 (unbounded) or >= 0, got {self.max_queued_requests}")
+        if not self.route_prefix.startswith("/"):
+            raise InvalidInput(f"route_prefix must start with '/', got {self.route_prefix!r}")
+
+
+def _replica_identity() -> dict[str, Any]:
+    """Which replica (and process) answered: for logs, tests and spreading checks."""
+    from ray import serve
+
+    try:
+        replica_id = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (direct use in tests)
+        replica_id = "local"
+    return {"replica": replica_id, "pid": os.getpid()}
+
+
+class Blip2Deployment:
+    """One Ray Serve replica: one `Blip2Service`, its MCP HTTP app, and handle methods.
+
+    Handle methods take image references (paths the replica's node can read, data URIs, base64, bytes or PIL
+    images) and return `{"replica": ..., "pid": ..., "result": <result as JSON-able dict>}`; `RayServeClient`
+    unwraps them into typed results. Errors are `BlipError`s.
+    """
+
+    def __init__(self, settings: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+        from mcp_server.server import create_server
+
+        from .service import Blip2Service
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        self.settings = BlipSettings(**settings)
+        self.config = RayServeConfig(**(config or {}))
+        self.service = Blip2Service(self.settings).start()
+        self.server = create_server(self.service)
+        self.identity = _replica_identity()
+        logger.info("blip-tools replica %s (pid %s) ready", self.identity["replica"], self.identity["pid"])
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The replica's HTTP app: the same MCP app, checks and routes as `blip-mcp --transport http`."""
+        from mcp_server.http import HttpConfig, build_http_app
+
+        http = HttpConfig(
+            host=self.config.http_host, token=self.config.token, allowed_hosts=list(self.config.allowed_hosts)
+        )
+        return build_http_app(self.server, http)
+
+    def _reply(self, result: Any) -> dict[str, Any]:
+        if isinstance(result, list):
+            value: Any = [r.model_dump(mode="json") if not isinstance(r, BlipError) else _error_dict(r) for r in result]
+        else:
+            value = result.model_dump(mode="json")
+        return {**self.identity, "result": value}
+
+    async def whoami(self) -> dict[str, Any]:
+        """This replica's id and process id."""
+        return dict(self.identity)
+
+    async def caption(self, image: Any, prompt: str | None = None, **gen: Any) -> dict[str, Any]:
+        """Caption one image (batched with whatever else this replica is serving)."""
+        return self._reply(await self.service.acaption(image, prompt, **gen))
+
+    async def answer(self, image: Any, question: str, **gen: Any) -> dict[str, Any]:
+        """Answer a question about one image."""
+        return self._reply(await self.service.aanswer(image, question, **gen))
+
+    async def score(self, image: Any, texts: Sequence[str]) -> dict[str, Any]:
+        """ITC and ITM scores of texts against one image."""
+        return self._reply(await self.service.ascore(image, texts))
+
+    async def embed_images(self, images: Sequence[Any], include_query_vectors: bool = False) -> dict[str, Any]:
+        """Image embeddings; a bad image yields its error in place."""
+        results = await self.service.aembed_images(
+            images, include_query_vectors=include_query_vectors, return_exceptions=True
+        )
+        return self._reply(results)
+
+    async def embed_texts(self, texts: Sequence[str]) -> dict[str, Any]:
+        """Text embeddings."""
+        return self._reply(await self.service.aembed_texts(texts))
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's service counters."""
+        return self._reply(self.service.stats())
+
+    async def model_info(self) -> dict[str, Any]:
+        """This replica's model, device and limits."""
+        return self._reply(self.service.model_info())
+
+    def __del__(self) -> None:  # replicas are torn down by Ray; drain what is queued
+        service = getattr(self, "service", None)
+        if service is not None and not service.closed:
+            service.close(drain=True, timeout_s=10.0)
+
+
+def _error_dict(exc: BlipError) -> dict[str, Any]:
+    return {"error": {"code": exc.code, "message": str(exc)}}
+
+
+def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> Any:
+    """The Serve application (`serve.run(build_app(...))`): replicas of `Blip2Deployment` with the config's limits."""
+    _, serve = _require_ray()
+    config = config or RayServeConfig()
+    config.check()
+    actor_options: dict[str, Any] = {"num_cpus": config.num_cpus}
+    if config.num_gpus:
+        actor_options["num_gpus"] = config.num_gpus
+    ingress_cls = serve.ingress()(Blip2Deployment)
+    deployment = serve.deployment(
+        ingress_cls,
+        name=DEFAULT_DEPLOYMENT_NAME,
+        num_replicas=config.num_replicas,
+        ray_actor_options=actor_options,
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        health_check_period_s=10,
+    )
+    config_dict = {
+        "num_replicas": config.num_replicas,
+        "http_host": config.http_host,
+        "token": config.token,
+        "allowed_hosts": list(config.allowed_hosts),
+        "route_prefix": config.route_prefix,
+        "name": config.name,
+    }
+    return deployment.bind(settings.model_dump(mode="json"), config_dict)
+
+
+def run(settings: BlipSettings, config: RayServeConfig | None = None, *, blocking: bool = False) -> Any:
+    """Deploy on the connected Ray cluster (`ray.init` first, or let Serve start a local one); return the handle."""
+    _, serve = _require_ray()
+    config = config or RayServeConfig()
+    app = build_app(settings, config)
+    return serve.run(app, name=config.name, route_prefix=config.route_prefix, blocking=blocking)
+
+
+# ---------------------------------------------------------------------------------------------- client side
+def map_ray_error(exc: BaseException) -> BlipError | None:
+    """The `BlipError` for what a handle call raised: back-pressure → `Overloaded`, replica errors unwrapped."""
+    from ray.serve.exceptions import BackPressureError
+
+    current: BaseException | None = exc
+    seen = 0
+    while current is not None and seen < 8:
+        if isinstance(current, BackPressureError):
+            retry = getattr(current, "retry_after_s", None)
+            return Overloaded(
+                f"All blip-tools replicas are busy and their queue is full ({current}). Retry shortly, or add "
+                "replicas (--replicas) / raise --max-queued-requests.",
+                retry_after_s=float(retry) if retry else 1.0,
+            )
+        if isinstance(current, BlipError):
+            return current
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else current.__cause__
+        seen += 1
+    return None
+
+
+class RayServeClient:
+    """Typed access to a `Blip2Deployment` handle: `CaptionResult` etc., `BlipError`s, `Overloaded` on back-pressure.
+
+    `last_replica` records which replica answered the last call (useful to see requests spread).
+    """
+
+    def __init__(self, handle: Any | None = None, *, app_name: str = DEFAULT_APP_NAME) -> None:
+        _, serve = _require_ray()
+        self.handle = handle if handle is not None else serve.get_app_handle(app_name)
+        self.last_replica: dict[str, Any] | None = None
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            reply = await getattr(self.handle, method).remote(*args, **kwargs)
+        except BlipError:
+            raise
+        except Exception as exc:
+            mapped = map_ray_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        self.last_replica = {"replica": reply["replica"], "pid": reply["pid"]}
+        return reply["result"]
+
+    async def acaption(self, image: Any, prompt: str | None = None, **gen: Any) -> CaptionResult:
+        """Caption one image on some replica."""
+        return CaptionResult.model_validate(await self._call("caption", image, prompt, **gen))
+
+    async def aanswer(self, image: Any, question: str, **gen: Any) -> AnswerResult:
+        """Answer a question about one image on some replica."""
+        return AnswerResult.model_validate(await self._call("answer", image, question, **gen))
+
+    async def ascore(self, image: Any, texts: Sequence[str]) -> ScoreResult:
+        """Scores of texts against one image."""
+        return ScoreResult.model_validate(await self._call("score", image, list(texts)))
+
+    async def aembed_images(self, images: Sequence[Any]) -> list[EmbeddingResult | BlipError]:
+        """Image embeddings (one replica call for the list); bad images give their error in place."""
+        from .remote import error_from_text
+
+        out: list[EmbeddingResult | BlipError] = []
+        for item in await self._call("embed_images", list(images)):
+            if "error" in item and "vector" not in item:
+                out.append(error_from_text(f"[{item['error']['code']}] {item['error']['message']}"))
+            else:
+                out.append(EmbeddingResult.model_validate(item))
+        return out
+
+    async def aembed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
+        """Text embeddings."""
+        return [EmbeddingResult.model_validate(r) for r in await self._call("embed_texts", list(texts))]
+
+    async def astats(self) -> ServiceStats:
+        """Counters of whichever replica answers (each replica counts its own)."""
+        return ServiceStats.model_validate(await self._call("stats"))
+
+    async def amodel_info(self) -> ModelInfo:
+        """Model, device and limits of a replica."""
+        return ModelInfo.model_validate(await self._call("model_info"))
+
+
+__all__ = [
+    "Blip2Deployment",
+    "RayServeClient",
+    "RayServeConfig",
+    "build_app",
+    "map_ray_error",
+    "run",
+]
