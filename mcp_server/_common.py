@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -96,8 +96,30 @@ def error_message(exc: BlipError) -> str:
     return f"[{exc.code}] {text}"
 
 
+ErrorObserver = Callable[[BlipError], None]
+"""Told about every `BlipError` a tool returns to the client (e.g. the metrics' error counter)."""
+
+_error_observers: list[ErrorObserver] = []
+
+
+def add_error_observer(fn: ErrorObserver) -> Callable[[], None]:
+    """Call `fn(exc)` whenever a tool maps a `BlipError` to a `ToolError`; returns a function that removes it."""
+    _error_observers.append(fn)
+
+    def remove() -> None:
+        if fn in _error_observers:
+            _error_observers.remove(fn)
+
+    return remove
+
+
 def to_tool_error(exc: BlipError) -> ToolError:
     """Map a `BlipError` to the `ToolError` whose message reaches the model (other exceptions stay masked)."""
+    for observer in list(_error_observers):
+        try:
+            observer(exc)
+        except Exception:  # an observer must never change what the client gets
+            logger.exception("error observer %r raised; ignored", observer)
     return ToolError(error_message(exc))
 
 

@@ -342,8 +342,10 @@ def uvicorn_config(app: Starlette, config: HttpConfig, **overrides: Any) -> Any:
 
 
 def run_http(server: BlipMCPServer, config: HttpConfig) -> None:
-    """Serve `server` over streamable HTTP until interrupted."""
+    """Serve `server` over streamable HTTP until interrupted, with `/metrics` and the `/ui` console."""
     import uvicorn
 
-    app = build_http_app(server, config)
+    from .web import build_app
+
+    app = build_app(server, config)
     uvicorn.Server(uvicorn_config(app, config)).run()

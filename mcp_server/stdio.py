@@ -104,7 +104,7 @@ def malformed_line_error(line: str) -> dict[str, Any] | None:
     except ValidationError as exc:
         try:
             data = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             return _error(None, PARSE_ERROR, "Parse error: each line must be one JSON-RPC message in JSON.")
         if isinstance(data, list):
             return _error(
