@@ -1,0 +1,117 @@
+"""`blip-tools serve-ray`: deploy BLIP-2 replicas on a Ray cluster (local or multi-node) behind MCP over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..errors import CapabilityUnavailable
+from ._common import add_model_options, settings_from_args
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `serve-ray`."""
+    p = sub.add_parser(
+        "serve-ray",
+        help="serve on Ray Serve: N replicas (one model each) behind MCP over HTTP (needs the [ray] extra)",
+        description="Deploy Blip2Service replicas on Ray Serve. Clients connect with "
+        "`blip-mcp --connect http://HOST:PORT/mcp` or RemoteService(URL); Python code in the cluster can use "
+        "blip_tools.ray_serve.RayServeClient.",
+    )
+    add_model_options(p)
+    g = p.add_argument_group("scaling")
+    g.add_argument("--replicas", type=int, default=1, help="replicas, each with its own model (default 1)")
+    g.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica, fractions allowed (default 0)")
+    g.add_argument("--cpus", type=float, default=1.0, help="CPUs reserved per replica (default 1)")
+    g.add_argument(
+        "--max-ongoing-requests", type=int, default=32, help="requests one replica batches at once (default 32)"
+    )
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=64,
+        help="requests waiting for a replica before callers get Overloaded / HTTP 503 (default 64; -1 unbounded)",
+    )
+    g = p.add_argument_group("cluster and HTTP")
+    g.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join, e.g. 'auto' or ray://head:10001 (default: RAY_ADDRESS, else a local instance)",
+    )
+    g.add_argument("--host", default="127.0.0.1", help="where Ray's HTTP proxy listens (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port of Ray's proxy (default 8000)")
+    g.add_argument("--route-prefix", default="/", help="HTTP route of the app; MCP is at <prefix>/mcp (default /)")
+    g.add_argument("--name", default="blip", help="Serve application name (default blip)")
+    g.add_argument("--token", default=None, help="bearer token (prefer BLIP_TOKEN); required for a non-loopback host")
+    g.add_argument(
+        "--allowed-host",
+        action="append",
+        dest="allowed_hosts",
+        default=[],
+        metavar="NAME",
+        help="extra Host header to accept, e.g. the head node's DNS name (repeatable)",
+    )
+    g.add_argument(
+        "--detach",
+        action="store_true",
+        help="deploy and exit, leaving the app running on the cluster (with --address); default: serve until Ctrl-C",
+    )
+    p.set_defaults(handler=_serve_ray)
+
+
+def _serve_ray(args: argparse.Namespace) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise CapabilityUnavailable('Ray Serve is not installed: pip install "blip-tools[ray]".') from exc
+
+    from ..ray_serve import RayServeConfig, run
+
+    settings = settings_from_args(args)
+    token = args.token or settings.token
+    config = RayServeConfig(
+        num_replicas=args.replicas,
+        num_gpus=args.gpus,
+        num_cpus=args.cpus,
+        max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        route_prefix=args.route_prefix,
+        name=args.name,
+        token=token,
+        http_host=args.host,
+        allowed_hosts=list(args.allowed_hosts),
+    )
+    config.check()
+    from mcp_server.http import HttpConfig
+
+    HttpConfig(host=args.host, token=token).check()  # same rule as blip-mcp: no open non-loopback server
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if args.detach and not address:
+        print("error: --detach needs a running cluster (--address or RAY_ADDRESS)", file=sys.stderr)
+        return 2
+    ray.init(address=address, include_dashboard=False if not address else None, logging_level=logging.WARNING)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    run(settings, config)
+    prefix = args.route_prefix.rstrip("/")
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"blip-tools on Ray Serve: {args.replicas} replica(s) of {settings.model}", file=sys.stderr)
+    print(f"MCP endpoint: http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
+    print(f"connect with: blip-mcp --connect http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
+    if args.detach:
+        return 0
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
