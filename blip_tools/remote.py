@@ -177,7 +177,7 @@ def transport_error(exc: BaseException, url: str) -> BlipError:
     return BlipError(f"Talking to the blip-mcp daemon at {url} failed: {type(first).__name__}: {first}")
 
 
-_TELLING_STATUSES = (401, 403, 404, 413, 421)
+_TELLING_STATUSES = (401, 403, 404, 413, 421, 429, 503)
 
 
 def _status_error(status: int, url: str) -> BlipError:
@@ -193,6 +193,12 @@ def _status_error(status: int, url: str) -> BlipError:
     if status == 421:
         return BlipError(
             f"The daemon at {url} does not accept this host name (HTTP 421): start it with --allowed-host <name>."
+        )
+    if status in (429, 503):
+        return Overloaded(
+            f"The server at {url} is at capacity (HTTP {status}): every replica is busy and its queue is full. "
+            "Retry shortly.",
+            retry_after_s=1.0,
         )
     return BlipError(f"The blip-mcp daemon at {url} answered HTTP {status}.")
 
