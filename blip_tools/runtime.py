@@ -244,8 +244,10 @@ class Blip2Runtime:
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch.ao's migration notice; the API still works
-                    quantize_dynamic(model.language_model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-                logger.info("language model linear layers quantized to int8 (dynamic)")
+                    # The Q-Former stays float32 (as transformers keeps it): it is small and feeds every token.
+                    for part in (model.vision_model, model.language_model):
+                        quantize_dynamic(part, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+                logger.info("vision encoder and language model linear layers quantized to int8 (dynamic)")
         if self.settings.compile:
             # In place, so parameter names (and state dicts) stay the same; shapes vary with the batch size.
             model.vision_model.compile(dynamic=True)

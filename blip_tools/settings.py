@@ -68,8 +68,8 @@ class BlipSettings(BaseSettings):
     """Images whose language-model KV cache of the image-token prefix is kept (LRU; 0 disables)."""
 
     quantize: Literal["none", "int8"] = "none"
-    """`int8`: dynamic int8 quantization of the language model's linear layers (CPU only; faster decoding, small
-    output drift, see the README's benchmark section). Ignored with a warning on GPU."""
+    """`int8`: dynamic int8 quantization of the vision encoder's and language model's linear layers (CPU only;
+    faster compute-bound stages, small output drift: see the README's benchmark section). Ignored on GPU."""
 
     static_cache: bool = False
     """Decode with a static (preallocated) KV cache instead of a growing one; needed for `compile` to pay off on

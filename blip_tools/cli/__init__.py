@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ..errors import BlipError
 
-_COMMAND_MODULES = ["core", "collections", "finetune"]
+_COMMAND_MODULES = ["core", "collections", "finetune", "bench", "ray"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,201 @@
+"""B3: per-call latency of each layer — runtime, service (sync/async), LangChain tool, MCP in-memory, MCP stdio,
+MCP HTTP — with a null model (pure overhead) and with the benchmark-size model.
+
+Calls are sequential (one caller) and interleaved round by round across layers, so machine noise hits every
+layer alike; figures are medians. Servers in subprocesses use `benchmarks/_null_server.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .harness import Check, ScenarioResult, median
+from .null_model import NullRuntime
+from .scenarios import BenchContext
+from .sizes import make_images
+
+REPO = Path(__file__).resolve().parents[1]
+_NULL_SERVER = Path(__file__).with_name("_null_server.py")
+
+
+def b3_layers(ctx: BenchContext) -> ScenarioResult:
+    """Per-call overhead of each layer; checks LangChain and MCP in-memory against a direct service call."""
+    rounds = ctx.scale(40 if ctx.size != "real" else 3, 8)
+    rows: list[dict[str, Any]] = []
+    checks: list[Check] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "b3.png"
+        make_images(1, ctx.size, seed=30)[0].save(path)
+        for kind in ("null", "model"):
+            medians = asyncio.run(_measure(ctx, kind, str(path), rounds))
+            base_sync, base_async = medians["service"], medians["service_async"]
+            for layer, value in medians.items():
+                rows.append(
+                    {
+                        "model": kind if kind == "null" else ctx.size,
+                        "layer": layer,
+                        "median_ms": value * 1000,
+                        "overhead_vs_service_ms": (value - base_sync) * 1000,
+                        "x_service": value / base_sync,
+                        "x_service_async": value / base_async,
+                    }
+                )
+            if kind == "model" and ctx.size == "tiny":
+                lc = medians["langchain_tool"] / base_sync
+                mcp = medians["mcp_in_memory"] / base_async
+                checks.append(Check("tiny: LangChain tool <= 1.03x a direct service call", lc <= 1.03, f"{lc:.3f}x"))
+                checks.append(
+                    Check(
+                        "tiny: MCP in-memory <= 1.03x a direct service call (acaption, which its tool awaits)",
+                        mcp <= 1.03,
+                        f"{mcp:.3f}x ({medians['mcp_in_memory'] / base_sync:.3f}x the sync call)",
+                    )
+                )
+    return ScenarioResult(
+        "B3",
+        "per-call latency of each layer",
+        ctx.size,
+        rows,
+        checks,
+        notes=[
+            f"median of {rounds} sequential calls per layer, interleaved; every layer decodes the same PNG path; "
+            "the service's 2 ms idle wait window is included from `service` on"
+        ],
+    )
+
+
+async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict[str, float]:
+    from mcp import Client
+
+    from blip_tools.images import load_image
+    from blip_tools.langchain import CaptionImageTool
+    from blip_tools.params import GenerationParams
+    from blip_tools.runtime import GenerationItem
+    from mcp_server import create_server
+
+    gen = {"max_new_tokens": ctx.tokens}
+    svc = ctx.service(NullRuntime if kind == "null" else None)
+    rt = svc.runtime
+    params = GenerationParams(**gen)
+    tool = CaptionImageTool(service=svc)
+    args = {"image": path, **gen}
+
+    def direct() -> Any:
+        loaded = load_image(path, svc.settings)
+        item = GenerationItem(rt.preprocess(loaded.image, loaded.sha256), rt.encode_prompt(None))
+        return rt.generate([item], params)
+
+    layers: dict[str, Callable[[], Awaitable[Any]]] = {}
+
+    async def call_sync(fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    layers["runtime"] = lambda: call_sync(direct)
+    layers["service"] = lambda: call_sync(lambda: svc.caption(path, **gen))
+    layers["service_async"] = lambda: svc.acaption(path, **gen)
+    layers["langchain_tool"] = lambda: call_sync(lambda: tool.invoke(args))
+    layers["langchain_tool_async"] = lambda: tool.ainvoke(args)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            memory = await stack.enter_async_context(Client(create_server(svc)))
+            layers["mcp_in_memory"] = lambda: _call(memory, args)
+            stdio = await stack.enter_async_context(Client(_stdio_params(ctx, kind)))
+            layers["mcp_stdio"] = lambda: _call(stdio, args)
+            url = await stack.enter_async_context(_http_server(ctx, kind))
+            http = await stack.enter_async_context(Client(url))
+            layers["mcp_http"] = lambda: _call(http, args)
+            for fn in layers.values():  # warm-up (model load in subprocesses, first-call paths)
+                await fn()
+                await fn()
+            times: dict[str, list[float]] = {name: [] for name in layers}
+            for _ in range(rounds):
+                for name, fn in layers.items():
+                    start = time.perf_counter()
+                    await fn()
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        svc.close()
+    return {name: median(values) for name, values in times.items()}
+
+
+async def _call(client: Any, args: dict[str, Any]) -> Any:
+    result = await client.call_tool("caption_image", args)
+    if result.is_error:
+        raise RuntimeError(f"caption_image failed: {result.content}")
+    return result
+
+
+def _server_env(ctx: BenchContext, kind: str) -> dict[str, str]:
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_")}
+    settings = ctx.settings()
+    env.update(
+        {
+            "BLIP_MODEL": settings.model,
+            "BLIP_RETRIEVAL_MODEL": settings.retrieval_model,
+            "BLIP_DEVICE": "cpu",
+            "BLIP_DTYPE": "float32",
+            "BLIP_FEATURE_CACHE_SIZE": "0",
+            "BLIP_PREFIX_CACHE_SIZE": "0",
+            "BLIP_BENCH_NULL": "1" if kind == "null" else "0",
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+            "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
+    )
+    return env
+
+
+def _stdio_params(ctx: BenchContext, kind: str) -> Any:
+    from mcp.client.stdio import StdioServerParameters
+
+    return StdioServerParameters(
+        command=sys.executable,
+        args=[str(_NULL_SERVER), "--log-level", "WARNING"],
+        env=_server_env(ctx, kind),
+        cwd=str(REPO),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _http_server(ctx: BenchContext, kind: str) -> AsyncIterator[str]:
+    """`blip-mcp --transport http` on a free loopback port in a subprocess; yields its MCP URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(_NULL_SERVER), "--transport", "http", "--port", str(port), "--log-level", "WARNING"]
+    proc = subprocess.Popen(
+        cmd, env=_server_env(ctx, kind), cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the MCP HTTP server exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the MCP HTTP server did not start within 120 s") from None
+                await asyncio.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
