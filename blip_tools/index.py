@@ -666,13 +666,13 @@ class ImageIndex:
         """
         loop = asyncio.get_running_loop()
         stop = threading.Event()
+        sent: list[concurrent.futures.Future[Any]] = []
 
         def relay(done: int, total: int) -> None:
             if on_progress is None:
                 return
             if inspect.iscoroutinefunction(on_progress):
-                future = asyncio.run_coroutine_threadsafe(on_progress(done, total), loop)
-                future.add_done_callback(_log_progress_error)
+                sent.append(asyncio.run_coroutine_threadsafe(on_progress(done, total), loop))
             else:
                 loop.call_soon_threadsafe(on_progress, done, total)
 
@@ -688,10 +688,15 @@ class ImageIndex:
             )
         )
         try:
-            return await asyncio.shield(task)
+            report = await asyncio.shield(task)
         except asyncio.CancelledError:
             stop.set()
             raise
+        # Deliver every progress notification before the result (clients drop progress after the response).
+        for outcome in await asyncio.gather(*(asyncio.wrap_future(f) for f in sent), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                logger.warning("progress callback failed: %s", outcome)
+        return report
 
     # ------------------------------------------------------------------ search
     def _load_matrix(self) -> _Matrix:
@@ -979,11 +984,6 @@ class ImageIndex:
         root = self._resolve_dir(directory) if directory is not None else None
         matrix = self._load_matrix()
         return [matrix.paths[int(i)] for i in self._candidates(matrix, self._allowed_ranges(root))]
-
-
-def _log_progress_error(future: concurrent.futures.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("progress callback failed: %s", future.exception())
 
 
 __all__ = [

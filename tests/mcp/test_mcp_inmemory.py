@@ -24,6 +24,7 @@ from mcp_server.tools import CaptionImagesResult
 pytestmark = pytest.mark.anyio
 
 TOOLS = {"caption_image", "caption_images", "answer_question", "score_image_text", "embed_image", "embed_text"}
+TOOLS |= {"index_images", "search_images", "locate_in_image"}  # mcp_server/collection_tools.py
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ async def test_lists_six_read_only_tools_with_schemas_and_instructions(server: B
             instructions = client.instructions
     assert {t.name for t in tools} == TOOLS
     for tool in tools:
-        assert tool.annotations is not None and tool.annotations.read_only_hint, tool.name
+        # index_images writes its index database (never the images): not read-only, still not destructive.
+        assert tool.annotations is not None and (tool.annotations.read_only_hint or tool.name == "index_images")
         assert tool.annotations.destructive_hint is False
         assert tool.output_schema is not None, f"{tool.name} has no output schema"
         assert tool.description

@@ -9,6 +9,7 @@ from _mcp_testlib import RawStdio
 from mcp.types import jsonrpc_message_adapter
 
 TOOLS = {"caption_image", "caption_images", "answer_question", "score_image_text", "embed_image", "embed_text"}
+TOOLS |= {"index_images", "search_images", "locate_in_image"}  # mcp_server/collection_tools.py
 
 
 def call(stdio: RawStdio, name: str, arguments: dict) -> dict:  # type: ignore[type-arg]
