@@ -47,6 +47,7 @@ from .errors import (
 )
 from .params import GenerationParams
 from .results import AnswerResult, CaptionResult, EmbeddingResult, ModelInfo, ScoreResult, ServiceStats
+from .service import Blip2Service
 from .settings import BlipSettings
 
 if TYPE_CHECKING:
@@ -54,8 +55,8 @@ if TYPE_CHECKING:
     from mcp import Client
     from PIL import Image
 
+    from .grounding import LocateResult
     from .images import ImageInput
-    from .service import Blip2Service
 
 logger = logging.getLogger(__name__)
 
@@ -445,12 +446,13 @@ def _is_version_error(exc: BaseException, mcp_error: type[Exception]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the service
-class RemoteService:
+class RemoteService(Blip2Service):
     """The `Blip2Service` API backed by a `blip-mcp` daemon: same methods, same typed results, same errors.
 
-    Use it where a `Blip2Service` is expected (e.g. `Blip2Toolkit(service=RemoteService(url))`). Sync methods
-    run on a private event-loop thread; async methods run in the caller's loop, and cancelling the awaiting task
-    cancels the call on the daemon.
+    It subclasses `Blip2Service` so it fits wherever one is expected (`Blip2Toolkit(service=RemoteService(url))`,
+    `ImageIndex(service=...)`), but it has no local runtime or batcher: every public method is overridden to call
+    the daemon, and `add_listener` is not available. Sync methods run on a private event-loop thread; async
+    methods run in the caller's loop, and cancelling the awaiting task cancels the call on the daemon.
 
     Args:
         url: the daemon (`http://127.0.0.1:8765` or `.../mcp`).
@@ -462,7 +464,7 @@ class RemoteService:
         concurrency: most calls in flight at once from one batch method.
     """
 
-    def __init__(
+    def __init__(  # no super().__init__(): nothing local to build (no runtime, no batcher)
         self,
         url: str,
         token: str | None = None,
@@ -491,6 +493,19 @@ class RemoteService:
         return f"RemoteService({self.url!r}, send_files={self.send_files!r})"
 
     # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def shared(cls) -> Blip2Service:
+        """The process-wide remote service for `BLIP_REMOTE_URL` (see `default_service`)."""
+        service = default_service()
+        if not isinstance(service, RemoteService):
+            raise ModelNotAvailable("RemoteService.shared() needs BLIP_REMOTE_URL set to a running blip-mcp daemon.")
+        return service
+
+    @classmethod
+    def set_shared(cls, service: Blip2Service | None) -> None:
+        """Install the process-wide *local* service (delegates to `Blip2Service.set_shared`)."""
+        Blip2Service.set_shared(service)
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -872,6 +887,27 @@ class RemoteService:
         """Text embeddings from the daemon."""
         return self._sync(self.aembed_texts(texts))
 
+    # ------------------------------------------------------------------ grounding
+    async def alocate(self, image: ImageInput, text: str) -> LocateResult:
+        """Where `text` matches in the image (`locate_in_image`); `heatmap` is rebuilt from the patch grid."""
+        import numpy as np
+        from PIL import Image
+
+        from .grounding import LocateResult
+
+        ref, label = await self._image_arg(image)
+        content = await self._call("locate_in_image", {"image": ref, "text": text})
+        result = self._relabel(LocateResult.model_validate(content), label)
+        grid = np.asarray(result.grid, dtype=np.float32)
+        size = (result.image.width, result.image.height)
+        heat = np.asarray(Image.fromarray(grid, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+        result._heatmap = np.clip(heat, 0.0, 1.0)
+        return result
+
+    def locate(self, image: ImageInput, text: str) -> LocateResult:
+        """Where `text` matches in the image, computed on the daemon."""
+        return self._sync(self.alocate(image, text))
+
     # ------------------------------------------------------------------ introspection
     async def astats(self) -> ServiceStats:
         """The daemon's counters (`blip://stats`)."""
@@ -904,8 +940,6 @@ def default_service(settings: BlipSettings | None = None) -> Blip2Service | Remo
     """
     settings = settings if settings is not None else BlipSettings()
     if not settings.remote_url:
-        from .service import Blip2Service
-
         return Blip2Service.shared()
     key = (normalize_url(settings.remote_url), settings.token)
     with _defaults_lock:
