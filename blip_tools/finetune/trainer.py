@@ -179,9 +179,13 @@ class Trainer:
         if self.config.lora:
             self._add_lora()
         if self.config.gradient_checkpointing:
-            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            model.language_model.gradient_checkpointing_enable(**kwargs)
-            model.qformer.gradient_checkpointing_enable(**kwargs)
+            # The decoder holds nearly all activations (the Q-Former sees 32 queries); non-reentrant checkpointing
+            # lets gradients reach its input embeddings although its weights are frozen.
+            lm = model.language_model
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._set_train_mode()
 
     def _add_lora(self) -> None:
@@ -406,6 +410,8 @@ class Trainer:
             raise InvalidInput(f"No usable training examples in {self.data_file}.")
         if self.config.cache_features:
             self._cache_features([ex.image for ex in self.train_examples + self.val_examples])
+            if self.device.startswith("cuda"):
+                self.model.vision_model.to("cpu")  # never run again: give its ~2 GB (ViT-g, bf16) back
 
         cfg = self.config
         steps_per_epoch = len(self._groups(len(self.train_rows), 0))

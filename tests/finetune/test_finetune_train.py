@@ -68,13 +68,12 @@ def test_frozen_weights_are_bit_identical(trained: FinetuneReport, steerable_bas
 def test_trainer_keeps_vision_frozen_in_eval_mode(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
     import torch
 
+    from blip_tools.finetune.config import FinetuneConfig
     from blip_tools.finetune.data import IssueLog, read_examples
     from blip_tools.finetune.trainer import Trainer
 
     log = IssueLog("stop")
     ds = read_examples(caption_data, _settings("x"), log)
-    from blip_tools.finetune.config import FinetuneConfig
-
     trainer = Trainer(
         model_name=str(tiny_checkpoint / "captioner"),
         out_dir=tmp_path / "out",
@@ -302,3 +301,16 @@ def test_cli_finetune(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path,
     assert report["steps"] == 2 and Path(report["out_dir"]) == out and (out / "config.json").is_file()
     assert main([*argv, "--device", "cpu", "--max-steps", "2"]) == 2  # not empty, no --resume
     assert "not empty" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_and_uncached_features_change_nothing(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    options: dict[str, Any] = {"max_steps": 3, "batch_size": 3, "lr": 1e-2, "val_fraction": 0, "progress": False}
+    settings = _settings(tiny_checkpoint / "captioner")
+    plain = finetune(caption_data, tmp_path / "a", settings=settings, **options)
+    other = finetune(
+        caption_data, tmp_path / "b", settings=settings, gradient_checkpointing=True, cache_features=False, **options
+    )
+    losses = [[s["loss"] for s in json.loads(r.metrics_path.read_text())["steps"]] for r in (plain, other)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
