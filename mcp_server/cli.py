@@ -158,6 +158,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_proxy(args.connect, settings, wire, send_files=args.send_files)
 
+    config = None
+    if wire is None:
+        from .http import DEFAULT_PORT, HttpConfig
+
+        config = HttpConfig(
+            host=args.host,
+            port=DEFAULT_PORT if args.port is None else args.port,
+            token=settings.token,
+            allowed_hosts=list(args.allowed_hosts),
+            max_body_bytes=args.max_body_bytes,
+        )
+        try:
+            config.check()  # e.g. a non-loopback bind without a token: refuse before loading anything
+        except BlipError as exc:
+            logger.error("%s", exc)
+            return 2
+
     from .server import create_server
 
     server = create_server(settings)
@@ -169,16 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             anyio.run(serve_stdio, server, wire)
         else:
-            from .http import DEFAULT_PORT, HttpConfig, run_http
+            from .http import run_http
 
-            config = HttpConfig(
-                host=args.host,
-                port=DEFAULT_PORT if args.port is None else args.port,
-                token=settings.token,
-                allowed_hosts=list(args.allowed_hosts),
-                max_body_bytes=args.max_body_bytes,
-            )
-            config.check()
+            assert config is not None
             run_http(server, config)
     except BlipError as exc:
         logger.error("%s", exc)

@@ -180,3 +180,74 @@ async def test_cancelling_a_call_cancels_the_queued_request_and_server_keeps_ser
             r = await client.call_tool("caption_image", {"image": mcp_images[3]})
             assert not r.is_error, r.content
     assert stats(srv).queue_depth == 0
+
+
+# ------------------------------------------------------------------------------------------ config, no server
+def test_security_settings_follow_the_bind_address() -> None:
+    from mcp_server.http import security_settings_for
+
+    loop = security_settings_for("127.0.0.1")
+    assert {"127.0.0.1:*", "localhost:*", "[::1]:*"} <= set(loop.allowed_hosts)
+    assert "http://localhost:*" in loop.allowed_origins
+    assert not any("0.0.0.0" in h for h in loop.allowed_hosts)
+    specific = security_settings_for("192.0.2.7", extra_hosts=["blip.example"])
+    assert {"192.0.2.7:*", "blip.example:*"} <= set(specific.allowed_hosts)
+    assert "localhost:*" not in specific.allowed_hosts
+    assert "https://blip.example:*" in specific.allowed_origins
+    v6 = security_settings_for("::1")
+    assert "[::1]:*" in v6.allowed_hosts
+    assert security_settings_for("0.0.0.0").enable_dns_rebinding_protection
+
+
+def test_body_limit_default_fits_one_20_mb_image() -> None:
+    from blip_tools import BlipSettings
+    from mcp_server.http import body_limit_for
+
+    limit = body_limit_for(BlipSettings())
+    assert limit == 26_666_668 + 262_144
+    assert len(base64.b64encode(b"x" * 20_000_000)) < limit
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "ok"),
+    [
+        ("127.0.0.1", None, True),
+        ("::1", None, True),
+        ("localhost", None, True),
+        ("0.0.0.0", None, False),
+        ("192.0.2.7", None, False),
+        ("0.0.0.0", "x" * 32, True),
+        ("127.0.0.1", "short", False),
+    ],
+)
+def test_http_config_refuses_unsafe_binds(host: str, token: str | None, ok: bool) -> None:
+    from blip_tools.errors import InvalidInput
+    from mcp_server.http import HttpConfig
+
+    config = HttpConfig(host=host, token=token)
+    if ok:
+        config.check()
+    else:
+        with pytest.raises(InvalidInput):
+            config.check()
+
+
+def test_cli_refuses_a_public_bind_without_a_token() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from _mcp_testlib import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "BLIP_TOKEN"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcp_server", "--transport", "http", "--host", "0.0.0.0", "--model", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == 2
+    assert "without a token" in proc.stderr
+    assert proc.stdout == ""
