@@ -1,7 +1,7 @@
 """The search gallery's server side: the image index the console searches, and thumbnails of indexed files only.
 
-The index is the same SQLite file the CLI and the MCP tools use (`BLIP_INDEX_PATH`), opened lazily over the
-running service. A thumbnail is served only for a path the index holds (and `load_image` re-checks
+The index is the one the MCP tools use (`ImageIndex.for_service`: the `BLIP_INDEX_PATH` file, one object per
+service), opened lazily. A thumbnail is served only for a path the index holds (and `load_image` re-checks
 `allowed_dirs` and the size limits), so the thumbnail route cannot be used to read arbitrary files.
 """
 
@@ -35,9 +35,9 @@ _THUMB_CACHE_ENTRIES = 512
 class Gallery:
     """The console's view of one image index: lazy opening, indexed-path checks and a thumbnail cache."""
 
-    def __init__(self, service: Blip2Service, index_path: Path | None = None) -> None:
+    def __init__(self, service: Blip2Service) -> None:
         self.service = service
-        self.index_path = index_path if index_path is not None else service.settings.resolved_index_path()
+        self.index_path = service.settings.resolved_index_path()
         self._index: ImageIndex | None = None
         self._lock = threading.Lock()
         self._paths: frozenset[str] = frozenset()
@@ -49,15 +49,15 @@ class Gallery:
         """The open index (created on first use, in the caller's thread: call it from a worker thread)."""
         with self._lock:
             if self._index is None:
-                self._index = ImageIndex(self.index_path, service=self.service)
+                self._index = ImageIndex.for_service(self.service)
             return self._index
 
     def close(self) -> None:
-        """Close the index connections (the file stays)."""
+        """Let go of the index (shared with the MCP tools, so it is not closed here) and the thumbnails."""
         with self._lock:
-            if self._index is not None:
-                self._index.close()
-                self._index = None
+            self._index = None
+        with self._thumbs_lock:
+            self._thumbs.clear()
 
     def changed(self) -> None:
         """Forget the cached path set (after an index run from this app)."""
