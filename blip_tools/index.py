@@ -775,34 +775,54 @@ class ImageIndex:
         keep = min(positions.size, max(_PREFILTER_MIN, 5 * top_k) if text_query else top_k)
         best = np.argpartition(-scores, keep - 1)[:keep] if keep < positions.size else np.arange(positions.size)
         chosen = positions[best]
-        chosen_scores = scores[best].astype(np.float64)
-        details = self._details(matrix.rowids[chosen].tolist(), with_query_vectors=text_query)
+        scored: dict[int, float] = dict(zip(matrix.rowids[chosen].tolist(), scores[best].tolist(), strict=True))
+        if text_query:
+            scored = self._exact_itc(scored, query)
+        ranked = sorted(scored.items(), key=lambda item: -item[1])
+        details = self._details([rowid for rowid, _ in ranked])  # small columns only: cheap
         hits: list[SearchHit] = []
-        for rowid, pooled in zip(matrix.rowids[chosen].tolist(), chosen_scores.tolist(), strict=True):
+        for rowid, score in ranked:
             row = details.get(rowid)
             if row is None:  # removed since the matrix was loaded
                 continue
-            itc = pooled
-            if text_query and row["query_vectors"] is not None:
-                q = np.frombuffer(row["query_vectors"], dtype=np.float16).reshape(-1, query.shape[0])
-                itc = float((q.astype(np.float32) @ query).max())
             hits.append(
                 SearchHit(
                     path=row["path"],
-                    score=itc,
-                    itc=itc,
+                    score=float(score),
+                    itc=float(score),
                     caption=row["caption"],
                     width=row["width"],
                     height=row["height"],
                 )
             )
+            if len(hits) == top_k:
+                break
         hits.sort(key=lambda h: (-h.score, h.path))
-        return hits[:top_k], int(positions.size)
+        return hits, int(positions.size)
 
-    def _details(self, rowids: list[int], *, with_query_vectors: bool) -> dict[int, sqlite3.Row]:
+    def _exact_itc(self, scored: dict[int, float], query: npt.NDArray[np.float32]) -> dict[int, float]:
+        """Re-score candidates with the exact ITC (max over each image's stored query-token vectors)."""
+        rowids = list(scored)
+        blobs: dict[int, bytes] = {}
+        conn = self._conn()
+        for start in range(0, len(rowids), 500):
+            part = rowids[start : start + 500]
+            marks = ", ".join("?" for _ in part)
+            for row in conn.execute(f"SELECT rowid, query_vectors FROM images WHERE rowid IN ({marks})", part):
+                if row["query_vectors"] is not None:
+                    blobs[int(row["rowid"])] = row["query_vectors"]
+        per_row = {len(b) for b in blobs.values()}
+        if len(per_row) != 1:  # no query vectors stored (or mixed shapes): keep the pooled cosine
+            return scored
+        ids = list(blobs)
+        stacked = np.frombuffer(b"".join(blobs[i] for i in ids), dtype=np.float16).reshape(len(ids), -1, query.shape[0])
+        exact = (stacked.astype(np.float32) @ query).max(axis=1).tolist()
+        return {**scored, **dict(zip(ids, exact, strict=True))}
+
+    def _details(self, rowids: list[int]) -> dict[int, sqlite3.Row]:
         if not rowids:
             return {}
-        columns = "rowid, path, caption, width, height" + (", query_vectors" if with_query_vectors else "")
+        columns = "rowid, path, caption, width, height"
         conn = self._conn()
         out: dict[int, sqlite3.Row] = {}
         for start in range(0, len(rowids), 500):
