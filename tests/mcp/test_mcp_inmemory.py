@@ -331,3 +331,21 @@ def test_registrars_are_pluggable(service: Any) -> None:
     assert calls == [server]
     bare = create_server(service, registrars=[])
     assert bare.blip_settings is service.settings
+
+
+async def test_a_missing_model_is_a_readable_tool_error(tmp_path: Path, mcp_images: list[str]) -> None:
+    from blip_tools import BlipSettings
+
+    missing = tmp_path / "no-such-checkpoint"
+    server = create_server(BlipSettings(model=str(missing), retrieval_model=str(missing), device="cpu"))
+    with anyio.fail_after(60):
+        async with Client(server) as client:
+            context = server.app_context
+            await anyio.to_thread.run_sync(context.ready.wait, 30)
+            assert context.status == "error"
+            r = await client.call_tool("caption_image", {"image": mcp_images[0]})
+            tools = await client.list_tools()
+    assert r.is_error
+    assert "[model_not_available]" in text_of(r)
+    assert str(missing) in text_of(r)
+    assert tools.tools, "the server stopped answering after the failed load"
