@@ -1,0 +1,439 @@
+"""One model per machine: stdio proxies and a LangChain remote toolkit against one `blip-mcp` HTTP daemon.
+
+The daemon runs in this process (uvicorn in a thread, tiny checkpoint, token required); the proxies are real
+`python -m mcp_server --connect URL` subprocesses. The daemon batches up to 4 requests and waits up to a second
+for them when idle, so requests from different clients that arrive together deterministically share a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from blip_tools import BlipSettings
+from blip_tools.errors import BlipError, InvalidImage, InvalidInput, ModelNotAvailable, Overloaded, PathNotAllowed
+from blip_tools.remote import (
+    RemoteService,
+    default_service,
+    error_from_text,
+    is_loopback_url,
+    normalize_url,
+    prepare_image,
+)
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "remote-test-token-0123456789"
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Daemon:
+    """`blip-mcp --transport http` in a thread: stoppable and restartable on the same port, same service."""
+
+    def __init__(self, settings: BlipSettings) -> None:
+        from blip_tools import Blip2Service
+
+        self.service = Blip2Service(settings).start()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import uvicorn
+
+        from mcp_server import create_server
+        from mcp_server.http import HttpConfig, build_http_app, uvicorn_config
+
+        config = HttpConfig(port=self.port, token=TOKEN)
+        app = build_http_app(create_server(self.service), config)
+        self._server = uvicorn.Server(uvicorn_config(app, config))
+        self._thread = threading.Thread(target=self._server.run, name="test-daemon", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            assert self._thread.is_alive(), "the daemon thread died while starting"
+            assert time.monotonic() < deadline, "the daemon did not start within 30 s"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the daemon did not stop within 30 s"
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.stop()
+        self.service.close()
+
+
+@pytest.fixture(scope="module")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, make_image_module: Callable[..., Any]) -> Path:
+    """Images the daemon may read (its only allowed directory)."""
+    folder = tmp_path_factory.mktemp("daemon_images")
+    for i in range(8):
+        make_image_module(300 + i).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def private_dir(tmp_path_factory: pytest.TempPathFactory, make_image_module: Callable[..., Any]) -> Path:
+    """Images only the client side may read (outside the daemon's allowed directory)."""
+    folder = tmp_path_factory.mktemp("client_images")
+    make_image_module(400).save(folder / "mine.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def make_image_module() -> Callable[..., Any]:
+    import numpy as np
+    from PIL import Image
+
+    def make(seed: int, size: tuple[int, int] = (48, 40)) -> Any:
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_checkpoint: Path, shared_dir: Path) -> Iterator[Daemon]:
+    from blip_tools.testing import tiny_settings_kwargs
+
+    settings = BlipSettings(
+        **tiny_settings_kwargs(tiny_checkpoint),
+        max_batch_size=MAX_BATCH,
+        max_wait_ms=1000.0,
+        allowed_dirs=[shared_dir],
+    )
+    d = Daemon(settings)
+    d.start()
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def remote(daemon: Daemon) -> Iterator[RemoteService]:
+    service = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    yield service
+    service.close()
+
+
+def _proxy_params(url: str, *extra: str) -> Any:
+    from mcp.client.stdio import StdioServerParameters
+
+    env = {**os.environ, "BLIP_TOKEN": TOKEN, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--connect", url, "--log-level", "WARNING", *extra],
+        env=env,
+    )
+
+
+@asynccontextmanager
+async def _proxies(url: str, count: int, *extra: str) -> AsyncIterator[list[Any]]:
+    from mcp import Client
+
+    # One deadline around the whole block (start-up, the test's calls, shutdown): nothing here can hang.
+    with anyio.fail_after(180):
+        async with AsyncExitStack() as stack:
+            clients = []
+            for _ in range(count):
+                clients.append(await stack.enter_async_context(Client(_proxy_params(url, *extra))))
+            yield clients
+
+
+def _proxy_pids() -> list[int]:
+    """Our `--connect` child processes (Linux /proc), to check they never loaded torch."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"--connect" in cmdline and int(stat[1]) == os.getpid():
+            pids.append(int(entry.name))
+    return pids
+
+
+# ---------------------------------------------------------------------------------------------- the daemon shared
+async def test_two_proxies_and_a_langchain_toolkit_share_one_model_and_its_batches(
+    daemon: Daemon, remote: RemoteService, shared_dir: Path, service: Any
+) -> None:
+    from blip_tools.langchain.toolkit import Blip2Toolkit
+
+    toolkit = Blip2Toolkit(service=remote)
+    caption_tool = next(t for t in toolkit.get_tools() if t.name == "caption_image")
+    paths = [str(shared_dir / f"img{i}.png") for i in range(MAX_BATCH)]
+    async with _proxies(daemon.url, 2) as (proxy_a, proxy_b):
+        if Path("/proc").is_dir():
+            pids = _proxy_pids()
+            assert len(pids) == 2
+            for pid in pids:
+                assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), "a proxy loaded torch"
+        before = daemon.service.stats()
+        results: dict[str, Any] = {}
+
+        async def via_proxy(name: str, client: Any, path: str) -> None:
+            results[name] = await client.call_tool("caption_image", {"image": path})
+
+        async def via_langchain(name: str, path: str, sync: bool) -> None:
+            call = {"name": "caption_image", "args": {"image": path}, "id": name, "type": "tool_call"}
+            if sync:
+                results[name] = await anyio.to_thread.run_sync(caption_tool.invoke, call)
+            else:
+                results[name] = await caption_tool.ainvoke(call)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(via_proxy, "a", proxy_a, paths[0])
+                tg.start_soon(via_proxy, "b", proxy_b, paths[1])
+                tg.start_soon(via_langchain, "lc_sync", paths[2], True)
+                tg.start_soon(via_langchain, "lc_async", paths[3], False)
+        after = daemon.service.stats()
+
+    # One model, loaded once by the daemon, served all four clients.
+    assert after.models_loaded == 1
+    assert (await remote.amodel_info()).model == daemon.service.settings.model
+    # The four requests from three processes and two LangChain calls ran as ONE batch of four.
+    assert after.batch_size_histogram.get(MAX_BATCH, 0) == before.batch_size_histogram.get(MAX_BATCH, 0) + 1
+    assert after.requests - before.requests == MAX_BATCH
+    for name in ("a", "b"):
+        assert results[name].is_error is False
+        assert results[name].structured_content["timing"]["batch_size"] == MAX_BATCH
+    for name in ("lc_sync", "lc_async"):
+        assert results[name].artifact.timing.batch_size == MAX_BATCH
+    # Results equal in-process results (greedy float32: batched == one by one).
+    local = [service.caption(p) for p in paths]
+    assert results["a"].structured_content["caption"] == local[0].caption
+    assert results["b"].structured_content["caption"] == local[1].caption
+    assert results["lc_sync"].artifact.caption == local[2].caption
+    assert results["lc_async"].artifact.caption == local[3].caption
+    assert results["a"].structured_content["image"]["sha256"] == local[0].image.sha256
+
+
+async def test_remote_service_results_equal_in_process_results(
+    remote: RemoteService, shared_dir: Path, service: Any
+) -> None:
+    path = str(shared_dir / "img5.png")
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            out: dict[str, Any] = {}
+
+            async def run(name: str, coro: Any) -> None:
+                out[name] = await coro
+
+            tg.start_soon(run, "answer", remote.aanswer(path, "what color is the car?"))
+            tg.start_soon(run, "score", remote.ascore(path, ["a dog", "a red car"]))
+            tg.start_soon(run, "image", remote.aembed_images([path]))
+            tg.start_soon(run, "text", remote.aembed_texts(["a dog", "a red car"]))
+    assert out["answer"].answer == service.answer(path, "what color is the car?").answer
+    local_score = service.score(path, ["a dog", "a red car"])
+    assert out["score"].best == local_score.best
+    for got, want in zip(out["score"].scores, local_score.scores, strict=True):
+        assert got.itm_probability == pytest.approx(want.itm_probability, abs=1e-5)
+        assert got.itc == pytest.approx(want.itc, abs=1e-5)
+    assert out["image"][0].vector == pytest.approx(service.embed_images([path])[0].vector, abs=1e-5)
+    local_texts = service.embed_texts(["a dog", "a red car"])
+    for got, want in zip(out["text"], local_texts, strict=True):
+        assert got.vector == pytest.approx(want.vector, abs=1e-5)
+
+
+def test_caption_batch_reports_progress_and_isolates_a_bad_image(remote: RemoteService, shared_dir: Path) -> None:
+    images = [str(shared_dir / "img6.png"), str(shared_dir / "missing.png"), str(shared_dir / "img7.png")]
+    seen: list[tuple[int, int]] = []
+    results = remote.caption_batch(images, return_exceptions=True, on_progress=lambda d, t: seen.append((d, t)))
+    assert [type(r).__name__ for r in results] == ["CaptionResult", "InvalidImage", "CaptionResult"]
+    assert seen and seen[-1] == (3, 3)
+    assert results[0].image.source.endswith("img6.png")  # type: ignore[union-attr]
+    with pytest.raises(InvalidImage, match="not found"):
+        remote.caption_batch(images)
+
+
+def test_errors_come_back_typed(remote: RemoteService, shared_dir: Path, private_dir: Path) -> None:
+    with pytest.raises(InvalidInput, match="num_beams"):
+        remote.caption(str(shared_dir / "img0.png"), num_beams=99)  # checked here, before any call
+    with pytest.raises(InvalidInput, match="top_k"):
+        remote.caption(str(shared_dir / "img0.png"), top_k=5)  # the tool does not take it: said plainly
+    with pytest.raises(InvalidImage, match="not a recognised image"):
+        remote.caption("data:image/png;base64,AAAA")
+    # On loopback the daemon reads paths itself, so its allowed_dirs apply and come back as PathNotAllowed.
+    with pytest.raises(PathNotAllowed):
+        remote.caption(str(private_dir / "mine.png"))
+
+
+def test_send_files_always_reads_the_file_here(daemon: Daemon, private_dir: Path) -> None:
+    path = private_dir / "mine.png"
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings(), send_files="always") as sender:
+        assert sender.sends_data
+        result = sender.caption(path, max_new_tokens=5)
+    assert result.image.source == str(path)  # the caller's path, not "data URI (... bytes)"
+    # ... but this side's own allowed_dirs still apply to what it reads.
+    restricted = BlipSettings(allowed_dirs=[daemon.service.settings.allowed_dirs[0]])
+    with (
+        RemoteService(daemon.url, token=TOKEN, settings=restricted, send_files="always") as sender,
+        pytest.raises(PathNotAllowed),
+    ):
+        sender.caption(path)
+
+
+def test_wrong_token_is_a_clear_error(daemon: Daemon) -> None:
+    with RemoteService(daemon.url, token="wrong-token-0123456789") as bad, pytest.raises(BlipError, match="token"):
+        bad.model_info()
+
+
+async def test_proxy_relays_structured_content_progress_and_cancellation(daemon: Daemon, shared_dir: Path) -> None:
+    images = [str(shared_dir / f"img{i % 8}.png") for i in range(48)]
+    async with _proxies(daemon.url, 1, "--send-files", "always") as (proxy,):
+        tools = await proxy.list_tools()
+        assert {"caption_image", "caption_images", "score_image_text", "locate_in_image"} <= {
+            t.name for t in tools.tools
+        }
+        progress: list[float] = []
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            progress.append(value)
+
+        with anyio.fail_after(60):
+            result = await proxy.call_tool(
+                "caption_images",
+                {"images": [*images[:3], str(shared_dir / "nope.png")], "max_new_tokens": 4},
+                progress_callback=on_progress,
+            )
+        assert result.is_error is False
+        items = result.structured_content["items"]
+        assert [i["ok"] for i in items] == [True, True, True, False]
+        assert items[0]["image"] == images[0]  # sent as data, named by its path again
+        assert items[0]["result"]["image"]["source"] == images[0]
+        assert "[invalid_image]" in items[3]["error"]
+        # Relayed as the daemon captions (the last notification may trail the result, so no "== 3").
+        assert progress and progress == sorted(progress) and max(progress) <= 3
+        stats = await proxy.read_resource("blip://stats")
+        assert '"models_loaded": 1' in stats.contents[0].text or '"models_loaded": 2' in stats.contents[0].text
+
+        # Cancel as soon as the first image is done: the rest are still queued on the daemon and must be dropped.
+        before = daemon.service.stats().cancelled
+        with anyio.CancelScope() as scope:
+
+            async def cancel_on_progress(value: float, total: float | None, message: str | None) -> None:
+                scope.cancel()
+
+            await proxy.call_tool(
+                "caption_images", {"images": images, "max_new_tokens": 30}, progress_callback=cancel_on_progress
+            )
+        assert scope.cancelled_caught
+        with anyio.fail_after(30):
+            while daemon.service.stats().cancelled == before:
+                await anyio.sleep(0.05)
+        assert daemon.service.stats().cancelled > before
+
+
+async def test_daemon_down_gives_a_clear_error_and_the_proxy_recovers(
+    daemon: Daemon, remote: RemoteService, shared_dir: Path
+) -> None:
+    path = str(shared_dir / "img0.png")
+    async with _proxies(daemon.url, 1) as (proxy,):
+        daemon.stop()
+        try:
+            with anyio.fail_after(20):
+                down = await proxy.call_tool("caption_image", {"image": path})
+            assert down.is_error
+            text = down.content[0].text
+            assert text.startswith("[model_not_available]") and daemon.url in text and "blip-mcp" in text
+            with anyio.fail_after(20):
+                listed = await proxy.list_tools()  # a host listing tools now still gets them
+            assert "caption_image" in {t.name for t in listed.tools}
+            with anyio.fail_after(20), pytest.raises(ModelNotAvailable, match="unreachable"):
+                await remote.acaption(path)
+        finally:
+            daemon.start()
+        with anyio.fail_after(30):
+            back = await proxy.call_tool("caption_image", {"image": path})
+        assert back.is_error is False and back.structured_content["caption"]
+        assert (await remote.acaption(path)).caption == back.structured_content["caption"]
+
+
+# ---------------------------------------------------------------------------------------------- units
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("Error executing tool caption_image: [invalid_image] Image file not found: /x.png.", InvalidImage),
+        ("[path_not_allowed] outside the allowed directories", PathNotAllowed),
+        ("[model_not_available] no checkpoint", ModelNotAvailable),
+        ("Error executing tool answer_question: 1 validation error for answer_questionArguments", InvalidInput),
+        ("[something_new] a future error", BlipError),
+        ("plain text", BlipError),
+    ],
+)
+def test_error_from_text_rebuilds_the_type(text: str, kind: type[BlipError]) -> None:
+    error = error_from_text(text)
+    assert type(error) is kind
+    assert "Error executing tool" not in str(error) and not str(error).startswith("[")
+
+
+def test_overloaded_keeps_its_retry_hint() -> None:
+    error = error_from_text("[overloaded] The queue is full (256 waiting). Retry after 2.5 s.")
+    assert isinstance(error, Overloaded) and error.retry_after_s == 2.5
+
+
+def test_urls_and_loopback() -> None:
+    assert normalize_url("http://127.0.0.1:8765") == "http://127.0.0.1:8765/mcp"
+    assert normalize_url("https://gpu-box:9000/blip/mcp") == "https://gpu-box:9000/blip/mcp"
+    with pytest.raises(InvalidInput):
+        normalize_url("gpu-box:8765")
+    assert is_loopback_url("http://localhost:1/mcp") and is_loopback_url("http://[::1]:1/mcp")
+    assert is_loopback_url("http://127.0.0.2:1/mcp")
+    assert not is_loopback_url("http://10.0.0.5:1/mcp") and not is_loopback_url("http://gpu-box:1/mcp")
+
+
+def test_prepare_image_sends_paths_or_data(tmp_path: Path, make_image: Callable[..., Any], monkeypatch: Any) -> None:
+    make_image(1).save(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    settings = BlipSettings()
+    assert prepare_image("a.png", settings, send_data=False) == (str(tmp_path / "a.png"), None)  # made absolute
+    wire, label = prepare_image("a.png", settings, send_data=True)
+    assert wire.startswith("data:image/png;base64,") and label == "a.png"
+    assert prepare_image("data:image/png;base64,AAAA", settings, send_data=True)[0] == "data:image/png;base64,AAAA"
+    assert prepare_image(make_image(2), settings, send_data=False)[0].startswith("data:image/png;base64,")
+    with pytest.raises(InvalidImage, match="not found"):
+        prepare_image("missing.png", settings, send_data=True)
+
+
+def test_daemon_not_running_fails_fast() -> None:
+    with RemoteService(f"http://127.0.0.1:{_free_port()}", connect_timeout_s=2.0) as nowhere:
+        started = time.monotonic()
+        with pytest.raises(ModelNotAvailable, match="unreachable.*blip-mcp --transport http"):
+            nowhere.caption("data:image/png;base64,AAAA")
+        assert time.monotonic() - started < 15
+
+
+def test_default_service_follows_blip_remote_url(daemon: Daemon) -> None:
+    chosen = default_service(BlipSettings(remote_url=daemon.url, token=TOKEN))
+    assert isinstance(chosen, RemoteService) and chosen.url == daemon.url
+    assert default_service(BlipSettings(remote_url=daemon.url, token=TOKEN)) is chosen
+    chosen.close()
