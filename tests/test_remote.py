@@ -427,7 +427,7 @@ def test_prepare_image_sends_paths_or_data(tmp_path: Path, make_image: Callable[
 def test_daemon_not_running_fails_fast() -> None:
     with RemoteService(f"http://127.0.0.1:{_free_port()}", connect_timeout_s=2.0) as nowhere:
         started = time.monotonic()
-        with pytest.raises(ModelNotAvailable, match="unreachable.*blip-mcp --transport http"):
+        with pytest.raises(ModelNotAvailable, match=r"unreachable.*blip-mcp --transport http"):
             nowhere.caption("data:image/png;base64,AAAA")
         assert time.monotonic() - started < 15
 
