@@ -40,7 +40,7 @@ from .settings import BlipSettings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ProgressFn = Callable[[int, int], None]
+ProgressFn = Callable[[int, int], Any]
 
 CAPTION, ANSWER, EMBED_IMAGE, EMBED_TEXT, SCORE = "caption", "answer", "embed_image", "embed_text", "score"
 LOCATE = "locate"
