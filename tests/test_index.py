@@ -269,3 +269,47 @@ async def test_async_index_reports_progress_and_searches(index: ImageIndex, phot
     assert report.indexed == 30 and len(result.hits) == 3
     # Every progress notification was delivered before aindex returned.
     assert seen[-1] == (30, 30) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_text_scores_are_exact_itc_over_query_tokens(tmp_path: Path, settings: BlipSettings) -> None:
+    """With distinct query-token vectors (the tiny model's coincide), text scores are the max over them."""
+    import sqlite3
+
+    rng = np.random.default_rng(0)
+    dim, n_query, n = 16, 4, 40
+    queries = rng.standard_normal((n, n_query, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=-1, keepdims=True)
+    pooled = queries.mean(axis=1)
+    pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
+    folder = tmp_path / "synthetic"
+    folder.mkdir()
+    with Blip2Service(settings) as svc, ImageIndex(tmp_path / "s.sqlite", service=svc) as idx:
+        conn = sqlite3.connect(idx.path)
+        with conn:
+            conn.executemany(
+                "INSERT INTO images (path, dir, size, mtime_ns, model, dim, embedding, query_vectors, indexed_at) "
+                "VALUES (?, ?, 1, 1, ?, ?, ?, ?, 0)",
+                [
+                    (
+                        str(folder / f"{i}.png"),
+                        str(folder),
+                        settings.retrieval_model,
+                        dim,
+                        pooled[i].tobytes(),
+                        queries[i].astype(np.float16).tobytes(),
+                    )
+                    for i in range(n)
+                ],
+            )
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', 'synthetic')")
+        conn.close()
+        text = rng.standard_normal(dim).astype(np.float32)
+        text /= np.linalg.norm(text)
+        exact = (queries.astype(np.float16).astype(np.float32) @ text).max(axis=1)
+        hits, searched = idx.search_vector(text, top_k=5, text_query=True)
+        assert searched == n
+        assert [h.path for h in hits] == [str(folder / f"{i}.png") for i in np.argsort(-exact)[:5]]
+        assert [h.score for h in hits] == pytest.approx(np.sort(exact)[::-1][:5].tolist(), abs=1e-5)
+        # Image queries rank by the pooled cosine.
+        nearest, _ = idx.search_vector(pooled[7], top_k=1)
+        assert nearest[0].path == str(folder / "7.png")
