@@ -1,0 +1,117 @@
+"""Scale-out on Ray Serve: a local Ray instance on CPU, two replicas of the tiny checkpoint.
+
+Requests spread over both replicas and batch inside each; beyond `max_queued_requests` callers get
+`Overloaded`; the same deployment speaks MCP over Ray's HTTP proxy, so `RemoteService` (and the stdio proxy)
+can target it. One Ray instance and one deployment serve the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from blip_tools import BlipSettings  # noqa: E402
+from blip_tools.errors import Overloaded  # noqa: E402
+from blip_tools.ray_serve import RayServeClient, RayServeConfig, build_app, map_ray_error  # noqa: E402
+from blip_tools.remote import RemoteService  # noqa: E402
+
+MAX_ONGOING = 8
+MAX_QUEUED = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
+    """Ray on 2 CPUs, Serve's HTTP proxy on a free loopback port, 2 replicas of the tiny checkpoint."""
+    from blip_tools.testing import tiny_settings_kwargs
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = BlipSettings(**tiny_settings_kwargs(tiny_checkpoint), max_wait_ms=50.0)
+        config = RayServeConfig(
+            num_replicas=2,
+            num_cpus=0.5,
+            max_ongoing_requests=MAX_ONGOING,
+            max_queued_requests=MAX_QUEUED,
+        )
+        handle = serve.run(build_app(settings, config), name=config.name, route_prefix="/")
+        yield {"handle": handle, "url": f"http://127.0.0.1:{port}/mcp"}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def image() -> Any:
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(7).integers(0, 256, size=(40, 48, 3), dtype=np.uint8), "RGB")
+
+
+def test_requests_spread_over_both_replicas_and_batch_within_each(
+    ray_app: dict[str, Any], image: Any, service: Any
+) -> None:
+    handle = ray_app["handle"]
+
+    async def burst() -> list[dict[str, Any]]:
+        calls = [handle.caption.remote(image, None, max_new_tokens=8) for _ in range(2 * MAX_ONGOING)]
+        return list(await asyncio.wait_for(asyncio.gather(*calls), timeout=120))
+
+    replies = asyncio.run(burst())
+    by_replica: dict[str, list[int]] = {}
+    for reply in replies:
+        by_replica.setdefault(reply["replica"], []).append(reply["result"]["timing"]["batch_size"])
+    assert len(by_replica) == 2, f"all requests went to {list(by_replica)}"
+    assert len({r["pid"] for r in replies}) == 2  # two processes, two model copies
+    for replica, sizes in by_replica.items():
+        assert max(sizes) > 1, f"replica {replica} never batched: {sizes}"
+    expected = service.caption(image, max_new_tokens=8).caption
+    assert {r["result"]["caption"] for r in replies} == {expected}
+
+
+def test_overload_beyond_the_queue_gives_overloaded(ray_app: dict[str, Any], image: Any) -> None:
+    client = RayServeClient(ray_app["handle"])
+    total = 2 * (2 * MAX_ONGOING + MAX_QUEUED)
+
+    async def flood() -> list[Any]:
+        calls = [client.acaption(image, max_new_tokens=30) for _ in range(total)]
+        return list(await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=120))
+
+    outcomes = asyncio.run(flood())
+    rejected = [o for o in outcomes if isinstance(o, Overloaded)]
+    served = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert rejected, "no request was refused beyond the queue"
+    assert served, "nothing was served"
+    assert len(rejected) + len(served) == total  # nothing else went wrong
+    assert "retry" in str(rejected[0]).lower() and rejected[0].retry_after_s > 0
+
+
+def test_remote_service_speaks_mcp_to_the_ray_deployment(ray_app: dict[str, Any], image: Any, service: Any) -> None:
+    with RemoteService(ray_app["url"]) as remote:
+        assert remote.model_info().model == service.settings.model
+        assert remote.caption(image, max_new_tokens=8).caption == service.caption(image, max_new_tokens=8).caption
+        assert remote.stats().models_loaded >= 1
+
+
+def test_back_pressure_maps_to_overloaded() -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    error = map_ray_error(BackPressureError(num_queued_requests=16, max_queued_requests=16))
+    assert isinstance(error, Overloaded) and "replicas" in str(error)
+    assert map_ray_error(ValueError("unrelated")) is None
