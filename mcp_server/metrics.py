@@ -132,10 +132,11 @@ class LiveWindow:
             b = self._bucket(self._clock())
             b.queue_depth = max(b.queue_depth, depth)
 
-    def snapshot(self, window_s: int = 120) -> dict[str, Any]:
+    def snapshot(self, window_s: int = 120, recent_s: int = 10) -> dict[str, Any]:
         """Per-second series over the last `window_s` seconds (gaps filled with zeros) and window percentiles.
 
         Latencies are model-side (queue wait + batch execution) in milliseconds; `null` where a second had none.
+        The summary also gives the throughput over the last `recent_s` seconds (the current one included).
         """
         window_s = max(5, min(int(window_s), self.window_s))
         now = self._clock()
@@ -146,6 +147,7 @@ class LiveWindow:
             series: list[dict[str, Any]] = []
             all_latencies: list[float] = []
             completed = 0
+            recent = sum(b.completed for t, b in by_t.items() if t > end - recent_s)
             for t in range(start, end + 1):
                 b = by_t.get(t)
                 if b is None:
@@ -177,6 +179,8 @@ class LiveWindow:
             "summary": {
                 "completed": completed,
                 "throughput_per_s": round(completed / window_s, 3),
+                "recent_s": recent_s,
+                "recent_per_s": round(recent / recent_s, 3),
                 **{f"p{q}_ms": _ms(percentile(all_latencies, q / 100)) for q in (50, 90, 99)},
             },
         }

@@ -223,6 +223,7 @@ def test_live_window_series_and_percentiles() -> None:
     assert series[1001]["throughput"] == 0 and series[1001]["p50_ms"] is None
     assert series[1002]["batches"] == 2 and series[1002]["throughput"] == 2 and series[1002]["max_batch"] == 2
     assert snap["summary"]["completed"] == 5
+    assert snap["summary"]["recent_per_s"] == pytest.approx(0.5)
     assert snap["summary"]["p99_ms"] == pytest.approx(percentile([10, 20, 30, 40, 100, 200], 0.99) or 0, rel=1e-6)
     now[0] = 1100.0  # everything older than the window is dropped
     assert window.snapshot(60)["summary"]["completed"] == 0

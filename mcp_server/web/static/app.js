@@ -123,8 +123,12 @@ function setupTabs() {
   document.querySelectorAll(".tab").forEach((tab) => {
     tab.addEventListener("click", () => showView(tab.dataset.view));
   });
-  const initial = (location.hash || "#dashboard").slice(1);
-  showView(["dashboard", "playground", "gallery"].includes(initial) ? initial : "dashboard");
+  const fromHash = () => {
+    const name = (location.hash || "#dashboard").slice(1);
+    showView(["dashboard", "playground", "gallery"].includes(name) ? name : "dashboard");
+  };
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
 }
 
 function showView(name) {
@@ -135,11 +139,13 @@ function showView(name) {
 }
 
 // ------------------------------------------------------------------------------------------ charts
+// A y-axis top whose quarter is a round number (1, 2, 2.5 or 5 times a power of ten).
 function niceMax(value) {
-  if (!(value > 0)) return 1;
-  const exp = Math.pow(10, Math.floor(Math.log10(value)));
-  for (const step of [1, 2, 2.5, 5, 10]) if (value <= step * exp) return step * exp;
-  return 10 * exp;
+  if (!(value > 0)) return 4;
+  const quarter = value / 4;
+  const exp = Math.pow(10, Math.floor(Math.log10(quarter)));
+  for (const step of [1, 2, 2.5, 5, 10]) if (quarter <= step * exp) return 4 * step * exp;
+  return 40 * exp;
 }
 
 function prepareCanvas(canvas) {
@@ -170,7 +176,8 @@ function drawAxes(ctx, box, yMax, yLabel) {
     ctx.lineTo(box.left + box.w, Math.round(y) + 0.5);
     ctx.stroke();
     const v = (yMax * i) / 4;
-    ctx.fillText(v >= 100 ? fmt(v) : fmt(v, v < 10 && v % 1 ? 1 : 0), box.left - 6, y);
+    const digits = yMax / 4 >= 1 ? 0 : Math.min(3, Math.ceil(-Math.log10(yMax / 4) + 0.3));
+    ctx.fillText(fmt(v, digits), box.left - 6, y);
   }
   if (yLabel) {
     ctx.textAlign = "left";
@@ -315,7 +322,10 @@ function renderDashboard(data) {
   const live = data.live;
   $("stat-requests").textContent = fmt(s.requests);
   $("stat-requests-sub").textContent = `${fmt(s.completed)} completed · ${fmt(s.cancelled)} cancelled`;
-  $("stat-throughput").textContent = live ? fmt(live.summary.throughput_per_s, 2) : "–";
+  $("stat-throughput").textContent = live ? fmt(live.summary.recent_per_s, 1) : "–";
+  $("stat-throughput-sub").textContent = live
+    ? `requests/s, last ${live.summary.recent_s} s · ${fmt(live.summary.throughput_per_s, 2)} over the window`
+    : "";
   $("stat-latency").textContent = live
     ? [live.summary.p50_ms, live.summary.p90_ms, live.summary.p99_ms].map((v) => fmt(v, v !== null && v < 10 ? 1 : 0)).join(" / ")
     : "–";
