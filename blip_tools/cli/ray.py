@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from ..errors import CapabilityUnavailable
 from ._common import add_model_options, settings_from_args
@@ -104,14 +106,13 @@ def _serve_ray(args: argparse.Namespace) -> int:
     print(f"connect with: blip-mcp --connect http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
     if args.detach:
         return 0
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())  # Ctrl-C, `kill`, systemd stop: shut down cleanly
     try:
-        import time
-
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
+        print("shutting down the replicas", file=sys.stderr)
         serve.shutdown()
         ray.shutdown()
     return 0
