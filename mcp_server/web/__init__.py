@@ -7,6 +7,7 @@ static files (which hold no data) are reachable without the token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -19,6 +20,8 @@ from ..http import HEALTH_PATH, HttpConfig, LifespanHook, build_http_app
 from ..metrics import METRICS_PATH, BlipMetrics
 from ..server import BlipMCPServer
 from .console import API_PREFIX, UI_PATH, Console
+
+logger = logging.getLogger(__name__)
 
 
 def build_app(
@@ -74,6 +77,17 @@ def build_app(
         extra_routes += console.routes()
         hooks.append(console.running)
         exempt += console.public_paths
+
+    @asynccontextmanager
+    async def announce(running: BlipMCPServer) -> AsyncIterator[None]:
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        if console is not None:
+            logger.info("web console: http://%s:%s%s", host, config.port, UI_PATH)
+        if blip_metrics is not None:
+            logger.info("Prometheus metrics: http://%s:%s%s", host, config.port, METRICS_PATH)
+        yield
+
+    hooks.append(announce)
     app = build_http_app(
         server,
         config,
