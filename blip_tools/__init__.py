@@ -20,6 +20,8 @@ from .errors import (
     ServiceClosed,
     UrlNotAllowed,
 )
+from .grounding import LocateResult
+from .index import DuplicateGroup, ImageIndex, IndexReport, SearchHit, SearchResult
 from .params import GenerationParams
 from .results import (
     AnswerResult,
@@ -45,14 +47,18 @@ __all__ = [
     "BlipSettings",
     "CapabilityUnavailable",
     "CaptionResult",
+    "DuplicateGroup",
     "EmbeddingResult",
     "GeneratedText",
     "GenerationParams",
+    "ImageIndex",
     "ImageInfo",
     "ImageTooLarge",
+    "IndexReport",
     "InferenceError",
     "InvalidImage",
     "InvalidInput",
+    "LocateResult",
     "ModelInfo",
     "ModelNotAvailable",
     "Overloaded",
@@ -60,6 +66,8 @@ __all__ = [
     "PayloadTooLarge",
     "RequestTimeout",
     "ScoreResult",
+    "SearchHit",
+    "SearchResult",
     "ServiceClosed",
     "ServiceStats",
     "TextScore",
