@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _web_testlib import WebServer, png_bytes, shape_image
+from _web_testlib import ARTIFACTS, WebServer, png_bytes, shape_image
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 from selenium.common.exceptions import WebDriverException  # noqa: E402
@@ -78,7 +78,7 @@ def wait_for(driver: Any, condition: Callable[[Any], Any], what: str, timeout_s:
     try:
         return WebDriverWait(driver, timeout_s, poll_frequency=0.05).until(condition)
     except Exception as exc:
-        shot = Path("test-artifacts/web") / f"failed-{what.replace(' ', '-')[:40]}.png"
+        shot = ARTIFACTS / f"failed-{what.replace(' ', '-')[:40]}.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shot))
         raise AssertionError(f"timed out waiting for {what} (screenshot: {shot})") from exc
