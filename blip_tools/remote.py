@@ -938,7 +938,8 @@ def default_service(settings: BlipSettings | None = None) -> Blip2Service | Remo
 
     The remote service is created once per (URL, token) and reused, like `Blip2Service.shared()`.
     """
-    settings = settings if settings is not None else BlipSettings()
+    if settings is None:
+        return Blip2Service.shared()  # honours BLIP_REMOTE_URL itself
     if not settings.remote_url:
         return Blip2Service.shared()
     key = (normalize_url(settings.remote_url), settings.token)
@@ -949,7 +950,7 @@ def default_service(settings: BlipSettings | None = None) -> Blip2Service | Remo
                 settings.remote_url,
                 token=settings.token,
                 settings=settings,
-                send_files=getattr(settings, "remote_send_files", "auto"),
+                send_files=settings.remote_send_files,
             )
             _defaults[key] = service
         return service

@@ -89,10 +89,25 @@ class Blip2Service:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def shared(cls) -> Blip2Service:
-        """The process-wide service, created on first use from `BlipSettings()` (thread-safe)."""
+        """The process-wide service, created on first use from `BlipSettings()` (thread-safe).
+
+        With `BLIP_REMOTE_URL` set it is a `RemoteService` that forwards to that shared daemon, so every
+        interface built on `shared()` uses the daemon's model instead of loading its own.
+        """
         with cls._shared_lock:
             if cls._shared is None or cls._shared.closed:
-                cls._shared = cls()
+                settings = BlipSettings()
+                if settings.remote_url:
+                    from .remote import RemoteService
+
+                    cls._shared = RemoteService(
+                        settings.remote_url,
+                        token=settings.token,
+                        settings=settings,
+                        send_files=settings.remote_send_files,
+                    )
+                else:
+                    cls._shared = cls(settings)
             return cls._shared
 
     @classmethod

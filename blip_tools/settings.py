@@ -93,6 +93,10 @@ class BlipSettings(BaseSettings):
     remote_url: str | None = None
     """If set, interfaces talk to a shared blip-mcp daemon at this URL instead of loading a model."""
 
+    remote_send_files: Literal["auto", "always", "never"] = "auto"
+    """How a client of a remote daemon passes image paths: `auto` sends file bytes unless the daemon is on
+    loopback (same machine, same files), `always` sends bytes, `never` sends paths."""
+
     token: str | None = None
     """Bearer token for the HTTP server (required for a non-loopback bind)."""
 

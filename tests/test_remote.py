@@ -437,3 +437,21 @@ def test_default_service_follows_blip_remote_url(daemon: Daemon) -> None:
     assert isinstance(chosen, RemoteService) and chosen.url == daemon.url
     assert default_service(BlipSettings(remote_url=daemon.url, token=TOKEN)) is chosen
     chosen.close()
+
+
+def test_shared_service_is_remote_when_blip_remote_url_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every interface built on `Blip2Service.shared()` (LangChain tools, loader, embeddings) uses the daemon."""
+    from blip_tools import Blip2Service
+    from blip_tools.remote import RemoteService
+
+    monkeypatch.setenv("BLIP_REMOTE_URL", "http://127.0.0.1:9/mcp")
+    monkeypatch.setenv("BLIP_REMOTE_SEND_FILES", "always")
+    previous = Blip2Service._shared
+    Blip2Service.set_shared(None)
+    try:
+        shared = Blip2Service.shared()
+        assert isinstance(shared, RemoteService)
+        assert shared is Blip2Service.shared()
+        assert shared.settings.remote_send_files == "always"
+    finally:
+        Blip2Service.set_shared(previous)
