@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from mcp.server import MCPServer
+from mcp.server.caching import CacheHint
 
 from blip_tools import __version__
 from blip_tools.service import Blip2Service
@@ -67,6 +68,8 @@ class BlipMCPServer(MCPServer[AppContext]):
             instructions=instructions,
             version=__version__,
             lifespan=_lifespan,
+            # blip://stats and blip://model change while the server runs: never let a client serve them stale.
+            cache_hints={"resources/read": CacheHint(ttl_ms=0)},
         )
 
     @property

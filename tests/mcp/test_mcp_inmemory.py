@@ -208,6 +208,7 @@ async def test_resources_model_and_stats(server: BlipMCPServer, service: Any) ->
     assert "caption" in info.capabilities and info.limits["max_image_bytes"] == service.settings.max_image_bytes
     counters = ServiceStats.model_validate_json(stats.contents[0].text)  # type: ignore[union-attr]
     assert counters.requests > 0 and counters.batches > 0
+    assert stats.ttl_ms == 0 and model.ttl_ms == 0, "live resources must never be served from a client cache"
 
 
 async def test_prompts(server: BlipMCPServer) -> None:
