@@ -195,9 +195,10 @@ async def test_embeddings_share_one_normalised_space(server: BlipMCPServer, mcp_
     assert f"{image.dim}-d vector" in text_of(ri)
 
 
-async def test_resources_model_and_stats(server: BlipMCPServer, service: Any) -> None:
+async def test_resources_model_and_stats(server: BlipMCPServer, service: Any, mcp_images: list[str]) -> None:
     with anyio.fail_after(60):
         async with Client(server) as client:
+            await client.call_tool("caption_image", {"image": mcp_images[0], "max_new_tokens": 4})
             listed = {str(r.uri) for r in (await client.list_resources()).resources}
             model = await client.read_resource("blip://model")
             stats = await client.read_resource("blip://stats")
