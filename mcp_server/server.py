@@ -11,12 +11,18 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from mcp.server import MCPServer
 from mcp.server.caching import CacheHint
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, InputRequiredResult
+from pydantic import ValidationError
 
 from blip_tools import __version__
+from blip_tools.params import format_validation_error
 from blip_tools.service import Blip2Service
 from blip_tools.settings import BlipSettings
 
@@ -71,6 +77,18 @@ class BlipMCPServer(MCPServer[AppContext]):
             # blip://stats and blip://model change while the server runs: never let a client serve them stale.
             cache_hints={"resources/read": CacheHint(ttl_ms=0)},
         )
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[AppContext, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        """Like the SDK's, but arguments that fail the input schema get one readable line per field."""
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                message = format_validation_error(exc.__cause__)
+                raise ToolError(f"[invalid_input] {message}. Fix these arguments and call {name} again.") from None
+            raise
 
     @property
     def current_context(self) -> AppContext | None:

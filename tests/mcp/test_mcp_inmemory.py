@@ -119,6 +119,8 @@ async def test_out_of_range_arguments_are_validation_errors(
             r = await client.call_tool(tool, {**base, **arguments})
     assert r.is_error
     assert field in text_of(r)
+    # One readable line per field, not pydantic's multi-line dump.
+    assert text_of(r).startswith("[invalid_input] Invalid arguments: ") and "validation error for" not in text_of(r)
 
 
 async def test_service_level_param_errors_are_tool_errors(server: BlipMCPServer, mcp_images: list[str]) -> None:
