@@ -64,6 +64,11 @@ class _Outcome:
     batch_size: int
 
 
+def _check_pairs(images: Sequence[ImageInput], questions: Sequence[str]) -> None:
+    if len(images) != len(questions):
+        raise InvalidInput(f"answer_batch needs as many questions as images, got {len(questions)} and {len(images)}")
+
+
 class Blip2Service:
     """The shared BLIP-2 service: captioning, VQA, embeddings and ITM scores, dynamically batched.
 
@@ -404,10 +409,7 @@ class Blip2Service:
         **gen: Any,
     ) -> list[AnswerResult | BlipError]:
         """Answer `questions[i]` about `images[i]` for every pair (batched)."""
-        if len(images) != len(questions):
-            raise InvalidInput(
-                f"answer_batch needs as many questions as images, got {len(questions)} and {len(images)}"
-            )
+        _check_pairs(images, questions)
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -450,10 +452,7 @@ class Blip2Service:
         **gen: Any,
     ) -> list[AnswerResult | BlipError]:
         """Async `answer_batch`."""
-        if len(images) != len(questions):
-            raise InvalidInput(
-                f"answer_batch needs as many questions as images, got {len(questions)} and {len(images)}"
-            )
+        _check_pairs(images, questions)
         return await self._gather(
             [
                 lambda img=img, q=q: self.aanswer(img, q, params=params, **gen)  # type: ignore[misc]
