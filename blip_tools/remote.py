@@ -615,41 +615,9 @@ class RemoteService(Blip2Service):
             info.source = label
         return result
 
-    async def _gather(
-        self,
-        calls: Sequence[Callable[[], Awaitable[T]]],
-        return_exceptions: bool,
-        on_progress: ProgressFn | None,
-    ) -> list[T | BlipError]:
-        """Run calls with at most `concurrency` in flight, in order; progress as each finishes."""
-        window = asyncio.Semaphore(self.concurrency)
-        total = len(calls)
-        done = 0
-
-        async def one(call: Callable[[], Awaitable[T]]) -> T | BlipError:
-            nonlocal done
-            async with window:
-                try:
-                    value: T | BlipError = await call()
-                except BlipError as exc:
-                    if not return_exceptions:
-                        raise
-                    value = exc
-            done += 1
-            if on_progress is not None:
-                maybe = on_progress(done, total)
-                if asyncio.iscoroutine(maybe):
-                    await maybe
-            return value
-
-        tasks = [asyncio.ensure_future(one(c)) for c in calls]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+    def _batch_window(self) -> int:
+        """Batch calls keep at most `concurrency` tool calls in flight to the daemon."""
+        return self.concurrency
 
     # ------------------------------------------------------------------ caption / answer
     async def acaption(

@@ -324,7 +324,7 @@ class Blip2Service:
     ) -> list[T | BlipError]:
         """Submit `count` requests with a bounded window (backing off on Overloaded), collect in order."""
         results: list[T | BlipError | None] = [None] * count
-        window = max(2 * self.settings.max_batch_size, 1)
+        window = self._batch_window()
         pending: dict[concurrent.futures.Future[_Outcome], tuple[int, Any]] = {}
         done_count = 0
         next_index = 0
@@ -462,14 +462,18 @@ class Blip2Service:
             on_progress,
         )
 
+    def _batch_window(self) -> int:
+        """How many requests of one batch call may be in flight at once."""
+        return max(2 * self.settings.max_batch_size, 1)
+
     async def _gather(
         self,
-        calls: list[Callable[[], Awaitable[T]]],
+        calls: Sequence[Callable[[], Awaitable[T]]],
         return_exceptions: bool,
-        on_progress: Callable[[int, int], Any] | None,
+        on_progress: ProgressFn | None,
     ) -> list[T | BlipError]:
         """Run calls with a bounded window, retrying on Overloaded, reporting progress as each finishes."""
-        window = asyncio.Semaphore(max(2 * self.settings.max_batch_size, 1))
+        window = asyncio.Semaphore(self._batch_window())
         total = len(calls)
         done = 0
 
