@@ -7,6 +7,9 @@
 - The worker forms the next batch from what queued while the last one ran. Only when it was idle (the queue
   was empty after its last batch) does it wait up to `max_wait_ms`, counted from the oldest request, for the
   batch to fill. A batch holds requests with equal keys only (e.g. same task and decoding parameters).
+- Merge window (`max_merge_wait_ms`, off by default here, 50 ms in the service): callers served by a batch
+  usually come straight back. While they keep arriving, the next batch is held open for them (never longer
+  than the last batch took), so groups of callers that would otherwise take turns merge into full batches.
 - Cancelled requests and requests past their deadline are dropped before they run. Deadlines are checked
   whenever the worker forms a batch, so while one long batch runs an expired request fails right after it;
   callers that need a hard bound also wait on the future with their own timeout.
@@ -220,6 +223,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_batch_size_for: lowers the batch size per key (e.g. beam search uses more memory). Called on the
             worker thread while the queue lock is held: keep it quick and do not submit from it.
         oom_cooldown_s: how long a batch size lowered after an out-of-memory error stays lowered.
+        max_merge_wait_ms: after a batch, the callers it just served usually come straight back (agents, closed
+            loops). While they keep arriving (gaps shorter than `max_wait_ms`, at least 1 ms) and fewer have come
+            back than the batch held, the next batch is held open for them, at most this long and never longer
+            than the last batch took, so alternating cohorts merge into full batches. 0 turns it off.
     """
 
     def __init__(
@@ -234,6 +241,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         on_oom: Callable[[], None] | None = None,
         max_batch_size_for: Callable[[Hashable], int] | None = None,
         oom_cooldown_s: float = _DEFAULT_OOM_COOLDOWN_S,
+        max_merge_wait_ms: float = 0.0,
     ) -> None:
         if not callable(handler):
             raise InvalidInput(f"handler must be callable, got {handler!r}")
@@ -246,6 +254,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             or max_wait_ms < 0
         ):
             raise InvalidInput(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
+        if (
+            isinstance(max_merge_wait_ms, bool)
+            or not isinstance(max_merge_wait_ms, int | float)
+            or not math.isfinite(max_merge_wait_ms)
+            or max_merge_wait_ms < 0
+        ):
+            raise InvalidInput(f"max_merge_wait_ms must be a finite number >= 0, got {max_merge_wait_ms!r}")
         if isinstance(oom_cooldown_s, bool) or not isinstance(oom_cooldown_s, int | float) or not oom_cooldown_s >= 0:
             raise InvalidInput(f"oom_cooldown_s must be a number >= 0, got {oom_cooldown_s!r}")
         self._handler = handler
@@ -255,6 +270,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._on_oom = on_oom
         self._max_batch_size_for = max_batch_size_for
         self._oom_cooldown_s = float(oom_cooldown_s)
+        self._merge_wait_s = float(max_merge_wait_ms) / 1000.0
 
         self._cond = threading.Condition()
         self._pending: collections.deque[_Pending[ItemT, ResultT]] = collections.deque()
@@ -265,6 +281,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._listeners: list[Callable[[BatchEvent], None]] = []
         self._oom_limits: dict[Hashable, tuple[int, float]] = {}
         self._ema_exec_s: float | None = None
+        # Merge window state: callers served by the last batch, when it ended, how long it ran, arrivals since.
+        self._returning = 0
+        self._batch_start = 0.0
+        self._last_end = 0.0
+        self._last_exec_s = 0.0
+        self._last_arrival = 0.0
+        self._arrivals_since_end = 0
 
         self._requests = 0
         self._batches = 0
@@ -374,6 +397,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 )
                 self._requests += 1
                 self._task_counts(task)[0] += 1
+                self._last_arrival = now
+                self._arrivals_since_end += 1
                 self._cond.notify()
         finally:
             self._fail_expired(expired)
@@ -465,6 +490,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     return
                 if self._inflight:
                     ran = True
+                    self._batch_start = time.monotonic()
                     self._execute(self._inflight)
             except Exception as exc:
                 logger.exception("%s: internal error while serving a batch", self._name)
@@ -476,6 +502,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if ran:  # "idle" means the queue was empty when the last batch finished
                 with self._cond:
                     self._idle = not self._pending
+                    end = time.monotonic()
+                    self._returning = len(self._inflight)
+                    self._last_exec_s = end - self._batch_start
+                    self._last_end = end
+                    self._arrivals_since_end = 0
 
     def _next_batch(self) -> bool | None:
         """Wait for work and move the next batch into `_inflight` (None: closed and drained).
@@ -504,6 +535,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         self._pending.popleft()
                         bad_head = (head, exc)
                         return True
+                    until = self._merge_until_locked()
+                    if until > now and self._count_like(head, limit) < limit and not self._closing:
+                        # The callers the last batch served are coming back: hold the batch open for them.
+                        self._cond.wait(min(until - now, self._until_next_deadline(now)))
+                        continue
                     if self._idle and self._max_wait_s > 0 and not self._closing:
                         remaining = head.enqueued + self._max_wait_s - now
                         if remaining > 0 and self._count_like(head, limit) < limit:
@@ -518,6 +554,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 request, error = bad_head
                 logger.warning("%s: could not form a batch for a %r request: %r", self._name, request.task, error)
                 self._fail_request(request, error, prefix="could not form a batch for this request")
+
+    def _merge_until_locked(self) -> float:
+        """When the merge window ends (0: no window): returning callers keep arriving, capped by the budget."""
+        if self._merge_wait_s <= 0 or self._arrivals_since_end >= self._returning:
+            return 0.0
+        cap = self._last_end + min(self._merge_wait_s, self._last_exec_s)
+        gap = max(self._max_wait_s, 0.001)
+        return min(cap, max(self._last_end, self._last_arrival) + gap)
 
     def _execute(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
         """Mark the batch running (dropping cancelled and expired requests), then run it."""

@@ -13,7 +13,7 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -331,27 +331,37 @@ class Blip2Runtime:
         return out
 
     # ------------------------------------------------------------------ worker-thread batch methods
-    def _lm_features(self, images: Sequence[ImageItem]) -> torch.Tensor:
-        """Projected Q-Former outputs (B, Q, H_lm) for each image, reusing cached ones."""
+    def _cached_features(
+        self, cache: _LRU, images: Sequence[ImageItem], compute: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Per-image features (B, ...) from `cache`, computing the missing ones in one batch.
+
+        Identical images inside the batch are computed once; new rows are stored in the LRU by pixel hash.
+        """
         import torch
 
-        cap = self.load_captioner()
-        feats: list[torch.Tensor | None] = [self.feature_cache.get(item.key) for item in images]
+        feats: list[torch.Tensor | None] = [cache.get(item.key) for item in images]
         missing = [i for i, f in enumerate(feats) if f is None]
         if missing:
-            # Deduplicate identical images inside the batch.
             unique: dict[str, int] = {}
             for i in missing:
                 unique.setdefault(images[i].key, i)
             order = list(unique.values())
             pixels = torch.cat([images[i].pixel_values for i in order]).to(self.device, self.dtype)
-            out = cap.model.get_image_features(pixel_values=pixels).pooler_output
+            out = compute(pixels)
             by_key = {images[i].key: out[j] for j, i in enumerate(order)}
             for i in missing:
                 feats[i] = by_key[images[i].key]
             for key, value in by_key.items():
-                self.feature_cache.put(key, value)
+                cache.put(key, value)
         return torch.stack([f for f in feats if f is not None])
+
+    def _lm_features(self, images: Sequence[ImageItem]) -> torch.Tensor:
+        """Projected Q-Former outputs (B, Q, H_lm) for each image, reusing cached ones."""
+        model = self.load_captioner().model
+        return self._cached_features(
+            self.feature_cache, images, lambda pixels: model.get_image_features(pixel_values=pixels).pooler_output
+        )
 
     def generate(
         self, items: Sequence[GenerationItem], params: GenerationParams
@@ -526,24 +536,12 @@ class Blip2Runtime:
     # ------------------------------------------------------------------ retrieval model
     def _vision_embeds(self, images: Sequence[ImageItem]) -> torch.Tensor:
         """Retrieval vision-encoder outputs (B, P, H_v), cached per image hash."""
-        import torch
-
-        ret = self.load_retrieval()
-        feats: list[torch.Tensor | None] = [self.retrieval_cache.get(item.key) for item in images]
-        missing = [i for i, f in enumerate(feats) if f is None]
-        if missing:
-            unique: dict[str, int] = {}
-            for i in missing:
-                unique.setdefault(images[i].key, i)
-            order = list(unique.values())
-            pixels = torch.cat([images[i].pixel_values for i in order]).to(self.device, self.dtype)
-            out = ret.model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
-            by_key = {images[i].key: out[j] for j, i in enumerate(order)}
-            for i in missing:
-                feats[i] = by_key[images[i].key]
-            for key, value in by_key.items():
-                self.retrieval_cache.put(key, value)
-        return torch.stack([f for f in feats if f is not None])
+        model = self.load_retrieval().model
+        return self._cached_features(
+            self.retrieval_cache,
+            images,
+            lambda pixels: model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state,
+        )
 
     def image_query_embeddings(self, images: Sequence[ImageItem]) -> torch.Tensor:
         """L2-normalised per-query image embeddings (B, Q, D) in the shared space."""

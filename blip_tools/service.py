@@ -86,6 +86,7 @@ class Blip2Service:
             self._handle,
             max_batch_size=self.settings.max_batch_size,
             max_wait_ms=self.settings.max_wait_ms,
+            max_merge_wait_ms=self.settings.max_merge_wait_ms,
             max_queue=self.settings.max_queue,
             name="blip-model-worker",
             on_oom=self.runtime.empty_cache,

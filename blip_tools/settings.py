@@ -39,6 +39,11 @@ class BlipSettings(BaseSettings):
     max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     """Wait window (counted from the oldest request) used only when the worker was idle."""
 
+    max_merge_wait_ms: float = Field(default=50.0, ge=0.0, le=10_000.0)
+    """After a batch, hold the next one open this long at most while the callers it served come back (closed
+    loops, agents), so alternating groups of callers merge into full batches. Never longer than the last batch
+    took, and only while they keep arriving; 0 turns it off."""
+
     max_queue: int = Field(default=256, ge=1, le=1_000_000)
     """Requests that may wait; one more is rejected at once with `Overloaded`."""
 

@@ -718,3 +718,53 @@ async def test_asyncio_callers_share_batches(make_batcher: Callable[..., Dynamic
     assert 100 not in handler.seen
     assert handler.sizes[1:] == [8, 8]
     assert batcher.stats().cancelled == 1
+
+
+# ---------------------------------------------------------------------------------------------- merge window
+
+
+def _closed_loop_batch_sizes(merge_ms: float, callers: int = 8, rounds: int = 8) -> list[int]:
+    """Callers that resubmit as soon as they get a result, against a handler that takes 10 ms per batch.
+
+    Half the callers start only once the first batch is running, so the callers form two cohorts: without a
+    merge window they alternate (one queues while the other runs) for the whole run.
+    """
+    sizes: list[int] = []
+    first_batch_running = threading.Event()
+
+    def handler(key: Hashable, items: list[Any]) -> list[Any]:
+        sizes.append(len(items))
+        first_batch_running.set()
+        time.sleep(0.01)  # stands in for the model's time on the batch
+        return items
+
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+        handler, max_batch_size=callers, max_wait_ms=5, max_queue=64, max_merge_wait_ms=merge_ms
+    )
+
+    def caller(i: int) -> None:
+        if i >= callers // 2:
+            assert first_batch_running.wait(timeout=10)
+        for r in range(rounds):
+            assert batcher.submit("k", (i, r)).result(timeout=30) == (i, r)
+
+    with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+        futures = [pool.submit(caller, i) for i in range(callers)]
+        for f in futures:
+            f.result(timeout=60)
+    batcher.close()
+    return sizes
+
+
+def test_merge_window_lets_alternating_cohorts_merge() -> None:
+    merged = _closed_loop_batch_sizes(merge_ms=500)
+    assert sum(merged) == 64
+    assert len(merged) <= 11 and merged.count(8) >= 6, merged  # cohorts merged into full batches
+    alternating = _closed_loop_batch_sizes(merge_ms=0)
+    assert sum(alternating) == 64
+    assert len(alternating) >= 14, alternating  # the old rule: two cohorts of 4 take turns
+
+
+def test_merge_window_must_be_a_number() -> None:
+    with pytest.raises(InvalidInput, match="max_merge_wait_ms"):
+        DynamicBatcher(lambda k, items: items, max_batch_size=2, max_wait_ms=0, max_queue=4, max_merge_wait_ms=-1)
