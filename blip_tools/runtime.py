@@ -609,4 +609,4 @@ class Blip2Runtime:
             ).last_hidden_state
             out = out.to(ret.itm_head.weight.dtype)
             logits = ret.itm_head(out[:, : query_tokens.shape[1], :]).mean(dim=1)
-            return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()  # type: ignore[no-any-return]
+            return torch.softmax(logits.float(), dim=-1)[:, 1].tolist()

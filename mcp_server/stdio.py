@@ -70,7 +70,7 @@ def claim_stdio() -> StdioWire:
     except OSError:  # no real descriptors (embedded interpreters): swap the Python-level streams only
         stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr
-    return StdioWire(stdin=stdin, stdout=stdout)  # type: ignore[arg-type]
+    return StdioWire(stdin=stdin, stdout=stdout)
 
 
 class _Writer:

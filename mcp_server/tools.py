@@ -139,8 +139,7 @@ async def caption_images(
             images,
             prompt,
             return_exceptions=True,
-            # acaption_batch awaits a coroutine callback; its annotation only names the sync form.
-            on_progress=progress,  # type: ignore[arg-type]
+            on_progress=progress,  # a coroutine callback: acaption_batch awaits it
             **_gen(max_new_tokens=max_new_tokens, num_beams=num_beams),
         )
     items: list[ImageCaption] = []

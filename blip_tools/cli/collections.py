@@ -10,7 +10,7 @@ from pathlib import Path
 from ._common import add_model_options, service_from_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add `index`, `search`, `duplicates` and `locate`."""
     p = sub.add_parser("index", help="index a folder of images for search (incremental; safe to interrupt)")
     p.add_argument("dir", type=Path, help="folder of images")

@@ -14,7 +14,7 @@ from ._common import add_model_options, service_from_args
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add `tiny-checkpoint`, `caption` and `ask`."""
     p = sub.add_parser("tiny-checkpoint", help="write a tiny random BLIP-2 checkpoint (tests, demos)")
     p.add_argument("dir", type=Path, help="output folder (gets captioner/ and retrieval/)")

@@ -42,7 +42,7 @@ _CONFIG_FLAGS = (
 )
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add `finetune`."""
     p = sub.add_parser(
         "finetune",

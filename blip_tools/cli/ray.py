@@ -15,7 +15,7 @@ from ._common import add_model_options, settings_from_args
 logger = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve-ray`."""
     p = sub.add_parser(
         "serve-ray",
