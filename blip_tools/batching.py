@@ -560,7 +560,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self._merge_wait_s <= 0 or self._arrivals_since_end >= self._returning:
             return 0.0
         cap = self._last_end + min(self._merge_wait_s, self._last_exec_s)
-        gap = max(self._max_wait_s, 0.001)
+        # Returning callers decode and preprocess their next image first: allow gaps in proportion to the batch.
+        gap = max(self._max_wait_s, 0.1 * self._last_exec_s, 0.001)
         return min(cap, max(self._last_end, self._last_arrival) + gap)
 
     def _execute(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
