@@ -603,14 +603,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     len(batch),
                     type(exc).__name__,
                 )
-                self._finish(key, batch, waits, exec_s, failed=0, retried=retried, split=True)
+                self._notify(self._count(key, batch, waits, exec_s, failed=0, retried=retried, split=True))
                 middle = len(batch) // 2
                 self._run(key, batch[:middle], retried=True)
                 self._run(key, batch[middle:], retried=True)
                 return
             request = batch[0]
             self._set_exception(request, _as_request_error(exc, oom=oom))
-            self._finish(key, batch, waits, exec_s, failed=1, retried=retried)
+            self._notify(self._count(key, batch, waits, exec_s, failed=1, retried=retried))
             return
         exec_s = time.monotonic() - start
         size = self._result_length(out)
@@ -624,7 +624,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         "(it must return one result per request, in order); this is a bug in the handler"
                     ),
                 )
-            self._finish(key, batch, waits, exec_s, failed=len(batch), retried=retried)
+            self._notify(self._count(key, batch, waits, exec_s, failed=len(batch), retried=retried))
             return
         # Count the batch before resolving its futures, so a caller reading stats() right after its result
         # already sees the batch that produced it.
@@ -837,20 +837,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             lowered,
             self._oom_cooldown_s,
         )
-
-    def _finish(
-        self,
-        key: Hashable,
-        batch: list[_Pending[ItemT, ResultT]],
-        waits: tuple[float, ...],
-        exec_s: float,
-        *,
-        failed: int,
-        retried: bool,
-        split: bool = False,
-    ) -> None:
-        """Count one handler call and tell the listeners."""
-        self._notify(self._count(key, batch, waits, exec_s, failed=failed, retried=retried, split=split))
 
     def _count(
         self,
