@@ -569,13 +569,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         live: list[_Pending[ItemT, ResultT]] = []
         now = time.monotonic()
         for request in batch:
-            try:
-                running = request.future.set_running_or_notify_cancel()
-            except RuntimeError:  # already resolved elsewhere; nothing left to do for it
-                continue
-            if not running:
-                with self._cond:
-                    self._cancelled += 1
+            if not self._claim(request):
                 continue
             if request.deadline is not None and now > request.deadline:
                 self._expire(request, now)
@@ -704,17 +698,22 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._pending.extend(kept)
         return expired
 
+    def _claim(self, request: _Pending[ItemT, ResultT]) -> bool:
+        """Mark a request's future running; False (and counted if cancelled) when it must not be touched."""
+        try:
+            running = request.future.set_running_or_notify_cancel()
+        except RuntimeError:  # already resolved elsewhere; nothing left to do for it
+            return False
+        if not running:
+            with self._cond:
+                self._cancelled += 1
+        return running
+
     def _fail_expired(self, expired: list[_Pending[ItemT, ResultT]]) -> None:
         """Fail requests past their deadline (called without the lock: future callbacks run here)."""
         now = time.monotonic()
         for request in expired:
-            try:
-                running = request.future.set_running_or_notify_cancel()
-            except RuntimeError:
-                continue
-            if not running:
-                with self._cond:
-                    self._cancelled += 1
+            if not self._claim(request):
                 continue
             self._expire(request, now)
 
@@ -743,13 +742,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     def _drop(self, requests: list[_Pending[ItemT, ResultT]], message: str) -> None:
         """Fail requests that never ran with `ServiceClosed` (cancelled ones are only counted)."""
         for request in requests:
-            try:
-                running = request.future.set_running_or_notify_cancel()
-            except RuntimeError:
-                continue
-            if not running:
-                with self._cond:
-                    self._cancelled += 1
+            if not self._claim(request):
                 continue
             if self._set_raw_exception(request, ServiceClosed(message)):
                 with self._cond:
