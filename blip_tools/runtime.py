@@ -6,6 +6,7 @@ single worker thread; preprocessing (`preprocess_*`, `encode_prompt`) is called 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BlipError, CapabilityUnavailable, InvalidInput, ModelNotAvailable
 from .params import GenerationParams
+from .pixels import PixelFn, processor_pixels
 from .results import GeneratedText
 from .settings import BlipSettings
 
@@ -129,6 +131,11 @@ class _Loaded:
     processor: Any
     load_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    pixels: PixelFn = field(init=False)
+    """Image → pixel values, exactly as the processor computes them (see `pixels.py`)."""
+
+    def __post_init__(self) -> None:
+        self.pixels = processor_pixels(self.processor.image_processor)
 
 
 class Blip2Runtime:
@@ -139,6 +146,8 @@ class Blip2Runtime:
         self.device = resolve_device(str(settings.device))
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self._lock = threading.RLock()
+        # Agents reuse a few prompts (no prompt, the VQA template per question): tokenise each once.
+        self._prompt_ids = functools.lru_cache(maxsize=4096)(self._tokenize_prompt)
         self._captioner: _Loaded | None = None
         self._retrieval: _Loaded | None = None
         self.feature_cache = _LRU(settings.feature_cache_size)
@@ -306,19 +315,20 @@ class Blip2Runtime:
     def preprocess(self, image: Image.Image, key: str, *, retrieval: bool = False) -> ImageItem:
         """Turn a decoded RGB image into model pixel values (CPU tensor), off the worker thread."""
         loaded = self.load_retrieval() if retrieval else self.load_captioner()
-        pixels = loaded.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-        return ImageItem(key=key, pixel_values=pixels, image=image)
+        return ImageItem(key=key, pixel_values=loaded.pixels(image), image=image)
 
     def encode_prompt(self, prompt: str | None) -> list[int]:
-        """Token ids of a prompt prefix (with BOS), validated for length."""
+        """Token ids of a prompt prefix (with BOS), validated for length (memoised: callers may keep the list)."""
+        return list(self._prompt_ids(prompt or ""))
+
+    def _tokenize_prompt(self, prompt: str) -> tuple[int, ...]:
         tok = self.load_captioner().processor.tokenizer
-        text = _sanitize(prompt or "")
-        ids: list[int] = tok(text, add_special_tokens=True)["input_ids"]
+        ids: list[int] = tok(_sanitize(prompt), add_special_tokens=True)["input_ids"]
         if len(ids) > MAX_PROMPT_TOKENS:
             raise InvalidInput(
                 f"The prompt is {len(ids)} tokens long; at most {MAX_PROMPT_TOKENS} are allowed. Shorten it."
             )
-        return ids
+        return tuple(ids)
 
     def tokenize_texts(self, texts: Sequence[str]) -> list[str]:
         """Validate texts for the retrieval model (non-empty)."""

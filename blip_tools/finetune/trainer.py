@@ -156,6 +156,7 @@ class Trainer:
         )
         loaded = runtime.load_captioner()
         self.model, self.processor = loaded.model, loaded.processor
+        self._to_pixels = loaded.pixels
         self.eos_ids: list[int] = loaded.extra["eos_ids"]
         self.pad_id: int = loaded.extra["pad_id"]
         self.image_id = int(self.model.config.image_token_index)
@@ -251,9 +252,7 @@ class Trainer:
         return out
 
     def _pixels(self, paths: Sequence[Path]) -> torch.Tensor:
-        images = [load_image(p, self.settings).image for p in paths]
-        pixels: torch.Tensor = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels
+        return torch.cat([self._to_pixels(load_image(p, self.settings).image) for p in paths])
 
     @torch.no_grad()
     def _vision(self, paths: Sequence[Path]) -> torch.Tensor:
