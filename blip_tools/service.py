@@ -8,13 +8,14 @@ the event loop, and cancelling the awaiting task cancels the queued request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from .batching import BatchEvent, DynamicBatcher
 from .errors import BlipError, InferenceError, InvalidInput, Overloaded, ServiceClosed
@@ -323,10 +324,16 @@ class Blip2Service:
         return_exceptions: bool,
         on_progress: ProgressFn | None,
     ) -> list[T | BlipError]:
-        """Submit `count` requests with a bounded window (backing off on Overloaded), collect in order."""
+        """Submit `count` requests with a bounded window (backing off on Overloaded), collect in order.
+
+        Items are prepared a batch's worth at a time and then submitted together, so the worker finds a full
+        batch instead of starting on the first few while the rest are still being decoded.
+        """
         results: list[T | BlipError | None] = [None] * count
         window = self._batch_window()
+        chunk = max(1, self.settings.max_batch_size)
         pending: dict[concurrent.futures.Future[_Outcome], tuple[int, Any]] = {}
+        prepared: collections.deque[tuple[int, Hashable, Any, Any]] = collections.deque()
         done_count = 0
         next_index = 0
         deadline = time.monotonic() + self.settings.request_timeout_s
@@ -338,40 +345,54 @@ class Blip2Service:
             if on_progress is not None:
                 on_progress(done_count, count)
 
-        while next_index < count or pending:
-            while next_index < count and len(pending) < window:
+        def fail(exc: BlipError) -> NoReturn:
+            for fut in pending:
+                fut.cancel()
+            raise exc
+
+        while next_index < count or prepared or pending:
+            while next_index < count and len(prepared) + len(pending) < window and len(prepared) < chunk:
                 index = next_index
+                next_index += 1
                 try:
-                    key, payload, meta = prepare(index)
-                    pending[self._submit(key, payload)] = (index, meta)
-                except Overloaded as exc:
-                    if not pending:
-                        if time.monotonic() + exc.retry_after_s > deadline:
-                            raise
-                        time.sleep(min(exc.retry_after_s, 0.5))
-                        continue
-                    break
+                    prepared.append((index, *prepare(index)))
                 except BlipError as exc:
                     if not return_exceptions:
-                        for fut in pending:
-                            fut.cancel()
-                        raise
+                        fail(exc)
                     record(index, exc)
-                next_index += 1
+            while prepared:
+                index, key, payload, meta = prepared[0]
+                try:
+                    pending[self._submit(key, payload)] = (index, meta)
+                except Overloaded as exc:
+                    if pending:
+                        break  # wait for some of ours to finish, then retry
+                    if time.monotonic() + exc.retry_after_s > deadline:
+                        raise
+                    time.sleep(min(exc.retry_after_s, 0.5))
+                    continue
+                except BlipError as exc:
+                    if not return_exceptions:
+                        fail(exc)
+                    record(index, exc)
+                prepared.popleft()
             if not pending:
                 continue
-            finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            if next_index < count and not prepared and len(pending) < window:
+                # Room in the window: prepare the next batch while this one runs.
+                finished = {fut for fut in pending if fut.done()}
+            else:
+                finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for fut in finished:
                 index, meta = pending.pop(fut)
                 try:
                     record(index, finish(index, self._wait(fut), meta))
                 except BlipError as exc:
                     if not return_exceptions:
-                        for other in pending:
-                            other.cancel()
-                        raise
+                        fail(exc)
                     record(index, exc)
-            deadline = time.monotonic() + self.settings.request_timeout_s
+            if finished:
+                deadline = time.monotonic() + self.settings.request_timeout_s
         return [r for r in results if r is not None]
 
     def caption_batch(

@@ -54,6 +54,38 @@ def test_batched_captions_equal_one_by_one(settings: BlipSettings, images: list[
         assert b.captions[0].mean_logprob == pytest.approx(s.captions[0].mean_logprob, abs=1e-4)  # type: ignore[union-attr]
 
 
+class _SlowPrepRuntime(Blip2Runtime):
+    """Preprocessing that takes 30 ms an image (a big photo's decode and resize), longer than the wait window."""
+
+    def preprocess(self, image: Any, key: str, *, retrieval: bool = False) -> Any:
+        time.sleep(0.03)
+        return super().preprocess(image, key, retrieval=retrieval)
+
+
+def test_a_batch_call_fills_whole_batches_even_when_preparing_outlasts_the_wait_window(
+    settings: BlipSettings, make_image: Callable[..., Any]
+) -> None:
+    """caption_batch prepares a batch's worth of images before submitting, so the worker never starts early."""
+    tuned = settings.model_copy(update={"max_batch_size": 4, "max_wait_ms": 5.0, "feature_cache_size": 0})
+    images = [make_image(300 + i) for i in range(12)]
+    with Blip2Service(tuned, runtime=_SlowPrepRuntime(tuned)).start() as svc:
+        results = svc.caption_batch(images, max_new_tokens=4)
+        assert svc.stats().batch_size_histogram == {4: 3}
+    assert len(results) == 12
+
+
+def test_prompt_ids_are_memoised_but_callers_get_their_own_list(service: Blip2Service) -> None:
+    rt = service.runtime
+    first = rt.encode_prompt("a photo of")
+    first.append(-1)  # a caller mutating its list must not change the next caller's
+    assert rt.encode_prompt("a photo of") == first[:-1]
+    assert rt.encode_prompt(None) == rt.encode_prompt("")
+    with pytest.raises(InvalidInput, match="tokens long"):
+        rt.encode_prompt("word " * 400)
+    with pytest.raises(InvalidInput, match="tokens long"):  # refusals are not cached as successes
+        rt.encode_prompt("word " * 400)
+
+
 def test_batched_vqa_with_different_question_lengths(settings: BlipSettings, images: list[Any]) -> None:
     pairs = list(zip(images[: len(QUESTIONS)], QUESTIONS, strict=True))
     with _private(settings, max_batch_size=len(pairs), max_wait_ms=500.0) as svc:
