@@ -288,6 +288,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._last_exec_s = 0.0
         self._last_arrival = 0.0
         self._arrivals_since_end = 0
+        # While the worker holds a batch open (timed wait): the queue length and the deadline that should wake
+        # it early. Submits that reach neither don't notify, so 32 arrivals cost one wake-up instead of 32.
+        self._wake_at_len: int | None = None
+        self._wake_by = math.inf
 
         self._requests = 0
         self._batches = 0
@@ -399,7 +403,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._task_counts(task)[0] += 1
                 self._last_arrival = now
                 self._arrivals_since_end += 1
-                self._cond.notify()
+                if (
+                    self._wake_at_len is None
+                    or len(self._pending) >= self._wake_at_len
+                    or (timeout_s is not None and now + timeout_s < self._wake_by)
+                ):
+                    self._cond.notify()
         finally:
             self._fail_expired(expired)
         return future
@@ -536,15 +545,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         bad_head = (head, exc)
                         return True
                     until = self._merge_until_locked()
-                    if until > now and self._count_like(head, limit) < limit and not self._closing:
+                    missing = limit - self._count_like(head, limit)
+                    if until > now and missing > 0 and not self._closing:
                         # The callers the last batch served are coming back: hold the batch open for them.
-                        self._cond.wait(min(until - now, self._until_next_deadline(now)))
+                        wait_s = min(until - now, self._until_next_deadline(now))
+                        # Wake early when the batch could be full or every returning caller is back.
+                        back = self._returning - self._arrivals_since_end
+                        self._hold_open(now, wait_s, len(self._pending) + min(missing, max(back, 1)))
                         continue
                     if self._idle and self._max_wait_s > 0 and not self._closing:
                         remaining = head.enqueued + self._max_wait_s - now
-                        if remaining > 0 and self._count_like(head, limit) < limit:
-                            # Wake for a new request, the window's end, or the next deadline to enforce.
-                            self._cond.wait(min(remaining, self._until_next_deadline(now)))
+                        if remaining > 0 and missing > 0:
+                            # Wake when the batch could be full, at the window's end, or for the next deadline.
+                            wait_s = min(remaining, self._until_next_deadline(now))
+                            self._hold_open(now, wait_s, len(self._pending) + missing)
                             continue
                     self._inflight = take_batch(self._pending, limit)
                     return True
@@ -554,6 +568,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 request, error = bad_head
                 logger.warning("%s: could not form a batch for a %r request: %r", self._name, request.task, error)
                 self._fail_request(request, error, prefix="could not form a batch for this request")
+
+    def _hold_open(self, now: float, wait_s: float, wake_at_len: int) -> None:
+        """Wait (lock held) up to `wait_s`; a submit wakes us only at `wake_at_len` queued or an earlier deadline."""
+        self._wake_at_len, self._wake_by = wake_at_len, now + wait_s
+        try:
+            self._cond.wait(wait_s)
+        finally:
+            self._wake_at_len, self._wake_by = None, math.inf
 
     def _merge_until_locked(self) -> float:
         """When the merge window ends (0: no window): returning callers keep arriving, capped by the budget."""

@@ -558,6 +558,23 @@ def test_deadline_is_enforced_during_a_long_wait_window(
     assert handler.calls == []
 
 
+def test_an_earlier_deadline_wakes_a_worker_holding_a_batch_open(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    """Submits skip waking the worker during a window, except when they bring a deadline it would miss."""
+    handler = Handler()
+    batcher = make_batcher(handler, max_wait_ms=5000)
+    start = time.monotonic()
+    patient = batcher.submit("k", 1)
+    wait_until(lambda: batcher.queue_depth == 1)
+    time.sleep(0.05)  # the worker is now in its 5 s window
+    hurried = batcher.submit("k", 2, timeout_s=0.05)
+    with pytest.raises(RequestTimeout):
+        hurried.result(WAIT_S)
+    assert time.monotonic() - start < 2.0
+    patient.cancel()
+
+
 # ---------------------------------------------------------------------- close
 
 
@@ -763,6 +780,39 @@ def test_merge_window_lets_alternating_cohorts_merge() -> None:
     alternating = _closed_loop_batch_sizes(merge_ms=0)
     assert sum(alternating) == 64
     assert len(alternating) >= 14, alternating  # the old rule: two cohorts of 4 take turns
+
+
+def test_a_merge_window_closes_when_every_returning_caller_is_back() -> None:
+    """The worker holds a batch open for returning callers, but wakes the moment the last one is back.
+
+    Each batch takes 0.4 s, so each hold may last up to 0.4 s: 4 callers x 5 rounds take about 2 s when the
+    batch starts as soon as the 4th caller returns, and about 4 s if the worker waited out every hold.
+    """
+    sizes: list[int] = []
+
+    def handler(key: Hashable, items: list[Any]) -> list[Any]:
+        sizes.append(len(items))
+        time.sleep(0.4)
+        return items
+
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+        handler, max_batch_size=4, max_wait_ms=2000, max_queue=64, max_merge_wait_ms=5000
+    )
+    barrier = threading.Barrier(4)
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        for r in range(5):
+            assert batcher.submit("k", (i, r)).result(timeout=30) == (i, r)
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(caller, i) for i in range(4)]:
+            f.result(timeout=60)
+    elapsed = time.monotonic() - start
+    batcher.close()
+    assert sizes == [4] * 5
+    assert elapsed < 3.0, elapsed
 
 
 def test_merge_window_must_be_a_number() -> None:
