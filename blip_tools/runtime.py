@@ -38,6 +38,15 @@ _IMAGE_TOKEN = "<image>"
 _CONTROL_RE = re.compile(r"\s+")
 
 
+@functools.cache
+def _cache_kwarg() -> str:
+    """generate()'s keyword for a ready KV cache: `cache` from transformers 5.24 (which deprecates the old name)."""
+    import transformers
+
+    major_minor = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    return "cache" if major_minor >= (5, 24) else "past_key_values"
+
+
 def resolve_device(name: str) -> str:
     """`auto` → cuda, then mps, then cpu; anything else is passed through to torch."""
     import torch
@@ -413,7 +422,7 @@ class Blip2Runtime:
             if use_prefix:
                 # generate() repeats inputs per beam / returned sequence, but not a cache passed in: repeat it here.
                 repeat = params.num_beams if beams else params.num_return_sequences
-                gen_kwargs["past_key_values"] = self._prefix_kv(items, lm_inputs, repeat)
+                gen_kwargs[_cache_kwarg()] = self._prefix_kv(items, lm_inputs, repeat)
             elif self.settings.static_cache:
                 gen_kwargs["cache_implementation"] = "static"
             if self.settings.static_cache and not self.settings.compile:
