@@ -42,10 +42,12 @@ def test_quick_run_writes_tables_json_and_plots(bench_root: Path, tmp_path: Path
 
     b1 = json.loads((out / "B1_tiny.json").read_text())
     modes = {(row["mode"], row["callers"]) for row in b1["rows"]}
-    assert modes == {(m, n) for m in ("runtime_bound", "offline", "one_by_one", "dynamic") for n in (8, 32)}
+    modes_run = ("runtime_bound", "offline", "one_by_one", "dynamic", "dynamic_async")
+    assert modes == {(m, n) for m in modes_run for n in (8, 32)}
     assert {c["name"] for c in b1["checks"]} == {
         "tiny, 32 callers: dynamic >= 0.9x offline",
         "tiny, 32 callers: dynamic >= 8x one-by-one",
+        "tiny, 32 asyncio callers (as in the MCP server): dynamic >= 0.9x offline",
     }
     # Batching really happened for 32 callers; batching off really ran one at a time.
     rows = {(row["mode"], row["callers"]): row for row in b1["rows"]}
