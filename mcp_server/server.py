@@ -18,7 +18,7 @@ from mcp.server import MCPServer
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, InputRequiredResult
+from mcp.types import CallToolResult, Icon, InputRequiredResult, ToolAnnotations
 from pydantic import ValidationError
 
 from blip_tools import __version__
@@ -28,6 +28,7 @@ from blip_tools.settings import BlipSettings
 
 from . import collection_tools, prompts, resources, tools
 from ._common import AppContext
+from .schemas import compact_schema
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,28 @@ class BlipMCPServer(MCPServer[AppContext]):
             # blip://stats and blip://model change while the server runs: never let a client serve them stale.
             cache_hints={"resources/read": CacheHint(ttl_ms=0)},
         )
+
+    def add_tool(
+        self,
+        fn: Callable[..., Any],
+        name: str | None = None,
+        title: str | None = None,
+        description: str | None = None,
+        annotations: ToolAnnotations | None = None,
+        icons: list[Icon] | None = None,
+        meta: dict[str, Any] | None = None,
+        structured_output: bool | None = None,
+    ) -> None:
+        """Like the SDK's, but the tool's output schema is published compact (`schemas.compact_schema`).
+
+        Results are still validated on the server against the tool's pydantic return model; the compact schema
+        accepts exactly the same documents and is cheaper for clients to check on every call.
+        """
+        super().add_tool(fn, name, title, description, annotations, icons, meta, structured_output)
+        tool = self._tool_manager.get_tool(name or fn.__name__)
+        if tool is not None and tool.fn_metadata.output_schema is not None:
+            # FuncMetadata reads `output_schema` live (documented as reassignable after construction).
+            tool.fn_metadata.output_schema = compact_schema(tool.fn_metadata.output_schema)
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[AppContext, Any] | None = None
