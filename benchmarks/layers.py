@@ -1,8 +1,11 @@
 """B3: per-call latency of each layer — runtime, service (sync/async), LangChain tool, MCP in-memory, MCP stdio,
 MCP HTTP — with a null model (pure overhead) and with the benchmark-size model.
 
-Calls are sequential (one caller) and interleaved round by round across layers, so machine noise hits every
-layer alike; figures are medians. Servers in subprocesses use `benchmarks/_null_server.py`.
+Calls are sequential (one caller) and interleaved round by round across layers (the order reversed every other
+round), so machine noise hits every layer alike; figures are medians. The checks use paired ratios: each round's
+layer call divided by the same round's service call, then the median over rounds, which cancels the slow drifts
+of a shared machine that a ratio of two medians keeps. The in-process layers take their rounds first; MCP stdio
+and HTTP (servers in subprocesses, `benchmarks/_null_server.py`) then take theirs with fresh service calls.
 """
 
 from __future__ import annotations
@@ -31,35 +34,39 @@ _NULL_SERVER = Path(__file__).with_name("_null_server.py")
 
 def b3_layers(ctx: BenchContext) -> ScenarioResult:
     """Per-call overhead of each layer; checks LangChain and MCP in-memory against a direct service call."""
-    rounds = ctx.scale(40 if ctx.size != "real" else 3, 8)
+    rounds = ctx.scale(120 if ctx.size != "real" else 3, 8)
     rows: list[dict[str, Any]] = []
     checks: list[Check] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "b3.png"
         make_images(1, ctx.size, seed=30)[0].save(path)
         for kind in ("null", "model"):
-            medians = asyncio.run(_measure(ctx, kind, str(path), rounds))
-            base_sync, base_async = medians["service"], medians["service_async"]
+            times = asyncio.run(_measure(ctx, kind, str(path), rounds))
+            medians = {layer: median(values) for layer, values in times.items()}
+            bases = ("service", "service_async")
             for layer, value in medians.items():
+                if "@" in layer:
+                    continue  # the service calls an out-of-process layer was paired with
+                sync, async_ = (f"{layer}@service", f"{layer}@service_async") if layer in _OUT_OF_PROCESS else bases
                 rows.append(
                     {
                         "model": kind if kind == "null" else ctx.size,
                         "layer": layer,
                         "median_ms": value * 1000,
-                        "overhead_vs_service_ms": (value - base_sync) * 1000,
-                        "x_service": value / base_sync,
-                        "x_service_async": value / base_async,
+                        "overhead_vs_service_ms": (value - median(times[sync])) * 1000,
+                        "x_service": _paired(times[layer], times[sync]),
+                        "x_service_async": _paired(times[layer], times[async_]),
                     }
                 )
             if kind == "model" and ctx.size == "tiny":
-                lc = medians["langchain_tool"] / base_sync
-                mcp = medians["mcp_in_memory"] / base_async
+                lc = _paired(times["langchain_tool"], times["service"])
+                mcp = _paired(times["mcp_in_memory"], times["service_async"])
                 checks.append(Check("tiny: LangChain tool <= 1.03x a direct service call", lc <= 1.03, f"{lc:.3f}x"))
                 checks.append(
                     Check(
                         "tiny: MCP in-memory <= 1.03x a direct service call (acaption, which its tool awaits)",
                         mcp <= 1.03,
-                        f"{mcp:.3f}x ({medians['mcp_in_memory'] / base_sync:.3f}x the sync call)",
+                        f"{mcp:.3f}x ({_paired(times['mcp_in_memory'], times['service']):.3f}x the sync call)",
                     )
                 )
     return ScenarioResult(
@@ -69,13 +76,21 @@ def b3_layers(ctx: BenchContext) -> ScenarioResult:
         rows,
         checks,
         notes=[
-            f"median of {rounds} sequential calls per layer, interleaved; every layer decodes the same PNG path; "
-            "the service's 2 ms idle wait window is included from `service` on"
+            f"median of {rounds} sequential calls per layer, interleaved (order reversed every other round); the "
+            "in-process layers run their rounds first, then MCP stdio and HTTP in rounds of their own with fresh "
+            "service calls to compare with; x_ columns are paired: the median over rounds of the layer's call / that "
+            "round's service call; every layer decodes the same PNG path; the service's 2 ms idle wait window is "
+            "included from `service` on"
         ],
     )
 
 
-async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict[str, float]:
+def _paired(values: list[float], base: list[float]) -> float:
+    """Median over rounds of `values[i] / base[i]` (both measured in round i)."""
+    return median([v / b for v, b in zip(values, base, strict=True)])
+
+
+async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict[str, list[float]]:
     from mcp import Client
 
     from blip_tools.images import load_image
@@ -118,15 +133,34 @@ async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict
             for fn in layers.values():  # warm-up (model load in subprocesses, first-call paths)
                 await fn()
                 await fn()
-            times: dict[str, list[float]] = {name: [] for name in layers}
-            for _ in range(rounds):
-                for name, fn in layers.items():
-                    start = time.perf_counter()
-                    await fn()
-                    times[name].append(time.perf_counter() - start)
+            # In-process layers first, on their own: the server subprocesses' after-call work (their own model,
+            # logging, GC) must not land on them. Then the out-of-process layers, paired with fresh service calls.
+            times = await _rounds({k: v for k, v in layers.items() if k not in _OUT_OF_PROCESS}, rounds)
+            bases = {"service": layers["service"], "service_async": layers["service_async"]}
+            remote = await _rounds({**bases, **{k: layers[k] for k in _OUT_OF_PROCESS}}, rounds)
+            for name in _OUT_OF_PROCESS:
+                times[name] = remote[name]
+                for base in bases:
+                    times[f"{name}@{base}"] = remote[base]
     finally:
         svc.close()
-    return {name: median(values) for name, values in times.items()}
+    return times
+
+
+_OUT_OF_PROCESS = ("mcp_stdio", "mcp_http")
+
+
+async def _rounds(layers: dict[str, Callable[[], Awaitable[Any]]], rounds: int) -> dict[str, list[float]]:
+    """`rounds` rounds of one call per layer, the order reversed every other round; seconds per call."""
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    order = list(layers.items())
+    for _ in range(rounds):
+        for name, fn in order:
+            start = time.perf_counter()
+            await fn()
+            times[name].append(time.perf_counter() - start)
+        order.reverse()  # no layer always runs right after the same neighbour
+    return times
 
 
 async def _call(client: Any, args: dict[str, Any]) -> Any:
