@@ -222,6 +222,37 @@ class Blip2Service:
         except concurrent.futures.CancelledError as exc:
             raise BlipError("The request was cancelled before it ran.") from exc
 
+    async def _asubmit(
+        self, prepare: Callable[[], tuple[Hashable, Any, T]]
+    ) -> tuple[concurrent.futures.Future[_Outcome], T]:
+        """Run `prepare` in a worker thread and submit its request from there; return the future and the extra.
+
+        Submitting from the thread puts the request in the batcher as soon as its image is ready, rather than
+        when the event loop next resumes this task (with many callers, or a busy MCP server, that is later: 32
+        asyncio callers on the tiny model filled batches of 29-30 instead of 31). If this task is cancelled
+        meanwhile, the request is cancelled if it was submitted, and never submitted if it was not.
+        """
+        lock = threading.Lock()
+        submitted: list[concurrent.futures.Future[_Outcome]] = []
+        abandoned = False
+
+        def run() -> tuple[concurrent.futures.Future[_Outcome], T]:
+            key, payload, extra = prepare()
+            with lock:
+                if abandoned:
+                    raise concurrent.futures.CancelledError
+                submitted.append(self._submit(key, payload))
+            return submitted[0], extra
+
+        try:
+            return await asyncio.to_thread(run)
+        except asyncio.CancelledError:
+            with lock:
+                abandoned = True
+            for future in submitted:
+                future.cancel()
+            raise
+
     @staticmethod
     async def _await(future: concurrent.futures.Future[_Outcome]) -> _Outcome:
         try:
@@ -296,8 +327,8 @@ class Blip2Service:
     ) -> CaptionResult:
         """Async `caption`: decoding runs in a thread, the model call is awaited."""
         began = time.monotonic()
-        key, item, info, _ = await asyncio.to_thread(self._prepare_generation, CAPTION, image, prompt, params, gen)
-        return self._caption_result(await self._await(self._submit(key, item)), info, prompt, began)
+        future, info = await self._asubmit(lambda: self._prepare_generation(CAPTION, image, prompt, params, gen)[:3])
+        return self._caption_result(await self._await(future), info, prompt, began)
 
     def answer(
         self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
@@ -312,8 +343,8 @@ class Blip2Service:
     ) -> AnswerResult:
         """Async `answer`."""
         began = time.monotonic()
-        key, item, info, _ = await asyncio.to_thread(self._prepare_generation, ANSWER, image, question, params, gen)
-        return self._answer_result(await self._await(self._submit(key, item)), info, question, began)
+        future, info = await self._asubmit(lambda: self._prepare_generation(ANSWER, image, question, params, gen)[:3])
+        return self._answer_result(await self._await(future), info, question, began)
 
     # ------------------------------------------------------------------ batch forms
     def _run_many(
@@ -580,8 +611,8 @@ class Blip2Service:
         """Async `embed_images`."""
 
         async def one(image: ImageInput) -> EmbeddingResult:
-            key, item, info = await asyncio.to_thread(self._prepare_embed_image, image)
-            return self._embedding_result(await self._await(self._submit(key, item)), info, include_query_vectors)
+            future, info = await self._asubmit(lambda: self._prepare_embed_image(image))
+            return self._embedding_result(await self._await(future), info, include_query_vectors)
 
         return await self._gather(
             [lambda img=img: one(img) for img in images],  # type: ignore[misc]
@@ -649,8 +680,8 @@ class Blip2Service:
         """Async `score`."""
         began = time.monotonic()
         texts = [texts] if isinstance(texts, str) else list(texts)
-        key, payload, info = await asyncio.to_thread(self._prepare_score, image, texts)
-        return self._score_result(await self._await(self._submit(key, payload)), texts, info, began)
+        future, info = await self._asubmit(lambda: self._prepare_score(image, texts))
+        return self._score_result(await self._await(future), texts, info, began)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> ServiceStats:
@@ -724,6 +755,6 @@ class Blip2Service:
     async def alocate(self, image: ImageInput, text: str) -> LocateResult:
         """Async `locate`."""
         began = time.monotonic()
-        key, payload, loaded = await asyncio.to_thread(self._prepare_locate, image, text)
-        outcome = await self._await(self._submit(key, payload))
+        future, loaded = await self._asubmit(lambda: self._prepare_locate(image, text))
+        outcome = await self._await(future)
         return await asyncio.to_thread(self._locate_result, outcome, loaded, text, began)

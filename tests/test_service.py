@@ -266,6 +266,70 @@ def test_overload_cancellation_and_deadline(gated: tuple[Blip2Service, _GatedRun
     assert sum(runtime.seen) == 3, "cancelled requests must never reach the model"
 
 
+def test_async_call_cancelled_while_preparing_is_never_submitted(
+    gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, runtime = gated
+    loading, release = threading.Event(), threading.Event()
+    load = svc._load
+
+    def slow_load(image: Any) -> Any:
+        loading.set()
+        assert release.wait(timeout=10)
+        return load(image)
+
+    monkeypatch.setattr(svc, "_load", slow_load)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(svc.acaption(images[0], max_new_tokens=4))
+        while not loading.is_set():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()  # the preparation now finishes in its thread, after its caller has gone
+
+    asyncio.run(scenario())  # returns once the default executor's threads are done
+    stats = svc.stats()
+    assert stats.requests == 0 and stats.queue_depth == 0, "a request nobody awaits must not be queued"
+    monkeypatch.undo()
+    assert svc.caption(images[1], max_new_tokens=4).caption is not None
+    assert runtime.seen == [1]
+
+
+def test_async_call_cancelled_just_after_submitting_is_cancelled(
+    gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, runtime = gated
+    running = _hold_worker(svc, runtime, images[0])
+    submitted, release = threading.Event(), threading.Event()
+    submit = svc._submit
+
+    def held_submit(key: Any, payload: Any) -> Any:
+        future = submit(key, payload)
+        submitted.set()
+        assert release.wait(timeout=10)  # the request is queued; its thread has not returned yet
+        return future
+
+    monkeypatch.setattr(svc, "_submit", held_submit)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(svc.acaption(images[1], max_new_tokens=4))
+        while not submitted.is_set():
+            await asyncio.sleep(0.005)
+        threading.Timer(0.2, release.set).start()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    runtime.gate.set()
+    assert running.result(timeout=30).caption is not None
+    stats = svc.stats()
+    assert stats.requests == 2 and stats.cancelled == 1
+    assert runtime.seen == [1], "the cancelled request must never reach the model"
+
+
 def test_request_deadline(settings: BlipSettings, images: list[Any]) -> None:
     s = settings.model_copy(update={"request_timeout_s": 0.2, "max_wait_ms": 0.0})
     runtime = _GatedRuntime(s)
