@@ -89,6 +89,11 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def ratios(values: Sequence[float], base: Sequence[float]) -> list[float]:
+    """Per-round ratios `values[i] / base[i]` of two measurements taken side by side in round i."""
+    return [v / b for v, b in zip(values, base, strict=True)]
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """(seconds, result) of one call."""
     start = time.perf_counter()

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .harness import Check, ScenarioResult, median
+from .harness import Check, ScenarioResult, median, ratios
 from .null_model import NullRuntime
 from .scenarios import BenchContext
 from .sizes import make_images
@@ -87,7 +87,7 @@ def b3_layers(ctx: BenchContext) -> ScenarioResult:
 
 def _paired(values: list[float], base: list[float]) -> float:
     """Median over rounds of `values[i] / base[i]` (both measured in round i)."""
-    return median([v / b for v, b in zip(values, base, strict=True)])
+    return median(ratios(values, base))
 
 
 async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict[str, list[float]]:

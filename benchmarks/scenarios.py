@@ -24,7 +24,7 @@ from blip_tools.params import GenerationParams
 from blip_tools.runtime import Blip2Runtime, GenerationItem
 from blip_tools.service import Blip2Service
 
-from .harness import Check, ScenarioResult, median, percentile, timed
+from .harness import Check, ScenarioResult, median, percentile, ratios, timed
 from .sizes import make_images, settings_for
 
 logger = logging.getLogger(__name__)
@@ -254,13 +254,13 @@ def b1_closed_loop(ctx: BenchContext) -> ScenarioResult:
             )
         if ctx.size == "tiny" and n == 32:
             # Paired: each round's offline wall / the same round's dynamic wall (same items), median over rounds.
-            ratio_off = median([o / d for o, d in zip(walls["offline"], walls["dynamic"], strict=True)])
+            per_round = ratios(walls["offline"], walls["dynamic"])
+            ratio_off = median(per_round)
             ratio_one = figures["dynamic"] / figures["one_by_one"]
             ratio_bound = figures["dynamic"] / figures["runtime_bound"]
-            per_round = ", ".join(f"{o / d:.2f}" for o, d in zip(walls["offline"], walls["dynamic"], strict=True))
             checks.append(Check("tiny, 32 callers: dynamic >= 0.9x offline", ratio_off >= 0.9, f"{ratio_off:.2f}x"))
             checks.append(Check("tiny, 32 callers: dynamic >= 8x one-by-one", ratio_one >= 8.0, f"{ratio_one:.1f}x"))
-            ratio_async = median([o / d for o, d in zip(walls["offline"], walls["dynamic_async"], strict=True)])
+            ratio_async = median(ratios(walls["offline"], walls["dynamic_async"]))
             checks.append(
                 Check(
                     "tiny, 32 asyncio callers (as in the MCP server): dynamic >= 0.9x offline",
@@ -270,7 +270,7 @@ def b1_closed_loop(ctx: BenchContext) -> ScenarioResult:
             )
             bound_note = (
                 f"tiny, 32 callers: dynamic = {ratio_bound:.2f}x the runtime bound (no service, no threads); "
-                f"dynamic / offline per round: {per_round}"
+                f"dynamic / offline per round: {', '.join(f'{r:.2f}' for r in per_round)}"
             )
     notes = [
         "offline = the service's batch API, n images per caption_batch call; runtime_bound = bare runtime calls on "
