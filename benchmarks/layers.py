@@ -1,5 +1,6 @@
 """B3: per-call latency of each layer — runtime, service (sync/async), LangChain tool, MCP in-memory, MCP stdio,
-MCP HTTP — with a null model (pure overhead) and with the benchmark-size model.
+MCP HTTP — with a null model (pure overhead) and with the benchmark-size model. `mcp_bare_sdk` is the MCP SDK's
+own floor next to the in-memory row: a bare SDK tool around the same service call, returning only text.
 
 Calls are sequential (one caller) and interleaved round by round across layers (the order reversed every other
 round), so machine noise hits every layer alike; figures are medians. The checks use paired ratios: each round's
@@ -66,7 +67,9 @@ def b3_layers(ctx: BenchContext) -> ScenarioResult:
                     Check(
                         "tiny: MCP in-memory <= 1.03x a direct service call (acaption, which its tool awaits)",
                         mcp <= 1.03,
-                        f"{mcp:.3f}x ({_paired(times['mcp_in_memory'], times['service']):.3f}x the sync call)",
+                        f"{mcp:.3f}x ({_paired(times['mcp_in_memory'], times['service']):.3f}x the sync call; the "
+                        f"SDK floor, a bare tool returning only the caption text: "
+                        f"{_paired(times['mcp_bare_sdk'], times['service_async']):.3f}x)",
                     )
                 )
     return ScenarioResult(
@@ -78,7 +81,9 @@ def b3_layers(ctx: BenchContext) -> ScenarioResult:
         notes=[
             f"median of {rounds} sequential calls per layer, interleaved (order reversed every other round); the "
             "in-process layers run their rounds first, then MCP stdio and HTTP in rounds of their own with fresh "
-            "service calls to compare with; x_ columns are paired: the median over rounds of the layer's call / that "
+            "service calls to compare with; `mcp_bare_sdk` is the SDK's floor for the MCP in-memory row: a bare "
+            "`MCPServer` tool that awaits the same `acaption` and returns only the caption text (no output schema, "
+            "none of our wrapping); x_ columns are paired: the median over rounds of the layer's call / that "
             "round's service call; every layer decodes the same PNG path; the service's 2 ms idle wait window is "
             "included from `service` on"
         ],
@@ -92,6 +97,7 @@ def _paired(values: list[float], base: list[float]) -> float:
 
 async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict[str, list[float]]:
     from mcp import Client
+    from mcp.server import MCPServer
 
     from blip_tools.images import load_image
     from blip_tools.langchain import CaptionImageTool
@@ -111,6 +117,13 @@ async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict
         item = GenerationItem(rt.preprocess(loaded.image, loaded.sha256), rt.encode_prompt(None))
         return rt.generate([item], params)
 
+    bare = MCPServer("bare")
+
+    @bare.tool(name="caption_text", structured_output=False)
+    async def caption_text(image: str, max_new_tokens: int) -> str:
+        """The cheapest MCP wrapper of the same service call: unstructured text, no output schema."""
+        return (await svc.acaption(image, max_new_tokens=max_new_tokens)).caption
+
     layers: dict[str, Callable[[], Awaitable[Any]]] = {}
 
     async def call_sync(fn: Callable[[], Any]) -> Any:
@@ -125,6 +138,8 @@ async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict
         async with contextlib.AsyncExitStack() as stack:
             memory = await stack.enter_async_context(Client(create_server(svc)))
             layers["mcp_in_memory"] = lambda: _call(memory, args)
+            floor = await stack.enter_async_context(Client(bare))
+            layers["mcp_bare_sdk"] = lambda: _call(floor, args, "caption_text")
             stdio = await stack.enter_async_context(Client(_stdio_params(ctx, kind)))
             layers["mcp_stdio"] = lambda: _call(stdio, args)
             url = await stack.enter_async_context(_http_server(ctx, kind))
@@ -163,10 +178,10 @@ async def _rounds(layers: dict[str, Callable[[], Awaitable[Any]]], rounds: int) 
     return times
 
 
-async def _call(client: Any, args: dict[str, Any]) -> Any:
-    result = await client.call_tool("caption_image", args)
+async def _call(client: Any, args: dict[str, Any], tool: str = "caption_image") -> Any:
+    result = await client.call_tool(tool, args)
     if result.is_error:
-        raise RuntimeError(f"caption_image failed: {result.content}")
+        raise RuntimeError(f"{tool} failed: {result.content}")
     return result
 
 
