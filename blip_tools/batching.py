@@ -288,6 +288,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._last_exec_s = 0.0
         self._last_arrival = 0.0
         self._arrivals_since_end = 0
+        self._delivered = False
+        """Whether this batch's results have started going out (arrivals from then on are returning callers)."""
         # While the worker holds a batch open (timed wait): the queue length and the deadline that should wake
         # it early. Submits that reach neither don't notify, so 32 arrivals cost one wake-up instead of 32.
         self._wake_at_len: int | None = None
@@ -493,6 +495,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """The loop: form a batch, run it, resolve its futures; errors fail only the requests concerned."""
         while True:
             self._inflight = []
+            self._delivered = False
             ran = False
             try:
                 if self._next_batch() is None:
@@ -515,7 +518,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     self._returning = len(self._inflight)
                     self._last_exec_s = end - self._batch_start
                     self._last_end = end
-                    self._arrivals_since_end = 0
+                    if not self._delivered:
+                        self._arrivals_since_end = 0
 
     def _next_batch(self) -> bool | None:
         """Wait for work and move the next batch into `_inflight` (None: closed and drained).
@@ -625,6 +629,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._run(key, batch[middle:], retried=True)
                 return
             request = batch[0]
+            self._start_delivery()
             self._set_exception(request, _as_request_error(exc, oom=oom))
             self._notify(self._count(key, batch, waits, exec_s, failed=1, retried=retried))
             return
@@ -632,6 +637,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         size = self._result_length(out)
         if size != len(batch):
             shown = "a non-sequence" if size is None else f"{size} results"
+            self._start_delivery()
             for request in batch:
                 self._set_exception(
                     request,
@@ -646,6 +652,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         # already sees the batch that produced it.
         failed = sum(1 for result in out if isinstance(result, BaseException))
         event = self._count(key, batch, waits, exec_s, failed=failed, retried=retried)
+        self._start_delivery()
         for request, result in zip(batch, out, strict=True):
             if isinstance(result, BaseException):
                 self._set_exception(request, _as_request_error(result, oom=False))
@@ -654,6 +661,18 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._notify(event)
 
     # ------------------------------------------------------------------ helpers
+
+    def _start_delivery(self) -> None:
+        """Start counting returning callers: called just before the first of a batch's futures is resolved.
+
+        A caller can resubmit as soon as its future resolves, before the worker has finished with the batch
+        (the other futures, listeners); counting only from the end of that work would miss such arrivals, and
+        the worker would then hold the next batch open for callers that are already queued.
+        """
+        if not self._delivered:
+            self._delivered = True
+            with self._cond:
+                self._arrivals_since_end = 0
 
     def _closed_error(self) -> ServiceClosed:
         if self._close_called:

@@ -815,6 +815,43 @@ def test_a_merge_window_closes_when_every_returning_caller_is_back() -> None:
     assert elapsed < 3.0, elapsed
 
 
+def test_callers_back_before_the_worker_finishes_a_batch_still_count_as_back() -> None:
+    """A caller can resubmit while the worker is still busy with the batch that served it (resolving the other
+    futures, calling listeners). Such arrivals must count as returning callers: the worker once reset its count
+    after that work, forgot them, and held the next batch open for callers that were already queued (here 4 of
+    4 back, in a batch that could hold 8) until the merge window ran out, 0.3 s a batch.
+    """
+    events: list[BatchEvent] = []
+
+    def handler(key: Hashable, items: list[Any]) -> list[Any]:
+        time.sleep(0.3)
+        return items
+
+    def slow_listener(event: BatchEvent) -> None:
+        events.append(event)
+        time.sleep(0.05)  # the callers it served resubmit meanwhile
+
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+        handler, max_batch_size=8, max_wait_ms=2000, max_queue=64, max_merge_wait_ms=5000
+    )
+    batcher.add_listener(slow_listener)
+    barrier = threading.Barrier(4)
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        for r in range(4):
+            assert batcher.submit("k", (i, r)).result(timeout=30) == (i, r)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for f in [pool.submit(caller, i) for i in range(4)]:
+            f.result(timeout=60)
+    batcher.close()
+    assert [e.size for e in events] == [4] * 4
+    # Later batches start once the listener returns (~0.05 s after their requests queued), not 0.3 s later.
+    waits = [max(e.queue_wait_s) for e in events[1:]]
+    assert max(waits) < 0.2, waits
+
+
 def test_merge_window_must_be_a_number() -> None:
     with pytest.raises(InvalidInput, match="max_merge_wait_ms"):
         DynamicBatcher(lambda k, items: items, max_batch_size=2, max_wait_ms=0, max_queue=4, max_merge_wait_ms=-1)
