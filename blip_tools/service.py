@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import contextvars
+import functools
 import logging
 import threading
 import time
@@ -222,30 +225,61 @@ class Blip2Service:
         except concurrent.futures.CancelledError as exc:
             raise BlipError("The request was cancelled before it ran.") from exc
 
-    async def _asubmit(
-        self, prepare: Callable[[], tuple[Hashable, Any, T]]
-    ) -> tuple[concurrent.futures.Future[_Outcome], T]:
-        """Run `prepare` in a worker thread and submit its request from there; return the future and the extra.
+    async def _arequest(self, prepare: Callable[[], tuple[Hashable, Any, T]]) -> tuple[_Outcome, T]:
+        """Run `prepare` in a worker thread, submit its request from there, and await the outcome.
 
-        Submitting from the thread puts the request in the batcher as soon as its image is ready, rather than
-        when the event loop next resumes this task (with many callers, or a busy MCP server, that is later: 32
-        asyncio callers on the tiny model filled batches of 29-30 instead of 31). If this task is cancelled
-        meanwhile, the request is cancelled if it was submitted, and never submitted if it was not.
+        Returns the outcome with `prepare`'s extra (image info). The thread submits as soon as its image is
+        ready, not when the event loop next resumes this task (with many callers, or a busy MCP server, that is
+        later: 32 asyncio callers on the tiny model filled batches of 29-30 instead of 31), and the outcome
+        reaches the loop in one callback, so the task wakes once per request rather than also when preparation
+        ends (about 9 % more throughput for those callers). If this task is cancelled meanwhile, the request is
+        cancelled if it was submitted, and never submitted if it was not. The waiter is always settled, unless
+        the task has gone.
         """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[tuple[_Outcome, T]] = loop.create_future()
         lock = threading.Lock()
         submitted: list[concurrent.futures.Future[_Outcome]] = []
         abandoned = False
 
-        def run() -> tuple[concurrent.futures.Future[_Outcome], T]:
-            key, payload, extra = prepare()
-            with lock:
-                if abandoned:
-                    raise concurrent.futures.CancelledError
-                submitted.append(self._submit(key, payload))
-            return submitted[0], extra
+        def settle(exc: BaseException | None, value: tuple[_Outcome, T] | None) -> None:  # on the loop
+            if waiter.done():
+                return  # the task was cancelled
+            if exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(value)  # type: ignore[arg-type]
 
+        def post(exc: BaseException | None, value: tuple[_Outcome, T] | None = None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+                loop.call_soon_threadsafe(settle, exc, value)
+
+        def deliver(extra: T, future: concurrent.futures.Future[_Outcome]) -> None:  # when the batch is done
+            try:
+                outcome = future.result()
+            except concurrent.futures.CancelledError:
+                post(BlipError("The request was cancelled before it ran."))
+            except BaseException as exc:
+                post(exc)
+            else:
+                post(None, (outcome, extra))
+
+        def run() -> None:  # in a worker thread
+            try:
+                key, payload, extra = prepare()
+                with lock:
+                    if abandoned:
+                        return
+                    future = self._submit(key, payload)
+                    submitted.append(future)
+            except BaseException as exc:  # bad input, overload, a closed service: the caller gets it
+                post(exc)
+                return
+            future.add_done_callback(functools.partial(deliver, extra))
+
+        loop.run_in_executor(None, contextvars.copy_context().run, run)
         try:
-            return await asyncio.to_thread(run)
+            return await waiter
         except asyncio.CancelledError:
             with lock:
                 abandoned = True
@@ -327,8 +361,8 @@ class Blip2Service:
     ) -> CaptionResult:
         """Async `caption`: decoding runs in a thread, the model call is awaited."""
         began = time.monotonic()
-        future, info = await self._asubmit(lambda: self._prepare_generation(CAPTION, image, prompt, params, gen)[:3])
-        return self._caption_result(await self._await(future), info, prompt, began)
+        outcome, info = await self._arequest(lambda: self._prepare_generation(CAPTION, image, prompt, params, gen)[:3])
+        return self._caption_result(outcome, info, prompt, began)
 
     def answer(
         self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
@@ -343,8 +377,8 @@ class Blip2Service:
     ) -> AnswerResult:
         """Async `answer`."""
         began = time.monotonic()
-        future, info = await self._asubmit(lambda: self._prepare_generation(ANSWER, image, question, params, gen)[:3])
-        return self._answer_result(await self._await(future), info, question, began)
+        outcome, info = await self._arequest(lambda: self._prepare_generation(ANSWER, image, question, params, gen)[:3])
+        return self._answer_result(outcome, info, question, began)
 
     # ------------------------------------------------------------------ batch forms
     def _run_many(
@@ -611,8 +645,8 @@ class Blip2Service:
         """Async `embed_images`."""
 
         async def one(image: ImageInput) -> EmbeddingResult:
-            future, info = await self._asubmit(lambda: self._prepare_embed_image(image))
-            return self._embedding_result(await self._await(future), info, include_query_vectors)
+            outcome, info = await self._arequest(lambda: self._prepare_embed_image(image))
+            return self._embedding_result(outcome, info, include_query_vectors)
 
         return await self._gather(
             [lambda img=img: one(img) for img in images],  # type: ignore[misc]
@@ -680,8 +714,8 @@ class Blip2Service:
         """Async `score`."""
         began = time.monotonic()
         texts = [texts] if isinstance(texts, str) else list(texts)
-        future, info = await self._asubmit(lambda: self._prepare_score(image, texts))
-        return self._score_result(await self._await(future), texts, info, began)
+        outcome, info = await self._arequest(lambda: self._prepare_score(image, texts))
+        return self._score_result(outcome, texts, info, began)
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> ServiceStats:
@@ -755,6 +789,5 @@ class Blip2Service:
     async def alocate(self, image: ImageInput, text: str) -> LocateResult:
         """Async `locate`."""
         began = time.monotonic()
-        future, loaded = await self._asubmit(lambda: self._prepare_locate(image, text))
-        outcome = await self._await(future)
+        outcome, loaded = await self._arequest(lambda: self._prepare_locate(image, text))
         return await asyncio.to_thread(self._locate_result, outcome, loaded, text, began)

@@ -15,6 +15,8 @@ import pytest
 from blip_tools import (
     Blip2Service,
     BlipSettings,
+    CaptionResult,
+    InferenceError,
     InvalidImage,
     InvalidInput,
     Overloaded,
@@ -366,6 +368,35 @@ def test_failing_request_fails_alone(gated: tuple[Blip2Service, _GatedRuntime], 
         with pytest.raises(Exception, match="simulated failure"):
             futs[1].result(timeout=30)
     assert svc.stats().retries >= 1
+
+
+def test_async_calls_raise_each_failure_where_it_happened(
+    gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], tmp_path: Path
+) -> None:
+    """Async calls prepare and submit in a thread and get their outcome by callback: a failure in preparation,
+    in submission or in the batch reaches the awaiting caller as the project's typed error, and the callers in
+    the same batch still get their results."""
+    svc, runtime = gated
+    runtime.poison = "poisoned prompt"
+
+    async def scenario() -> None:
+        with pytest.raises(InvalidImage):
+            await svc.acaption(str(tmp_path / "missing.png"), max_new_tokens=4)
+        with pytest.raises(InvalidInput, match="question"):
+            await svc.aanswer(images[0], "   ", max_new_tokens=4)
+        with pytest.raises(InvalidInput, match="max_new_tokens"):
+            await svc.acaption(images[0], max_new_tokens=10**6)
+        out = await asyncio.gather(
+            *(svc.acaption(images[i], "poisoned prompt" if i == 2 else None, max_new_tokens=4) for i in (1, 2, 3)),
+            return_exceptions=True,
+        )
+        assert isinstance(out[0], CaptionResult) and isinstance(out[2], CaptionResult)
+        assert isinstance(out[1], InferenceError) and "simulated failure" in str(out[1])
+
+    asyncio.run(scenario())
+    svc.close()
+    with pytest.raises(ServiceClosed):
+        asyncio.run(svc.acaption(images[0], max_new_tokens=4))
 
 
 def test_out_of_memory_halves_and_all_succeed(gated: tuple[Blip2Service, _GatedRuntime], images: list[Any]) -> None:
