@@ -256,9 +256,7 @@ class Blip2Service:
 
         def deliver(extra: T, future: concurrent.futures.Future[_Outcome]) -> None:  # when the batch is done
             try:
-                outcome = future.result()
-            except concurrent.futures.CancelledError:
-                post(BlipError("The request was cancelled before it ran."))
+                outcome = self._wait(future)  # done already: maps a cancelled request as the sync calls do
             except BaseException as exc:
                 post(exc)
             else:
