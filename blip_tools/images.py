@@ -594,10 +594,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def _deep_to_rgb(im: Image.Image) -> Image.Image:
-    """16/32-bit integer and float images → 8-bit gray → RGB, keeping their look (no clipping to white)."""
+    """16/32-bit integer and float images → 8-bit gray → RGB, keeping their look (no clipping to white).
+
+    A transparency key (a 16-bit PNG's tRNS value) turns its pixels white, as for 8-bit images.
+    """
     raw = np.asarray(im)
+    key = im.info.get("transparency")
+    keyed = raw == key if isinstance(key, int | float) and not isinstance(key, bool) else None
     values: np.ndarray = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    visible = values if keyed is None else values[~keyed]
+    lo, hi = (float(visible.min()), float(visible.max())) if visible.size else (0.0, 0.0)
     if raw.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
         scale, offset = 255.0, 0.0  # normalised float data
     elif lo >= 0.0 and hi <= 255.0 and not im.mode.startswith("I;16"):
@@ -608,6 +614,8 @@ def _deep_to_rgb(im: Image.Image) -> Image.Image:
         scale, offset = (255.0 / (hi - lo) if hi > lo else 0.0), lo  # anything else: stretch its range
     scaled = (values - offset) * scale
     gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    if keyed is not None:
+        gray[keyed] = 255
     return Image.fromarray(gray, "L").convert("RGB")
 
 

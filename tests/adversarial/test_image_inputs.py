@@ -272,6 +272,13 @@ def test_transparency_keys_and_deep_values_render_sensibly() -> None:
     big.putpixel((1, 0), 5_000_000)
     out = load_image(big, s).image
     assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((1, 0)) == (255, 255, 255)
+    deep = Image.new("I;16", (3, 1))
+    for x, value in enumerate((1000, 60000, 1000)):
+        deep.putpixel((x, 0), value)
+    blob = io.BytesIO()
+    deep.save(blob, "PNG", transparency=1000)  # a 16-bit gray PNG with a tRNS key, like the 8-bit ones above
+    out = load_image(blob.getvalue(), s).image
+    assert [out.getpixel((x, 0)) for x in range(3)] == [(255, 255, 255), (233, 233, 233), (255, 255, 255)]
 
 
 # ------------------------------------------------------------------------------------------------ EXIF
