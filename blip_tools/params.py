@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -32,18 +33,27 @@ class GenerationParams(BaseModel):
             raise ValueError(
                 f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
             )
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
+        # Beam search (sampled or not) returns at most one text per beam; only plain sampling (num_beams=1)
+        # can return more texts than beams.
+        if self.num_return_sequences > self.num_beams and (self.num_beams > 1 or not self.do_sample):
             raise ValueError(
-                f"num_return_sequences ({self.num_return_sequences}) needs num_beams >= it or do_sample=true "
-                f"(got num_beams={self.num_beams})"
+                f"num_return_sequences ({self.num_return_sequences}) needs num_beams >= it, or do_sample=true with "
+                f"num_beams=1 (got num_beams={self.num_beams})"
             )
         return self
 
     @classmethod
-    def from_kwargs(cls, params: GenerationParams | None = None, **gen: Any) -> GenerationParams:
-        """Build params from keyword arguments, raising `InvalidInput` with a readable message."""
+    def from_kwargs(cls, params: GenerationParams | Mapping[str, Any] | None = None, **gen: Any) -> GenerationParams:
+        """Build params from keyword arguments (over `params`, if given), raising `InvalidInput` when invalid."""
         from pydantic import ValidationError
 
+        if isinstance(params, Mapping):
+            gen = {**params, **gen}
+            params = None
+        elif params is not None and not isinstance(params, GenerationParams):
+            raise InvalidInput(
+                f"params must be a GenerationParams or a dict of its fields, got {type(params).__name__}"
+            )
         if params is not None and not gen:
             return params
         base = params.model_dump() if params is not None else {}

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 VQA_TEMPLATE = "Question: {question} Answer:"
 MAX_PROMPT_TOKENS = 256
 MAX_TEXT_TOKENS = 64
+MAX_PROMPT_CHARS = 4096
+"""Prompts and questions longer than this are refused before tokenising, so a huge one costs next to nothing."""
+MAX_TEXT_CHARS = 4096
+"""Texts to embed or score are cut here before tokenising; the retrieval model reads only 64 tokens of them."""
 _IMAGE_TOKEN = "<image>"
 _CONTROL_RE = re.compile(r"\s+")
 
@@ -80,6 +84,16 @@ def clean_text(text: str, max_chars: int) -> str:
     text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch == " ")
     text = _CONTROL_RE.sub(" ", text).strip()
     return text[:max_chars]
+
+
+def check_prompt(prompt: object, what: str = "prompt") -> None:
+    """Refuse a prompt or question that is not a string or is over `MAX_PROMPT_CHARS`, before any tokenising."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidInput(f"The {what} must be a string, got {type(prompt).__name__}.")
+    if prompt and len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInput(
+            f"The {what} is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are allowed. Shorten it."
+        )
 
 
 def _sanitize(text: str) -> str:
@@ -328,6 +342,7 @@ class Blip2Runtime:
 
     def encode_prompt(self, prompt: str | None) -> list[int]:
         """Token ids of a prompt prefix (with BOS), validated for length (memoised: callers may keep the list)."""
+        check_prompt(prompt)
         return list(self._prompt_ids(prompt or ""))
 
     def _tokenize_prompt(self, prompt: str) -> tuple[int, ...]:
@@ -340,10 +355,15 @@ class Blip2Runtime:
         return tuple(ids)
 
     def tokenize_texts(self, texts: Sequence[str]) -> list[str]:
-        """Validate texts for the retrieval model (non-empty)."""
+        """Validate texts for the retrieval model (non-empty strings), cut to `MAX_TEXT_CHARS` characters.
+
+        Runs in the caller's thread, so a huge text costs its caller, not the shared model worker.
+        """
         out = []
         for text in texts:
-            clean = _sanitize(text)
+            if not isinstance(text, str):
+                raise InvalidInput(f"Texts to embed or score must be strings, got {type(text).__name__}.")
+            clean = _sanitize(text[:MAX_TEXT_CHARS])
             if not clean:
                 raise InvalidInput("Texts to embed or score must be non-empty strings.")
             out.append(clean)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from .batching import BatchEvent, DynamicBatcher
 from .errors import BlipError, InferenceError, InvalidInput, Overloaded, ServiceClosed
@@ -38,7 +38,7 @@ from .results import (
     TextScore,
     Timing,
 )
-from .runtime import VQA_TEMPLATE, Blip2Runtime, GenerationItem, ImageItem
+from .runtime import VQA_TEMPLATE, Blip2Runtime, GenerationItem, ImageItem, check_prompt
 from .settings import BlipSettings
 
 logger = logging.getLogger(__name__)
@@ -303,15 +303,21 @@ class Blip2Service:
         )
 
     # ------------------------------------------------------------------ caption / answer
-    def _prepare_generation(
-        self, task: str, image: ImageInput, text: str | None, params: GenerationParams | None, gen: dict[str, Any]
-    ) -> tuple[Hashable, GenerationItem, ImageInfo, GenerationParams]:
+    def _generation_params(self, params: GenerationParams | None, gen: dict[str, Any]) -> GenerationParams:
+        """Validated decoding parameters within this service's limits (`InvalidInput` otherwise)."""
         p = GenerationParams.from_kwargs(params, **gen)
         if p.max_new_tokens > self.settings.max_new_tokens_limit:
             raise InvalidInput(
                 f"max_new_tokens must be <= {self.settings.max_new_tokens_limit} (BLIP_MAX_NEW_TOKENS_LIMIT), "
                 f"got {p.max_new_tokens}"
             )
+        return p
+
+    def _prepare_generation(
+        self, task: str, image: ImageInput, text: str | None, params: GenerationParams | None, gen: dict[str, Any]
+    ) -> tuple[Hashable, GenerationItem, ImageInfo, GenerationParams]:
+        p = self._generation_params(params, gen)
+        check_prompt(text, "question" if task == ANSWER else "prompt")
         if task == ANSWER:
             if not text or not text.strip():
                 raise InvalidInput("question must be a non-empty string, e.g. 'What color is the car?'")
@@ -408,54 +414,54 @@ class Blip2Service:
             if on_progress is not None:
                 on_progress(done_count, count)
 
-        def fail(exc: BlipError) -> NoReturn:
-            for fut in pending:
-                fut.cancel()
-            raise exc
-
-        while next_index < count or prepared or pending:
-            while next_index < count and len(prepared) + len(pending) < window and len(prepared) < chunk:
-                index = next_index
-                next_index += 1
-                try:
-                    prepared.append((index, *prepare(index)))
-                except BlipError as exc:
-                    if not return_exceptions:
-                        fail(exc)
-                    record(index, exc)
-            while prepared:
-                index, key, payload, meta = prepared[0]
-                try:
-                    pending[self._submit(key, payload)] = (index, meta)
-                except Overloaded as exc:
-                    if pending:
-                        break  # wait for some of ours to finish, then retry
-                    if time.monotonic() + exc.retry_after_s > deadline:
-                        raise
-                    time.sleep(min(exc.retry_after_s, 0.5))
+        try:
+            while next_index < count or prepared or pending:
+                while next_index < count and len(prepared) + len(pending) < window and len(prepared) < chunk:
+                    index = next_index
+                    next_index += 1
+                    try:
+                        prepared.append((index, *prepare(index)))
+                    except BlipError as exc:
+                        if not return_exceptions:
+                            raise
+                        record(index, exc)
+                while prepared:
+                    index, key, payload, meta = prepared[0]
+                    try:
+                        pending[self._submit(key, payload)] = (index, meta)
+                    except Overloaded as exc:
+                        if pending:
+                            break  # wait for some of ours to finish, then retry
+                        if time.monotonic() + exc.retry_after_s > deadline:
+                            raise
+                        time.sleep(min(exc.retry_after_s, 0.5))
+                        continue
+                    except BlipError as exc:
+                        if not return_exceptions:
+                            raise
+                        record(index, exc)
+                    prepared.popleft()
+                if not pending:
                     continue
-                except BlipError as exc:
-                    if not return_exceptions:
-                        fail(exc)
-                    record(index, exc)
-                prepared.popleft()
-            if not pending:
-                continue
-            if next_index < count and not prepared and len(pending) < window:
-                # Room in the window: prepare the next batch while this one runs.
-                finished = {fut for fut in pending if fut.done()}
-            else:
-                finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-            for fut in finished:
-                index, meta = pending.pop(fut)
-                try:
-                    record(index, finish(index, self._wait(fut), meta))
-                except BlipError as exc:
-                    if not return_exceptions:
-                        fail(exc)
-                    record(index, exc)
-            if finished:
-                deadline = time.monotonic() + self.settings.request_timeout_s
+                if next_index < count and not prepared and len(pending) < window:
+                    # Room in the window: prepare the next batch while this one runs.
+                    finished = {fut for fut in pending if fut.done()}
+                else:
+                    finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in finished:
+                    index, meta = pending.pop(fut)
+                    try:
+                        record(index, finish(index, self._wait(fut), meta))
+                    except BlipError as exc:
+                        if not return_exceptions:
+                            raise
+                        record(index, exc)
+                if finished:
+                    deadline = time.monotonic() + self.settings.request_timeout_s
+        except BaseException:
+            for fut in pending:  # a failure or an interrupted caller: nobody will collect these any more
+                fut.cancel()
+            raise
         return [r for r in results if r is not None]
 
     def caption_batch(
@@ -468,7 +474,12 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
         **gen: Any,
     ) -> list[CaptionResult | BlipError]:
-        """Caption many images (batched); with `return_exceptions`, a bad image yields its error in place."""
+        """Caption many images (batched); with `return_exceptions`, a bad image yields its error in place.
+
+        Bad parameters or a bad prompt fail the whole call at once, whatever `return_exceptions` says.
+        """
+        params, gen = self._generation_params(params, gen), {}
+        check_prompt(prompt)
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -493,8 +504,9 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
         **gen: Any,
     ) -> list[AnswerResult | BlipError]:
-        """Answer `questions[i]` about `images[i]` for every pair (batched)."""
+        """Answer `questions[i]` about `images[i]` for every pair (batched); bad parameters fail the whole call."""
         _check_pairs(images, questions)
+        params, gen = self._generation_params(params, gen), {}
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -520,6 +532,8 @@ class Blip2Service:
         **gen: Any,
     ) -> list[CaptionResult | BlipError]:
         """Async `caption_batch`; `on_progress` may be a plain function or a coroutine function."""
+        params, gen = self._generation_params(params, gen), {}
+        check_prompt(prompt)
         return await self._gather(
             [lambda img=img: self.acaption(img, prompt, params=params, **gen) for img in images],  # type: ignore[misc]
             return_exceptions,
@@ -538,6 +552,7 @@ class Blip2Service:
     ) -> list[AnswerResult | BlipError]:
         """Async `answer_batch`."""
         _check_pairs(images, questions)
+        params, gen = self._generation_params(params, gen), {}
         return await self._gather(
             [
                 lambda img=img, q=q: self.aanswer(img, q, params=params, **gen)  # type: ignore[misc]
@@ -653,8 +668,8 @@ class Blip2Service:
         )
 
     def _prepare_texts(self, texts: Sequence[str]) -> list[str]:
-        if isinstance(texts, str):
-            raise InvalidInput("embed_texts takes a list of strings, not a single string")
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise InvalidInput(f"embed_texts takes a list of strings, not {type(texts).__name__}")
         self.runtime.load_retrieval()
         return self.runtime.tokenize_texts(texts)
 
@@ -667,20 +682,24 @@ class Blip2Service:
     def embed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
         """L2-normalised text embeddings in the space shared with `embed_images`."""
         clean = self._prepare_texts(texts)
-        futures = [self._submit((EMBED_TEXT,), t) for t in clean]
-        return [self._text_result(self._wait(f), t) for f, t in zip(futures, texts, strict=True)]
+        results = self._run_many(
+            len(clean),
+            lambda i: ((EMBED_TEXT,), clean[i], None),
+            lambda i, o, _: self._text_result(o, texts[i]),
+            False,
+            None,
+        )
+        return cast(list[EmbeddingResult], results)  # without return_exceptions, a failure raises
 
     async def aembed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
         """Async `embed_texts`."""
         clean = await asyncio.to_thread(self._prepare_texts, texts)
-        futures = [self._submit((EMBED_TEXT,), t) for t in clean]
-        try:
-            outcomes = [await self._await(f) for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-        return [self._text_result(o, t) for o, t in zip(outcomes, texts, strict=True)]
+
+        async def one(i: int) -> EmbeddingResult:
+            return self._text_result(await self._await(self._submit((EMBED_TEXT,), clean[i])), texts[i])
+
+        results = await self._gather([functools.partial(one, i) for i in range(len(clean))], False, None)
+        return cast(list[EmbeddingResult], results)
 
     def _prepare_score(self, image: ImageInput, texts: Sequence[str]) -> tuple[Hashable, Any, ImageInfo]:
         if isinstance(texts, str):

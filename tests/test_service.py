@@ -540,3 +540,122 @@ def test_model_not_available_message(tmp_path: Path) -> None:
     with pytest.raises(ModelNotAvailable, match="--demo"):
         svc.start()
     svc.close()
+
+
+def test_arguments_of_the_wrong_type_are_invalid_input(service: Blip2Service, make_image: Callable[..., Any]) -> None:
+    img = make_image(4)
+    bad_calls: list[Callable[[], Any]] = [
+        lambda: service.caption(img, 123),  # type: ignore[arg-type]
+        lambda: service.caption(img, ["a"]),  # type: ignore[arg-type]
+        lambda: service.answer(img, 5),  # type: ignore[arg-type]
+        lambda: service.score(img, [1]),  # type: ignore[list-item]
+        lambda: service.embed_texts([None]),  # type: ignore[list-item]
+        lambda: service.embed_texts(None),  # type: ignore[arg-type]
+        lambda: service.caption(img, params=object()),  # type: ignore[arg-type]
+        lambda: service.caption_batch([img, img], 7, return_exceptions=True),  # type: ignore[arg-type]
+    ]
+    for call in bad_calls:
+        with pytest.raises(InvalidInput):
+            call()
+    # A dict of decoding fields is as good as a GenerationParams.
+    assert service.caption(img, params={"max_new_tokens": 3}).caption == service.caption(img, max_new_tokens=3).caption  # type: ignore[arg-type]
+
+
+def test_huge_texts_cost_their_caller_not_the_shared_worker(
+    service: Blip2Service, make_image: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blip_tools.runtime import MAX_PROMPT_CHARS, MAX_TEXT_CHARS
+
+    img = make_image(5)
+    huge = "dog " * 500_000  # 2 MB: tokenising it whole took 15-38 s on the model's worker thread
+    for call in (lambda: service.caption(img, huge), lambda: service.answer(img, huge)):
+        with pytest.raises(InvalidInput, match=f"at most {MAX_PROMPT_CHARS} are allowed"):
+            call()
+    seen: list[int] = []
+    tokenize = service.runtime._tokenize
+
+    def spy(texts: Any) -> Any:
+        seen.extend(len(t) for t in texts)
+        return tokenize(texts)
+
+    monkeypatch.setattr(service.runtime, "_tokenize", spy)
+    long_vector = service.embed_texts([huge])[0].vector
+    scored = service.score(img, [huge, "a cat"])
+    assert seen and max(seen) <= MAX_TEXT_CHARS  # the worker never sees more than the cap
+    # The retrieval model reads 64 tokens, far inside the cap: cutting changes nothing it sees.
+    assert long_vector == service.embed_texts([huge[:MAX_TEXT_CHARS]])[0].vector
+    assert scored.scores[0].text == huge  # results still name the caller's text
+
+
+def test_sampled_beam_search_is_checked_like_beam_search(service: Blip2Service, make_image: Callable[..., Any]) -> None:
+    from blip_tools.params import GenerationParams
+
+    img = make_image(6)
+    requests = service.stats().requests
+    with pytest.raises(InvalidInput, match="num_return_sequences"):  # generate() would refuse it after the model ran
+        service.caption(img, do_sample=True, num_beams=2, num_return_sequences=3, max_new_tokens=4)
+    assert service.stats().requests == requests  # refused before it was queued
+    sampled_beams = service.caption(img, do_sample=True, num_beams=3, num_return_sequences=2, seed=1, max_new_tokens=4)
+    assert len(sampled_beams.captions) == 2
+    assert GenerationParams(do_sample=True, num_return_sequences=5).num_return_sequences == 5  # plain sampling
+
+
+def test_call_level_errors_fail_a_batch_call_once(service: Blip2Service, make_image: Callable[..., Any]) -> None:
+    images = [make_image(i) for i in range(3)]
+    too_many = service.settings.max_new_tokens_limit + 1
+    with pytest.raises(InvalidInput, match="max_new_tokens"):
+        service.caption_batch(images, max_new_tokens=too_many, return_exceptions=True)
+    with pytest.raises(InvalidInput, match="max_new_tokens"):
+        service.answer_batch(images, ["what?"] * 3, max_new_tokens=too_many, return_exceptions=True)
+    with pytest.raises(InvalidInput, match="max_new_tokens"):
+        asyncio.run(service.acaption_batch(images, max_new_tokens=too_many, return_exceptions=True))
+    with pytest.raises(InvalidInput, match="characters"):
+        asyncio.run(service.acaption_batch(images, "x" * 5000, return_exceptions=True))
+    # A bad image still fails alone.
+    mixed = service.caption_batch([images[0], "/no/such.png"], max_new_tokens=4, return_exceptions=True)
+    assert isinstance(mixed[0], CaptionResult) and isinstance(mixed[1], InvalidImage)
+
+
+def test_embed_texts_backs_off_on_a_full_queue_and_leaves_nothing_behind(settings: BlipSettings) -> None:
+    texts = [f"text number {i}" for i in range(40)]
+    with _private(settings, max_batch_size=8, max_queue=4, max_wait_ms=0.0) as svc:
+        many = svc.embed_texts(texts)  # the call's window (16) is larger than the queue (4)
+        assert [r.text for r in many] == texts
+        again = asyncio.run(svc.aembed_texts(texts))
+        for a, b in zip(again, many, strict=True):
+            assert a.vector == pytest.approx(b.vector, abs=1e-5)
+        stats = svc.stats()
+        assert stats.rejected > 0  # the queue did fill, and the calls backed off
+        assert stats.per_task["embed_text"].requests == 2 * len(texts) == stats.completed
+    with _private(settings, max_batch_size=8) as svc:
+        single = [svc.embed_texts([t])[0].vector for t in texts[:8]]
+    for one, batched in zip(single, many[:8], strict=True):
+        assert one == pytest.approx(batched.vector, abs=1e-5)
+
+
+class _InterruptingRuntime(_GatedRuntime):
+    """Preparing a 99-pixel-wide image raises KeyboardInterrupt, as Ctrl-C in the caller's thread would."""
+
+    def preprocess(self, image: Any, key: str, *, retrieval: bool = False) -> Any:
+        if image.width == 99:
+            raise KeyboardInterrupt
+        return super().preprocess(image, key, retrieval=retrieval)
+
+
+def test_a_batch_call_interrupted_by_its_caller_cancels_what_it_queued(
+    settings: BlipSettings, make_image: Callable[..., Any]
+) -> None:
+    s = settings.model_copy(update={"max_batch_size": 2, "max_wait_ms": 0.0})
+    runtime = _InterruptingRuntime(s)
+    svc = Blip2Service(s, runtime=runtime).start()
+    try:
+        running = _hold_worker(svc, runtime, make_image(0))
+        # The first chunk (2 images) is queued behind the held batch; preparing the next one is interrupted.
+        with pytest.raises(KeyboardInterrupt):
+            svc.caption_batch([make_image(1), make_image(2), make_image(3, size=(99, 36))], max_new_tokens=4)
+    finally:
+        runtime.gate.set()
+    running.result(timeout=30)
+    svc.close()
+    stats = svc.stats()
+    assert (stats.requests, stats.completed, stats.cancelled) == (3, 1, 2)  # the queued two never ran
