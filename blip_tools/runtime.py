@@ -52,17 +52,29 @@ def _cache_kwarg() -> str:
 
 
 def resolve_device(name: str) -> str:
-    """`auto` → cuda, then mps, then cpu; anything else is passed through to torch."""
+    """`auto` → cuda, then mps, then cpu; a named device must exist here (`ModelNotAvailable` otherwise)."""
     import torch
 
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
     mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
+    mps_ok = mps is not None and mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu"
+    fix = "Set BLIP_DEVICE / --device to auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelNotAvailable(f"'{name}' is not a device torch knows ({str(exc)[:120]}). {fix}.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelNotAvailable(
+                f"Device '{name}' was asked for, but this machine (or torch build) has no CUDA. {fix}."
+            )
+        if device.index is not None and device.index >= count:
+            raise ModelNotAvailable(f"Device '{name}' does not exist: this machine has {count} CUDA device(s). {fix}.")
+    elif device.type == "mps" and not mps_ok:
+        raise ModelNotAvailable(f"Device '{name}' was asked for, but MPS is not available here. {fix}.")
+    return name
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -211,7 +223,13 @@ class Blip2Runtime:
                 "make the hub reachable with the weights cached (HF_HOME), or run with --demo to use a tiny random "
                 "checkpoint built on the fly."
             ) from exc
-        model.to(self.device)
+        try:
+            model.to(self.device)
+        except Exception as exc:  # out of memory on the device, a device that went away
+            raise ModelNotAvailable(
+                f"Loaded '{name}' but could not move it to {self.device}: {type(exc).__name__}: {str(exc)[:300]}. "
+                "Free memory there, or pick another BLIP_DEVICE / --device or BLIP_DTYPE."
+            ) from exc
         model.eval()
         return model, processor
 

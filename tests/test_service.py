@@ -659,3 +659,15 @@ def test_a_batch_call_interrupted_by_its_caller_cancels_what_it_queued(
     svc.close()
     stats = svc.stats()
     assert (stats.requests, stats.completed, stats.cancelled) == (3, 1, 2)  # the queued two never ran
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda:99", "mps"])
+def test_a_device_this_machine_lacks_is_model_not_available(settings: BlipSettings, device: str) -> None:
+    import torch
+
+    from blip_tools import ModelNotAvailable
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(ModelNotAvailable, match="BLIP_DEVICE / --device"):
+        Blip2Service(settings.model_copy(update={"device": device}))
