@@ -18,9 +18,11 @@ import asyncio
 import bisect
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import inspect
 import logging
+import numbers
 import os
 import sqlite3
 import threading
@@ -29,19 +31,20 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_serializer
 
 from .errors import BlipError, InvalidImage, InvalidInput
-from .images import _check_allowed, describe_ref
+from .images import _check_allowed, _read_file, describe_ref
 from .results import CaptionResult, EmbeddingResult
 
 if TYPE_CHECKING:
     from .images import ImageInput
     from .service import Blip2Service
+    from .settings import BlipSettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ _PREFILTER_MIN: Final = 64
 """Text search scores at least this many pooled-vector candidates exactly (max over query tokens)."""
 
 ProgressFn = Callable[[int, int], Any]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,6 +86,28 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_file_sha256 ON images (file_sha256);
 CREATE INDEX IF NOT EXISTS images_dir ON images (dir);
 """
+_COLUMNS: Final = frozenset(
+    {
+        "path", "dir", "size", "mtime_ns", "file_sha256", "pixel_sha256", "width", "height", "model", "dim",
+        "embedding", "query_vectors", "caption", "caption_confidence", "caption_model", "error", "indexed_at",
+    }
+)  # fmt: skip
+
+
+def _display(text: str) -> str:
+    """`text` safe for JSON and terminals: bytes of a file name that are not UTF-8 are shown as `\\xNN`.
+
+    Python keeps such bytes in a `str` as lone surrogates (PEP 383); no JSON encoder accepts those.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -91,6 +118,10 @@ class IndexFailure(BaseModel):
 
     path: str
     error: str
+
+    @field_serializer("path", "error", when_used="json")
+    def _json_text(self, value: str) -> str:
+        return _display(value)
 
 
 class IndexReport(BaseModel):
@@ -110,11 +141,15 @@ class IndexReport(BaseModel):
     complete: bool = Field(description="False when the run was stopped early; the next run resumes it.")
     elapsed_s: float
 
+    @field_serializer("directory", when_used="json")
+    def _json_directory(self, value: str) -> str:
+        return _display(value)
+
     def summary(self) -> str:
         """One line for a model or a terminal."""
         state = "done" if self.complete else "stopped early (run again to resume)"
         return (
-            f"Indexed {self.directory}: {self.indexed} searchable images; this run embedded {self.embedded}, "
+            f"Indexed {_display(self.directory)}: {self.indexed} searchable images; this run embedded {self.embedded}, "
             f"captioned {self.captioned}, reused {self.reused}, skipped {self.unchanged} unchanged, removed "
             f"{self.removed}, {self.failed} failed; {state} in {self.elapsed_s:.1f}s."
         )
@@ -131,6 +166,10 @@ class SearchHit(BaseModel):
     width: int | None = None
     height: int | None = None
 
+    @field_serializer("path", when_used="json")
+    def _json_path(self, value: str) -> str:
+        return _display(value)
+
 
 class SearchResult(BaseModel):
     """Ranked images for a text or an image query."""
@@ -143,6 +182,10 @@ class SearchResult(BaseModel):
     reranked: bool = False
     elapsed_ms: float = 0.0
 
+    @field_serializer("directory", when_used="json")
+    def _json_directory(self, value: str | None) -> str | None:
+        return None if value is None else _display(value)
+
     def summary(self) -> str:
         """Short text for a model: one line per hit."""
         what = f"'{self.query}'" if self.query is not None else f"images like {self.image}"
@@ -151,7 +194,7 @@ class SearchResult(BaseModel):
         lines = [f"Top {len(self.hits)} of {self.searched} images for {what}:"]
         for i, hit in enumerate(self.hits, 1):
             caption = f" — {hit.caption}" if hit.caption else ""
-            lines.append(f"{i}. {hit.path} (score {hit.score:.3f}){caption}")
+            lines.append(f"{i}. {_display(hit.path)} (score {hit.score:.3f}){caption}")
         return "\n".join(lines)
 
 
@@ -161,6 +204,10 @@ class DuplicateGroup(BaseModel):
     paths: list[str]
     exact: bool = Field(description="All members have identical decoded pixels.")
     min_similarity: float = Field(description="Lowest pairwise cosine similarity inside the group.")
+
+    @field_serializer("paths", when_used="json")
+    def _json_paths(self, value: list[str]) -> list[str]:
+        return [_display(p) for p in value]
 
 
 class IndexStats(BaseModel):
@@ -203,12 +250,76 @@ def _dir_range(directory: str) -> tuple[str, str]:
     return directory.rstrip(sep) + sep, directory.rstrip(sep) + chr(ord(sep) + 1)
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _file_sha256(path: str, settings: BlipSettings) -> str:
+    """SHA-256 of a file's bytes, read with the checks of every image read (allowed dirs, regular file, size cap).
+
+    Raises:
+        InvalidImage: (or a leaf: PathNotAllowed, PayloadTooLarge) the file may not or cannot be read.
+    """
+    ref = Path(path)
+    return hashlib.sha256(_read_file(ref, settings, describe_ref(ref))).hexdigest()
+
+
+def _db_text(value: str) -> str | bytes:
+    """A value SQLite can bind, for SQL that wraps it in `CAST(? AS TEXT)`.
+
+    A file name that is not valid UTF-8 reaches us with lone surrogates (PEP 383), which `sqlite3` refuses to
+    bind; it is stored as the bytes of its "surrogatepass" encoding instead, and `_read_text` (the
+    connections' text factory) turns them back into the same `str`, so the stored path still opens the file.
+    That encoding keeps code-point order, so SQLite's sort and range queries agree with Python's.
+    """
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
+_read_text: Final = functools.partial(str, encoding="utf-8", errors="surrogatepass")
+"""Text factory of every connection: the inverse of `_db_text`."""
+
+
+def _db_failure(path: Path, exc: sqlite3.Error) -> BlipError:
+    """One message per kind of SQLite failure, telling the user what to do."""
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return BlipError(
+            f"The image index {path} is busy ({exc}): another process is writing to it. Try again when it is done."
+        )
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL")):
+        return BlipError(
+            f"Cannot read or write the image index {path} ({exc}). Check the file's permissions and the free disk "
+            "space, or set BLIP_INDEX_PATH (--index) to a writable location."
+        )
+    return _damaged(path, str(exc))
+
+
+def _damaged(path: Path, reason: str) -> BlipError:
+    return BlipError(
+        f"The image index {path} is damaged or is not a blip-tools index ({reason}). Delete it (with its -wal and "
+        "-shm files) or point BLIP_INDEX_PATH (--index) at a new file, then index your folders again to rebuild it."
+    )
+
+
+def _maps_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn any SQLite error raised inside an `ImageIndex` method into a `BlipError` that says what to do."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _db_failure(getattr(args[0], "path", Path("?")), exc) from exc
+
+    return wrapper
+
+
+def _check_top_k(top_k: object) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or int(top_k) < 1:
+        raise InvalidInput(f"top_k must be an integer >= 1, got {top_k!r}")
+    return int(top_k)
 
 
 def _short(exc: BaseException) -> str:
@@ -253,6 +364,7 @@ class ImageIndex:
     Thread-safe: each thread gets its own connection; index runs are serialised; searches run concurrently.
     """
 
+    @_maps_db_errors
     def __init__(self, path: str | Path | None = None, *, service: Blip2Service | None = None) -> None:
         if service is None:
             from .service import Blip2Service
@@ -271,6 +383,14 @@ class ImageIndex:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BlipError(f"Cannot create the folder for the image index {self.path}: {exc}") from exc
+        try:
+            self._open_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_schema(self) -> None:
+        """Create the tables if new; refuse a file whose tables or version are not this blip-tools' index."""
         conn = self._conn()
         with self._write(conn):
             # Statement by statement: executescript() would commit outside our transaction.
@@ -278,6 +398,11 @@ class ImageIndex:
                 conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            missing = _COLUMNS - {row[1] for row in conn.execute("PRAGMA table_info(images)")}
+        if missing:
+            raise _damaged(self.path, f"its images table lacks the columns {', '.join(sorted(missing))}")
+        if not isinstance(version, str) or not version.isdigit():
+            raise _damaged(self.path, f"schema version {version!r} is not a number")
         if int(version) != SCHEMA_VERSION:
             raise BlipError(
                 f"The image index {self.path} has schema version {version}; this blip-tools expects "
@@ -306,15 +431,17 @@ class ImageIndex:
         if conn is None:
             try:
                 conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise _db_failure(self.path, exc) from exc
+            try:
                 conn.row_factory = sqlite3.Row
+                conn.text_factory = _read_text
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=30000")
             except sqlite3.Error as exc:
-                raise BlipError(
-                    f"Cannot open the image index {self.path}: {exc}. Check the file or set BLIP_INDEX_PATH to "
-                    "a writable location."
-                ) from exc
+                conn.close()
+                raise _db_failure(self.path, exc) from exc
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -326,7 +453,7 @@ class ImageIndex:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise BlipError(f"The image index {self.path} is not writable: {exc}") from exc
+            raise _db_failure(self.path, exc) from exc
         try:
             yield
             conn.execute(
@@ -335,7 +462,8 @@ class ImageIndex:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # keep the original error (a damaged file may refuse both)
+                conn.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
@@ -400,6 +528,7 @@ class ImageIndex:
         return found
 
     # ------------------------------------------------------------------ indexing
+    @_maps_db_errors
     def index(
         self,
         directory: str | Path,
@@ -435,15 +564,14 @@ class ImageIndex:
                 for row in conn.execute(
                     "SELECT path, dir, size, mtime_ns, file_sha256, model, embedding IS NOT NULL AS has_vec, "
                     "caption IS NOT NULL AS has_caption, caption_model, error FROM images "
-                    "WHERE path >= ? AND path < ?",
-                    (lo, hi),
+                    "WHERE path >= CAST(? AS TEXT) AND path < CAST(? AS TEXT)",
+                    (_db_text(lo), _db_text(hi)),
                 )
                 if recursive or row["dir"] == root
             }
+            # Rows of vanished files are removed after the new files are done: a renamed or moved file
+            # finds its old row by hash and reuses its vectors and caption.
             gone = [p for p in rows if p not in found]
-            if gone:
-                with self._write(conn):
-                    conn.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
             report = IndexReport(
                 directory=root,
                 index_path=str(self.path),
@@ -486,11 +614,16 @@ class ImageIndex:
                 if progress.error is not None:
                     report.complete = False
                     break
+            if gone:
+                with self._write(conn):
+                    conn.executemany("DELETE FROM images WHERE path = CAST(? AS TEXT)", [(_db_text(p),) for p in gone])
             report.indexed = int(
                 conn.execute(
-                    "SELECT COUNT(*) FROM images WHERE path >= ? AND path < ? AND embedding IS NOT NULL AND model = ?"
-                    + ("" if recursive else " AND dir = ?"),
-                    (lo, hi, model) if recursive else (lo, hi, model, root),
+                    "SELECT COUNT(*) FROM images WHERE path >= CAST(? AS TEXT) AND path < CAST(? AS TEXT) "
+                    "AND embedding IS NOT NULL AND model = ?" + ("" if recursive else " AND dir = CAST(? AS TEXT)"),
+                    (_db_text(lo), _db_text(hi), model)
+                    if recursive
+                    else (_db_text(lo), _db_text(hi), model, _db_text(root)),
                 ).fetchone()[0]
             )
             report.elapsed_s = round(time.monotonic() - began, 3)
@@ -529,9 +662,9 @@ class ImageIndex:
                 to_caption.append(item.path)
                 continue
             try:
-                digest = _file_sha256(item.path)
-            except OSError as exc:
-                fail(item, f"cannot read the file: {exc.strerror or exc}")
+                digest = _file_sha256(item.path, self.settings)
+            except InvalidImage as exc:  # outside the allowed dirs, too large, unreadable: as load_image says
+                fail(item, _short(exc))
                 continue
             if (
                 item.row is not None
@@ -644,11 +777,15 @@ class ImageIndex:
         base = {"path": item.path, "dir": os.path.dirname(item.path), "size": item.size, "mtime_ns": item.mtime_ns}
         values = {**base, **columns, "indexed_at": now}
         names = list(values)
+        bound = [_db_text(v) if isinstance(v, str) else v for v in values.values()]
+        marks = ", ".join(
+            "CAST(? AS TEXT)" if isinstance(b, bytes) and isinstance(v, str) else "?"
+            for b, v in zip(bound, values.values(), strict=True)
+        )
         updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "path")
         conn.execute(
-            f"INSERT INTO images ({', '.join(names)}) VALUES ({', '.join('?' for _ in names)}) "
-            f"ON CONFLICT(path) DO UPDATE SET {updates}",
-            [values[n] for n in names],
+            f"INSERT INTO images ({', '.join(names)}) VALUES ({marks}) ON CONFLICT(path) DO UPDATE SET {updates}",
+            bound,
         )
 
     async def aindex(
@@ -713,9 +850,15 @@ class ImageIndex:
             (model,),
         ).fetchall()
         dims = {r["dim"] for r in rows}
+        if not all(isinstance(d, int) and d > 0 for d in dims):
+            raise _damaged(self.path, f"embedding sizes {sorted(map(repr, dims))} are not positive integers")
         if len(dims) > 1:
             raise BlipError(f"The image index {self.path} mixes embedding sizes {sorted(dims)}; re-index the folders.")
         dim = dims.pop() if dims else 0
+        for r in rows:
+            blob = r["embedding"]
+            if not isinstance(blob, bytes) or len(blob) != 4 * dim:
+                raise _damaged(self.path, f"the stored embedding of {_display(r['path'])} does not hold {dim} floats")
         vectors = (
             np.frombuffer(b"".join(r["embedding"] for r in rows), dtype=np.float32).reshape(len(rows), dim)
             if rows
@@ -742,6 +885,7 @@ class ImageIndex:
         ]
         return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
+    @_maps_db_errors
     def search_vector(
         self,
         vector: Sequence[float] | npt.NDArray[np.float32],
@@ -755,8 +899,7 @@ class ImageIndex:
         With `text_query`, the pooled vectors pick `max(64, 5 × top_k)` candidates and the exact ITC score
         (max over each image's query-token vectors) ranks them; otherwise the pooled cosine ranks directly.
         """
-        if top_k < 1:
-            raise InvalidInput(f"top_k must be >= 1, got {top_k}")
+        top_k = _check_top_k(top_k)
         root = self._resolve_dir(directory) if directory is not None else None
         matrix = self._load_matrix()
         positions = self._candidates(matrix, self._allowed_ranges(root))
@@ -811,9 +954,14 @@ class ImageIndex:
             for row in conn.execute(f"SELECT rowid, query_vectors FROM images WHERE rowid IN ({marks})", part):
                 if row["query_vectors"] is not None:
                     blobs[int(row["rowid"])] = row["query_vectors"]
-        per_row = {len(b) for b in blobs.values()}
+        per_row = {len(b) if isinstance(b, bytes) else -1 for b in blobs.values()}
         if len(per_row) != 1:  # no query vectors stored (or mixed shapes): keep the pooled cosine
             return scored
+        length = per_row.pop()
+        if length <= 0 or length % (2 * query.shape[0]):
+            raise _damaged(
+                self.path, f"stored query-token vectors of {length} bytes do not fit dimension {query.shape[0]}"
+            )
         ids = list(blobs)
         stacked = np.frombuffer(b"".join(blobs[i] for i in ids), dtype=np.float16).reshape(len(ids), -1, query.shape[0])
         exact = (stacked.astype(np.float32) @ query).max(axis=1).tolist()
@@ -832,6 +980,7 @@ class ImageIndex:
                 out[int(row["rowid"])] = row
         return out
 
+    @_maps_db_errors
     def search(
         self,
         query: str | None = None,
@@ -855,6 +1004,7 @@ class ImageIndex:
             raise InvalidInput("search needs exactly one of a text query or an example image")
         if query is not None and (not isinstance(query, str) or not query.strip()):
             raise InvalidInput("the search text must be a non-empty string, e.g. 'a dog on a beach'")
+        top_k = _check_top_k(top_k)
         root = self._resolve_dir(directory) if directory is not None else None
         if query is not None:
             vector = self.service.embed_texts([query])[0].vector
@@ -908,6 +1058,7 @@ class ImageIndex:
         return await asyncio.to_thread(self.search, query, image=image, top_k=top_k, directory=directory, rerank=rerank)
 
     # ------------------------------------------------------------------ near-duplicates and stats
+    @_maps_db_errors
     def duplicates(
         self, *, threshold: float = 0.95, directory: str | Path | None = None, block: int = 2048
     ) -> list[DuplicateGroup]:
@@ -979,6 +1130,7 @@ class ImageIndex:
                     out[int(row["rowid"])] = row["pixel_sha256"]
         return out
 
+    @_maps_db_errors
     def stats(self) -> IndexStats:
         """How many images the index holds, captioned, failed and stale."""
         conn = self._conn()
@@ -999,6 +1151,7 @@ class ImageIndex:
             size_bytes=size,
         )
 
+    @_maps_db_errors
     def paths(self, directory: str | Path | None = None) -> list[str]:
         """Paths of the searchable images (optionally under a folder), sorted."""
         root = self._resolve_dir(directory) if directory is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from blip_tools import Blip2Service, BlipSettings
-from blip_tools.errors import InvalidInput, PathNotAllowed
+from blip_tools.errors import BlipError, InvalidInput, PathNotAllowed
 from blip_tools.index import ImageIndex, IndexReport
 
 
@@ -313,3 +314,118 @@ def test_text_scores_are_exact_itc_over_query_tokens(tmp_path: Path, settings: B
         # Image queries rank by the pooled cosine.
         nearest, _ = idx.search_vector(pooled[7], top_k=1)
         assert nearest[0].path == str(folder / "7.png")
+
+
+def test_file_name_that_is_not_utf8_is_indexed_and_round_trips(index: ImageIndex, photos: Path) -> None:
+    raw = os.fsencode(photos) + b"/bad\xff.png"
+    with open(raw, "wb") as handle:
+        _pixels(4242).save(handle, format="PNG")
+    first = index.index(photos, captions=True)
+    assert (first.failed, first.embedded, first.indexed) == (0, 31, 31)
+    stored = [p for p in index.paths() if not p.isascii()]
+    assert [os.fsencode(p) for p in stored] == [raw]  # the stored path opens the real file
+    hit = index.search(image=raw.decode(errors="surrogateescape"), top_k=1).hits[0]
+    assert os.fsencode(hit.path) == raw and hit.caption is not None
+    # JSON (MCP, --json) cannot carry the raw bytes: they are shown escaped.
+    assert "bad\\\\xff.png" in index.search("a cat", top_k=50).model_dump_json()
+    assert "bad\\xff.png" in index.search("a cat", top_k=50).summary()
+    assert index.index(photos).unchanged == 31
+    os.unlink(raw)
+    assert (index.index(photos).removed, index.stats().images) == (1, 30)
+
+
+def test_renamed_or_moved_files_reuse_their_vectors_and_captions(
+    index: ImageIndex, photos: Path, service: Blip2Service
+) -> None:
+    index.index(photos)
+    before = _embeds(service)
+    captions = {Path(h.path).name: h.caption for h in index.search("a cat", top_k=50).hits}
+    (photos / "moved").mkdir()
+    for i in range(3):
+        (photos / f"p{i:02d}.png").rename(photos / "moved" / f"p{i:02d}.png")
+    (photos / "p03.png").rename(photos / "renamed.png")
+    report = index.index(photos)
+    assert (report.embedded, report.captioned, report.reused, report.removed) == (0, 0, 4, 4)
+    assert _embeds(service) == before and report.indexed == 30
+    after = {h.path: h.caption for h in index.search("a cat", top_k=50).hits}
+    assert after[str((photos / "renamed.png").resolve())] == captions["p03.png"]
+    assert after[str((photos / "moved" / "p01.png").resolve())] == captions["p01.png"]
+    assert str((photos / "p03.png").resolve()) not in after
+
+
+def test_every_file_read_is_checked_even_when_its_bytes_are_already_indexed(
+    tmp_path: Path, photos: Path, settings: BlipSettings
+) -> None:
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    shutil.copy(photos / "p00.png", inside / "mine.png")
+    (inside / "link.png").symlink_to(photos / "p00.png")  # same bytes as mine.png, but outside
+    restricted = settings.model_copy(update={"allowed_dirs": [inside.resolve()]})
+    with Blip2Service(restricted) as svc, ImageIndex(tmp_path / "r.sqlite", service=svc) as idx:
+        report = idx.index(inside, captions=False)
+        assert idx.paths() == [str((inside / "mine.png").resolve())]
+        assert report.failed == 1
+    # The size limit applies to the hash read too: a copy of an indexed file over the limit is refused.
+    db = tmp_path / "s.sqlite"
+    with Blip2Service(settings) as svc, ImageIndex(db, service=svc) as idx:
+        idx.index(inside, captions=False)
+    shutil.copy(inside / "mine.png", inside / "copy.png")
+    small = settings.model_copy(update={"max_image_bytes": 100})
+    with Blip2Service(small) as svc, ImageIndex(db, service=svc) as idx:
+        report = idx.index(inside, captions=False)
+        assert report.reused == 0 and "copy.png" in {Path(e.path).name for e in report.errors}
+        assert any("limit" in e.error for e in report.errors if e.path.endswith("copy.png"))
+
+
+def _damage(db: Path, how: str) -> None:
+    import sqlite3
+
+    if how == "garbage":
+        db.write_bytes(b"hello world" * 100)
+    elif how == "other app":
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("CREATE TABLE images (id INTEGER, name TEXT)")
+    elif how == "schema version":
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE meta SET value = 'abc' WHERE key = 'schema_version'")
+    elif how == "embedding size":
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE images SET embedding = x'00112233' WHERE rowid = 1")
+    elif how == "query vectors size":
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE images SET query_vectors = x'0011223344'")
+    elif how.startswith("page"):
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        with open(db, "r+b") as handle:
+            handle.seek(4096 * int(how[4:]))
+            handle.write(b"\xa5" * 4096)
+
+
+@pytest.mark.parametrize(
+    "how", ["garbage", "other app", "schema version", "embedding size", "query vectors size", "page1", "page3"]
+)
+def test_damaged_index_file_gives_a_typed_error_that_says_to_rebuild(
+    tmp_path: Path, photos: Path, service: Blip2Service, how: str
+) -> None:
+    db = tmp_path / "damaged.sqlite"
+    if how != "garbage" and how != "other app":
+        with ImageIndex(db, service=service) as idx:
+            idx.index(photos, recursive=False, captions=False)
+    _damage(db, how)
+    with (
+        pytest.raises(BlipError, match=r"damaged or is not a blip-tools index.*Delete it") as caught,
+        ImageIndex(db, service=service) as idx,
+    ):
+        idx.search("a dog")
+        idx.stats()
+        idx.index(photos, recursive=False, captions=False)
+    assert type(caught.value) is BlipError
+
+
+def test_top_k_must_be_a_positive_integer(index: ImageIndex, photos: Path) -> None:
+    index.index(photos, recursive=False, captions=False)
+    for bad in ("3", 2.5, True, 0, -1, None):
+        with pytest.raises(InvalidInput, match="top_k must be an integer >= 1"):
+            index.search("a cat", top_k=bad)  # type: ignore[arg-type]
+    assert len(index.search("a cat", top_k=np.int64(2)).hits) == 2  # type: ignore[arg-type]
