@@ -124,3 +124,23 @@ def test_gradcam_layer_is_the_middle_cross_attention_layer() -> None:
     # BLIP-2: 12 layers, cross-attention every 2nd → layer 6 (LAVIS's block_num=6), 4th cross-attention output.
     assert gradcam_layer(qformer([i % 2 == 0 for i in range(12)])) == (6, 3)
     assert gradcam_layer(qformer([True, True])) == (1, 1)
+
+
+def test_cli_locate_checks_the_output_folder_before_the_model_work(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import blip_tools.cli.collections as collections_cli
+    from blip_tools.cli import main
+
+    image = tmp_path / "a.png"
+    _pixels(1, (48, 40)).save(image)
+
+    def no_model(*_args: object) -> None:
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(collections_cli, "service_from_args", no_model)
+    assert main(["locate", str(image), "a cat", "-o", str(tmp_path / "missing" / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert main(["locate", str(image), "a cat", "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

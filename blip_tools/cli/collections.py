@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from ..errors import InvalidInput
+from ..index import _display
 from ._common import add_model_options, service_from_args
 
 
@@ -76,7 +79,7 @@ def _index(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
         for failure in report.errors:
-            print(f"  {failure.path}: {failure.error}", file=sys.stderr)
+            print(f"  {_display(failure.path)}: {_display(failure.error)}", file=sys.stderr)
     return 0 if report.complete else 1
 
 
@@ -107,15 +110,31 @@ def _duplicates(args: argparse.Namespace) -> int:
         kind = "identical pixels" if group.exact else f"similarity >= {group.min_similarity:.3f}"
         print(f"group {i} ({kind}):")
         for path in group.paths:
-            print(f"  {path}")
+            print(f"  {_display(path)}")
     return 0
 
 
+def _check_output(path: Path) -> None:
+    """Refuse an output file that cannot be written before any model work is done."""
+    folder = path.parent
+    if path.is_dir():
+        raise InvalidInput(f"--output {path} is a folder; give a file name such as {path / 'heatmap.png'}.")
+    if not folder.is_dir():
+        raise InvalidInput(f"--output {path}: the folder {folder} does not exist; create it or choose another path.")
+    if not os.access(folder, os.W_OK):
+        raise InvalidInput(f"--output {path}: the folder {folder} is not writable; choose another path.")
+
+
 def _locate(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        _check_output(args.output)
     with service_from_args(args) as service:
         result = service.locate(args.image, args.text)
     if args.output is not None:
-        args.output.write_bytes(result.overlay_png(max_side=None))
+        try:
+            args.output.write_bytes(result.overlay_png(max_side=None))
+        except OSError as exc:
+            raise InvalidInput(f"Cannot write the overlay to {args.output}: {exc.strerror or exc}.") from exc
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
