@@ -857,7 +857,11 @@ class RemoteService(Blip2Service):
 
     # ------------------------------------------------------------------ grounding
     async def alocate(self, image: ImageInput, text: str) -> LocateResult:
-        """Where `text` matches in the image (`locate_in_image`); `heatmap` is rebuilt from the patch grid."""
+        """Where `text` matches in the image (`locate_in_image`).
+
+        `heatmap` is rebuilt from the patch grid, and the image is decoded here so `overlay_png()` works as it
+        does on a local service's result.
+        """
         import numpy as np
         from PIL import Image
 
@@ -870,7 +874,28 @@ class RemoteService(Blip2Service):
         size = (result.image.width, result.image.height)
         heat = np.asarray(Image.fromarray(grid, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
         result._heatmap = np.clip(heat, 0.0, 1.0)
+        result._image = await asyncio.to_thread(self._locate_image, image, ref, size)
         return result
+
+    def _locate_image(self, image: ImageInput, ref: str, size: tuple[int, int]) -> Image.Image | None:
+        """The image `overlay_png` draws on, decoded here by `load_image` (the daemon sends no pixels back).
+
+        A path goes as what was sent: the data URI read here (no second read) or the absolute path. Anything
+        this side cannot load under its own settings (say a URL only the daemon may fetch) leaves no image:
+        the box and heatmap still stand, only `overlay_png` is unavailable.
+        """
+        from .images import load_image
+
+        source: ImageInput = ref if isinstance(image, str | Path) else image
+        try:
+            loaded = load_image(source, self.settings)
+        except BlipError as exc:
+            logger.info("locate: no overlay image for %s: %s", self.daemon.url, exc)
+            return None
+        if loaded.image.size != size:  # a different decoder on the daemon: the heatmap would not line up
+            logger.info("locate: the daemon saw %s, this side decoded %s; no overlay image", size, loaded.image.size)
+            return None
+        return loaded.image
 
     def locate(self, image: ImageInput, text: str) -> LocateResult:
         """Where `text` matches in the image, computed on the daemon."""

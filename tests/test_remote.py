@@ -455,3 +455,36 @@ def test_shared_service_is_remote_when_blip_remote_url_is_set(monkeypatch: pytes
         assert shared.settings.remote_send_files == "always"
     finally:
         Blip2Service.set_shared(previous)
+
+
+async def test_locate_attaches_the_image_so_the_overlay_and_the_langchain_tool_work(
+    daemon: Daemon, remote: RemoteService, shared_dir: Path
+) -> None:
+    """The daemon sends the heatmap grid only; the client draws the overlay on the image it sent (or read)."""
+    import io
+
+    from PIL import Image
+
+    from blip_tools.langchain import Blip2Toolkit
+
+    path = str(shared_dir / "img2.png")
+    size = Image.open(path).size
+
+    def overlay_size(png: bytes) -> tuple[int, int]:
+        return Image.open(io.BytesIO(png)).size
+
+    assert overlay_size(remote.locate(path, "a dog").overlay_png()) == size  # loopback: a path was sent
+    with anyio.fail_after(60):
+        assert overlay_size((await remote.alocate(path, "a dog")).overlay_png()) == size
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings(), send_files="always") as sender:
+        assert overlay_size(sender.locate(path, "a dog").overlay_png()) == size  # the bytes read here
+        assert overlay_size(sender.locate(Image.open(path), "a dog").overlay_png()) == size  # a PIL image
+
+    tool = {t.name: t for t in Blip2Toolkit(service=remote).get_tools()}["locate_in_image"]
+    call = {"type": "tool_call", "id": "1", "name": "locate_in_image", "args": {"image": path, "text": "a dog"}}
+    message = tool.invoke(call)
+    assert message.status == "success", message.content
+    assert [block["type"] for block in message.content] == ["text", "image"]
+    with anyio.fail_after(60):
+        message = await tool.ainvoke(call)
+    assert message.status == "success", message.content
