@@ -3,6 +3,8 @@
 A row is `{"image": path, "caption": text}` (optional `"prompt"` for prompted captioning) or
 `{"image": path, "question": text, "answer": text}` (VQA-style: the prompt is the runtime's
 `Question: {question} Answer:` and the target is the answer). Image paths are relative to the data file.
+A JSONL caption may also be a list of strings (COCO style: several captions of one image), which gives one
+example per caption; any other non-string value is a bad line.
 
 Every bad line is reported with its file and line number (missing image, unreadable image, empty caption,
 malformed line). With `on_error="stop"` any bad line stops the run before training, listing all of them;
@@ -144,7 +146,7 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
 def _csv_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row) for every CSV record after the header; line numbers are where the record starts."""
     with file.open(encoding="utf-8", errors="replace", newline="") as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(fh, strict=True)  # not strict: an unclosed quote swallows the rest of the file
         try:
             header = next(reader)
         except StopIteration:
@@ -163,7 +165,7 @@ def _csv_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield start, f"malformed line: {exc}"
+                yield start, _csv_problem(exc, start, reader.line_num)
                 start = reader.line_num + 1
                 continue
             line, start = start, reader.line_num + 1
@@ -175,17 +177,61 @@ def _csv_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
             yield line, dict(zip(header, record, strict=True))
 
 
+def _csv_problem(exc: csv.Error, start: int, end: int) -> str:
+    """Why a CSV record is malformed; a record that ran over several lines is most likely an unclosed quote."""
+    reason = f"malformed line: {exc}"
+    if end > start:
+        ends = "the end of the file" if "end of data" in str(exc) else f"line {end}"
+        reason += (
+            f" (a quoted field opened on this line runs to {ends}: is a closing quote missing? Lines {start}-{end} "
+            "were not read)"
+        )
+    return reason
+
+
+class _BadValue(Exception):
+    """A row's field has the wrong type; its message is the reason reported for the line."""
+
+
 def _text(row: dict[str, Any], key: str) -> str | None:
+    """The field as text with whitespace collapsed, None if absent (or null); not a string → `_BadValue`."""
     value = row.get(key)
     if value is None:
         return None
     if not isinstance(value, str):
-        value = str(value)
+        raise _BadValue(f"malformed line: '{key}' must be a string (in quotes), got {_kind(value)}")
     return " ".join(value.split())
 
 
-def _example(row: dict[str, Any], base: Path, source: str) -> Example | str:
-    """Turn one row into an `Example`, or say why it cannot be one (image checks come later)."""
+def _captions(row: dict[str, Any]) -> list[str] | str:
+    """The row's caption(s): a string, or a list of strings (one example each); else why not."""
+    value = row.get("caption")
+    if not isinstance(value, list):
+        return [_text(row, "caption") or ""]
+    if not value:
+        return "empty caption list"
+    captions: list[str] = []
+    for n, item in enumerate(value, start=1):
+        if not isinstance(item, str):
+            return f"malformed line: caption {n} of the list must be a string, got {_kind(item)}"
+        captions.append(" ".join(item.split()))
+    return captions
+
+
+def _kind(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "a list"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _example(row: dict[str, Any], base: Path, source: str) -> list[Example] | str:
+    """Turn one row into its `Example`s (one per caption), or say why it cannot (image checks come later)."""
+    try:
+        return _examples(row, base, source)
+    except _BadValue as exc:
+        return str(exc)
+
+
+def _examples(row: dict[str, Any], base: Path, source: str) -> list[Example] | str:
     from ..runtime import VQA_TEMPLATE
 
     image = row.get("image")
@@ -199,21 +245,23 @@ def _example(row: dict[str, Any], base: Path, source: str) -> Example | str:
         if not answer:
             return "empty answer"
         prompt: str | None = VQA_TEMPLATE.format(question=question)
-        target = answer
+        targets = [answer]
     else:
         if "caption" not in row:
             return "malformed line: needs 'caption', or 'question' and 'answer'"
-        caption = _text(row, "caption")
-        if not caption:
-            return "empty caption"
+        captions = _captions(row)
+        if isinstance(captions, str):
+            return captions
+        if not all(captions):
+            return "empty caption" if len(captions) == 1 else "empty caption in the list"
         prompt = _text(row, "prompt") or None
-        target = caption
-    if "<image>" in target or (prompt and "<image>" in prompt):
+        targets = captions
+    if any("<image>" in target for target in targets) or (prompt and "<image>" in prompt):
         return "malformed line: text contains the reserved token '<image>'"
     path = Path(image.strip()).expanduser()
     if not path.is_absolute():
         path = base / path
-    return Example(image=path, target=target, prompt=prompt, source=source)
+    return [Example(image=path, target=target, prompt=prompt, source=source) for target in targets]
 
 
 def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, check_images: bool = True) -> Dataset:
@@ -233,10 +281,11 @@ def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, ch
     for number, row in rows:
         source = f"{file}:{number}"
         item = row if isinstance(row, str) else _example(row, base, source)
-        if isinstance(item, Example) and check_images:
-            if item.image not in checked:
-                checked[item.image] = _image_problem(item.image, settings)
-            problem = checked[item.image]
+        if not isinstance(item, str) and check_images:
+            image = item[0].image
+            if image not in checked:
+                checked[image] = _image_problem(image, settings)
+            problem = checked[image]
             if problem is not None:
                 item = problem
         if isinstance(item, str):
@@ -244,7 +293,7 @@ def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, ch
             log.add(issue)
             dataset.issues.append(issue)
         else:
-            dataset.examples.append(item)
+            dataset.examples.extend(item)
     return dataset
 
 

@@ -140,3 +140,46 @@ def test_config_validation_is_readable() -> None:
     with pytest.raises(InvalidInput, match="on_error"):
         IssueLog("ignore")  # type: ignore[arg-type]
     assert FinetuneConfig.from_options(FinetuneConfig(epochs=2), lr=1e-3).epochs == 2
+
+
+def test_csv_unclosed_quote_is_a_bad_line_not_a_merged_caption(tmp_path: Path) -> None:
+    write_image(tmp_path / "img" / "0.png", 5)
+    (tmp_path / "data.csv").write_text(
+        'image,caption\nimg/0.png,"a red car\nimg/0.png,a blue bike\nimg/0.png,a green tree\n'
+    )
+    log = IssueLog("stop")
+    ds = read_examples(tmp_path / "data.csv", SETTINGS, log)
+    assert ds.examples == []
+    (issue,) = ds.issues
+    assert issue.line == 2 and "closing quote" in issue.reason and "Lines 2-4 were not read" in issue.reason
+    with pytest.raises(InvalidInput, match=r"data\.csv:2: malformed line"):
+        log.check("the data")
+    # A stray quote inside an unquoted field is reported too (the lenient reader dropped it silently).
+    (tmp_path / "data.csv").write_text('image,caption\nimg/0.png,"a red" car\nimg/0.png,a bike\n')
+    ds = read_examples(tmp_path / "data.csv", SETTINGS, IssueLog("skip"))
+    assert [i.line for i in ds.issues] == [2] and [e.target for e in ds.examples] == ["a bike"]
+
+
+def test_caption_list_gives_one_example_per_caption_and_other_types_are_bad_lines(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", 6)
+    _jsonl(
+        tmp_path,
+        [
+            json.dumps({"image": "a.png", "caption": ["a red car", " a  car "]}),  # 1: two examples
+            json.dumps({"image": "a.png", "caption": 42}),  # 2
+            json.dumps({"image": "a.png", "caption": []}),  # 3
+            json.dumps({"image": "a.png", "caption": ["ok", 3]}),  # 4
+            json.dumps({"image": "a.png", "caption": ["ok", " "]}),  # 5
+            json.dumps({"image": "a.png", "question": "how many?", "answer": 2}),  # 6
+            json.dumps({"image": "a.png", "caption": "fine", "prompt": {"x": 1}}),  # 7
+        ],
+    )
+    ds = read_examples(tmp_path, SETTINGS, IssueLog("skip"))
+    assert [(e.target, e.source.rsplit(":", 1)[1]) for e in ds.examples] == [("a red car", "1"), ("a car", "1")]
+    reasons = {i.line: i.reason for i in ds.issues}
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7]
+    assert reasons[2] == "malformed line: 'caption' must be a string (in quotes), got a number"
+    assert reasons[3] == "empty caption list"
+    assert "caption 2 of the list must be a string" in reasons[4]
+    assert reasons[5] == "empty caption in the list"
+    assert "'answer' must be a string" in reasons[6] and "'prompt' must be a string" in reasons[7]
