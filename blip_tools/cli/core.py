@@ -72,12 +72,25 @@ def _expand(refs: list[str]) -> list[str]:
     """Folders become their image files (sorted); everything else is passed through."""
     out: list[str] = []
     for ref in refs:
-        path = Path(ref)
-        if path.is_dir():
-            out.extend(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in _IMAGE_SUFFIXES)
+        folder = _folder(ref)
+        if folder is not None:
+            out.extend(str(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in _IMAGE_SUFFIXES)
         else:
             out.append(ref)
     return out
+
+
+def _folder(ref: str) -> Path | None:
+    """The folder `ref` names, or None: data URIs, base64 and URLs are never looked up on disk."""
+    from ..images import _classify
+
+    if _classify(ref) != "path":
+        return None
+    path = Path(ref).expanduser()
+    try:
+        return path if path.is_dir() else None
+    except (OSError, ValueError):  # a name too long, a NUL: not a folder; the image loader says what is wrong
+        return None
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
