@@ -18,7 +18,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
-from blip_tools.errors import BlipError, Overloaded
+from blip_tools.errors import BlipError, Overloaded, ServiceClosed
 from blip_tools.service import Blip2Service
 from blip_tools.settings import BlipSettings
 
@@ -73,13 +73,13 @@ class AppContext:
 
 
 def app_context(ctx: Context) -> AppContext:
-    """The lifespan's `AppContext` for this request (raises `ToolError` outside a running server)."""
+    """The lifespan's `AppContext` for this request (raises `ServiceClosed` outside a running server)."""
     try:
         value = ctx.request_context.lifespan_context
     except ValueError as exc:  # Context used outside a request
-        raise ToolError("The blip-tools service is not running in this context.") from exc
+        raise ServiceClosed("The blip-tools service is not running in this context.") from exc
     if not isinstance(value, AppContext):
-        raise ToolError("The blip-tools service is not running (the server was started without its lifespan).")
+        raise ServiceClosed("The blip-tools service is not running (the server was started without its lifespan).")
     return value
 
 
@@ -88,8 +88,27 @@ def get_service(ctx: Context) -> Blip2Service:
     return app_context(ctx).service
 
 
+class ToolFailed(BlipError):
+    """A tool failed with a `ToolError` that carried none of our error codes (e.g. from another tool module)."""
+
+    code = "tool_error"
+
+
+class ToolCrashed(BlipError):
+    """A tool raised something unexpected; the client sees only that it failed, the server log has the traceback."""
+
+    code = "internal_error"
+
+
+class ReportedToolError(ToolError):
+    """A `ToolError` whose message is `[code] text` and which the error observers have already been told about."""
+
+
 def error_message(exc: BlipError) -> str:
-    """The readable text a model sees for one of our errors, with its code and, when overloaded, the retry hint."""
+    """The readable text for one of our errors, with its code and, when overloaded, the retry hint (no side effects).
+
+    Tools never call this directly: `report_error` (or `to_tool_error`) formats *and* counts an error.
+    """
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, Overloaded) and "retry" not in text.lower():
         text = f"{text} Retry after {exc.retry_after_s:.1f} s."
@@ -97,13 +116,13 @@ def error_message(exc: BlipError) -> str:
 
 
 ErrorObserver = Callable[[BlipError], None]
-"""Told about every `BlipError` a tool returns to the client (e.g. the metrics' error counter)."""
+"""Told about every `BlipError` returned to a client (e.g. the metrics' error counter)."""
 
 _error_observers: list[ErrorObserver] = []
 
 
 def add_error_observer(fn: ErrorObserver) -> Callable[[], None]:
-    """Call `fn(exc)` whenever a tool maps a `BlipError` to a `ToolError`; returns a function that removes it."""
+    """Call `fn(exc)` for every error returned to a client (`report_error`); returns a function that removes it."""
     _error_observers.append(fn)
 
     def remove() -> None:
@@ -113,14 +132,24 @@ def add_error_observer(fn: ErrorObserver) -> Callable[[], None]:
     return remove
 
 
-def to_tool_error(exc: BlipError) -> ToolError:
-    """Map a `BlipError` to the `ToolError` whose message reaches the model (other exceptions stay masked)."""
+def report_error(exc: BlipError) -> str:
+    """The one way an error reaches an MCP client: tell every error observer once, and return its text.
+
+    Every error text a caller gets goes through here: a whole call's `ToolError` (`to_tool_error`, also used by
+    the server for arguments that fail the input schema and for unknown tools) and each failed item of a batch
+    result, so `blip_errors_total` counts each error returned exactly once.
+    """
     for observer in list(_error_observers):
         try:
             observer(exc)
         except Exception:  # an observer must never change what the client gets
             logger.exception("error observer %r raised; ignored", observer)
-    return ToolError(error_message(exc))
+    return error_message(exc)
+
+
+def to_tool_error(exc: BlipError) -> ReportedToolError:
+    """Map a `BlipError` to the `ToolError` whose message (`[code] text`) reaches the model, reporting it once."""
+    return ReportedToolError(report_error(exc))
 
 
 @contextmanager

@@ -17,17 +17,18 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import CallToolResult, Icon, InputRequiredResult, ToolAnnotations
 from pydantic import ValidationError
 
 from blip_tools import __version__
+from blip_tools.errors import BlipError, InvalidInput
 from blip_tools.params import format_validation_error
 from blip_tools.service import Blip2Service
 from blip_tools.settings import BlipSettings
 
 from . import collection_tools, prompts, resources, tools
-from ._common import AppContext
+from ._common import AppContext, ReportedToolError, ToolCrashed, ToolFailed, report_error, to_tool_error
 from .schemas import compact_schema
 
 logger = logging.getLogger(__name__)
@@ -104,14 +105,41 @@ class BlipMCPServer(MCPServer[AppContext]):
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[AppContext, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
-        """Like the SDK's, but arguments that fail the input schema get one readable line per field."""
+        """Like the SDK's, but every failure reaches the client as `[code] message`, reported once.
+
+        The SDK prefixes a tool's `ToolError` with `Error executing tool <name>: `; this undoes that, gives
+        arguments that fail the input schema one readable line per field, and maps unknown tools and crashes
+        to codes of their own. Each error is told to the error observers (metrics) exactly once.
+        """
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
-            if isinstance(exc.__cause__, ValidationError):
-                message = format_validation_error(exc.__cause__)
-                raise ToolError(f"[invalid_input] {message}. Fix these arguments and call {name} again.") from None
-            raise
+            error = self._caller_error(name, exc)
+            if error is exc.__cause__:
+                raise error from error.__cause__  # our own error, already reported: drop the SDK's wrapper
+            # For schema errors the SDK logs field names only when the cause is the ValidationError (not values).
+            raise error from (exc.__cause__ if isinstance(exc.__cause__, ValidationError) else exc)
+
+    def _caller_error(self, name: str, exc: ToolError) -> ToolError:
+        """The `[code] message` error a client gets for a failed call (reported to the observers once)."""
+        cause = exc.__cause__
+        if isinstance(cause, ReportedToolError):
+            return cause
+        if isinstance(cause, ValidationError):
+            message = format_validation_error(cause)
+            return to_tool_error(InvalidInput(f"{message}. Fix these arguments and call {name} again."))
+        current: BaseException | None = cause
+        while current is not None:  # one of our errors that escaped a tool without `tool_errors()`
+            if isinstance(current, BlipError):
+                return to_tool_error(current)
+            current = current.__cause__
+        if isinstance(exc, UnexpectedToolError):  # a crash: its text stays in the server log
+            return UnexpectedToolError(report_error(ToolCrashed(f"The tool {name} failed unexpectedly.")))
+        if self._tool_manager.get_tool(name) is None:
+            known = ", ".join(sorted(tool.name for tool in self._tool_manager.list_tools()))
+            return to_tool_error(InvalidInput(f"Unknown tool: {name}. Available tools: {known}."))
+        text = str(exc).removeprefix(f"Error executing tool {name}: ")
+        return to_tool_error(ToolFailed(text))
 
     @property
     def current_context(self) -> AppContext | None:

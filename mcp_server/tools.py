@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from blip_tools.errors import BlipError
 from blip_tools.results import AnswerResult, CaptionResult, EmbeddingResult, ScoreResult
 
-from ._common import ImageArg, ImagesArg, error_message, get_service, read_only, tool_errors
+from ._common import ImageArg, ImagesArg, get_service, read_only, report_error, tool_errors
 
 if TYPE_CHECKING:
     from .server import BlipMCPServer
@@ -147,7 +147,7 @@ async def caption_images(
     for i, (ref, outcome) in enumerate(zip(images, outcomes, strict=True), 1):
         short = _short_ref(ref)
         if isinstance(outcome, BlipError):
-            message = error_message(outcome)
+            message = report_error(outcome)  # counted like a whole call's error
             items.append(ImageCaption(image=short, ok=False, error=message))
             lines.append(f"{i}. {short}: ERROR {message}")
         else:
