@@ -18,7 +18,8 @@ from mcp.server import MCPServer
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
-from mcp.types import CallToolResult, Icon, InputRequiredResult, ToolAnnotations
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS, CallToolResult, GetPromptResult, Icon, InputRequiredResult, ToolAnnotations
 from pydantic import ValidationError
 
 from blip_tools import __version__
@@ -140,6 +141,29 @@ class BlipMCPServer(MCPServer[AppContext]):
             return to_tool_error(InvalidInput(f"Unknown tool: {name}. Available tools: {known}."))
         text = str(exc).removeprefix(f"Error executing tool {name}: ")
         return to_tool_error(ToolFailed(text))
+
+    async def get_prompt(
+        self, name: str, arguments: dict[str, Any] | None = None, context: Context[AppContext, Any] | None = None
+    ) -> GetPromptResult | InputRequiredResult:
+        """Like the SDK's, but an unknown prompt or a missing or unknown argument is an invalid-params error that
+        says what is wrong (the SDK turns them into a bare "Internal server error")."""
+        prompt = self._prompt_manager.get_prompt(name)
+        if prompt is None:
+            known = ", ".join(sorted(p.name for p in self._prompt_manager.list_prompts()))
+            raise MCPError(code=INVALID_PARAMS, message=f"Unknown prompt: {name}. Available prompts: {known}.")
+        expected = {arg.name: arg.required for arg in prompt.arguments or []}
+        given = set(arguments or {})
+        problems = []
+        if missing := sorted(arg for arg, required in expected.items() if required and arg not in given):
+            problems.append(f"missing required argument(s): {', '.join(missing)}")
+        if unknown := sorted(given - set(expected)):
+            problems.append(f"unknown argument(s): {', '.join(unknown)}")
+        if problems:
+            takes = ", ".join(f"{arg} (required)" if required else arg for arg, required in expected.items())
+            raise MCPError(
+                code=INVALID_PARAMS, message=f"Prompt {name}: {'; '.join(problems)}. It takes: {takes or 'nothing'}."
+            )
+        return await super().get_prompt(name, arguments, context)
 
     @property
     def current_context(self) -> AppContext | None:

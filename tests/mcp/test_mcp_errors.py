@@ -1,5 +1,6 @@
 """Every error a client gets: tool errors read `[code] message` (never the SDK's `Error executing tool ...`), each is
-told to the error observers (and so counted in `blip_errors_total`) exactly once."""
+told to the error observers (and so counted in `blip_errors_total`) exactly once, and bad prompt requests are
+invalid-params errors that say what is wrong."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import anyio
 import pytest
 from _mcp_testlib import make_service
 from mcp import Client
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 
 from blip_tools.errors import BlipError, InvalidInput
 from mcp_server import create_server
@@ -137,3 +140,29 @@ def test_an_observer_that_raises_changes_nothing() -> None:
         assert str(to_tool_error(InvalidInput("bad"))) == "[invalid_input] bad"
     finally:
         remove()
+
+
+# ------------------------------------------------------------------------------------------ prompts
+@pytest.mark.parametrize(
+    ("name", "arguments", "expected"),
+    [
+        ("describe_image", {}, "missing required argument(s): image"),
+        ("describe_image", {"image": "/x.png", "bogus": "1"}, "unknown argument(s): bogus"),
+        ("inspect_image", {"focus": "signs"}, "missing required argument(s): image"),
+        ("no_such_prompt", {}, "Unknown prompt: no_such_prompt. Available prompts: describe_image, inspect_image"),
+    ],
+)
+async def test_bad_prompt_requests_say_what_is_wrong(
+    private: tuple[BlipMCPServer, Any], name: str, arguments: dict[str, str], expected: str
+) -> None:
+    server, _ = private
+    with anyio.fail_after(60):
+        async with Client(server) as client:
+            with pytest.raises(MCPError) as info:
+                await client.get_prompt(name, arguments)
+            ok = await client.get_prompt("describe_image", {"image": "/x.png"})
+    assert info.value.code == INVALID_PARAMS
+    assert expected in info.value.message
+    if name != "no_such_prompt":
+        assert "It takes: image (required)" in info.value.message
+    assert ok.messages
