@@ -53,3 +53,40 @@ def test_caption_takes_a_data_uri(tiny_env: None, one_image: Path, capsys: pytes
     code, out, _ = _run(capsys, "caption", uri, "--max-new-tokens", "3", "--json")
     assert code == 0
     assert json.loads(out)["image"]["source"].startswith("data URI")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "names"),
+    [
+        (["--max-batch-size", "0"], {}, ["max_batch_size", "--max-batch-size", "BLIP_MAX_BATCH_SIZE", "got 0"]),
+        ([], {"BLIP_MAX_BATCH_SIZE": "abc"}, ["max_batch_size", "BLIP_MAX_BATCH_SIZE", "'abc'"]),
+        ([], {"BLIP_ALLOWED_DIRS": "[bad json"}, ["allowed_dirs", "--allowed-dir", "BLIP_ALLOWED_DIRS"]),
+    ],
+)
+def test_invalid_settings_are_a_clean_usage_error(
+    tiny_env: None,
+    one_image: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    names: list[str],
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for command in (["caption", str(one_image)], ["ask", str(one_image), "what is it?"]):
+        code, _, err = _run(capsys, *command, *argv)
+        assert code == 2
+        assert err.startswith("error: Invalid settings: ") and err.count("\n") == 1
+        for name in names:
+            assert name in err
+
+
+def test_tiny_checkpoint_into_an_unwritable_place_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = _run(capsys, "tiny-checkpoint", str(blocker / "ckpt"))
+    assert code == 2
+    assert err.startswith(f"error: Cannot write the tiny checkpoint to {blocker / 'ckpt'}: Not a directory")

@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from ..errors import BlipError
 
 _COMMAND_MODULES = ["core", "collections", "finetune", "bench", "ray"]
@@ -43,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except BlipError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        if exc.title != "BlipSettings":  # only settings read from the environment are the user's to fix
+            raise
+        from ._common import settings_error
+
+        print(f"error: {settings_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

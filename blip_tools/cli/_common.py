@@ -6,6 +6,10 @@ import argparse
 import os
 from typing import Any
 
+from pydantic import ValidationError
+
+from ..errors import InvalidInput
+from ..params import format_validation_error
 from ..service import Blip2Service
 from ..settings import BlipSettings
 
@@ -34,11 +38,38 @@ def settings_from_args(args: argparse.Namespace) -> BlipSettings:
         from ..testing import ensure_demo_checkpoint, tiny_settings_kwargs
 
         overrides.update(tiny_settings_kwargs(ensure_demo_checkpoint()))
-    for name in ("model", "retrieval_model", "device", "dtype", "max_batch_size", "allowed_dirs", "allow_urls"):
+    for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    return BlipSettings(**overrides)
+    try:
+        return BlipSettings(**overrides)
+    except ValidationError as exc:
+        raise settings_error(exc) from None
+
+
+_FLAGS = {
+    "model": "--model",
+    "retrieval_model": "--retrieval-model",
+    "device": "--device",
+    "dtype": "--dtype",
+    "max_batch_size": "--max-batch-size",
+    "allowed_dirs": "--allowed-dir",
+    "allow_urls": "--allow-urls",
+}
+"""Settings the model options set, and their flags."""
+
+
+def settings_error(exc: ValidationError) -> InvalidInput:
+    """Invalid `BlipSettings` (a flag or a `BLIP_*` variable) as one line naming the setting and where it is set.
+
+    e.g. `Invalid settings: max_batch_size: Input should be greater than or equal to 1 (got 0). Fix
+    --max-batch-size or BLIP_MAX_BATCH_SIZE.`
+    """
+    fields = list(dict.fromkeys(str(e["loc"][0]) for e in exc.errors() if e.get("loc")))
+    where = [f"{_FLAGS[f]} or BLIP_{f.upper()}" if f in _FLAGS else f"BLIP_{f.upper()}" for f in fields]
+    detail = format_validation_error(exc).removeprefix("Invalid arguments: ")
+    return InvalidInput(f"Invalid settings: {detail}. Fix {', '.join(where) or 'the BLIP_* variables'}.")
 
 
 def service_from_args(args: argparse.Namespace) -> Blip2Service:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import BlipError
+from ..errors import BlipError, InvalidInput
 from ._common import add_model_options, service_from_args
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -96,7 +96,14 @@ def _folder(ref: str) -> Path | None:
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
     from ..testing import build_tiny_checkpoint
 
-    root = build_tiny_checkpoint(args.dir, seed=args.seed)
+    try:
+        root = build_tiny_checkpoint(args.dir, seed=args.seed)
+    except OSError as exc:  # a file in the way, no permission, a full disk: the user's to fix, not a crash
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(args.dir) else ""
+        raise InvalidInput(
+            f"Cannot write the tiny checkpoint to {args.dir}: {reason}{where}. Choose a folder you can write to."
+        ) from exc
     print(f"wrote {root / 'captioner'} and {root / 'retrieval'}")
     print(f"use it with: BLIP_MODEL={root / 'captioner'} BLIP_RETRIEVAL_MODEL={root / 'retrieval'}")
     return 0
