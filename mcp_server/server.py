@@ -30,6 +30,7 @@ from blip_tools.settings import BlipSettings
 
 from . import collection_tools, prompts, resources, tools
 from ._common import AppContext, ReportedToolError, ToolCrashed, ToolFailed, report_error, to_tool_error
+from .arguments import StringsAsGiven
 from .schemas import compact_schema
 
 logger = logging.getLogger(__name__)
@@ -92,14 +93,20 @@ class BlipMCPServer(MCPServer[AppContext]):
         meta: dict[str, Any] | None = None,
         structured_output: bool | None = None,
     ) -> None:
-        """Like the SDK's, but the tool's output schema is published compact (`schemas.compact_schema`).
+        """Like the SDK's, but string arguments stay strings and the output schema is published compact.
 
-        Results are still validated on the server against the tool's pydantic return model; the compact schema
-        accepts exactly the same documents and is cheaper for clients to check on every call.
+        The SDK parses a JSON-looking string (`"null"`, `"[1, 2]"`) before validation unless the parameter is typed
+        exactly `str`; `StringsAsGiven` keeps every string as given wherever the parameter accepts a string (e.g.
+        `str | None`), with the same input schema. Results are still validated on the server against the tool's
+        pydantic return model; the compact schema (`schemas.compact_schema`) accepts exactly the same documents
+        and is cheaper for clients to check on every call.
         """
         super().add_tool(fn, name, title, description, annotations, icons, meta, structured_output)
         tool = self._tool_manager.get_tool(name or fn.__name__)
-        if tool is not None and tool.fn_metadata.output_schema is not None:
+        if tool is None:  # pragma: no cover - add_tool just registered it
+            return
+        tool.fn_metadata = StringsAsGiven.from_metadata(tool.fn_metadata)
+        if tool.fn_metadata.output_schema is not None:
             # FuncMetadata reads `output_schema` live (documented as reassignable after construction).
             tool.fn_metadata.output_schema = compact_schema(tool.fn_metadata.output_schema)
 

@@ -1,0 +1,63 @@
+"""Tool argument parsing: a string argument is always taken as the string it is.
+
+The SDK's `FuncMetadata.pre_parse_json` parses a JSON-looking string before validation (so a host that sends
+`"[\\"a\\", \\"b\\"]"` for a list still works), but it leaves strings alone only where a parameter is typed exactly
+`str`. For our optional strings (`prompt: str | None`, `query`, `image`, `directory`) that turned `"null"` into
+None (the call silently ran without a prompt) and `"[1, 2]"` into a list (rejected as not a string).
+`StringsAsGiven` keeps the SDK's pre-parse for every other parameter and changes nothing in the input schema.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
+from pydantic import PrivateAttr
+
+
+def accepts_str(annotation: Any) -> bool:
+    """Whether a parameter typed `annotation` takes a string as such (`str`, `str | None`, `Annotated[str, ...]`)."""
+    if annotation is str:
+        return True
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return accepts_str(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return any(accepts_str(arg) for arg in get_args(annotation))
+    return False
+
+
+class StringsAsGiven(FuncMetadata):
+    """`FuncMetadata` whose JSON pre-parse leaves a string alone wherever the parameter accepts a string."""
+
+    _string_keys: frozenset[str] = PrivateAttr(default=frozenset())
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        keys: set[str] = set()
+        for name, info in self.arg_model.model_fields.items():
+            if accepts_str(info.annotation):
+                keys.add(name)
+                if info.alias:
+                    keys.add(info.alias)
+        self._string_keys = frozenset(keys)
+
+    @classmethod
+    def from_metadata(cls, metadata: FuncMetadata) -> StringsAsGiven:
+        """The same metadata (argument model, output schema and model) with strings kept as given."""
+        if isinstance(metadata, cls):
+            return metadata
+        return cls(
+            arg_model=metadata.arg_model,
+            output_schema=metadata.output_schema,
+            output_model=metadata.output_model,
+            wrap_output=metadata.wrap_output,
+        )
+
+    def pre_parse_json(self, data: dict[str, Any]) -> dict[str, Any]:
+        parsed = super().pre_parse_json(data)
+        for key in self._string_keys.intersection(data):
+            if isinstance(data[key], str):
+                parsed[key] = data[key]
+        return parsed
