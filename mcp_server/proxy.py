@@ -7,7 +7,9 @@ model lives in the daemon (`blip-mcp --transport http`). Tools are proxied gener
 cancellation cancels the call on the daemon. Resources and prompts are forwarded the same way.
 
 Image arguments (`image`, `images`) that are paths are read here and sent as data when the daemon cannot see this
-machine's files (`send_files`, see `blip_tools.remote`); results then name the original paths again.
+machine's files (`send_files`, see `blip_tools.remote`); results then name the original paths again: the proxy
+knows which argument it replaced and how the daemon writes that value (echoed, shortened, or described as
+`data URI (N bytes)`), so it swaps exactly those strings back, per image of a batch.
 
 Every call opens its own connection, so a daemon that is down gives a readable tool error at once
 (`[model_not_available] The blip-mcp daemon at ... is unreachable ...`) and a daemon that is back just works.
@@ -17,8 +19,8 @@ tools once at start-up still gets them.
 
 from __future__ import annotations
 
+import copy
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -74,8 +76,34 @@ class _Sent:
     """One image argument as given and as sent, to name the original again in the result."""
 
     original: str
+    """What the caller passed (a path or `file://` URI)."""
+
     sent: str
+    """What the daemon got instead (a `data:` URI, or the absolute path)."""
+
     label: str | None
+    """How the daemon would have described `original` had it read it (`describe_ref`), when data was sent."""
+
+    position: int | None = None
+    """Index in the `images` list sent to the daemon; None for the `image` argument."""
+
+    echoes: tuple[tuple[str, str], ...] = ()
+    """Each exact string the daemon writes for `sent`, with what the caller should read instead."""
+
+
+def _echoes(original: str, sent: str, label: str | None) -> tuple[tuple[str, str], ...]:
+    """How the daemon writes a data URI we sent (whole, shortened as the batch tool echoes it, and as
+    `images.describe_ref` describes it in image sources, search results and error messages), each paired with
+    what it writes for the caller's own reference."""
+    if not sent.startswith("data:"):
+        return ()
+    from blip_tools.images import describe_ref  # PIL only; this module stays light for `blip-mcp --connect`
+
+    return (
+        (sent, original),
+        (_short_ref(sent), _short_ref(original)),
+        (describe_ref(sent), label if label is not None else describe_ref(original)),
+    )
 
 
 def _prepare_arguments(
@@ -91,21 +119,21 @@ def _prepare_arguments(
     failed: dict[int, BlipError] = {}
     send_data = context.sends_data
 
-    def one(ref: Any) -> Any:
+    def one(ref: Any, position: int | None) -> Any:
         if not isinstance(ref, str):
             return ref
         wire, label = prepare_image(ref, context.settings, send_data=send_data)
         if wire != ref:
-            sent.append(_Sent(ref, wire, label))
+            sent.append(_Sent(ref, wire, label, position, _echoes(ref, wire, label)))
         return wire
 
     if "image" in out:
-        out["image"] = one(out["image"])
+        out["image"] = one(out["image"], None)
     if isinstance(out.get("images"), list):
         kept: list[Any] = []
         for index, ref in enumerate(out["images"]):
             try:
-                kept.append(one(ref))
+                kept.append(one(ref, len(kept)))
             except BlipError as exc:
                 failed[index] = exc
         out["images"] = kept
@@ -136,21 +164,23 @@ def merge_local_failures(
         return error_result(next(iter(failed.values())))
     remaining = iter(items_in)
     items: list[dict[str, Any]] = []
-    lines: list[str] = []
     for index, ref in enumerate(originals):
-        short = _short_ref(str(ref))
         if index in failed:
             exc = failed[index]
-            message = f"[{exc.code}] {exc}"
-            items.append({"image": short, "ok": False, "result": None, "error": message})
-            lines.append(f"{index + 1}. {short}: ERROR {message}")
-            continue
-        item = dict(next(remaining))
-        items.append(item)
-        if item.get("ok"):
-            lines.append(f"{index + 1}. {short}: {(item.get('result') or {}).get('caption', '')}")
+            items.append({"image": _short_ref(str(ref)), "ok": False, "result": None, "error": f"[{exc.code}] {exc}"})
         else:
-            lines.append(f"{index + 1}. {short}: ERROR {item.get('error')}")
+            items.append(dict(next(remaining)))
+    return _batch_result(items)
+
+
+def _batch_result(items: list[dict[str, Any]]) -> types.CallToolResult:
+    """A `caption_images` result for `items`, with the text the daemon's batch tool writes for them."""
+    lines: list[str] = []
+    for index, item in enumerate(items, 1):
+        if item.get("ok"):
+            lines.append(f"{index}. {item.get('image')}: {(item.get('result') or {}).get('caption', '')}")
+        else:
+            lines.append(f"{index}. {item.get('image')}: ERROR {item.get('error')}")
     bad = sum(1 for item in items if not item.get("ok"))
     total = len(items)
     header = f"Captioned {total - bad} of {total} images" + (f" ({bad} failed)" if bad else "") + ":"
@@ -160,54 +190,57 @@ def merge_local_failures(
     )
 
 
-def _short_pattern(sent: str) -> re.Pattern[str]:
-    """How the daemon echoes a long reference (`first 60 chars...(N chars)`), or the whole of a short one."""
-    return re.compile(re.escape(sent[:60]) + r"\.\.\.\(\d+ chars\)|" + re.escape(sent))
-
-
-def _restore(value: Any, swaps: list[tuple[re.Pattern[str], str]]) -> Any:
-    """Every string in `value` (nested), with echoed data references replaced by the caller's originals."""
+def _swap(value: Any, echoes: list[tuple[str, str]]) -> Any:
+    """Every string in `value` (nested) with each exact echo of sent data replaced by the caller's own reference."""
     if isinstance(value, str):
-        for pattern, original in swaps:
-            value = pattern.sub(original.replace("\\", "\\\\"), value)
+        for echo, original in echoes:
+            value = value.replace(echo, original)
         return value
     if isinstance(value, list):
-        return [_restore(v, swaps) for v in value]
+        return [_swap(v, echoes) for v in value]
     if isinstance(value, dict):
-        return {k: _restore(v, swaps) for k, v in value.items()}
+        return {k: _swap(v, echoes) for k, v in value.items()}
     return value
 
 
-def _relabel_sources(content: dict[str, Any], sent: list[_Sent]) -> dict[str, Any]:
-    """Put the caller's description of each image (its path) back into `image.source` fields."""
-    labels = {s.original: s.label for s in sent if s.label is not None}
-    image = content.get("image")
-    if isinstance(image, dict) and "source" in image and len(sent) == 1 and sent[0].label is not None:
-        image["source"] = sent[0].label
-    for item in content.get("items", []) if isinstance(content.get("items"), list) else []:
-        if not isinstance(item, dict):
-            continue
-        label = labels.get(str(item.get("image")))
-        result = item.get("result")
-        if label is not None and isinstance(result, dict) and isinstance(result.get("image"), dict):
-            result["image"]["source"] = label
-    return content
+def _unambiguous(sent: list[_Sent]) -> list[tuple[str, str]]:
+    """The echoes of all of `sent` that stand for one caller reference only (two same-size images sent as data
+    are both described as `data URI (N bytes)`; such text cannot be attributed, so it is left as it is)."""
+    targets: dict[str, set[str]] = {}
+    for s in sent:
+        for echo, original in s.echoes:
+            targets.setdefault(echo, set()).add(original)
+    return [(echo, original) for s in sent for echo, original in s.echoes if len(targets[echo]) == 1]
 
 
 def restore_result(result: types.CallToolResult, sent: list[_Sent]) -> types.CallToolResult:
-    """The daemon's result as the host should see it: its own paths instead of the data we sent."""
-    content = list(result.content)
-    structured = result.structured_content
-    if sent:
-        swaps = [(_short_pattern(s.sent), s.original) for s in sent if s.sent.startswith("data:")]
-        content = [
-            block.model_copy(update={"text": _restore(block.text, swaps)})
-            if isinstance(block, types.TextContent)
-            else block
-            for block in content
-        ]
-        if structured is not None:
-            structured = _relabel_sources(_restore(dict(structured), swaps), sent)
+    """The daemon's result as the host should see it: its own paths instead of the data we sent.
+
+    Only the exact strings the daemon writes for each data URI we sent are swapped. In a batch result each item
+    is restored with its own image's echoes (by position) and the text is written again from the items.
+    """
+    data = [s for s in sent if s.echoes]
+    if not data:  # a fresh result, as for every other call: the daemon's own `_meta` stays with the daemon
+        return types.CallToolResult(
+            content=list(result.content), structured_content=result.structured_content, is_error=result.is_error
+        )
+    echoes = _unambiguous(data)
+    structured = copy.deepcopy(result.structured_content)
+    if structured is not None:
+        items = structured.get("items")
+        if isinstance(items, list):
+            for s in data:
+                if s.position is not None and s.position < len(items):
+                    items[s.position] = _swap(items[s.position], list(s.echoes))
+        structured = _swap(structured, echoes)
+        items = structured.get("items")
+        batch = any(s.position is not None for s in data)
+        if batch and not result.is_error and isinstance(items, list) and all(isinstance(i, dict) for i in items):
+            return types.CallToolResult(content=_batch_result(items).content, structured_content=structured)
+    content = [
+        block.model_copy(update={"text": _swap(block.text, echoes)}) if isinstance(block, types.TextContent) else block
+        for block in result.content
+    ]
     return types.CallToolResult(content=content, structured_content=structured, is_error=result.is_error)
 
 
