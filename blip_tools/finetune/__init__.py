@@ -19,6 +19,7 @@ from ..errors import InvalidInput
 from ..settings import BlipSettings
 from .config import FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog, read_examples
+from .layout import CHECKPOINT_DIR, is_run_folder
 
 if TYPE_CHECKING:
     from .trainer import StepInfo
@@ -76,11 +77,21 @@ def finetune(
         raise InvalidInput(f"Output {out} exists and is not a folder.")
     if Path(model_name).expanduser().exists() and Path(model_name).expanduser().resolve() == out.resolve():
         raise InvalidInput(f"The output folder {out} is the base model's folder: choose a new one.")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise InvalidInput(
-            f"Output folder {out} is not empty. Choose a new folder, or pass resume=True (--resume) to continue "
-            "the run saved there."
-        )
+    if out.is_dir() and any(out.iterdir()):
+        if not resume:
+            raise InvalidInput(
+                f"Output folder {out} is not empty. Choose a new folder, or pass resume=True (--resume) to "
+                "continue the run saved there."
+            )
+        if not is_run_folder(out):
+            raise InvalidInput(
+                f"Output folder {out} is not empty and holds no fine-tuning run to resume (no "
+                f"{CHECKPOINT_DIR}/step-N/ checkpoint, no metrics.json of a run). Choose a new or empty folder; "
+                "nothing there was changed."
+            )
+    from ..runtime import resolve_device
+
+    resolve_device(cfg.device or str(settings.device))  # a device this machine lacks fails before the data check
 
     log = IssueLog(cfg.on_error)
     dataset = read_examples(data, settings, log)

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -37,14 +36,12 @@ from ..runtime import Blip2Runtime, resolve_device
 from ..settings import BlipSettings
 from .config import FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog
+from .layout import CHECKPOINT_DIR, METRICS_FILE, find_checkpoints
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.json"
 MIN_SAVE_INTERVAL = 200
 """Default checkpoints fall at epoch ends at least this many steps apart."""
-_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _TRAINED_MODULES = ("qformer.", "query_tokens", "language_projection.")
 
 
@@ -94,6 +91,14 @@ def _precision(config: FinetuneConfig, device: str) -> tuple[torch.dtype, bool]:
     if not cuda:
         raise InvalidInput(f"precision={name} needs a CUDA device (training on {device}); use precision='fp32'.")
     return (torch.bfloat16 if name == "bf16" else torch.float16), True
+
+
+def _damaged_checkpoint(path: Path, exc: BaseException) -> InvalidInput:
+    return InvalidInput(
+        f"Cannot resume from the checkpoint {path}: it is damaged or incomplete ({type(exc).__name__}: "
+        f"{str(exc)[:160]}). Delete that folder to resume from the checkpoint before it (or start over in a new "
+        "output folder)."
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -204,7 +209,10 @@ class Trainer:
             bias="none",
         )
         lm = self.model.language_model
-        inject_adapter_in_model(cfg, lm)
+        try:
+            inject_adapter_in_model(cfg, lm)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError (and its other target checks) are ValueErrors
+            raise InvalidInput(self._lora_targets_message(lm, str(exc))) from exc
         for name, module in lm.named_modules():
             if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight") and "default" in module.lora_A:
                 self._lora_modules[name] = module
@@ -212,8 +220,15 @@ class Trainer:
                     param.data = param.data.float()
                     param.requires_grad_(True)
         if not self._lora_modules:
-            raise InvalidInput(f"lora_targets {list(self.config.lora_targets)} matched no layer of the decoder.")
+            raise InvalidInput(self._lora_targets_message(lm, "no adapter was added"))
         logger.info("LoRA adapters on %d decoder layers", len(self._lora_modules))
+
+    def _lora_targets_message(self, lm: Any, reason: str) -> str:
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, torch.nn.Linear)})
+        return (
+            f"lora_targets {list(self.config.lora_targets)} matched no linear layer of the decoder ({reason[:200]}). "
+            f"Its linear layers are named {', '.join(names)}; the default is q_proj v_proj."
+        )
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -351,15 +366,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoints(self) -> list[tuple[int, Path]]:
-        root = self.out_dir / CHECKPOINT_DIR
-        if not root.is_dir():
-            return []
-        found = []
-        for child in root.iterdir():
-            match = _STEP_DIR_RE.match(child.name)
-            if match and (child / "state.pt").is_file():
-                found.append((int(match.group(1)), child))
-        return sorted(found)
+        return find_checkpoints(self.out_dir)
 
     def _fingerprint(self, total_steps: int) -> dict[str, Any]:
         """What must match for a resume to continue the same run."""
@@ -437,8 +444,11 @@ class Trainer:
         elapsed_before = 0.0
         if self.resume and self._checkpoints():
             _, path = self._checkpoints()[-1]
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-            saved = state["fingerprint"]
+            try:
+                state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+                saved = state["fingerprint"]
+            except Exception as exc:  # truncated zip, unpickling refused, not a dict, ...: all mean a broken file
+                raise _damaged_checkpoint(path, exc) from exc
             if saved != fingerprint:
                 diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
                 raise InvalidInput(
@@ -446,19 +456,22 @@ class Trainer:
                     "options, or a new output folder."
                 )
             params = dict(self._trainable())
-            with torch.no_grad():
-                for name, tensor in state["trainable"].items():
-                    params[name].copy_(tensor)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if state["rng"].get("cuda") and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            history = _History(**state["history"])
-            best_state = state.get("best_state")
-            step = resumed_from = int(state["step"])
-            elapsed_before = float(state["elapsed_s"])
+            try:
+                with torch.no_grad():
+                    for name, tensor in state["trainable"].items():
+                        params[name].copy_(tensor)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                scaler.load_state_dict(state["scaler"])
+                torch.set_rng_state(state["rng"]["torch"])
+                if state["rng"].get("cuda") and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+                history = _History(**state["history"])
+                best_state = state.get("best_state")
+                step = resumed_from = int(state["step"])
+                elapsed_before = float(state["elapsed_s"])
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+                raise _damaged_checkpoint(path, exc) from exc
             logger.info("resumed from %s at step %d", path, step)
         elif self.resume:
             logger.info("no checkpoint in %s: starting from step 0", self.out_dir / CHECKPOINT_DIR)

@@ -314,3 +314,63 @@ def test_gradient_checkpointing_and_uncached_features_change_nothing(
     )
     losses = [[s["loss"] for s in json.loads(r.metrics_path.read_text())["steps"]] for r in (plain, other)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_resume_refuses_a_folder_that_holds_no_run(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "my_project"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"mine": true}')
+    options: dict[str, Any] = {"max_steps": 1, "val_fraction": 0, "progress": False}
+    settings = _settings(tiny_checkpoint / "captioner")
+    with pytest.raises(InvalidInput, match="holds no fine-tuning run to resume"):
+        finetune(caption_data, foreign, settings=settings, resume=True, **options)
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+    assert (foreign / "config.json").read_text() == '{"mine": true}'
+    # Our own folders may be resumed: a finished run (metrics.json, no checkpoint) and a run stopped before
+    # its first checkpoint completed (only checkpoints/ with a temporary folder).
+    done = finetune(caption_data, tmp_path / "done", settings=settings, **options)
+    assert finetune(caption_data, done.out_dir, settings=settings, resume=True, **options).steps == 1
+    early = tmp_path / "early"
+    (early / "checkpoints" / "step-0000001.tmp").mkdir(parents=True)
+    assert finetune(caption_data, early, settings=settings, resume=True, **options).resumed_from_step is None
+
+
+def test_damaged_checkpoint_names_itself_and_says_delete_it(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    options: dict[str, Any] = {"max_steps": 3, "save_every": 1, "val_fraction": 0, "progress": False}
+    settings = _settings(tiny_checkpoint / "captioner")
+
+    class Crash(RuntimeError):
+        pass
+
+    def stop_at_2(info: StepInfo) -> None:
+        if info.step == 2:
+            raise Crash
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        finetune(caption_data, out, settings=settings, on_step=stop_at_2, **options)
+    last = out / "checkpoints" / "step-0000002"
+    with open(last / "state.pt", "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(InvalidInput, match=r"step-0000002: it is damaged or incomplete.*Delete that folder"):
+        finetune(caption_data, out, settings=settings, resume=True, **options)
+    import shutil
+
+    shutil.rmtree(last)  # as the message says: the run resumes from the checkpoint before it
+    assert finetune(caption_data, out, settings=settings, resume=True, **options).resumed_from_step == 1
+
+
+def test_lora_targets_matching_nothing_and_unknown_devices_are_typed(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    from blip_tools import ModelNotAvailable
+
+    settings = _settings(tiny_checkpoint / "captioner")
+    options: dict[str, Any] = {"max_steps": 1, "val_fraction": 0, "progress": False}
+    with pytest.raises(InvalidInput, match=r"matched no linear layer.*q_proj"):
+        finetune(caption_data, tmp_path / "a", settings=settings, lora=True, lora_targets=("nothing",), **options)
+    for device in ("nonsense", "cuda:99"):
+        with pytest.raises(ModelNotAvailable, match="--device"):
+            finetune(caption_data, tmp_path / "b", settings=settings, device=device, **options)
