@@ -488,3 +488,21 @@ async def test_locate_attaches_the_image_so_the_overlay_and_the_langchain_tool_w
     with anyio.fail_after(60):
         message = await tool.ainvoke(call)
     assert message.status == "success", message.content
+
+
+def test_loader_through_the_daemon_skips_only_image_errors(daemon: Daemon, shared_dir: Path, private_dir: Path) -> None:
+    """`Blip2ImageLoader(on_error="skip")` behaves as on a local service: image errors skip, call errors raise."""
+    from blip_tools.errors import ServiceClosed
+    from blip_tools.langchain import Blip2ImageLoader
+    from blip_tools.params import GenerationParams
+
+    files = [shared_dir / "img0.png", private_dir / "mine.png", shared_dir / "img1.png"]  # the daemon refuses one
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings()) as client:
+        docs = Blip2ImageLoader(files, on_error="skip", questions="What is it?", service=client).load()
+        assert [Path(d.metadata["source"]).name for d in docs] == ["img0.png", "img1.png"]
+        assert list(docs[0].metadata["answers"]) == ["What is it?"]
+        too_long = GenerationParams(max_new_tokens=daemon.service.settings.max_new_tokens_limit + 1)
+        with pytest.raises(InvalidInput, match="max_new_tokens"):
+            Blip2ImageLoader(files, on_error="skip", params=too_long, service=client).load()
+    with pytest.raises(ServiceClosed):
+        Blip2ImageLoader(files, on_error="skip", service=client).load()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
 
-from ..errors import BlipError, InvalidInput
+from ..errors import BlipError, InvalidImage, InvalidInput
 from ..params import GenerationParams
 from ..results import AnswerResult, CaptionResult
 from ..service import Blip2Service
@@ -36,11 +36,15 @@ class Blip2ImageLoader(BaseLoader):
         paths: An image file, a folder, or a list of either. Folders are scanned with `glob`.
         glob: Pattern for files inside folders (default every file; only image suffixes are kept).
         recursive: Scan folders recursively.
-        questions: Questions to answer about every image; answers go in `metadata["answers"]`.
+        questions: Questions to answer about every image; answers go in `metadata["answers"]`. A single
+            string is one question (not a sequence of characters); each must be a non-empty string.
         prompt: Optional caption prefix to continue (prompted captioning).
         params: Decoding parameters for captions and answers.
         batch_size: Images per chunk handed to the service (and yielded together by `lazy_load`).
-        on_error: "raise" stops at the first unreadable image; "skip" logs a warning and goes on.
+        on_error: "raise" stops at the first unreadable image; "skip" logs a warning and goes on. Only image
+            errors (`InvalidImage` and its leaves: unreadable, too large, not allowed) are skipped; errors of the
+            call itself (`ModelNotAvailable`, `InvalidInput` about the prompt or parameters, `Overloaded`,
+            `ServiceClosed`, ...) always raise, since every other image would fail the same way.
         service: The service to call; None means `Blip2Service.shared()`.
     """
 
@@ -50,7 +54,7 @@ class Blip2ImageLoader(BaseLoader):
         *,
         glob: str = "*",
         recursive: bool = False,
-        questions: Sequence[str] = (),
+        questions: str | Sequence[str] = (),
         prompt: str | None = None,
         params: GenerationParams | None = None,
         batch_size: int = 16,
@@ -64,7 +68,7 @@ class Blip2ImageLoader(BaseLoader):
         self.paths = [paths] if isinstance(paths, str | Path) else list(paths)
         self.glob = glob
         self.recursive = recursive
-        self.questions = list(questions)
+        self.questions = _check_questions(questions)
         self.prompt = prompt
         self.params = params
         self.batch_size = batch_size
@@ -135,6 +139,17 @@ class Blip2ImageLoader(BaseLoader):
         return Document(page_content=caption.caption, metadata=metadata)
 
     def _fail(self, path: Path, exc: BlipError) -> None:
-        if self.on_error == "raise":
+        if self.on_error == "raise" or not isinstance(exc, InvalidImage):
             raise exc
         logger.warning("skipping image %s: %s", path, exc)
+
+
+def _check_questions(questions: str | Sequence[str]) -> list[str]:
+    """The questions as a list; a single string is one question, and each must be a non-empty string."""
+    found = [questions] if isinstance(questions, str) else list(questions)
+    for question in found:
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInput(
+                f"questions must be non-empty strings, e.g. ['What is the main object?'], got {question!r}"
+            )
+    return found

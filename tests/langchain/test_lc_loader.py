@@ -50,3 +50,35 @@ def test_files_glob_and_bad_images(service: Any, image_dir: Path) -> None:
 
     with pytest.raises(InvalidInput, match="not found"):
         Blip2ImageLoader(image_dir / "missing", service=service).load()
+
+
+def test_skip_skips_only_image_errors(service: Any, image_dir: Path, tmp_path: Path) -> None:
+    """A call that fails for every image (no model, bad parameters, a closed service) raises even with "skip"."""
+    from blip_tools import Blip2Service, BlipSettings
+    from blip_tools.errors import ModelNotAvailable, ServiceClosed
+    from blip_tools.params import GenerationParams
+
+    files = [image_dir / "img0.png", image_dir / "junk.png", image_dir / "img1.png"]
+    (image_dir / "junk.png").write_bytes(b"not a png")
+    assert len(Blip2ImageLoader(files, on_error="skip", service=service).load()) == 2  # the image error is skipped
+
+    no_model = BlipSettings(**{**service.settings.model_dump(), "model": str(tmp_path / "no-such-model")})
+    with Blip2Service(no_model) as broken, pytest.raises(ModelNotAvailable):
+        Blip2ImageLoader(files, on_error="skip", service=broken).load()
+
+    too_long = GenerationParams(max_new_tokens=service.settings.max_new_tokens_limit + 1)
+    with pytest.raises(InvalidInput, match="max_new_tokens"):
+        Blip2ImageLoader(files, on_error="skip", params=too_long, service=service).load()
+
+    closed = Blip2Service(service.settings)
+    closed.close()
+    with pytest.raises(ServiceClosed):
+        Blip2ImageLoader(files, on_error="skip", service=closed).load()
+
+
+def test_questions_are_checked_and_a_string_is_one_question(service: Any, image_dir: Path) -> None:
+    for bad in ([""], ["What?", "  "], [None]):
+        with pytest.raises(InvalidInput, match="questions must be non-empty strings"):
+            Blip2ImageLoader(image_dir, questions=bad, on_error="skip", service=service)  # type: ignore[arg-type]
+    (doc,) = Blip2ImageLoader(image_dir / "img0.png", questions="What is it?", service=service).load()
+    assert list(doc.metadata["answers"]) == ["What is it?"]
