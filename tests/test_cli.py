@@ -90,3 +90,37 @@ def test_tiny_checkpoint_into_an_unwritable_place_is_a_clean_error(
     code, _, err = _run(capsys, "tiny-checkpoint", str(blocker / "ckpt"))
     assert code == 2
     assert err.startswith(f"error: Cannot write the tiny checkpoint to {blocker / 'ckpt'}: Not a directory")
+
+
+def test_caption_json_shape_follows_the_arguments(
+    tiny_env: None, tmp_path: Path, make_image: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A list for a folder, a glob or several arguments, however many images they hold; an object for one file."""
+    single = tmp_path / "single"
+    single.mkdir()
+    make_image(21).save(single / "only.png")
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    make_image(22).save(pair / "a.png")
+    make_image(23).save(pair / "b.png")
+    only = str(single / "only.png")
+
+    def shape(*images: str) -> Any:
+        code, out, _ = _run(capsys, "caption", *images, "--max-new-tokens", "2", "--json")
+        assert code == 0
+        return json.loads(out)
+
+    assert isinstance(shape(only), dict)
+    assert [row["image"]["source"] for row in shape(str(single))] == [only]  # a folder holding one image
+    assert [row["image"]["source"] for row in shape(str(single / "*.png"))] == [only]  # a quoted glob matching one file
+    assert [row["image"]["source"] for row in shape(str(pair))] == [str(pair / "a.png"), str(pair / "b.png")]
+    assert len(shape(only, only)) == 2
+
+
+def test_caption_shows_a_data_uri_by_its_size(
+    tiny_env: None, one_image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(one_image.read_bytes()).decode("ascii")
+    code, out, _ = _run(capsys, "caption", uri, "--max-new-tokens", "2")
+    assert code == 0
+    assert out.startswith("data URI (") and "base64" not in out

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from ..errors import BlipError, InvalidInput
 from ._common import add_model_options, service_from_args
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_GLOB_MAGIC = re.compile(r"[*?[]")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,20 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_tiny_checkpoint)
 
-    p = sub.add_parser("caption", help="caption one or more images (files or folders)")
-    p.add_argument("images", nargs="+", help="image files, folders, file:// or data: URIs")
+    p = sub.add_parser("caption", help="caption one or more images (files, folders or globs)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        help="image files, folders (their image files, recursively), quoted globs ('photos/*.jpg'), "
+        "file:// or data: URIs",
+    )
     p.add_argument("--prompt", help="text the caption should continue, e.g. 'a photo of'")
-    _add_common(p)
+    _add_common(
+        p,
+        json_help="print JSON: a list of results whenever a folder, a glob or several images were given (even if "
+        "they hold one image); one object only for exactly one image argument",
+    )
     p.set_defaults(handler=_caption)
 
     p = sub.add_parser("ask", help="answer a question about an image")
     p.add_argument("image", help="image file, file:// or data: URI")
     p.add_argument("question", help="the question, e.g. 'What color is the car?'")
-    _add_common(p)
+    _add_common(p, json_help="print the result as one JSON object")
     p.set_defaults(handler=_ask)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     add_model_options(p)
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int)
@@ -48,7 +61,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float)
     g.add_argument("--num-captions", type=int, dest="num_return_sequences", help="texts per image")
     g.add_argument("--seed", type=int)
-    p.add_argument("--json", action="store_true", help="print JSON results")
+    p.add_argument("--json", action="store_true", help=json_help)
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,16 +81,26 @@ def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _expand(refs: list[str]) -> list[str]:
-    """Folders become their image files (sorted); everything else is passed through."""
+def _expand(refs: list[str]) -> tuple[list[str], bool]:
+    """Folders become their image files (sorted) and globs their matching files; the rest is passed through.
+
+    Also says whether the arguments name a collection (several, a folder or a glob), so the JSON output is a list
+    however many images it turned out to hold.
+    """
     out: list[str] = []
+    collection = len(refs) > 1
     for ref in refs:
         folder = _folder(ref)
+        matches = _glob(ref) if folder is None else None
         if folder is not None:
+            collection = True
             out.extend(str(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in _IMAGE_SUFFIXES)
+        elif matches is not None:
+            collection = True
+            out.extend(matches or [ref])  # nothing matched: the loader reports the pattern as not found
         else:
             out.append(ref)
-    return out
+    return out, collection
 
 
 def _folder(ref: str) -> Path | None:
@@ -91,6 +114,28 @@ def _folder(ref: str) -> Path | None:
         return path if path.is_dir() else None
     except (OSError, ValueError):  # a name too long, a NUL: not a folder; the image loader says what is wrong
         return None
+
+
+def _glob(ref: str) -> list[str] | None:
+    """The files a quoted glob matches (sorted), or None when `ref` is no glob (or an existing file's name)."""
+    from ..images import _classify
+
+    if _classify(ref) != "path" or not _GLOB_MAGIC.search(ref):
+        return None
+    pattern = os.path.expanduser(ref)
+    try:
+        if Path(pattern).exists():
+            return None
+        return [m for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
+    except (OSError, ValueError):
+        return None
+
+
+def _label(ref: str) -> str:
+    """How an image argument is shown in the output: a path as given; data URIs, base64 and URLs described."""
+    from ..images import _classify, describe_ref
+
+    return ref if _classify(ref) in ("path", "file-uri") else describe_ref(ref)
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
@@ -112,7 +157,7 @@ def _tiny_checkpoint(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    images = _expand(args.images)
+    images, collection = _expand(args.images)
     if not images:
         print("error: no images found", file=sys.stderr)
         return 2
@@ -128,7 +173,7 @@ def _caption(args: argparse.Namespace) -> int:
         bar.close()
     failed = 0
     rows: list[dict[str, Any]] = []
-    for ref, result in zip(images, results, strict=True):
+    for ref, result in zip(map(_label, images), results, strict=True):
         if isinstance(result, BlipError):
             failed += 1
             rows.append({"image": ref, "error": str(result), "type": type(result).__name__})
@@ -140,7 +185,7 @@ def _caption(args: argparse.Namespace) -> int:
             texts = [c.text for c in result.captions]
             print(f"{ref}: {texts[0]}" if len(texts) == 1 else f"{ref}:\n  " + "\n  ".join(texts))
     if args.json:
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        print(json.dumps(rows if collection else rows[0], indent=2))
     return 1 if failed else 0
 
 
