@@ -506,3 +506,35 @@ def test_loader_through_the_daemon_skips_only_image_errors(daemon: Daemon, share
             Blip2ImageLoader(files, on_error="skip", params=too_long, service=client).load()
     with pytest.raises(ServiceClosed):
         Blip2ImageLoader(files, on_error="skip", service=client).load()
+
+
+def test_cli_caption_and_ask_use_the_daemon_at_blip_remote_url(
+    daemon: Daemon, shared_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`BLIP_REMOTE_URL` sends `blip-tools caption`/`ask` to the daemon: its counters move, no model loads here."""
+    import json
+
+    from blip_tools import Blip2Service
+    from blip_tools.cli import main
+
+    monkeypatch.setenv("BLIP_REMOTE_URL", daemon.url)
+    monkeypatch.setenv("BLIP_TOKEN", TOKEN)
+    monkeypatch.setenv("BLIP_MODEL", "/no/model/here")  # loading a model here would fail
+    path = str(shared_dir / "img3.png")
+    before = daemon.service.stats().requests
+    previous = Blip2Service._shared
+    try:
+        assert main(["caption", path, "--max-new-tokens", "3", "--json"]) == 0
+        caption = json.loads(capsys.readouterr().out)
+        assert caption["caption"] == daemon.service.caption(path, max_new_tokens=3).caption
+        assert main(["ask", path, "what is it?", "--max-new-tokens", "3"]) == 0
+        assert capsys.readouterr().out.strip() == daemon.service.answer(path, "what is it?", max_new_tokens=3).answer
+        assert daemon.service.stats().requests >= before + 4  # two from the CLI, two for the comparison
+
+        assert main(["caption", path, "--model", "/elsewhere"]) == 2  # a local-model flag is a usage error
+        err = capsys.readouterr().err
+        assert err.startswith("error: --model configure a model loaded here") and "--local" in err
+        assert main(["caption", path, "--local"]) != 0  # --local loads here: the bad BLIP_MODEL says so
+        assert "/no/model/here" in capsys.readouterr().err
+    finally:
+        Blip2Service.set_shared(previous)

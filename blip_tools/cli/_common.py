@@ -72,9 +72,40 @@ def settings_error(exc: ValidationError) -> InvalidInput:
     return InvalidInput(f"Invalid settings: {detail}. Fix {', '.join(where) or 'the BLIP_* variables'}.")
 
 
-def service_from_args(args: argparse.Namespace) -> Blip2Service:
-    """A service built from the flags, installed as the process-wide shared one."""
+_LOCAL_MODEL_FLAGS = {**{k: v for k, v in _FLAGS.items() if k not in ("allowed_dirs", "allow_urls")}, "demo": "--demo"}
+"""Flags that configure a model loaded in this process (meaningless for a shared daemon's model)."""
+
+
+def add_remote_option(parser: argparse.ArgumentParser) -> None:
+    """`--local`, for commands that use a shared `blip-mcp` daemon when `BLIP_REMOTE_URL` is set."""
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="load the model in this process even when BLIP_REMOTE_URL names a shared blip-mcp daemon",
+    )
+
+
+def service_from_args(args: argparse.Namespace, *, remote: bool = False) -> Blip2Service:
+    """The service a command calls, built from the flags.
+
+    With `remote` (commands that need only what a `RemoteService` offers), `BLIP_REMOTE_URL` set and no
+    `--local`, it is the shared daemon's client (`blip_tools.remote.default_service`); `--allowed-dir` and
+    `--allow-urls` then apply to the files read here. Otherwise a local service, installed as the process-wide
+    shared one.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    service = Blip2Service(settings_from_args(args))
+    settings = settings_from_args(args)
+    if remote and settings.remote_url and not getattr(args, "local", False):
+        given = [flag for name, flag in _LOCAL_MODEL_FLAGS.items() if getattr(args, name, None) not in (None, False)]
+        if given:
+            raise InvalidInput(
+                f"{', '.join(given)} configure a model loaded here, but BLIP_REMOTE_URL sends this command to the "
+                f"blip-mcp daemon at {settings.remote_url}, which runs its own. Add --local to load the model here, "
+                "or drop them."
+            )
+        from ..remote import default_service
+
+        return default_service(settings)
+    service = Blip2Service(settings)
     Blip2Service.set_shared(service)
     return service

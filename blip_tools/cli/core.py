@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BlipError, InvalidInput
-from ._common import add_model_options, service_from_args
+from ._common import add_model_options, add_remote_option, service_from_args
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _GLOB_MAGIC = re.compile(r"[*?[]")
@@ -25,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_tiny_checkpoint)
 
-    p = sub.add_parser("caption", help="caption one or more images (files, folders or globs)")
+    p = sub.add_parser(
+        "caption",
+        help="caption one or more images (files, folders or globs)",
+        description="Caption images. With BLIP_REMOTE_URL set, the shared blip-mcp daemon there does the work "
+        "(no model is loaded here) unless --local is given.",
+    )
     p.add_argument(
         "images",
         nargs="+",
@@ -40,7 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(handler=_caption)
 
-    p = sub.add_parser("ask", help="answer a question about an image")
+    p = sub.add_parser(
+        "ask",
+        help="answer a question about an image",
+        description="Answer a question about an image. With BLIP_REMOTE_URL set, the shared blip-mcp daemon "
+        "there answers (no model is loaded here) unless --local is given.",
+    )
     p.add_argument("image", help="image file, file:// or data: URI")
     p.add_argument("question", help="the question, e.g. 'What color is the car?'")
     _add_common(p, json_help="print the result as one JSON object")
@@ -49,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     add_model_options(p)
+    add_remote_option(p)
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument("--min-new-tokens", type=int)
@@ -161,7 +172,7 @@ def _caption(args: argparse.Namespace) -> int:
     if not images:
         print("error: no images found", file=sys.stderr)
         return 2
-    with service_from_args(args) as service:
+    with service_from_args(args, remote=True) as service:
         bar = tqdm(total=len(images), unit="img", file=sys.stderr, disable=len(images) < 2 or not sys.stderr.isatty())
         results = service.caption_batch(
             images,
@@ -190,7 +201,7 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    with service_from_args(args) as service:
+    with service_from_args(args, remote=True) as service:
         result = service.answer(args.image, args.question, **_gen_kwargs(args))
     if args.json:
         print(result.model_dump_json(indent=2))
