@@ -476,10 +476,12 @@ class Blip2Service:
     ) -> list[CaptionResult | BlipError]:
         """Caption many images (batched); with `return_exceptions`, a bad image yields its error in place.
 
-        Bad parameters or a bad prompt fail the whole call at once, whatever `return_exceptions` says.
+        Bad parameters, a bad prompt or a model that cannot load fail the whole call at once, whatever
+        `return_exceptions` says.
         """
         params, gen = self._generation_params(params, gen), {}
         check_prompt(prompt)
+        self.runtime.load_captioner()
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -507,6 +509,7 @@ class Blip2Service:
         """Answer `questions[i]` about `images[i]` for every pair (batched); bad parameters fail the whole call."""
         _check_pairs(images, questions)
         params, gen = self._generation_params(params, gen), {}
+        self.runtime.load_captioner()
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -534,6 +537,7 @@ class Blip2Service:
         """Async `caption_batch`; `on_progress` may be a plain function or a coroutine function."""
         params, gen = self._generation_params(params, gen), {}
         check_prompt(prompt)
+        await asyncio.to_thread(self.runtime.load_captioner)
         return await self._gather(
             [lambda img=img: self.acaption(img, prompt, params=params, **gen) for img in images],  # type: ignore[misc]
             return_exceptions,
@@ -553,6 +557,7 @@ class Blip2Service:
         """Async `answer_batch`."""
         _check_pairs(images, questions)
         params, gen = self._generation_params(params, gen), {}
+        await asyncio.to_thread(self.runtime.load_captioner)
         return await self._gather(
             [
                 lambda img=img, q=q: self.aanswer(img, q, params=params, **gen)  # type: ignore[misc]
@@ -639,6 +644,7 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
     ) -> list[EmbeddingResult | BlipError]:
         """L2-normalised image embeddings in the space shared with `embed_texts` (retrieval model)."""
+        self.runtime.load_retrieval()  # a model that cannot load fails the call once, not once per image
         return self._run_many(
             len(images),
             lambda i: self._prepare_embed_image(images[i]),
@@ -656,6 +662,7 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
     ) -> list[EmbeddingResult | BlipError]:
         """Async `embed_images`."""
+        await asyncio.to_thread(self.runtime.load_retrieval)
 
         async def one(image: ImageInput) -> EmbeddingResult:
             outcome, info = await self._arequest(lambda: self._prepare_embed_image(image))

@@ -542,6 +542,25 @@ def test_model_not_available_message(tmp_path: Path) -> None:
     svc.close()
 
 
+def test_a_model_that_cannot_load_fails_a_batch_call_once(settings: BlipSettings, tmp_path: Path) -> None:
+    from blip_tools import ModelNotAvailable
+
+    broken = settings.model_copy(update={"model": str(tmp_path / "nope"), "retrieval_model": str(tmp_path / "nope2")})
+    images = [str(tmp_path / f"{i}.png") for i in range(3)]  # never read: the call fails before
+    with Blip2Service(broken) as svc:  # not started: the first call loads
+        calls: list[Callable[[], Any]] = [
+            lambda: svc.caption_batch(images, return_exceptions=True),
+            lambda: svc.answer_batch(images, ["what?"] * 3, return_exceptions=True),
+            lambda: svc.embed_images(images, return_exceptions=True),
+            lambda: asyncio.run(svc.acaption_batch(images, return_exceptions=True)),
+            lambda: asyncio.run(svc.aanswer_batch(images, ["what?"] * 3, return_exceptions=True)),
+            lambda: asyncio.run(svc.aembed_images(images, return_exceptions=True)),
+        ]
+        for call in calls:  # not a list of the same ModelNotAvailable per image
+            with pytest.raises(ModelNotAvailable):
+                call()
+
+
 def test_arguments_of_the_wrong_type_are_invalid_input(service: Blip2Service, make_image: Callable[..., Any]) -> None:
     img = make_image(4)
     bad_calls: list[Callable[[], Any]] = [
