@@ -124,3 +124,19 @@ def test_caption_shows_a_data_uri_by_its_size(
     code, out, _ = _run(capsys, "caption", uri, "--max-new-tokens", "2")
     assert code == 0
     assert out.startswith("data URI (") and "base64" not in out
+
+
+def test_caption_finds_a_folder_named_without_a_slash(
+    tiny_env: None,
+    tmp_path: Path,
+    make_image: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`blip-tools caption photos` from the folder above it (a bare name also reads as base64)."""
+    (tmp_path / "photos").mkdir()
+    make_image(24).save(tmp_path / "photos" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = _run(capsys, "caption", "photos", "--max-new-tokens", "2", "--json")
+    assert code == 0
+    assert [row["image"]["source"] for row in json.loads(out)] == ["photos/a.png"]

@@ -115,10 +115,13 @@ def _expand(refs: list[str]) -> tuple[list[str], bool]:
 
 
 def _folder(ref: str) -> Path | None:
-    """The folder `ref` names, or None: data URIs, base64 and URLs are never looked up on disk."""
+    """The folder `ref` names, or None: data URIs, URLs and long base64 are never looked up on disk.
+
+    A short bare name (`photos`) also reads as base64, so it is looked up too.
+    """
     from ..images import _classify
 
-    if _classify(ref) != "path":
+    if _classify(ref) not in ("path", "base64") or len(ref) > 4096:
         return None
     path = Path(ref).expanduser()
     try:
