@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import io
 import ipaddress
 import json
@@ -70,6 +71,8 @@ MCP_PATH = "/mcp"
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 300.0
 DEFAULT_CONCURRENCY = 16
+_CLOSE_GRACE_S = 5.0
+"""How long close() waits for cancelled calls to end before it gives up on them (they end in milliseconds)."""
 CAPTION_IMAGES_MAX = 64
 """Most images the daemon's `caption_images` tool takes per call; longer lists are sent in chunks."""
 
@@ -488,6 +491,11 @@ class RemoteService(Blip2Service):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Calls in flight, so close() can end them: each guarded task with its loop and nesting depth, the
+        # tasks close() is cancelling, and the futures sync callers wait on.
+        self._inflight: dict[asyncio.Task[Any], tuple[asyncio.AbstractEventLoop, int]] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
+        self._futures: set[concurrent.futures.Future[Any]] = set()
 
     def __repr__(self) -> str:
         return f"RemoteService({self.url!r}, send_files={self.send_files!r})"
@@ -521,54 +529,112 @@ class RemoteService(Blip2Service):
         return self
 
     def close(self, drain: bool = True, timeout_s: float | None = 30.0) -> None:
-        """Stop accepting calls and stop the private loop thread (the daemon keeps running)."""
+        """Stop accepting calls, end the calls in flight, and stop the private loop thread (the daemon keeps running).
+
+        Calls in flight from any thread or event loop are cancelled (on the daemon too) and raise `ServiceClosed`
+        at once; so does every later call. The work runs on the daemon, so there is nothing here to drain:
+        `drain` is accepted for `Blip2Service` compatibility, and `timeout_s` bounds the wait for the loop thread.
+        """
+        current = threading.current_thread()
         with self._lock:
             self._closed = True
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
+            inflight = list(self._inflight.items())
+            futures = list(self._futures)
+            self._closing.update(task for task, _ in inflight)
+        for task, (task_loop, _) in inflight:
+            with contextlib.suppress(RuntimeError):  # that loop is closed already: nothing runs there any more
+                task_loop.call_soon_threadsafe(self._cancel_for_close, task)
+        if futures and thread is not current:
+            grace = _CLOSE_GRACE_S if timeout_s is None else min(_CLOSE_GRACE_S, max(timeout_s, 0.0))
+            concurrent.futures.wait(futures, timeout=grace)
+        for future in futures:  # a call that did not end by itself: its caller gets ServiceClosed from _sync
+            future.cancel()
         if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and thread is not current:
             thread.join(timeout_s)
 
-    def __enter__(self) -> RemoteService:
-        return self
+    def _cancel_for_close(self, task: asyncio.Task[Any]) -> None:
+        """Cancel `task` if it is still inside a guarded call (runs on the task's own loop, so no race)."""
+        with self._lock:
+            live = task in self._inflight and task in self._closing
+            if not live:
+                self._closing.discard(task)
+        if live:
+            task.cancel("RemoteService closed")
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _closed_error(self) -> ServiceClosed:
+        return ServiceClosed(f"This RemoteService ({self.url}) was closed; create a new one.")
 
-    def add_listener(self, fn: Callable[..., None]) -> None:
-        """Batch events happen in the daemon; read `stats()` (or `blip://stats`) instead."""
-        raise CapabilityUnavailable("Batch listeners run inside the daemon; poll RemoteService.stats() instead.")
+    async def _guarded(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await `coro` as a call close() can end: its cancel by close() surfaces here as `ServiceClosed`."""
+        task = asyncio.current_task()
+        try:
+            with self._lock:
+                self._check_open()
+                if task is not None:
+                    _, depth = self._inflight.get(task, (None, 0))
+                    self._inflight[task] = (asyncio.get_running_loop(), depth + 1)
+        except BaseException:
+            coro.close()
+            raise
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            with self._lock:
+                ours = task is not None and task in self._closing
+            if not ours:
+                raise
+            assert task is not None
+            task.uncancel()  # the caller did not cancel: the service was closed under it
+            raise self._closed_error() from None
+        finally:
+            if task is not None:
+                with self._lock:
+                    loop, depth = self._inflight.pop(task)
+                    if depth > 1:
+                        self._inflight[task] = (loop, depth - 1)
+                    else:
+                        self._closing.discard(task)
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ServiceClosed("This RemoteService is closed; create a new one.")
+            raise self._closed_error()
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the private loop thread and wait for it (Ctrl-C cancels the call)."""
+        """Run a coroutine on the private loop thread and wait for it (Ctrl-C cancels the call; close() ends it)."""
         try:
-            self._check_open()
             with self._lock:
+                self._check_open()
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                     self._thread = threading.Thread(target=self._loop.run_forever, name="blip-remote-loop", daemon=True)
                     self._thread.start()
-                loop = self._loop
+                # Registered under the lock, so a concurrent close() sees this call and ends it.
+                future = asyncio.run_coroutine_threadsafe(self._guarded(coro), self._loop)
+                self._futures.add(future)
         except BaseException:
             coro.close()
             raise
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             return future.result()
         except concurrent.futures.CancelledError as exc:
+            if self._closed:
+                raise self._closed_error() from exc
             raise BlipError("The request was cancelled before it finished.") from exc
         except BaseException:
             future.cancel()
             raise
+        finally:
+            with self._lock:
+                self._futures.discard(future)
 
     # ------------------------------------------------------------------ helpers
     async def _image_arg(self, image: ImageInput) -> tuple[str, str | None]:
+        self._check_open()
         return await asyncio.to_thread(prepare_image, image, self.settings, send_data=self.sends_data)
 
     async def _gen_args(self, tool: str, params: GenerationParams | None, gen: dict[str, Any]) -> dict[str, Any]:
@@ -577,7 +643,7 @@ class RemoteService(Blip2Service):
         wanted = p.model_dump(exclude_defaults=True)
         if not wanted:
             return {}
-        accepted = await self.daemon.tool_parameters(tool)
+        accepted = await self._guarded(self.daemon.tool_parameters(tool))
         missing = sorted(set(wanted) - accepted)
         if missing:
             raise InvalidInput(f"The daemon's {tool} tool does not take {', '.join(missing)}; leave it at its default.")
@@ -590,9 +656,8 @@ class RemoteService(Blip2Service):
         progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
         """Call a tool; return its structured content or raise the typed error it reported."""
-        self._check_open()
-        result = await self.daemon.call_tool(
-            tool, {k: v for k, v in arguments.items() if v is not None}, progress=progress
+        result = await self._guarded(
+            self.daemon.call_tool(tool, {k: v for k, v in arguments.items() if v is not None}, progress=progress)
         )
         if result.is_error:
             raise error_from_text(tool_text(result))
@@ -668,7 +733,7 @@ class RemoteService(Blip2Service):
         """
         p = GenerationParams.from_kwargs(params, **gen)
         wanted = p.model_dump(exclude_defaults=True)
-        accepted = await self.daemon.tool_parameters("caption_images")
+        accepted = await self._guarded(self.daemon.tool_parameters("caption_images"))
         if not set(wanted) <= accepted:
             return await self._gather(
                 [lambda img=img: self.acaption(img, prompt, params=p) for img in images],  # type: ignore[misc]
@@ -904,8 +969,7 @@ class RemoteService(Blip2Service):
     # ------------------------------------------------------------------ introspection
     async def astats(self) -> ServiceStats:
         """The daemon's counters (`blip://stats`)."""
-        self._check_open()
-        return ServiceStats.model_validate_json(await self.daemon.read_text("blip://stats"))
+        return ServiceStats.model_validate_json(await self._guarded(self.daemon.read_text("blip://stats")))
 
     def stats(self) -> ServiceStats:
         """The daemon's counters: requests, batches, batch-size histogram, models loaded, ..."""
@@ -913,8 +977,7 @@ class RemoteService(Blip2Service):
 
     async def amodel_info(self) -> ModelInfo:
         """What the daemon runs (`blip://model`)."""
-        self._check_open()
-        return ModelInfo.model_validate_json(await self.daemon.read_text("blip://model"))
+        return ModelInfo.model_validate_json(await self._guarded(self.daemon.read_text("blip://model")))
 
     def model_info(self) -> ModelInfo:
         """Which checkpoints, device and dtype the daemon runs, what it can do, and its limits."""

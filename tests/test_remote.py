@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,15 @@ import anyio
 import pytest
 
 from blip_tools import BlipSettings
-from blip_tools.errors import BlipError, InvalidImage, InvalidInput, ModelNotAvailable, Overloaded, PathNotAllowed
+from blip_tools.errors import (
+    BlipError,
+    InvalidImage,
+    InvalidInput,
+    ModelNotAvailable,
+    Overloaded,
+    PathNotAllowed,
+    ServiceClosed,
+)
 from blip_tools.remote import (
     RemoteService,
     default_service,
@@ -59,6 +67,8 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self.graceful_shutdown_s = 5.0
+        """uvicorn's `timeout_graceful_shutdown`: how long stop() lets calls in flight finish."""
 
     def start(self) -> None:
         import uvicorn
@@ -68,7 +78,7 @@ class Daemon:
 
         config = HttpConfig(port=self.port, token=TOKEN)
         app = build_http_app(create_server(self.service), config)
-        self._server = uvicorn.Server(uvicorn_config(app, config))
+        self._server = uvicorn.Server(uvicorn_config(app, config, timeout_graceful_shutdown=self.graceful_shutdown_s))
         self._thread = threading.Thread(target=self._server.run, name="test-daemon", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
@@ -139,6 +149,29 @@ def remote(daemon: Daemon) -> Iterator[RemoteService]:
     service = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
     yield service
     service.close()
+
+
+@contextmanager
+def _stalled_model(daemon: Daemon) -> Iterator[threading.Event]:
+    """Hold the daemon's caption/answer batches on the model until the block ends, so a call stays in flight.
+
+    Yields an event that is set once a batch reached the model.
+    """
+    runtime = daemon.service.runtime
+    entered, release = threading.Event(), threading.Event()
+    original = runtime.generate
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return original(*args, **kwargs)
+
+    runtime.generate = held  # type: ignore[method-assign]
+    try:
+        yield entered
+    finally:
+        release.set()
+        del runtime.generate  # the class's method again
 
 
 def _proxy_params(url: str, *extra: str) -> Any:
@@ -538,3 +571,55 @@ def test_cli_caption_and_ask_use_the_daemon_at_blip_remote_url(
         assert "/no/model/here" in capsys.readouterr().err
     finally:
         Blip2Service.set_shared(previous)
+
+
+# ---------------------------------------------------------------------------------------------- close and restarts
+def test_close_ends_a_sync_call_in_flight_with_service_closed(daemon: Daemon, shared_dir: Path) -> None:
+    """close() from another thread ends a call that is waiting on the daemon at once, typed; later calls too."""
+    path = str(shared_dir / "img0.png")
+    client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    outcome: dict[str, BaseException] = {}
+
+    def call() -> None:
+        try:
+            client.caption(path)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    with _stalled_model(daemon) as entered:
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        assert entered.wait(30), "the call never reached the daemon's model"
+        started = time.monotonic()
+        client.close()
+        worker.join(10)
+        assert not worker.is_alive(), "the caller still waits after close()"
+        assert time.monotonic() - started < 10
+    assert isinstance(outcome.get("error"), ServiceClosed), outcome
+    with pytest.raises(ServiceClosed):
+        client.caption(path)
+    with pytest.raises(ServiceClosed):
+        client.stats()
+
+
+async def test_close_ends_async_calls_in_flight_with_service_closed(daemon: Daemon, shared_dir: Path) -> None:
+    """Calls awaited in the caller's own event loop end with ServiceClosed too, not CancelledError."""
+    path = str(shared_dir / "img1.png")
+    client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    errors: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            await client.acaption(path)
+        except BlipError as exc:
+            errors.append(exc)
+
+    with _stalled_model(daemon) as entered, anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            tg.start_soon(call)
+            assert await anyio.to_thread.run_sync(entered.wait, 20), "no call reached the daemon's model"
+            await anyio.to_thread.run_sync(client.close)
+    assert [type(e) for e in errors] == [ServiceClosed, ServiceClosed]
+    with anyio.fail_after(10), pytest.raises(ServiceClosed):
+        await client.acaption(path)
