@@ -84,7 +84,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name != "auto":
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
     if device.startswith("mps"):
         return torch.float16
     return torch.float32
@@ -178,7 +178,13 @@ class Blip2Runtime:
 
     def __init__(self, settings: BlipSettings) -> None:
         self.settings = settings
-        self.device = resolve_device(str(settings.device))
+        # A device this machine lacks is reported when a model loads (ModelNotAvailable, like a missing checkpoint),
+        # not here: servers must come up and answer each call with that error instead of dying at start.
+        self._device_error: ModelNotAvailable | None = None
+        try:
+            self.device = resolve_device(str(settings.device))
+        except ModelNotAvailable as exc:
+            self.device, self._device_error = str(settings.device), exc
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self._lock = threading.RLock()
         # Agents reuse a few prompts (no prompt, the VQA template per question): tokenise each once.
@@ -197,6 +203,8 @@ class Blip2Runtime:
         from transformers import AutoProcessor
         from transformers.utils import logging as hf_logging
 
+        if self._device_error is not None:
+            raise ModelNotAvailable(str(self._device_error))
         # Weight-loading progress bars are noise for a long-running service (and never belong on stdout).
         hf_logging.disable_progress_bar()
 
@@ -232,6 +240,10 @@ class Blip2Runtime:
             ) from exc
         model.eval()
         return model, processor
+
+    def loaded(self, *, retrieval: bool = False) -> bool:
+        """Whether the captioner (or the retrieval model) is loaded already."""
+        return (self._retrieval if retrieval else self._captioner) is not None
 
     def load_captioner(self) -> _Loaded:
         """Load the captioning/VQA checkpoint once (thread-safe)."""

@@ -16,7 +16,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -44,6 +44,7 @@ from .settings import BlipSettings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_CLOSED = "The blip-tools service is closed; create a new one or restart the server."
 ProgressFn = Callable[[int, int], Any]
 
 CAPTION, ANSWER, EMBED_IMAGE, EMBED_TEXT, SCORE = "caption", "answer", "embed_image", "embed_text", "score"
@@ -215,8 +216,25 @@ class Blip2Service:
 
     def _submit(self, key: Hashable, payload: Any) -> concurrent.futures.Future[_Outcome]:
         if self.closed:
-            raise ServiceClosed("The blip-tools service is closed; create a new one or restart the server.")
+            raise ServiceClosed(_CLOSED)
         return self._batcher.submit(key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s)
+
+    def _open_call(self, count: int, *, retrieval: bool = False) -> None:
+        """What a batch call checks once, before any per-item work: the service is open and its model loads.
+
+        So a closed service or a model that cannot load fails the call once, not once per image.
+        """
+        if self.closed:
+            raise ServiceClosed(_CLOSED)
+        if count and not self.runtime.loaded(retrieval=retrieval):
+            (self.runtime.load_retrieval if retrieval else self.runtime.load_captioner)()
+
+    async def _aopen_call(self, count: int, *, retrieval: bool = False) -> None:
+        """`_open_call` for the async twins: a model still to load loads off the event loop."""
+        if self.closed:
+            raise ServiceClosed(_CLOSED)
+        if count and not self.runtime.loaded(retrieval=retrieval):
+            await asyncio.to_thread(self.runtime.load_retrieval if retrieval else self.runtime.load_captioner)
 
     @staticmethod
     def _wait(future: concurrent.futures.Future[_Outcome]) -> _Outcome:
@@ -481,7 +499,7 @@ class Blip2Service:
         """
         params, gen = self._generation_params(params, gen), {}
         check_prompt(prompt)
-        self.runtime.load_captioner()
+        self._open_call(len(images))
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -509,7 +527,7 @@ class Blip2Service:
         """Answer `questions[i]` about `images[i]` for every pair (batched); bad parameters fail the whole call."""
         _check_pairs(images, questions)
         params, gen = self._generation_params(params, gen), {}
-        self.runtime.load_captioner()
+        self._open_call(len(images))
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -537,7 +555,7 @@ class Blip2Service:
         """Async `caption_batch`; `on_progress` may be a plain function or a coroutine function."""
         params, gen = self._generation_params(params, gen), {}
         check_prompt(prompt)
-        await asyncio.to_thread(self.runtime.load_captioner)
+        await self._aopen_call(len(images))
         return await self._gather(
             [lambda img=img: self.acaption(img, prompt, params=params, **gen) for img in images],  # type: ignore[misc]
             return_exceptions,
@@ -557,7 +575,7 @@ class Blip2Service:
         """Async `answer_batch`."""
         _check_pairs(images, questions)
         params, gen = self._generation_params(params, gen), {}
-        await asyncio.to_thread(self.runtime.load_captioner)
+        await self._aopen_call(len(images))
         return await self._gather(
             [
                 lambda img=img, q=q: self.aanswer(img, q, params=params, **gen)  # type: ignore[misc]
@@ -644,7 +662,7 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
     ) -> list[EmbeddingResult | BlipError]:
         """L2-normalised image embeddings in the space shared with `embed_texts` (retrieval model)."""
-        self.runtime.load_retrieval()  # a model that cannot load fails the call once, not once per image
+        self._open_call(len(images), retrieval=True)
         return self._run_many(
             len(images),
             lambda i: self._prepare_embed_image(images[i]),
@@ -662,7 +680,7 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
     ) -> list[EmbeddingResult | BlipError]:
         """Async `embed_images`."""
-        await asyncio.to_thread(self.runtime.load_retrieval)
+        await self._aopen_call(len(images), retrieval=True)
 
         async def one(image: ImageInput) -> EmbeddingResult:
             outcome, info = await self._arequest(lambda: self._prepare_embed_image(image))
@@ -674,11 +692,13 @@ class Blip2Service:
             on_progress,
         )
 
-    def _prepare_texts(self, texts: Sequence[str]) -> list[str]:
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
+    def _prepare_texts(self, texts: Iterable[str]) -> tuple[list[str], list[str]]:
+        """The texts as given (a list) and as the retrieval model gets them; loads that model."""
+        if isinstance(texts, str | bytes) or not isinstance(texts, Iterable):
             raise InvalidInput(f"embed_texts takes a list of strings, not {type(texts).__name__}")
+        given = list(texts)
         self.runtime.load_retrieval()
-        return self.runtime.tokenize_texts(texts)
+        return given, self.runtime.tokenize_texts(given)
 
     def _text_result(self, outcome: _Outcome, text: str) -> EmbeddingResult:
         vector = outcome.value.tolist()
@@ -688,11 +708,11 @@ class Blip2Service:
 
     def embed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
         """L2-normalised text embeddings in the space shared with `embed_images`."""
-        clean = self._prepare_texts(texts)
+        given, clean = self._prepare_texts(texts)
         results = self._run_many(
             len(clean),
             lambda i: ((EMBED_TEXT,), clean[i], None),
-            lambda i, o, _: self._text_result(o, texts[i]),
+            lambda i, o, _: self._text_result(o, given[i]),
             False,
             None,
         )
@@ -700,11 +720,13 @@ class Blip2Service:
 
     async def aembed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
         """Async `embed_texts`."""
-        clean = await asyncio.to_thread(self._prepare_texts, texts)
+        given, clean = await asyncio.to_thread(self._prepare_texts, texts)
 
         async def one(i: int) -> EmbeddingResult:
-            return self._text_result(await self._await(self._submit((EMBED_TEXT,), clean[i])), texts[i])
+            return self._text_result(await self._await(self._submit((EMBED_TEXT,), clean[i])), given[i])
 
+        if len(clean) == 1:  # a query: one request needs no window (and fails like any single call)
+            return [await one(0)]
         results = await self._gather([functools.partial(one, i) for i in range(len(clean))], False, None)
         return cast(list[EmbeddingResult], results)
 
@@ -715,7 +737,7 @@ class Blip2Service:
             raise InvalidInput("score needs at least one text to compare with the image")
         if len(texts) > 64:
             raise InvalidInput(f"score takes at most 64 texts per call, got {len(texts)}")
-        clean = self._prepare_texts(texts)
+        _, clean = self._prepare_texts(texts)
         item, info = self._image_item(image, retrieval=True)
         return (SCORE,), (item, clean), info
 
@@ -793,7 +815,7 @@ class Blip2Service:
     def _prepare_locate(self, image: ImageInput, text: str) -> tuple[Hashable, Any, LoadedImage]:
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput("locate needs a non-empty text to find in the image, e.g. 'a red car'")
-        (clean,) = self._prepare_texts([text])
+        _, (clean,) = self._prepare_texts([text])
         loaded = self._load(image)
         item = self.runtime.preprocess(loaded.image, loaded.sha256, retrieval=True)
         return (LOCATE,), (item, clean), loaded

@@ -681,12 +681,45 @@ def test_a_batch_call_interrupted_by_its_caller_cancels_what_it_queued(
 
 
 @pytest.mark.parametrize("device", ["nonsense", "cuda:99", "mps"])
-def test_a_device_this_machine_lacks_is_model_not_available(settings: BlipSettings, device: str) -> None:
+def test_a_device_this_machine_lacks_is_model_not_available(
+    settings: BlipSettings, device: str, make_image: Callable[..., Any]
+) -> None:
     import torch
+    from mcp import Client
 
     from blip_tools import ModelNotAvailable
+    from mcp_server import create_server
 
     if device == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    with pytest.raises(ModelNotAvailable, match="BLIP_DEVICE / --device"):
-        Blip2Service(settings.model_copy(update={"device": device}))
+    svc = Blip2Service(settings.model_copy(update={"device": device}))  # servers must still come up
+    for call in (svc.start, lambda: svc.caption(make_image(1))):
+        with pytest.raises(ModelNotAvailable, match="BLIP_DEVICE / --device"):
+            call()
+
+    async def over_mcp() -> Any:
+        async with Client(create_server(svc)) as client:
+            return await client.call_tool("embed_text", {"text": "a dog"})
+
+    result = asyncio.run(over_mcp())  # each call answers with the error; the server does not die
+    assert result.is_error and result.content[0].text.startswith("[model_not_available]")
+    svc.close()
+
+
+def test_batch_calls_on_nothing_or_on_a_closed_service(settings: BlipSettings, make_image: Callable[..., Any]) -> None:
+    svc = Blip2Service(settings)  # not started
+    assert svc.caption_batch([]) == [] and svc.embed_images([]) == [] and asyncio.run(svc.acaption_batch([])) == []
+    assert svc.stats().models_loaded == 0  # nothing to do loads nothing
+    assert [r.text for r in svc.embed_texts(t for t in ("a dog", "a cat"))] == ["a dog", "a cat"]  # any iterable
+    svc.close()
+    images = [make_image(i) for i in range(3)]
+    calls: list[Callable[[], Any]] = [
+        lambda: svc.caption_batch(images, return_exceptions=True),
+        lambda: svc.embed_images(images, return_exceptions=True),
+        lambda: asyncio.run(svc.acaption_batch(images, return_exceptions=True)),
+        lambda: asyncio.run(svc.aembed_images(images, return_exceptions=True)),
+    ]
+    for call in calls:  # once for the call, not once per image, and no model loaded for it
+        with pytest.raises(ServiceClosed):
+            call()
+    assert svc.stats().models_loaded == 1  # the retrieval model, for embed_texts above
