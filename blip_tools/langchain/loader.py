@@ -14,7 +14,7 @@ from typing import Any, Literal
 from langchain_core.document_loaders import BaseLoader
 from langchain_core.documents import Document
 
-from ..errors import BlipError, InvalidImage, InvalidInput
+from ..errors import BlipError, InferenceError, InvalidImage, InvalidInput
 from ..params import GenerationParams
 from ..results import AnswerResult, CaptionResult
 from ..service import Blip2Service
@@ -41,8 +41,9 @@ class Blip2ImageLoader(BaseLoader):
         prompt: Optional caption prefix to continue (prompted captioning).
         params: Decoding parameters for captions and answers.
         batch_size: Images per chunk handed to the service (and yielded together by `lazy_load`).
-        on_error: "raise" stops at the first unreadable image; "skip" logs a warning and goes on. Only image
-            errors (`InvalidImage` and its leaves: unreadable, too large, not allowed) are skipped; errors of the
+        on_error: "raise" stops at the first unreadable image; "skip" logs a warning and goes on. Only errors of
+            one image are skipped (`InvalidImage` and its leaves: unreadable, too large, not allowed; and an
+            `InferenceError` the model raised on that image alone, after its batch was split); errors of the
             call itself (`ModelNotAvailable`, `InvalidInput` about the prompt or parameters, `Overloaded`,
             `ServiceClosed`, ...) always raise, since every other image would fail the same way.
         service: The service to call; None means `Blip2Service.shared()`.
@@ -139,7 +140,7 @@ class Blip2ImageLoader(BaseLoader):
         return Document(page_content=caption.caption, metadata=metadata)
 
     def _fail(self, path: Path, exc: BlipError) -> None:
-        if self.on_error == "raise" or not isinstance(exc, InvalidImage):
+        if self.on_error == "raise" or not isinstance(exc, InvalidImage | InferenceError):
             raise exc
         logger.warning("skipping image %s: %s", path, exc)
 

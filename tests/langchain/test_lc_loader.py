@@ -82,3 +82,24 @@ def test_questions_are_checked_and_a_string_is_one_question(service: Any, image_
             Blip2ImageLoader(image_dir, questions=bad, on_error="skip", service=service)  # type: ignore[arg-type]
     (doc,) = Blip2ImageLoader(image_dir / "img0.png", questions="What is it?", service=service).load()
     assert list(doc.metadata["answers"]) == ["What is it?"]
+
+
+def test_skip_also_skips_an_image_the_model_fails_on(settings: Any, image_dir: Path, make_image: Any) -> None:
+    """The guilty image of a failed batch fails alone (InferenceError) and is skipped like an unreadable one."""
+    from blip_tools import Blip2Service
+    from blip_tools.errors import InferenceError
+    from blip_tools.runtime import Blip2Runtime
+
+    class PoisonedRuntime(Blip2Runtime):
+        def generate(self, items: Any, params: Any) -> Any:
+            if any(item.image.image.width == 99 for item in items):
+                raise ValueError("simulated failure on one image")
+            return super().generate(items, params)
+
+    make_image(7, size=(99, 40)).save(image_dir / "poison.png")
+    files = [image_dir / "img0.png", image_dir / "poison.png", image_dir / "img1.png"]
+    with Blip2Service(settings, runtime=PoisonedRuntime(settings)) as svc:
+        with pytest.raises(InferenceError):
+            Blip2ImageLoader(files, service=svc).load()
+        docs = Blip2ImageLoader(files, on_error="skip", batch_size=3, service=svc).load()
+    assert [Path(d.metadata["source"]).name for d in docs] == ["img0.png", "img1.png"]
