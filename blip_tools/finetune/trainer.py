@@ -447,6 +447,8 @@ class Trainer:
             try:
                 state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
                 saved = state["fingerprint"]
+                if not isinstance(saved, dict):
+                    raise TypeError(f"its fingerprint is a {type(saved).__name__}, not a dict")
             except Exception as exc:  # truncated zip, unpickling refused, not a dict, ...: all mean a broken file
                 raise _damaged_checkpoint(path, exc) from exc
             if saved != fingerprint:

@@ -356,6 +356,11 @@ def test_damaged_checkpoint_names_itself_and_says_delete_it(
         handle.truncate(100)
     with pytest.raises(InvalidInput, match=r"step-0000002: it is damaged or incomplete.*Delete that folder"):
         finetune(caption_data, out, settings=settings, resume=True, **options)
+    import torch
+
+    torch.save({"fingerprint": ["not", "a", "dict"]}, last / "state.pt")  # readable, but not ours
+    with pytest.raises(InvalidInput, match=r"step-0000002: it is damaged or incomplete"):
+        finetune(caption_data, out, settings=settings, resume=True, **options)
     import shutil
 
     shutil.rmtree(last)  # as the message says: the run resumes from the checkpoint before it
