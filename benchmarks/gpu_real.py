@@ -121,6 +121,8 @@ def _stages(rt: Any, model: Any, batch: list[Any], prompt: list[int], device: st
     """Seconds per stage for one batch: vision encoder, Q-Former + projection, prefill, one decode step."""
     import torch
 
+    from blip_tools.runtime import _cache_kwarg
+
     b = len(batch)
     lm = model.language_model
     out: dict[str, float] = {}
@@ -133,10 +135,11 @@ def _stages(rt: Any, model: Any, batch: list[Any], prompt: list[int], device: st
         ids = torch.tensor([prompt] * b, device=rt.device)
         embeds = torch.cat([feats.to(lm.dtype), model.get_input_embeddings()(ids)], dim=1)
         out["prefill_s"] = _time(lambda: lm(inputs_embeds=embeds, use_cache=True), device, reps)
-        cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+        cache = getattr(lm(inputs_embeds=embeds, use_cache=True), _cache_kwarg())
         step = torch.full((b, 1), 5, device=rt.device)
         mask = torch.ones((b, embeds.shape[1] + 1), dtype=torch.long, device=rt.device)
-        out["decode_step_s"] = _time(lambda: lm(input_ids=step, attention_mask=mask, past_key_values=cache), device, 1)
+        kv = {_cache_kwarg(): cache}  # `cache` from transformers 5.24, which deprecates `past_key_values`
+        out["decode_step_s"] = _time(lambda: lm(input_ids=step, attention_mask=mask, **kv), device, 1)
     return out
 
 

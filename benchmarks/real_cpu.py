@@ -199,6 +199,8 @@ def _stages(rt: Any, image: Any) -> dict[str, float]:
     """Seconds per stage for one image: vision encoder, Q-Former + projection, prefill, one decode step."""
     import torch
 
+    from blip_tools.runtime import _cache_kwarg
+
     model = rt.load_captioner().model
     lm = model.language_model
     q = int(model.config.num_query_tokens)
@@ -209,11 +211,11 @@ def _stages(rt: Any, image: Any) -> dict[str, float]:
         prompt = torch.tensor([rt.encode_prompt(f"Question: {Q1} Answer:")], device=rt.device)
         embeds = torch.cat([feats.to(lm.dtype), model.get_input_embeddings()(prompt)], dim=1)
         t_prefill, out = _timed(lambda: lm(inputs_embeds=embeds, use_cache=True))
-        pkv = out.past_key_values
+        pkv = getattr(out, _cache_kwarg())
         step = torch.tensor([[5]], device=rt.device)
         mask = torch.ones((1, embeds.shape[1] + 1), dtype=torch.long, device=rt.device)
         t_decode, _ = _timed(
-            lambda: lm(input_ids=step, attention_mask=mask, past_key_values=pkv, use_cache=True), reps=1
+            lambda: lm(input_ids=step, attention_mask=mask, use_cache=True, **{_cache_kwarg(): pkv}), reps=1
         )
     del vision
     return {

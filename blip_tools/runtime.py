@@ -48,7 +48,7 @@ def _cache_kwarg() -> str:
     import transformers
 
     major_minor = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-    return "cache" if major_minor >= (5, 24) else "past_key_values"
+    return "cache" if major_minor >= (5, 24) else "past_key_values"  # also the name of a model output's cache
 
 
 def resolve_device(name: str) -> str:
@@ -559,7 +559,7 @@ class Blip2Runtime:
             feats = lm_inputs[rows]
             ones = torch.ones(feats.shape[:2], dtype=torch.long, device=feats.device)
             out = lm.get_decoder()(inputs_embeds=feats, attention_mask=ones, use_cache=True, return_dict=True)
-            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            layers = [(layer.keys, layer.values) for layer in getattr(out, _cache_kwarg()).layers]
             for j, key in enumerate(missing):
                 entry = [(k[j : j + 1].clone(), v[j : j + 1].clone()) for k, v in layers]
                 self.prefix_cache.put(key, entry)
