@@ -226,6 +226,80 @@ def tool_text(result: mcp_types.CallToolResult) -> str:
     return "\n".join(getattr(block, "text", "") for block in result.content if getattr(block, "type", "") == "text")
 
 
+# ---------------------------------------------------------------------------------------------- batch requests
+_ITEM_OVERHEAD = 8
+"""JSON quotes, comma and spacing around one image reference in a request body."""
+
+
+def request_budget(max_image_bytes: int) -> int:
+    """Characters of image references one batch request may carry: one image of `max_image_bytes` as base64.
+
+    The daemon's request body limit is sized for one such image (plus room for the JSON-RPC envelope), so a
+    batch of data URIs is split into requests that each fit it. This side's `max_image_bytes` is the estimate;
+    should the daemon's limit be lower, `send_in_chunks` halves a refused request and retries.
+    """
+    return 4 * ((max_image_bytes + 2) // 3)
+
+
+def plan_chunks(sizes: Sequence[int], budget: int, max_count: int = CAPTION_IMAGES_MAX) -> list[tuple[int, int]]:
+    """Split items of the given encoded sizes into consecutive `(start, stop)` ranges, in order.
+
+    Each range holds at most `max_count` items whose sizes (plus JSON overhead) add up to at most `budget`;
+    an item larger than `budget` on its own gets a range of its own (the daemon then judges it).
+    """
+    if budget < 1 or max_count < 1:
+        raise InvalidInput(f"budget and max_count must be >= 1, got {budget} and {max_count}")
+    chunks: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for index, size in enumerate(sizes):
+        cost = size + _ITEM_OVERHEAD
+        if index > start and (used + cost > budget or index - start >= max_count):
+            chunks.append((start, index))
+            start, used = index, 0
+        used += cost
+    if start < len(sizes):
+        chunks.append((start, len(sizes)))
+    return chunks
+
+
+async def send_in_chunks(
+    sizes: Sequence[int],
+    budget: int,
+    send: Callable[[int, int], Awaitable[Sequence[T]]],
+    too_large: Callable[[int, PayloadTooLarge], T],
+    *,
+    max_count: int = CAPTION_IMAGES_MAX,
+) -> list[T]:
+    """Send a batch as requests that fit the daemon's body limit; one result per item, in the items' order.
+
+    `send(start, stop)` makes one request for items `start:stop` and returns one result per item. Ranges come
+    from `plan_chunks` and go one after another. A range the daemon still refuses as too large (HTTP 413, a
+    `PayloadTooLarge`) is split in halves and retried; a single refused item gets `too_large(index, error)`
+    in its place, so only that item fails. Any other error ends the batch.
+    """
+    out: list[T] = []
+
+    async def attempt(start: int, stop: int) -> None:
+        try:
+            results = await send(start, stop)
+        except PayloadTooLarge as exc:
+            if stop - start == 1:
+                out.append(too_large(start, exc))
+                return
+            middle = (start + stop) // 2
+            logger.info("a request of %d images was too large for the daemon; sending it in halves", stop - start)
+            await attempt(start, middle)
+            await attempt(middle, stop)
+            return
+        if len(results) != stop - start:
+            raise BlipError(f"The daemon returned {len(results)} results for {stop - start} images.")
+        out.extend(results)
+
+    for start, stop in plan_chunks(sizes, budget, max_count):
+        await attempt(start, stop)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- image inputs
 def _image_mime(name: str, data: bytes) -> str:
     """A plausible `image/*` media type (the daemon sniffs the real format anyway)."""
@@ -727,9 +801,11 @@ class RemoteService(Blip2Service):
         on_progress: ProgressFn | None = None,
         **gen: Any,
     ) -> list[CaptionResult | BlipError]:
-        """Caption many images: one `caption_images` call per 64 images (batched on the daemon, progress per image).
+        """Caption many images through `caption_images` (batched on the daemon, progress per image).
 
-        Decoding arguments that `caption_images` does not take fall back to one `caption_image` call per image.
+        Images go in requests of at most 64 that fit the daemon's request body limit (see `send_in_chunks`), so
+        a batch of images sent as data is never refused whole for its size. Decoding arguments that
+        `caption_images` does not take fall back to one `caption_image` call per image.
         """
         p = GenerationParams.from_kwargs(params, **gen)
         wanted = p.model_dump(exclude_defaults=True)
@@ -763,8 +839,9 @@ class RemoteService(Blip2Service):
                 await report(1)
                 continue
             prepared.append((index, ref, label))
-        for start in range(0, len(prepared), CAPTION_IMAGES_MAX):
-            chunk = prepared[start : start + CAPTION_IMAGES_MAX]
+
+        async def send(start: int, stop: int) -> list[dict[str, Any] | BlipError]:
+            chunk = prepared[start:stop]
             reported = 0
 
             async def progress(value: float, _total: float | None, _message: str | None) -> None:
@@ -780,15 +857,33 @@ class RemoteService(Blip2Service):
             items = content.get("items", [])
             if len(items) != len(chunk):
                 raise BlipError(f"The daemon returned {len(items)} captions for {len(chunk)} images.")
-            for (index, _, label), item in zip(chunk, items, strict=True):
-                if item.get("ok") and item.get("result") is not None:
-                    results[index] = self._relabel(CaptionResult.model_validate(item["result"]), label)
-                else:
-                    error = error_from_text(str(item.get("error") or "unknown error"))
-                    if not return_exceptions:
-                        raise error
-                    results[index] = error
             await report(len(chunk) - reported)
+            if not return_exceptions:  # fail at the first bad image, before the next request is sent
+                for item in items:
+                    if not item.get("ok"):
+                        raise error_from_text(str(item.get("error") or "unknown error"))
+            return list(items)
+
+        def too_large(_index: int, exc: PayloadTooLarge) -> BlipError:
+            if not return_exceptions:
+                raise exc
+            return exc
+
+        items = await send_in_chunks(
+            [len(ref) for _, ref, _ in prepared], request_budget(self.settings.max_image_bytes), send, too_large
+        )
+        for (index, _, label), item in zip(prepared, items, strict=True):
+            if isinstance(item, BlipError):
+                error = item
+                await report(1)
+            elif item.get("ok") and item.get("result") is not None:
+                results[index] = self._relabel(CaptionResult.model_validate(item["result"]), label)
+                continue
+            else:
+                error = error_from_text(str(item.get("error") or "unknown error"))
+            if not return_exceptions:
+                raise error
+            results[index] = error
         return [r for r in results if r is not None]
 
     def caption_batch(
@@ -1020,6 +1115,9 @@ __all__ = [
     "error_from_text",
     "is_loopback_url",
     "normalize_url",
+    "plan_chunks",
     "prepare_image",
+    "request_budget",
+    "send_in_chunks",
     "transport_error",
 ]

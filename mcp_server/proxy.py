@@ -33,8 +33,16 @@ from mcp.server.context import ServerRequestContext
 from mcp.shared.exceptions import MCPError
 
 from blip_tools import __version__
-from blip_tools.errors import BlipError
-from blip_tools.remote import DaemonClient, SendFiles, prepare_image
+from blip_tools.errors import BlipError, PayloadTooLarge
+from blip_tools.remote import (
+    CAPTION_IMAGES_MAX,
+    DaemonClient,
+    ProgressCallback,
+    SendFiles,
+    prepare_image,
+    request_budget,
+    send_in_chunks,
+)
 from blip_tools.settings import BlipSettings
 
 from .server import INSTRUCTIONS
@@ -290,12 +298,73 @@ async def _call_tool(ctx: Ctx, params: types.CallToolRequestParams) -> types.Cal
         arguments, sent, failed = await anyio.to_thread.run_sync(_prepare_arguments, given, proxy)
         if failed and not arguments.get("images"):
             return merge_local_failures(None, list(given["images"]), failed)
-        result = await proxy.daemon.call_tool(params.name, arguments, progress=progress)
+        images = arguments.get("images")
+        if params.name == "caption_images" and isinstance(images, list) and 1 < len(images) <= CAPTION_IMAGES_MAX:
+            result = await _caption_images_in_chunks(proxy, arguments, images, progress)
+        else:
+            result = await proxy.daemon.call_tool(params.name, arguments, progress=progress)
     except BlipError as exc:
         logger.info("tool %s failed: %s", params.name, exc)
         return error_result(exc)
     result = restore_result(result, sent)
     return merge_local_failures(result, list(given["images"]), failed) if failed else result
+
+
+class _WholeResult(Exception):
+    """A `caption_images` request that failed whole (bad arguments, say): its result goes back as it is."""
+
+    def __init__(self, result: types.CallToolResult) -> None:
+        super().__init__("the daemon failed the whole request")
+        self.result = result
+
+
+async def _caption_images_in_chunks(
+    proxy: ProxyContext, arguments: dict[str, Any], images: list[Any], progress: ProgressCallback
+) -> types.CallToolResult:
+    """Forward `caption_images` as requests that fit the daemon's body limit (`send_in_chunks`), merged in order.
+
+    Images read here travel as data URIs, and the daemon's body limit is sized for one image; so the list is
+    split by encoded size, and a request still refused as too large is split again, down to a single image that
+    then fails alone. Progress is relayed as a count over the whole list.
+    """
+    total = len(images)
+    done = refused = 0
+    answers: list[types.CallToolResult] = []
+
+    async def send(start: int, stop: int) -> list[dict[str, Any]]:
+        nonlocal done
+        offset = done
+
+        async def relay(value: float, part: float | None, message: str | None) -> None:
+            if part is not None and part != total:  # one of several requests: count over the whole list
+                message = f"captioned {int(offset + value)}/{total} images"
+            await progress(offset + value, total, message)
+
+        result = await proxy.daemon.call_tool(
+            "caption_images", {**arguments, "images": images[start:stop]}, progress=relay
+        )
+        items = (result.structured_content or {}).get("items")
+        if result.is_error or not isinstance(items, list) or len(items) != stop - start:
+            raise _WholeResult(result)
+        done += stop - start
+        answers.append(result)
+        return [dict(item) for item in items]
+
+    def too_large(index: int, exc: PayloadTooLarge) -> dict[str, Any]:
+        nonlocal done, refused
+        done += 1
+        refused += 1
+        ref = str(images[index])
+        return {"image": _short_ref(ref), "ok": False, "result": None, "error": f"[{exc.code}] {exc}"}
+
+    sizes = [len(ref) if isinstance(ref, str) else 0 for ref in images]
+    try:
+        items = await send_in_chunks(sizes, request_budget(proxy.settings.max_image_bytes), send, too_large)
+    except _WholeResult as whole:
+        return whole.result
+    if len(answers) == 1 and refused == 0:
+        return answers[0]  # one request did it all: the daemon's own result, unchanged
+    return _batch_result(items)
 
 
 async def _list_resources(ctx: Ctx, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:

@@ -28,6 +28,7 @@ from blip_tools.errors import (
     ModelNotAvailable,
     Overloaded,
     PathNotAllowed,
+    PayloadTooLarge,
     ServiceClosed,
 )
 from blip_tools.remote import (
@@ -36,6 +37,7 @@ from blip_tools.remote import (
     error_from_text,
     is_loopback_url,
     normalize_url,
+    plan_chunks,
     prepare_image,
 )
 
@@ -59,10 +61,12 @@ def _free_port() -> int:
 class Daemon:
     """`blip-mcp --transport http` in a thread: stoppable and restartable on the same port, same service."""
 
-    def __init__(self, settings: BlipSettings) -> None:
+    def __init__(self, settings: BlipSettings, *, service: Any = None, max_body_bytes: int | None = None) -> None:
         from blip_tools import Blip2Service
 
-        self.service = Blip2Service(settings).start()
+        self.owns_service = service is None
+        self.service = Blip2Service(settings).start() if service is None else service
+        self.max_body_bytes = max_body_bytes
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self._server: Any = None
@@ -76,7 +80,7 @@ class Daemon:
         from mcp_server import create_server
         from mcp_server.http import HttpConfig, build_http_app, uvicorn_config
 
-        config = HttpConfig(port=self.port, token=TOKEN)
+        config = HttpConfig(port=self.port, token=TOKEN, max_body_bytes=self.max_body_bytes)
         app = build_http_app(create_server(self.service), config)
         self._server = uvicorn.Server(uvicorn_config(app, config, timeout_graceful_shutdown=self.graceful_shutdown_s))
         self._thread = threading.Thread(target=self._server.run, name="test-daemon", daemon=True)
@@ -96,7 +100,8 @@ class Daemon:
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             self.stop()
-        self.service.close()
+        if self.owns_service:
+            self.service.close()
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +147,37 @@ def daemon(tiny_checkpoint: Path, shared_dir: Path) -> Iterator[Daemon]:
     d.start()
     yield d
     d.close()
+
+
+SMALL_IMAGE_BYTES = 100_000
+"""`max_image_bytes` of the `small_daemon`: its request body limit fits one such image as base64, no more."""
+
+
+@pytest.fixture(scope="module")
+def small_daemon(daemon: Daemon) -> Iterator[Daemon]:
+    """A second endpoint on the same service whose body limit is sized for one image of SMALL_IMAGE_BYTES."""
+    from mcp_server.http import body_limit_for
+
+    limit = body_limit_for(BlipSettings(max_image_bytes=SMALL_IMAGE_BYTES))
+    d = Daemon(daemon.service.settings, service=daemon.service, max_body_bytes=limit)
+    d.start()
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def noise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Noise PNGs that hardly compress: `n0..n7` of about 47 KB (two fit one request of the `small_daemon`) and
+    `big`, about 330 KB: within the default image limit, but as base64 above the `small_daemon`'s body limit."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(7)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, size=(120, 130, 3), dtype=np.uint8), "RGB").save(folder / f"n{i}.png")
+    Image.fromarray(rng.integers(0, 256, size=(330, 330, 3), dtype=np.uint8), "RGB").save(folder / "big.png")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -623,3 +659,85 @@ async def test_close_ends_async_calls_in_flight_with_service_closed(daemon: Daem
     assert [type(e) for e in errors] == [ServiceClosed, ServiceClosed]
     with anyio.fail_after(10), pytest.raises(ServiceClosed):
         await client.acaption(path)
+
+
+# ---------------------------------------------------------------------------------------------- batches of data
+def _sha256s(service: Any, paths: list[Path]) -> list[str]:
+    return [service.caption(p.read_bytes(), max_new_tokens=3).image.sha256 for p in paths]
+
+
+def test_caption_batch_of_data_is_split_to_fit_the_daemons_body_limit(small_daemon: Daemon, noise_dir: Path) -> None:
+    """send_files=always (what auto does for a remote daemon): 8 images, each within the limit, together above
+    the daemon's body limit, go in requests that fit it, and come back in order."""
+    from mcp_server.http import body_limit_for
+
+    paths = [noise_dir / f"n{i}.png" for i in range(8)]
+    sizes = [p.stat().st_size for p in paths]
+    assert max(sizes) < SMALL_IMAGE_BYTES and sum(sizes) * 4 / 3 > body_limit_for(
+        BlipSettings(max_image_bytes=SMALL_IMAGE_BYTES)
+    ), "the test needs a batch that only fits in parts"
+    seen: list[tuple[int, int]] = []
+    client_settings = BlipSettings(max_image_bytes=SMALL_IMAGE_BYTES)
+    with RemoteService(small_daemon.url, token=TOKEN, settings=client_settings, send_files="always") as client:
+        results = client.caption_batch(paths, max_new_tokens=3, on_progress=lambda d, t: seen.append((d, t)))
+    assert all(not isinstance(r, BlipError) for r in results), results
+    assert [r.image.source for r in results] == [str(p) for p in paths]  # type: ignore[union-attr]
+    assert [r.image.sha256 for r in results] == _sha256s(small_daemon.service, paths)  # type: ignore[union-attr]
+    assert seen and seen[-1] == (8, 8) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_batch_refused_as_too_large_is_split_and_only_the_oversized_image_fails(
+    small_daemon: Daemon, noise_dir: Path
+) -> None:
+    """The client's own limit is higher than the daemon's: a refused request is halved down to the one image that
+    cannot fit, which fails in place; the others are captioned, in order."""
+    paths = [noise_dir / f"n{i}.png" for i in range(8)]
+    paths.insert(3, noise_dir / "big.png")
+    with RemoteService(small_daemon.url, token=TOKEN, settings=BlipSettings(), send_files="always") as client:
+        results = client.caption_batch(paths, max_new_tokens=3, return_exceptions=True)
+        assert [type(r).__name__ for r in results] == ["CaptionResult"] * 3 + ["PayloadTooLarge"] + [
+            "CaptionResult"
+        ] * 5
+        assert "HTTP 413" in str(results[3])
+        good = [p for p in paths if p.name != "big.png"]
+        got = [r.image.sha256 for r in results if not isinstance(r, BlipError)]
+        assert got == _sha256s(small_daemon.service, good)
+        with pytest.raises(PayloadTooLarge):
+            client.caption_batch(paths, max_new_tokens=3)
+
+
+async def test_proxy_caption_images_of_data_fits_the_daemons_body_limit(small_daemon: Daemon, noise_dir: Path) -> None:
+    """The `--connect` proxy splits caption_images the same way (one implementation): all but the oversized image
+    are captioned, each named by its own path, with progress over the whole list."""
+    paths = [str(noise_dir / f"n{i}.png") for i in range(8)]
+    paths.insert(5, str(noise_dir / "big.png"))
+    progress: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+        assert total == len(paths)
+
+    async with _proxies(small_daemon.url, 1, "--send-files", "always") as (proxy,):
+        with anyio.fail_after(120):
+            result = await proxy.call_tool(
+                "caption_images", {"images": paths, "max_new_tokens": 3}, progress_callback=on_progress
+            )
+    assert result.is_error is False, result.content
+    items = result.structured_content["items"]
+    assert [i["ok"] for i in items] == [True] * 5 + [False] + [True] * 3
+    assert [i["image"] for i in items] == paths
+    assert items[5]["error"].startswith("[payload_too_large]")
+    assert [i["result"]["image"]["source"] for i in items if i["ok"]] == [p for p in paths if "big" not in p]
+    assert result.structured_content["succeeded"] == 8 and result.structured_content["failed"] == 1
+    assert "Captioned 8 of 9 images (1 failed)" in result.content[0].text
+    assert "data:" not in result.content[0].text
+    assert progress and progress == sorted(progress) and max(progress) <= len(paths)
+
+
+def test_plan_chunks_fits_the_budget_and_the_count_in_order() -> None:
+    assert plan_chunks([], 100) == []
+    assert plan_chunks([40, 40, 40, 40], 100) == [(0, 2), (2, 4)]  # 2 x (40 + 8) fit, a third does not
+    assert plan_chunks([10] * 5, 10_000, max_count=2) == [(0, 2), (2, 4), (4, 5)]
+    assert plan_chunks([10, 500, 10], 100) == [(0, 1), (1, 2), (2, 3)]  # an oversized item goes alone
+    with pytest.raises(InvalidInput, match="budget"):
+        plan_chunks([1], 0)
