@@ -170,10 +170,7 @@ def transport_error(exc: BaseException, url: str) -> BlipError:
         if isinstance(leaf, httpx2.TimeoutException | TimeoutError):
             return RequestTimeout(f"The blip-mcp daemon at {url} did not answer in time ({type(leaf).__name__}).")
         if isinstance(leaf, (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError)):
-            return ModelNotAvailable(
-                f"The connection to the blip-mcp daemon at {url} was lost during the call ({leaf}); "
-                "it may have stopped or restarted. Retry, and check the daemon's log if it persists."
-            )
+            return _lost(url, str(leaf))
         if isinstance(leaf, MCPError):
             return _mcp_error(leaf, url)
     first = leaves[0] if leaves else exc
@@ -181,7 +178,17 @@ def transport_error(exc: BaseException, url: str) -> BlipError:
     return BlipError(f"Talking to the blip-mcp daemon at {url} failed: {type(first).__name__}: {first}")
 
 
-_TELLING_STATUSES = (401, 403, 404, 413, 421, 429, 503)
+_TELLING_STATUSES = (401, 403, 404, 413, 421, 429, 500, 502, 503, 504)
+_LOST_STATUSES = (500, 502, 504)
+"""What a call in flight gets when the daemon stops under it: uvicorn answers 500 for a request it cancels at the
+end of a graceful shutdown (SIGTERM, a restart), and a proxy in front answers 502/504."""
+
+
+def _lost(url: str, why: str) -> ModelNotAvailable:
+    return ModelNotAvailable(
+        f"The connection to the blip-mcp daemon at {url} was lost during the call ({why}); "
+        "it may have stopped or restarted. Retry, and check the daemon's log if it persists."
+    )
 
 
 def _status_error(status: int, url: str) -> BlipError:
@@ -198,6 +205,8 @@ def _status_error(status: int, url: str) -> BlipError:
         return BlipError(
             f"The daemon at {url} does not accept this host name (HTTP 421): start it with --allowed-host <name>."
         )
+    if status in _LOST_STATUSES:
+        return _lost(url, f"HTTP {status}")
     if status in (429, 503):
         return Overloaded(
             f"The server at {url} is at capacity (HTTP {status}): every replica is busy and its queue is full. "

@@ -741,3 +741,34 @@ def test_plan_chunks_fits_the_budget_and_the_count_in_order() -> None:
     assert plan_chunks([10, 500, 10], 100) == [(0, 1), (1, 2), (2, 3)]  # an oversized item goes alone
     with pytest.raises(InvalidInput, match="budget"):
         plan_chunks([1], 0)
+
+
+def test_a_daemon_stopped_during_a_call_gives_the_typed_retry_error(daemon: Daemon, shared_dir: Path) -> None:
+    """SIGTERM (uvicorn's graceful shutdown, cut short here) during a call: the caller gets ModelNotAvailable with
+    a retry hint, as when the daemon is killed, not a bare error about an error response."""
+    stopping = Daemon(daemon.service.settings, service=daemon.service)
+    stopping.graceful_shutdown_s = 0.5
+    stopping.start()
+    outcome: dict[str, BaseException] = {}
+    client = RemoteService(stopping.url, token=TOKEN, settings=BlipSettings())
+
+    def call() -> None:
+        try:
+            client.caption(str(shared_dir / "img2.png"))
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    try:
+        with _stalled_model(daemon) as entered:
+            worker = threading.Thread(target=call, daemon=True)
+            worker.start()
+            assert entered.wait(30), "the call never reached the daemon's model"
+            stopping.stop()  # what SIGTERM does: should_exit, then cancel what is still running after the grace
+            worker.join(30)
+            assert not worker.is_alive()
+    finally:
+        client.close()
+        stopping.close()
+    error = outcome.get("error")
+    assert isinstance(error, ModelNotAvailable), repr(error)
+    assert "Retry" in str(error) and stopping.url in str(error)
