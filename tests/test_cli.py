@@ -140,3 +140,17 @@ def test_caption_finds_a_folder_named_without_a_slash(
     code, out, _ = _run(capsys, "caption", "photos", "--max-new-tokens", "2", "--json")
     assert code == 0
     assert [row["image"]["source"] for row in json.loads(out)] == ["photos/a.png"]
+
+
+def test_demo_with_a_daemon_is_refused_before_building_anything(
+    tiny_env: None, one_image: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import blip_tools.testing
+
+    def never() -> Path:
+        raise AssertionError("the demo checkpoint was built for a command the daemon serves")
+
+    monkeypatch.setattr(blip_tools.testing, "ensure_demo_checkpoint", never)
+    monkeypatch.setenv("BLIP_REMOTE_URL", "http://127.0.0.1:9/mcp")  # refused before any connection
+    code, _, err = _run(capsys, "caption", str(one_image), "--demo")
+    assert code == 2 and err.startswith("error: --demo configure a model loaded here")

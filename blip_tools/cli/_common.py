@@ -31,10 +31,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> BlipSettings:
-    """Flags override `BLIP_*` environment settings; `--demo` points at the tiny checkpoint."""
+def settings_from_args(args: argparse.Namespace, *, demo: bool = True) -> BlipSettings:
+    """Flags override `BLIP_*` environment settings; `--demo` points at the tiny checkpoint (built if need be)."""
     overrides: dict[str, Any] = {}
-    if getattr(args, "demo", False):
+    if demo and getattr(args, "demo", False):
         from ..testing import ensure_demo_checkpoint, tiny_settings_kwargs
 
         overrides.update(tiny_settings_kwargs(ensure_demo_checkpoint()))
@@ -94,8 +94,9 @@ def service_from_args(args: argparse.Namespace, *, remote: bool = False) -> Blip
     shared one.
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    settings = settings_from_args(args)
-    if remote and settings.remote_url and not getattr(args, "local", False):
+    remote = remote and not getattr(args, "local", False)
+    settings = settings_from_args(args, demo=not remote)  # a daemon's client needs no demo checkpoint built
+    if remote and settings.remote_url:
         given = [flag for name, flag in _LOCAL_MODEL_FLAGS.items() if getattr(args, name, None) not in (None, False)]
         if given:
             raise InvalidInput(
@@ -106,6 +107,8 @@ def service_from_args(args: argparse.Namespace, *, remote: bool = False) -> Blip
         from ..remote import default_service
 
         return default_service(settings)
+    if remote and getattr(args, "demo", False):
+        settings = settings_from_args(args)
     service = Blip2Service(settings)
     Blip2Service.set_shared(service)
     return service
