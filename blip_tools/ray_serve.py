@@ -4,7 +4,9 @@ Each replica builds one `Blip2Service` (its own model copy and dynamic batcher) 
 
 - **HTTP**: the same app as `blip-mcp --transport http` (streamable-HTTP MCP at `/mcp`, `/healthz`, token and
   Host checks), mounted with `@serve.ingress`; Ray's HTTP proxy spreads requests over the replicas. So
-  `blip-mcp --connect http://HEAD:8000/mcp` and `RemoteService("http://HEAD:8000/mcp")` work unchanged.
+  `blip-mcp --connect http://HEAD:8000/mcp` and `RemoteService("http://HEAD:8000/mcp")` work unchanged. MCP runs
+  stateless there (`HttpConfig.stateless`): any replica answers any request, so session-based HTTP MCP clients
+  work too, except that their `notifications/cancelled` may reach another replica.
 - **Handle**: `caption`, `answer`, `score`, `embed_images`, `embed_texts`, `stats`, `model_info` methods for Python
   callers in the cluster; `RayServeClient` wraps a handle and returns the typed results, mapping Ray's
   `BackPressureError` (more than `max_queued_requests` waiting) to `Overloaded`.
@@ -127,8 +129,13 @@ class Blip2Deployment:
         """The replica's HTTP app: the same MCP app, checks and routes as `blip-mcp --transport http`."""
         from mcp_server.http import HttpConfig, build_http_app
 
+        # Stateless: Ray's proxy sends one client's requests to any replica, and a session lives in one replica
+        # only (a session-based client would get "404 Session not found" from the others).
         http = HttpConfig(
-            host=self.config.http_host, token=self.config.token, allowed_hosts=list(self.config.allowed_hosts)
+            host=self.config.http_host,
+            token=self.config.token,
+            allowed_hosts=list(self.config.allowed_hosts),
+            stateless=True,
         )
         return build_http_app(self.server, http)
 

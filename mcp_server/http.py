@@ -133,6 +133,16 @@ class HttpConfig:
     max_body_bytes: int | None = None
     """Request body limit; None derives it from `max_image_bytes` (see `body_limit_for`)."""
 
+    stateless: bool = False
+    """Serve MCP without sessions: every request stands alone (the SDK's stateless HTTP mode).
+
+    Needed where a load balancer spreads one client's requests over several processes (Ray Serve replicas),
+    which know nothing of each other's sessions. Tools, resources, prompts and progress work as before; what a
+    session-based (2025-era) client cannot do there is cancel a call with `notifications/cancelled` (it may land
+    on another process) or keep a GET stream open. Modern clients (`RemoteService`, `blip-mcp --connect`) send
+    one request per call anyway. A single process keeps sessions (the default).
+    """
+
     def check(self) -> None:
         """Refuse unsafe combinations before binding (a non-loopback bind without a token)."""
         if not is_loopback(self.host) and not self.token:
@@ -290,6 +300,7 @@ def build_http_app(
     mcp_app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         max_request_body_size=limit,
+        stateless_http=config.stateless,
         transport_security=security,
         host=config.host,
     )
@@ -300,12 +311,13 @@ def build_http_app(
             for hook in lifespan_hooks:
                 await hooks.enter_async_context(hook(server))
             logger.info(
-                "blip-mcp HTTP ready on %s:%s%s (token %s, body limit %d bytes)",
+                "blip-mcp HTTP ready on %s:%s%s (token %s, body limit %d bytes%s)",
                 config.host,
                 config.port,
                 MCP_PATH,
                 "required" if config.token else "off",
                 limit,
+                ", stateless" if config.stateless else "",
             )
             yield
 

@@ -115,3 +115,40 @@ def test_back_pressure_maps_to_overloaded() -> None:
     error = map_ray_error(BackPressureError(num_queued_requests=16, max_queued_requests=16))
     assert isinstance(error, Overloaded) and "replicas" in str(error)
     assert map_ray_error(ValueError("unrelated")) is None
+
+
+def test_a_session_based_mcp_client_works_across_replicas(ray_app: dict[str, Any], image: Any, service: Any) -> None:
+    """A standard 2025-era streamable-HTTP client (initialize, then requests in its session) against two replicas:
+    Ray sends its requests to either one, and every request is answered (no "404 Session not found")."""
+    import io
+
+    import anyio
+    from mcp import Client
+
+    from blip_tools.remote import data_uri
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    progress: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+
+    async def session() -> tuple[list[set[str]], Any, Any]:
+        with anyio.fail_after(120):
+            async with Client(ray_app["url"], mode="legacy") as client:
+                listed = [{t.name for t in (await client.list_tools()).tools} for _ in range(12)]
+                caption = await client.call_tool("caption_image", {"image": data_uri(buffer.getvalue())})
+                batch = await client.call_tool(
+                    "caption_images",
+                    {"images": [data_uri(buffer.getvalue())] * 3, "max_new_tokens": 4},
+                    progress_callback=on_progress,
+                )
+                return listed, caption, batch
+
+    listed, caption, batch = anyio.run(session)
+    assert all("caption_image" in names for names in listed)
+    assert caption.is_error is False, caption.content
+    assert caption.structured_content["caption"] == service.caption(image).caption
+    assert batch.is_error is False and batch.structured_content["succeeded"] == 3
+    assert progress and max(progress) <= 3  # progress still reaches a session-based client
