@@ -10,7 +10,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from blip_tools.remote import SendFiles
+    from blip_tools.settings import BlipSettings
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument(
         "--send-files",
         choices=["auto", "always", "never"],
-        default="auto",
+        default=None,
         help="With --connect: read image paths here and send their bytes (always), send paths (never), or "
-        "send bytes unless the daemon is on loopback (auto, default).",
+        "send bytes unless the daemon is on loopback (auto). Default: BLIP_REMOTE_SEND_FILES, else auto.",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -114,6 +118,11 @@ def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.token is not None:
         values["token"] = args.token
     return values
+
+
+def send_files_choice(args: argparse.Namespace, settings: BlipSettings) -> SendFiles:
+    """`--send-files` when given, else the `BLIP_REMOTE_SEND_FILES` setting (default `auto`)."""
+    return args.send_files if args.send_files is not None else settings.remote_send_files
 
 
 def _configure_logging(level: str) -> None:
@@ -156,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from .proxy import run_proxy
 
-        return run_proxy(args.connect, settings, wire, send_files=args.send_files)
+        return run_proxy(args.connect, settings, wire, send_files=send_files_choice(args, settings))
 
     config = None
     if wire is None:
