@@ -5,7 +5,8 @@ Security, outermost first, for EVERY route (ours and those other modules add):
    allowed origins (else 403) — DNS-rebinding protection derived from the bind address.
 2. `BearerTokenMiddleware`: with a token set, `Authorization: Bearer <token>` compared in constant time
    (else 401); only `/healthz` is exempt. A non-loopback bind without a token is refused at startup.
-3. A request body limit (413), sized for one base64 image of `max_image_bytes` plus JSON-RPC slack.
+3. A request body limit (413), sized for one base64 image of `max_image_bytes` plus JSON-RPC slack; routes
+   that speak JSON (the console's API) get the refusal in their own error form (`body_refusals`).
 
 Other modules build on `build_http_app(server, config, routes=..., lifespan_hooks=...)`; their routes sit
 behind the same three checks and reach the service with `service_from_request(request)`.
@@ -17,7 +18,7 @@ import hmac
 import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from blip_tools.errors import InvalidInput
 from blip_tools.service import Blip2Service
@@ -253,6 +254,50 @@ class HostOriginMiddleware:
         await self.app(scope, receive, send)
 
 
+BodyRefusal = Callable[[int], Response]
+"""Builds the answer to a request whose body passes the limit (given in bytes), for routes that speak JSON."""
+
+
+class BodyLimitMiddleware:
+    """The SDK's request body limit (413 before the route runs) on every route; `refusals` answer it in the form
+    of the routes under a path prefix (the console's JSON errors) instead of the SDK's plain text."""
+
+    def __init__(self, app: ASGIApp, max_body_size: int, refusals: Mapping[str, BodyRefusal] | None = None) -> None:
+        self.app = app
+        self.max_body_size = max_body_size
+        self.limited = RequestBodyLimitMiddleware(app, max_body_size)
+        self.refusals = dict(refusals or {})
+
+    def _refusal(self, scope: Scope) -> BodyRefusal | None:
+        if scope["type"] != "http":
+            return None
+        path = str(scope.get("path", ""))
+        return next((refuse for prefix, refuse in self.refusals.items() if path.startswith(prefix)), None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refuse = self._refusal(scope)
+        if refuse is None:
+            await self.limited(scope, receive, send)
+            return
+        entered = refused = False
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            nonlocal entered
+            entered = True
+            await self.app(scope, receive, send)
+
+        async def relay(message: Message) -> None:
+            nonlocal refused
+            if entered:
+                await send(message)
+            else:  # the limiter answers before the route runs: that answer is replaced below
+                refused = True
+
+        await RequestBodyLimitMiddleware(app, self.max_body_size)(scope, receive, relay)
+        if refused and not entered:
+            await refuse(self.max_body_size)(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------- the app
 def service_from_request(request: Request) -> Blip2Service:
     """The running service, for routes other modules add (e.g. /metrics, /ui)."""
@@ -282,6 +327,7 @@ def build_http_app(
     routes: Sequence[BaseRoute] = (),
     lifespan_hooks: Sequence[LifespanHook] = (),
     exempt_paths: Iterable[str] = (HEALTH_PATH,),
+    body_refusals: Mapping[str, BodyRefusal] | None = None,
 ) -> Starlette:
     """The Starlette app: MCP at `/mcp`, `/healthz`, plus `routes`, all behind Host/Origin, token and body checks.
 
@@ -292,6 +338,7 @@ def build_http_app(
         routes: extra routes or mounts (e.g. `/metrics`, `/ui`); they need the token like `/mcp` does.
         lifespan_hooks: async context managers entered once the service is running.
         exempt_paths: paths reachable without the token (default only `/healthz`).
+        body_refusals: path prefix → the answer for a body over the limit there (default: the SDK's plain 413).
     """
     config = config or HttpConfig()
     config.check()
@@ -326,7 +373,7 @@ def build_http_app(
         middleware=[
             Middleware(HostOriginMiddleware, security=security),
             Middleware(BearerTokenMiddleware, token=config.token, exempt_paths=exempt_paths),
-            Middleware(RequestBodyLimitMiddleware, max_body_size=limit),
+            Middleware(BodyLimitMiddleware, max_body_size=limit, refusals=body_refusals),
         ],
         lifespan=lifespan,
     )

@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute
 
 from blip_tools.service import Blip2Service
 
-from ..http import HEALTH_PATH, HttpConfig, LifespanHook, build_http_app
+from ..http import HEALTH_PATH, BodyRefusal, HttpConfig, LifespanHook, build_http_app
 from ..metrics import METRICS_PATH, BlipMetrics
 from ..server import BlipMCPServer
 from .console import API_PREFIX, UI_PATH, Console
@@ -64,6 +64,7 @@ def build_app(
     extra_routes: list[BaseRoute] = []
     hooks: list[LifespanHook] = []
     exempt = [HEALTH_PATH]
+    refusals: dict[str, BodyRefusal] = {}
     if blip_metrics is not None:
         extra_routes.append(blip_metrics.route())
 
@@ -77,6 +78,7 @@ def build_app(
         extra_routes += console.routes()
         hooks.append(console.running)
         exempt += console.public_paths
+        refusals[f"{API_PREFIX}/"] = console.refuse_oversized  # a JSON error (counted), not the SDK's plain 413
 
     @asynccontextmanager
     async def announce(running: BlipMCPServer) -> AsyncIterator[None]:
@@ -94,6 +96,7 @@ def build_app(
         routes=[*extra_routes, *routes],
         lifespan_hooks=[*hooks, *lifespan_hooks],
         exempt_paths=exempt,
+        body_refusals=refusals,
     )
     app.state.metrics = blip_metrics
     app.state.console = console

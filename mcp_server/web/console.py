@@ -271,21 +271,34 @@ class Console:
             try:
                 return await handler(request)
             except BlipError as exc:
-                if self.metrics is not None:
-                    self.metrics.count_error(exc, "ui")
-                status = status_for(exc)
-                headers = {}
-                if isinstance(exc, Overloaded):
-                    headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-                if status >= 500:
-                    logger.warning("console %s failed: %s", request.url.path, exc)
-                return JSONResponse(
-                    {"error": exc.code, "message": str(exc).strip() or type(exc).__name__},
-                    status_code=status,
-                    headers=headers,
-                )
+                return self._error_response(exc, request.url.path)
 
         return guarded
+
+    def _error_response(self, exc: BlipError, path: str) -> Response:
+        """One of our errors as the API's JSON error, with its status (and retry hint), counted once."""
+        if self.metrics is not None:
+            self.metrics.count_error(exc, "ui")
+        status = status_for(exc)
+        headers = {}
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+        if status >= 500:
+            logger.warning("console %s failed: %s", path, exc)
+        return JSONResponse(
+            {"error": exc.code, "message": str(exc).strip() or type(exc).__name__},
+            status_code=status,
+            headers=headers,
+        )
+
+    def refuse_oversized(self, body_limit: int) -> Response:
+        """The API's answer to a body over the server's whole limit (refused before any route runs)."""
+        error = PayloadTooLarge(
+            f"The request body is larger than the server's limit of {body_limit} bytes; an uploaded image may be "
+            f"at most max_image_bytes = {self.max_image_bytes} bytes (BLIP_MAX_IMAGE_BYTES): "
+            "send a smaller or re-encoded image."
+        )
+        return self._error_response(error, API_PREFIX)
 
     # ------------------------------------------------------------------ page
     async def page(self, request: Request) -> Response:

@@ -134,6 +134,32 @@ def test_errors_are_counted_by_type_and_interface(web_server: WebServer) -> None
     assert srv.sample("blip_errors_total", too_large) == before_large + 1
 
 
+def test_uploads_over_the_whole_body_limit_get_the_json_error_and_are_counted(web_server: WebServer) -> None:
+    """Past the server's body limit (not only past max_image_bytes) the console still answers its documented
+    `{"error": "payload_too_large", ...}` JSON, declared length or streamed, and counts it; /mcp keeps its own 413."""
+    srv = web_server
+    too_large = {"interface": "ui", "type": "payload_too_large"}
+    with srv.client() as http:
+        limit = http.get("/ui/api/info", headers=srv.headers()).json()["body_limit"]
+        huge = b"\x89PNG" + b"\0" * (limit + 10_000)
+        before = srv.sample("blip_errors_total", too_large)
+        declared = http.post("/ui/api/caption", content=huge, headers=srv.headers())
+
+        def chunks() -> Any:
+            for start in range(0, len(huge), 64 * 1024):
+                yield huge[start : start + 64 * 1024]
+
+        streamed = http.post("/ui/api/score?text=a", content=chunks(), headers=srv.headers())
+        mcp = http.post("/mcp", content=huge, headers=srv.headers(**{"Content-Type": "application/json"}))
+    for response in (declared, streamed):
+        assert response.status_code == 413, response.text
+        assert response.headers["content-type"].startswith("application/json")
+        body = response.json()
+        assert body["error"] == "payload_too_large" and "max_image_bytes" in body["message"], body
+    assert srv.sample("blip_errors_total", too_large) == before + 2
+    assert mcp.status_code == 413
+
+
 @pytest.mark.anyio
 async def test_mcp_tool_errors_and_calls_reach_the_same_metrics(web_server: WebServer) -> None:
     import anyio
