@@ -184,6 +184,10 @@ _LOST_STATUSES = (500, 502, 504)
 end of a graceful shutdown (SIGTERM, a restart), and a proxy in front answers 502/504."""
 
 
+class RequestTooLarge(PayloadTooLarge):
+    """The daemon refused a whole request body as too large (HTTP 413), not one image in it."""
+
+
 def _lost(url: str, why: str) -> ModelNotAvailable:
     return ModelNotAvailable(
         f"The connection to the blip-mcp daemon at {url} was lost during the call ({why}); "
@@ -200,7 +204,7 @@ def _status_error(status: int, url: str) -> BlipError:
     if status == 404:
         return ModelNotAvailable(f"No MCP endpoint at {url} (HTTP 404): the daemon serves it at /mcp.")
     if status == 413:
-        return PayloadTooLarge(f"The request was too large for the daemon at {url} (HTTP 413): send a smaller image.")
+        return RequestTooLarge(f"The request was too large for the daemon at {url} (HTTP 413): send a smaller image.")
     if status == 421:
         return BlipError(
             f"The daemon at {url} does not accept this host name (HTTP 421): start it with --allowed-host <name>."
@@ -271,29 +275,53 @@ def plan_chunks(sizes: Sequence[int], budget: int, max_count: int = CAPTION_IMAG
     return chunks
 
 
+ChunkProgress = Callable[[float, str | None], Awaitable[None]]
+"""Progress within one request of `send_in_chunks`: `(items done in this request, the daemon's message)`."""
+
+
 async def send_in_chunks(
     sizes: Sequence[int],
     budget: int,
-    send: Callable[[int, int], Awaitable[Sequence[T]]],
+    send: Callable[[int, int, ChunkProgress], Awaitable[Sequence[T]]],
     too_large: Callable[[int, PayloadTooLarge], T],
     *,
+    progress: Callable[[float, str | None], Awaitable[None]] | None = None,
     max_count: int = CAPTION_IMAGES_MAX,
 ) -> list[T]:
     """Send a batch as requests that fit the daemon's body limit; one result per item, in the items' order.
 
-    `send(start, stop)` makes one request for items `start:stop` and returns one result per item. Ranges come
-    from `plan_chunks` and go one after another. A range the daemon still refuses as too large (HTTP 413, a
-    `PayloadTooLarge`) is split in halves and retried; a single refused item gets `too_large(index, error)`
-    in its place, so only that item fails. Any other error ends the batch.
+    `send(start, stop, relay)` makes one request for items `start:stop`, passes the daemon's progress within that
+    request to `relay(count, message)`, and returns one result per item (a different count is an error). Ranges
+    come from `plan_chunks` and go one after another. A range the daemon refuses as a whole request body
+    (HTTP 413, `RequestTooLarge`) is split in halves and retried; a single refused item gets
+    `too_large(index, error)` in its place, so only that item fails. Any other error, including an item the daemon
+    refused on its own (a plain `PayloadTooLarge`), ends the batch.
+
+    `progress(done, message)` counts over the whole batch: every item once, never backwards, ending at
+    `len(sizes)`. `message` is the daemon's own only when one request carries the whole batch, else None.
     """
     out: list[T] = []
+    total = len(sizes)
+    done = 0.0
+
+    async def advance(to: float, message: str | None) -> None:
+        nonlocal done
+        if to > done:
+            done = to
+            if progress is not None:
+                await progress(done, message)
 
     async def attempt(start: int, stop: int) -> None:
+        async def relay(value: float, message: str | None) -> None:
+            whole = start == 0 and stop == total
+            await advance(start + min(max(value, 0.0), stop - start), message if whole else None)
+
         try:
-            results = await send(start, stop)
-        except PayloadTooLarge as exc:
+            results = await send(start, stop, relay)
+        except RequestTooLarge as exc:
             if stop - start == 1:
                 out.append(too_large(start, exc))
+                await advance(stop, None)
                 return
             middle = (start + stop) // 2
             logger.info("a request of %d images was too large for the daemon; sending it in halves", stop - start)
@@ -303,6 +331,7 @@ async def send_in_chunks(
         if len(results) != stop - start:
             raise BlipError(f"The daemon returned {len(results)} results for {stop - start} images.")
         out.extend(results)
+        await advance(stop, None)
 
     for start, stop in plan_chunks(sizes, budget, max_count):
         await attempt(start, stop)
@@ -828,13 +857,11 @@ class RemoteService(Blip2Service):
         total = len(images)
         results: list[CaptionResult | BlipError | None] = [None] * total
         prepared: list[tuple[int, str, str | None]] = []
-        done = 0
+        failed_here = 0
 
-        async def report(count: int) -> None:
-            nonlocal done
-            done += count
-            if on_progress is not None and count:
-                maybe = on_progress(done, total)
+        async def report(done: float) -> None:
+            if on_progress is not None:
+                maybe = on_progress(int(done), total)
                 if asyncio.iscoroutine(maybe):
                     await maybe
 
@@ -845,46 +872,44 @@ class RemoteService(Blip2Service):
                 if not return_exceptions:
                     raise
                 results[index] = exc
-                await report(1)
+                failed_here += 1
+                await report(failed_here)
                 continue
             prepared.append((index, ref, label))
 
-        async def send(start: int, stop: int) -> list[dict[str, Any] | BlipError]:
+        async def send(start: int, stop: int, relay: ChunkProgress) -> list[dict[str, Any] | BlipError]:
+            async def progress(value: float, _total: float | None, message: str | None) -> None:
+                await relay(int(value), message)
+
             chunk = prepared[start:stop]
-            reported = 0
-
-            async def progress(value: float, _total: float | None, _message: str | None) -> None:
-                nonlocal reported
-                step = int(value) - reported
-                if step > 0:
-                    reported += step
-                    await report(step)
-
             content = await self._call(
                 "caption_images", {"images": [ref for _, ref, _ in chunk], "prompt": prompt, **wanted}, progress
             )
-            items = content.get("items", [])
-            if len(items) != len(chunk):
-                raise BlipError(f"The daemon returned {len(items)} captions for {len(chunk)} images.")
-            await report(len(chunk) - reported)
+            items = list(content.get("items", []))
             if not return_exceptions:  # fail at the first bad image, before the next request is sent
                 for item in items:
                     if not item.get("ok"):
                         raise error_from_text(str(item.get("error") or "unknown error"))
-            return list(items)
+            return items
 
         def too_large(_index: int, exc: PayloadTooLarge) -> BlipError:
             if not return_exceptions:
                 raise exc
             return exc
 
+        async def progress(done: float, _message: str | None) -> None:
+            await report(failed_here + done)
+
         items = await send_in_chunks(
-            [len(ref) for _, ref, _ in prepared], request_budget(self.settings.max_image_bytes), send, too_large
+            [len(ref) for _, ref, _ in prepared],
+            request_budget(self.settings.max_image_bytes),
+            send,
+            too_large,
+            progress=progress,
         )
         for (index, _, label), item in zip(prepared, items, strict=True):
             if isinstance(item, BlipError):
                 error = item
-                await report(1)
             elif item.get("ok") and item.get("result") is not None:
                 results[index] = self._relabel(CaptionResult.model_validate(item["result"]), label)
                 continue

@@ -36,6 +36,7 @@ from blip_tools import __version__
 from blip_tools.errors import BlipError, PayloadTooLarge
 from blip_tools.remote import (
     CAPTION_IMAGES_MAX,
+    ChunkProgress,
     DaemonClient,
     ProgressCallback,
     SendFiles,
@@ -328,38 +329,37 @@ async def _caption_images_in_chunks(
     then fails alone. Progress is relayed as a count over the whole list.
     """
     total = len(images)
-    done = refused = 0
+    refused = 0
     answers: list[types.CallToolResult] = []
 
-    async def send(start: int, stop: int) -> list[dict[str, Any]]:
-        nonlocal done
-        offset = done
-
-        async def relay(value: float, part: float | None, message: str | None) -> None:
-            if part is not None and part != total:  # one of several requests: count over the whole list
-                message = f"captioned {int(offset + value)}/{total} images"
-            await progress(offset + value, total, message)
+    async def send(start: int, stop: int, relay: ChunkProgress) -> list[dict[str, Any]]:
+        async def forward(value: float, _part: float | None, message: str | None) -> None:
+            await relay(value, message)
 
         result = await proxy.daemon.call_tool(
-            "caption_images", {**arguments, "images": images[start:stop]}, progress=relay
+            "caption_images", {**arguments, "images": images[start:stop]}, progress=forward
         )
         items = (result.structured_content or {}).get("items")
-        if result.is_error or not isinstance(items, list) or len(items) != stop - start:
+        if result.is_error or not isinstance(items, list):
             raise _WholeResult(result)
-        done += stop - start
         answers.append(result)
         return [dict(item) for item in items]
 
     def too_large(index: int, exc: PayloadTooLarge) -> dict[str, Any]:
-        nonlocal done, refused
-        done += 1
+        nonlocal refused
         refused += 1
         ref = str(images[index])
         return {"image": _short_ref(ref), "ok": False, "result": None, "error": f"[{exc.code}] {exc}"}
 
+    async def report(done: float, message: str | None) -> None:
+        # The daemon's own message when one request carries the whole list; else a count over the whole list.
+        await progress(done, total, message or f"captioned {int(done)}/{total} images")
+
     sizes = [len(ref) if isinstance(ref, str) else 0 for ref in images]
     try:
-        items = await send_in_chunks(sizes, request_budget(proxy.settings.max_image_bytes), send, too_large)
+        items = await send_in_chunks(
+            sizes, request_budget(proxy.settings.max_image_bytes), send, too_large, progress=report
+        )
     except _WholeResult as whole:
         return whole.result
     if len(answers) == 1 and refused == 0:

@@ -695,9 +695,8 @@ def test_a_batch_refused_as_too_large_is_split_and_only_the_oversized_image_fail
     paths.insert(3, noise_dir / "big.png")
     with RemoteService(small_daemon.url, token=TOKEN, settings=BlipSettings(), send_files="always") as client:
         results = client.caption_batch(paths, max_new_tokens=3, return_exceptions=True)
-        assert [type(r).__name__ for r in results] == ["CaptionResult"] * 3 + ["PayloadTooLarge"] + [
-            "CaptionResult"
-        ] * 5
+        assert [isinstance(r, PayloadTooLarge) for r in results] == [False] * 3 + [True] + [False] * 5
+        assert not any(isinstance(r, BlipError) for r in results[:3] + results[4:])
         assert "HTTP 413" in str(results[3])
         good = [p for p in paths if p.name != "big.png"]
         got = [r.image.sha256 for r in results if not isinstance(r, BlipError)]
@@ -731,7 +730,7 @@ async def test_proxy_caption_images_of_data_fits_the_daemons_body_limit(small_da
     assert result.structured_content["succeeded"] == 8 and result.structured_content["failed"] == 1
     assert "Captioned 8 of 9 images (1 failed)" in result.content[0].text
     assert "data:" not in result.content[0].text
-    assert progress and progress == sorted(progress) and max(progress) <= len(paths)
+    assert progress and progress == sorted(progress) and progress[-1] == len(paths)
 
 
 def test_plan_chunks_fits_the_budget_and_the_count_in_order() -> None:
@@ -772,3 +771,50 @@ def test_a_daemon_stopped_during_a_call_gives_the_typed_retry_error(daemon: Daem
     error = outcome.get("error")
     assert isinstance(error, ModelNotAvailable), repr(error)
     assert "Retry" in str(error) and stopping.url in str(error)
+
+
+@contextmanager
+def _image_limit(daemon: Daemon, max_image_bytes: int) -> Iterator[None]:
+    """The daemon refuses images over `max_image_bytes` one by one, while its request body limit stays as it was."""
+    settings = daemon.service.settings
+    daemon.service.settings = settings.model_copy(update={"max_image_bytes": max_image_bytes})
+    try:
+        yield
+    finally:
+        daemon.service.settings = settings
+
+
+def test_an_image_the_daemon_refuses_alone_is_not_taken_for_a_refused_request(
+    daemon: Daemon, shared_dir: Path, noise_dir: Path
+) -> None:
+    """An image over the daemon's max_image_bytes in a request within its body limit fails in its place: the request
+    is not halved and sent again (images captioned twice), and progress counts each image once, up to the total."""
+    paths = [shared_dir / "img0.png", shared_dir / "img1.png", noise_dir / "n0.png", shared_dir / "img2.png"]
+    assert all(p.stat().st_size < 20_000 for p in paths if p.parent == shared_dir)
+    assert (noise_dir / "n0.png").stat().st_size > 20_000
+    sent: list[int] = []
+    progress: list[tuple[int, int]] = []
+    client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings(), send_files="always")
+    original = client.daemon.call_tool
+
+    async def spy(name: str, arguments: Any = None, **kwargs: Any) -> Any:
+        if name == "caption_images":
+            sent.append(len(arguments["images"]))
+        return await original(name, arguments, **kwargs)
+
+    client.daemon.call_tool = spy  # type: ignore[method-assign]
+    with client, _image_limit(daemon, 20_000):
+        with pytest.raises(PayloadTooLarge) as raised:
+            client.caption_batch(paths, max_new_tokens=3, on_progress=lambda d, t: progress.append((d, t)))
+        assert "HTTP 413" not in str(raised.value)
+        assert sent == [4], "the request was sent again after an image was refused alone"
+        assert all(d <= t == 4 for d, t in progress), progress
+
+        sent.clear()
+        progress.clear()
+        results = client.caption_batch(
+            paths, max_new_tokens=3, return_exceptions=True, on_progress=lambda d, t: progress.append((d, t))
+        )
+    assert sent == [4]
+    assert [type(r).__name__ for r in results] == ["CaptionResult"] * 2 + ["PayloadTooLarge", "CaptionResult"]
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress) and progress[-1] == (4, 4), progress
