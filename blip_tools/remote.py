@@ -669,6 +669,16 @@ class RemoteService(Blip2Service):
         if thread is not None and thread is not current:
             thread.join(timeout_s)
 
+    def __enter__(self) -> RemoteService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_listener(self, fn: Callable[..., None]) -> None:
+        """Batch events happen in the daemon; read `stats()` (or `blip://stats`) instead."""
+        raise CapabilityUnavailable("Batch listeners run inside the daemon; poll RemoteService.stats() instead.")
+
     def _cancel_for_close(self, task: asyncio.Task[Any]) -> None:
         """Cancel `task` if it is still inside a guarded call (runs on the task's own loop, so no race)."""
         with self._lock:

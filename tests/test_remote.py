@@ -818,3 +818,14 @@ def test_an_image_the_daemon_refuses_alone_is_not_taken_for_a_refused_request(
     assert sent == [4]
     assert [type(r).__name__ for r in results] == ["CaptionResult"] * 2 + ["PayloadTooLarge", "CaptionResult"]
     assert [d for d, _ in progress] == sorted(d for d, _ in progress) and progress[-1] == (4, 4), progress
+
+
+def test_add_listener_is_unavailable_with_a_hint_and_the_with_block_closes() -> None:
+    """No local batcher: add_listener says to poll stats() (no AttributeError), and `with` gives the RemoteService."""
+    from blip_tools.errors import CapabilityUnavailable
+
+    with RemoteService(f"http://127.0.0.1:{_free_port()}/mcp", settings=BlipSettings()) as client:
+        assert isinstance(client, RemoteService)
+        with pytest.raises(CapabilityUnavailable, match=r"poll RemoteService\.stats\(\)"):
+            client.add_listener(print)
+    assert client.closed
