@@ -166,7 +166,7 @@ def transport_error(exc: BaseException, url: str) -> BlipError:
         if isinstance(leaf, (httpx2.ConnectError, httpx2.ConnectTimeout, ConnectionRefusedError)):
             return ModelNotAvailable(f"The blip-mcp daemon at {url} is unreachable ({leaf}). {_START_HINT}")
         if isinstance(leaf, httpx2.HTTPStatusError):
-            return _status_error(leaf.response.status_code, url)
+            return _status_error(leaf.response.status_code, url, shutdown=_is_shutdown_response(leaf.response))
         if isinstance(leaf, httpx2.TimeoutException | TimeoutError):
             return RequestTimeout(f"The blip-mcp daemon at {url} did not answer in time ({type(leaf).__name__}).")
         if isinstance(leaf, (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError)):
@@ -179,9 +179,22 @@ def transport_error(exc: BaseException, url: str) -> BlipError:
 
 
 _TELLING_STATUSES = (401, 403, 404, 413, 421, 429, 500, 502, 503, 504)
-_LOST_STATUSES = (500, 502, 504)
-"""What a call in flight gets when the daemon stops under it: uvicorn answers 500 for a request it cancels at the
-end of a graceful shutdown (SIGTERM, a restart), and a proxy in front answers 502/504."""
+_SDK_STAND_IN = "Server returned an error response"
+"""The MCP client's message for an HTTP error whose body is no JSON-RPC error (it says nothing of its own)."""
+
+
+def _is_shutdown_response(response: Any) -> bool:
+    """uvicorn's own 500, which is what a call in flight gets when the daemon stops under it (SIGTERM, a restart).
+
+    At the end of a graceful shutdown uvicorn cancels what still runs and answers `Internal Server Error` as plain
+    text with `connection: close`; the SDK's and the app's own 500s carry a JSON-RPC error or keep the connection.
+    """
+    headers = response.headers
+    return (
+        response.status_code == 500
+        and headers.get("connection", "").lower() == "close"
+        and headers.get("content-type", "").lower().startswith("text/plain")
+    )
 
 
 class RequestTooLarge(PayloadTooLarge):
@@ -195,7 +208,8 @@ def _lost(url: str, why: str) -> ModelNotAvailable:
     )
 
 
-def _status_error(status: int, url: str) -> BlipError:
+def _status_error(status: int, url: str, *, shutdown: bool = False, detail: str | None = None) -> BlipError:
+    """The error for an HTTP status; `shutdown` marks uvicorn's 500 at shutdown, `detail` the daemon's message."""
     if status in (401, 403):
         return BlipError(
             f"The blip-mcp daemon at {url} refused the request (HTTP {status}): pass its token "
@@ -209,8 +223,21 @@ def _status_error(status: int, url: str) -> BlipError:
         return BlipError(
             f"The daemon at {url} does not accept this host name (HTTP 421): start it with --allowed-host <name>."
         )
-    if status in _LOST_STATUSES:
-        return _lost(url, f"HTTP {status}")
+    if shutdown:
+        return _lost(url, f"HTTP {status} while it shut down")
+    if status == 500:
+        why = f"{detail.rstrip('.')}. See the daemon's log." if detail else "see the daemon's log."
+        return BlipError(f"The blip-mcp daemon at {url} had an internal error (HTTP 500): {why}")
+    if status == 502:
+        return ModelNotAvailable(
+            f"The server in front of the blip-mcp daemon at {url} got no valid answer from it (HTTP 502 Bad Gateway"
+            f"{': ' + detail if detail else ''}); the daemon may be down or restarting. Retry shortly."
+        )
+    if status == 504:
+        return RequestTimeout(
+            f"The blip-mcp daemon at {url} did not answer in time (HTTP 504 Gateway Timeout from the server in front "
+            "of it). Retry, or send fewer images per call."
+        )
     if status in (429, 503):
         return Overloaded(
             f"The server at {url} is at capacity (HTTP {status}): every replica is busy and its queue is full. "
@@ -439,11 +466,12 @@ class DaemonClient:
         return is_loopback_url(self.url)
 
     @asynccontextmanager
-    async def connect(self, statuses: list[int] | None = None) -> AsyncIterator[Client]:
+    async def connect(self, statuses: list[tuple[int, bool]] | None = None) -> AsyncIterator[Client]:
         """A connected MCP client for one operation (the first connection negotiates the protocol version).
 
-        HTTP error statuses seen on the way are appended to `statuses`: the MCP transport reports most of them
-        only as a generic error, and a 401 deserves a message about the token.
+        HTTP error statuses seen on the way are appended to `statuses` as `(status, shutdown)` (`shutdown`: uvicorn's
+        500 of a daemon that stops): the MCP transport reports most of them only as a generic error, and a 401
+        deserves a message about the token.
         """
         import httpx2
         from mcp import Client
@@ -456,7 +484,7 @@ class DaemonClient:
         async def transport() -> AsyncIterator[Any]:
             async def record(response: httpx2.Response) -> None:
                 if response.status_code >= 400 and statuses is not None:
-                    statuses.append(response.status_code)
+                    statuses.append((response.status_code, _is_shutdown_response(response)))
 
             async with (
                 httpx2.AsyncClient(headers=headers, timeout=timeout, event_hooks={"response": [record]}) as http,
@@ -484,7 +512,7 @@ class DaemonClient:
         from mcp.shared.exceptions import MCPError
 
         for attempt in range(2):
-            statuses: list[int] = []
+            statuses: list[tuple[int, bool]] = []
             try:
                 with anyio.fail_after(timeout_s):
                     async with self.connect(statuses) as client:
@@ -495,9 +523,10 @@ class DaemonClient:
                 if attempt == 0 and self._discover is not None and _is_version_error(exc, MCPError):
                     self._discover = None  # the daemon was replaced by another version: negotiate again
                     continue
-                telling = [code for code in statuses if code in _TELLING_STATUSES]
+                telling = [seen for seen in statuses if seen[0] in _TELLING_STATUSES]
                 if telling:
-                    raise _status_error(telling[-1], self.url) from exc
+                    status, shutdown = telling[-1]
+                    raise _status_error(status, self.url, shutdown=shutdown, detail=_daemon_message(exc)) from exc
                 raise transport_error(exc, self.url) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -552,6 +581,18 @@ class DaemonClient:
             return "".join(getattr(c, "text", "") or "" for c in result.contents)
 
         return await self.run(op, timeout_s=self.timeout_s)
+
+
+def _daemon_message(exc: BaseException) -> str | None:
+    """The daemon's own words in a JSON-RPC error it sent with an HTTP error status, if it sent any."""
+    from mcp.shared.exceptions import MCPError
+
+    for leaf in _leaves(exc):
+        if isinstance(leaf, MCPError):
+            message = str(getattr(leaf, "message", None) or leaf).strip()
+            if message and message != _SDK_STAND_IN:
+                return message
+    return None
 
 
 def _is_version_error(exc: BaseException, mcp_error: type[Exception]) -> bool:

@@ -29,6 +29,7 @@ from blip_tools.errors import (
     Overloaded,
     PathNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceClosed,
 )
 from blip_tools.remote import (
@@ -829,3 +830,69 @@ def test_add_listener_is_unavailable_with_a_hint_and_the_with_block_closes() -> 
         with pytest.raises(CapabilityUnavailable, match=r"poll RemoteService\.stats\(\)"):
             client.add_listener(print)
     assert client.closed
+
+
+@contextmanager
+def _answering(status: int, body: bytes, headers: dict[str, str]) -> Iterator[str]:
+    """An HTTP server that answers every request with this status, body and headers; yields its MCP URL."""
+    import uvicorn
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+_RPC_500 = b'{"jsonrpc":"2.0","id":"server-error","error":{"code":-32603,"message":"Error handling POST request"}}'
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "kind", "words"),
+    [
+        (500, _RPC_500, {"content-type": "application/json"}, BlipError, "internal error (HTTP 500): Error handling"),
+        (500, b"Internal Server Error", {"content-type": "text/plain"}, BlipError, "internal error (HTTP 500)"),
+        (504, b"Gateway Timeout", {"content-type": "text/plain"}, RequestTimeout, "HTTP 504"),
+        (502, b"Bad Gateway", {"content-type": "text/plain"}, ModelNotAvailable, "HTTP 502"),
+        (
+            500,
+            b"Internal Server Error",
+            {"content-type": "text/plain; charset=utf-8", "connection": "close"},
+            ModelNotAvailable,
+            "may have stopped or restarted",
+        ),
+    ],
+)
+def test_http_errors_keep_the_daemons_explanation(
+    status: int, body: bytes, headers: dict[str, str], kind: type[BlipError], words: str
+) -> None:
+    """A 500 from a live daemon (the SDK's JSON-RPC error, a crash in a route) says what the daemon said, not that
+    the connection was lost; only uvicorn's 500 of a daemon shutting down (plain text, connection: close) does.
+    A 504 is a timeout."""
+    with (
+        _answering(status, body, headers) as url,
+        RemoteService(url, settings=BlipSettings()) as client,
+        pytest.raises(BlipError) as raised,
+    ):
+        client.stats()
+    assert type(raised.value) is kind, repr(raised.value)
+    assert words in str(raised.value)
+    if kind is not ModelNotAvailable:
+        assert "restarted" not in str(raised.value)
