@@ -21,6 +21,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import inspect
 import io
 import ipaddress
 import json
@@ -699,16 +700,45 @@ class RemoteService(Blip2Service):
         for task, (task_loop, _) in inflight:
             with contextlib.suppress(RuntimeError):  # that loop is closed already: nothing runs there any more
                 task_loop.call_soon_threadsafe(self._cancel_for_close, task)
-        if futures and thread is not current:
+        if loop is not None:
+            # Cancel first (above), then stop: the loop thread then cancels what is left, waits for it, and closes
+            # the loop (`_run_loop`), also when close() runs on that thread, inside a callback.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(loop.stop)
+        if thread is current:
+            return
+        if futures:
             grace = _CLOSE_GRACE_S if timeout_s is None else min(_CLOSE_GRACE_S, max(timeout_s, 0.0))
             concurrent.futures.wait(futures, timeout=grace)
         for future in futures:  # a call that did not end by itself: its caller gets ServiceClosed from _sync
             future.cancel()
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(loop.stop)
-        if thread is not None and thread is not current:
+        if thread is not None:
             thread.join(timeout_s)
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        """The private loop thread: run until close() stops it, then end what is left and close the loop.
+
+        As `asyncio.run` does: cancel the remaining tasks and wait for them briefly, so their connections close
+        and their callers hear of it; shut down async generators and the default executor; close the loop.
+        """
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+                for task in tasks:
+                    task.cancel("RemoteService closed")
+                if tasks:
+                    loop.run_until_complete(asyncio.wait(tasks, timeout=_CLOSE_GRACE_S))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), _CLOSE_GRACE_S))
+            except BaseException:  # never leave the loop open, whatever went wrong while ending it
+                logger.debug("ending the RemoteService loop", exc_info=True)
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
 
     def __enter__(self) -> RemoteService:
         return self
@@ -774,7 +804,9 @@ class RemoteService(Blip2Service):
                 self._check_open()
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
-                    self._thread = threading.Thread(target=self._loop.run_forever, name="blip-remote-loop", daemon=True)
+                    self._thread = threading.Thread(
+                        target=self._run_loop, args=(self._loop,), name="blip-remote-loop", daemon=True
+                    )
                     self._thread.start()
                 # Registered under the lock, so a concurrent close() sees this call and ends it.
                 future = asyncio.run_coroutine_threadsafe(self._guarded(coro), self._loop)
@@ -794,6 +826,8 @@ class RemoteService(Blip2Service):
         finally:
             with self._lock:
                 self._futures.discard(future)
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()  # close() stopped the loop before the call started: no "never awaited" warning
 
     # ------------------------------------------------------------------ helpers
     async def _image_arg(self, image: ImageInput) -> tuple[str, str | None]:
@@ -911,6 +945,7 @@ class RemoteService(Blip2Service):
         failed_here = 0
 
         async def report(done: float) -> None:
+            self._check_open()  # close() from a progress callback: no further callbacks
             if on_progress is not None:
                 maybe = on_progress(int(done), total)
                 if asyncio.iscoroutine(maybe):

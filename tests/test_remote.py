@@ -33,6 +33,7 @@ from blip_tools.errors import (
     ServiceClosed,
 )
 from blip_tools.remote import (
+    _CLOSE_GRACE_S,
     RemoteService,
     default_service,
     error_from_text,
@@ -631,7 +632,8 @@ def test_close_ends_a_sync_call_in_flight_with_service_closed(daemon: Daemon, sh
         client.close()
         worker.join(10)
         assert not worker.is_alive(), "the caller still waits after close()"
-        assert time.monotonic() - started < 10
+        # Well under close()'s grace: the call ended by its cancellation, not by close() giving up on it.
+        assert time.monotonic() - started < _CLOSE_GRACE_S / 2
     assert isinstance(outcome.get("error"), ServiceClosed), outcome
     with pytest.raises(ServiceClosed):
         client.caption(path)
@@ -896,3 +898,76 @@ def test_http_errors_keep_the_daemons_explanation(
     assert words in str(raised.value)
     if kind is not ModelNotAvailable:
         assert "restarted" not in str(raised.value)
+
+
+def _loop_of(client: RemoteService) -> tuple[Any, threading.Thread]:
+    loop, thread = client._loop, client._thread
+    assert loop is not None and thread is not None, "no sync call ran yet"
+    return loop, thread
+
+
+def test_close_closes_the_private_loop(remote: RemoteService, daemon: Daemon) -> None:
+    """close() ends the loop thread and closes its loop (no 'unclosed event loop'); a second close() is harmless."""
+    client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    client.stats()
+    loop, thread = _loop_of(client)
+    client.close()
+    assert not thread.is_alive() and loop.is_closed()
+    client.close()
+    with pytest.raises(ServiceClosed):
+        client.stats()
+
+
+def test_close_from_a_progress_callback_ends_the_batch_and_the_loop(daemon: Daemon, shared_dir: Path) -> None:
+    """close() inside caption_batch's on_progress (it runs on the loop thread): the caller gets ServiceClosed at once,
+    on_progress is not called again, and the loop ends with nothing pending."""
+    import asyncio
+
+    client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    client.stats()
+    loop, thread = _loop_of(client)
+    calls: list[int] = []
+
+    def on_progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 1:
+            client.close()
+            client.close()  # twice, from inside the callback
+
+    paths = [shared_dir / f"img{i}.png" for i in range(8)]
+    started = time.monotonic()
+    with pytest.raises(ServiceClosed):
+        client.caption_batch(paths * 2, max_new_tokens=3, return_exceptions=True, on_progress=on_progress)
+    assert time.monotonic() - started < 30
+    thread.join(_CLOSE_GRACE_S)
+    assert not thread.is_alive() and loop.is_closed()
+    assert len(calls) == 1, calls
+    assert not [t for t in asyncio.all_tasks(loop) if not t.done()]
+
+
+def test_close_races_new_calls_from_other_threads(daemon: Daemon, shared_dir: Path) -> None:
+    """close() from several threads while others start calls: every call ends promptly, in a result or
+    ServiceClosed, and the loop ends closed."""
+    client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    client.stats()
+    loop, thread = _loop_of(client)
+    outcomes: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            client.stats()
+            outcomes.append("ok")
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    workers = [threading.Thread(target=call) for _ in range(6)] + [
+        threading.Thread(target=client.close) for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(_CLOSE_GRACE_S)
+        assert not worker.is_alive()
+    thread.join(_CLOSE_GRACE_S)
+    assert loop.is_closed()
+    assert len(outcomes) == 6 and all(o == "ok" or isinstance(o, ServiceClosed) for o in outcomes), outcomes
