@@ -877,6 +877,24 @@ class RemoteService(Blip2Service):
             info.source = label
         return result
 
+    async def _gather(
+        self,
+        calls: Sequence[Callable[[], Awaitable[T]]],
+        return_exceptions: bool,
+        on_progress: ProgressFn | None,
+    ) -> list[T | BlipError]:
+        """`Blip2Service._gather`, but a closed service raises `ServiceClosed` once instead of once per item."""
+        self._check_open()
+
+        def progress(done: int, total: int) -> Any:
+            self._check_open()  # closed meanwhile: end the batch here, no further callbacks
+            return on_progress(done, total) if on_progress is not None else None
+
+        results = await super()._gather(calls, return_exceptions, progress)
+        if any(isinstance(r, ServiceClosed) for r in results):
+            raise self._closed_error()
+        return results
+
     def _batch_window(self) -> int:
         """Batch calls keep at most `concurrency` tool calls in flight to the daemon."""
         return self.concurrency
@@ -955,7 +973,7 @@ class RemoteService(Blip2Service):
             try:
                 ref, label = await self._image_arg(image)
             except BlipError as exc:
-                if not return_exceptions:
+                if not return_exceptions or isinstance(exc, ServiceClosed):
                     raise
                 results[index] = exc
                 failed_here += 1

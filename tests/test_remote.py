@@ -971,3 +971,20 @@ def test_close_races_new_calls_from_other_threads(daemon: Daemon, shared_dir: Pa
     thread.join(_CLOSE_GRACE_S)
     assert loop.is_closed()
     assert len(outcomes) == 6 and all(o == "ok" or isinstance(o, ServiceClosed) for o in outcomes), outcomes
+
+
+async def test_batches_on_a_closed_service_raise_service_closed_once(daemon: Daemon, shared_dir: Path) -> None:
+    """return_exceptions=True keeps per-image errors, not the service's own state: after close() every batch path
+    raises ServiceClosed once, as the local Blip2Service does."""
+    client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    client.close()
+    paths = [shared_dir / "img0.png", shared_dir / "img1.png"]
+    with anyio.fail_after(30):
+        with pytest.raises(ServiceClosed):
+            await client.aembed_images(paths, return_exceptions=True)
+        with pytest.raises(ServiceClosed):
+            await client.aanswer_batch(paths, ["what?", "where?"], return_exceptions=True)
+        with pytest.raises(ServiceClosed):
+            await client.acaption_batch(paths, return_exceptions=True)
+    with pytest.raises(ServiceClosed):
+        client.embed_images(paths, return_exceptions=True)
