@@ -257,6 +257,8 @@ def _mcp_error(exc: Any, url: str) -> BlipError:
         return _status_error(int(status.group(1)), url)
     if code in (-32602, -32601):  # invalid params, method not found
         return InvalidInput(message)
+    if "stream ended without a response" in message.lower():  # the daemon stopped while it streamed progress
+        return _lost(url, message)
     if "connect" in message.lower() and ("fail" in message.lower() or "refused" in message.lower()):
         return ModelNotAvailable(f"The blip-mcp daemon at {url} is unreachable ({message}). {_START_HINT}")
     return BlipError(f"The blip-mcp daemon at {url} returned an error: {message}")

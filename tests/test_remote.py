@@ -190,16 +190,20 @@ def remote(daemon: Daemon) -> Iterator[RemoteService]:
 
 
 @contextmanager
-def _stalled_model(daemon: Daemon) -> Iterator[threading.Event]:
+def _stalled_model(daemon: Daemon, let_through: int = 0) -> Iterator[threading.Event]:
     """Hold the daemon's caption/answer batches on the model until the block ends, so a call stays in flight.
 
-    Yields an event that is set once a batch reached the model.
+    The first `let_through` batches run as usual. Yields an event that is set once a held batch reached the model.
     """
     runtime = daemon.service.runtime
     entered, release = threading.Event(), threading.Event()
     original = runtime.generate
+    passed = [0]
 
     def held(*args: Any, **kwargs: Any) -> Any:
+        if passed[0] < let_through:
+            passed[0] += 1
+            return original(*args, **kwargs)
         entered.set()
         release.wait(60)
         return original(*args, **kwargs)
@@ -745,9 +749,13 @@ def test_plan_chunks_fits_the_budget_and_the_count_in_order() -> None:
         plan_chunks([1], 0)
 
 
-def test_a_daemon_stopped_during_a_call_gives_the_typed_retry_error(daemon: Daemon, shared_dir: Path) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["caption", "caption_batch"])
+def test_a_daemon_stopped_during_a_call_gives_the_typed_retry_error(
+    daemon: Daemon, shared_dir: Path, batch: bool
+) -> None:
     """SIGTERM (uvicorn's graceful shutdown, cut short here) during a call: the caller gets ModelNotAvailable with
-    a retry hint, as when the daemon is killed, not a bare error about an error response."""
+    a retry hint, as when the daemon is killed, not a bare error about an error response. A single call gets
+    uvicorn's shutdown 500; a batch, whose progress stream had started, gets a stream that ends without a response."""
     stopping = Daemon(daemon.service.settings, service=daemon.service)
     stopping.graceful_shutdown_s = 0.5
     stopping.start()
@@ -756,12 +764,15 @@ def test_a_daemon_stopped_during_a_call_gives_the_typed_retry_error(daemon: Daem
 
     def call() -> None:
         try:
-            client.caption(str(shared_dir / "img2.png"))
+            if batch:
+                client.caption_batch([shared_dir / f"img{i}.png" for i in range(MAX_BATCH + 2)], max_new_tokens=3)
+            else:
+                client.caption(str(shared_dir / "img2.png"))
         except BaseException as exc:
             outcome["error"] = exc
 
     try:
-        with _stalled_model(daemon) as entered:
+        with _stalled_model(daemon, let_through=1 if batch else 0) as entered:
             worker = threading.Thread(target=call, daemon=True)
             worker.start()
             assert entered.wait(30), "the call never reached the daemon's model"
