@@ -1250,6 +1250,7 @@ def default_service(settings: BlipSettings | None = None) -> Blip2Service | Remo
 __all__ = [
     "DaemonClient",
     "RemoteService",
+    "RequestTooLarge",
     "SendFiles",
     "default_service",
     "error_from_text",
