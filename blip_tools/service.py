@@ -214,9 +214,13 @@ class Blip2Service:
         item = self.runtime.preprocess(loaded.image, loaded.sha256, retrieval=retrieval)
         return item, loaded.info
 
-    def _submit(self, key: Hashable, payload: Any) -> concurrent.futures.Future[_Outcome]:
+    def _check_open(self) -> None:
+        """Raise `ServiceClosed` once `close()` has been called."""
         if self.closed:
             raise ServiceClosed(_CLOSED)
+
+    def _submit(self, key: Hashable, payload: Any) -> concurrent.futures.Future[_Outcome]:
+        self._check_open()
         return self._batcher.submit(key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s)
 
     def _open_call(self, count: int, *, retrieval: bool = False) -> None:
@@ -224,15 +228,13 @@ class Blip2Service:
 
         So a closed service or a model that cannot load fails the call once, not once per image.
         """
-        if self.closed:
-            raise ServiceClosed(_CLOSED)
+        self._check_open()
         if count and not self.runtime.loaded(retrieval=retrieval):
             (self.runtime.load_retrieval if retrieval else self.runtime.load_captioner)()
 
     async def _aopen_call(self, count: int, *, retrieval: bool = False) -> None:
         """`_open_call` for the async twins: a model still to load loads off the event loop."""
-        if self.closed:
-            raise ServiceClosed(_CLOSED)
+        self._check_open()
         if count and not self.runtime.loaded(retrieval=retrieval):
             await asyncio.to_thread(self.runtime.load_retrieval if retrieval else self.runtime.load_captioner)
 
