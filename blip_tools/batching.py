@@ -10,9 +10,9 @@
 - Merge window (`max_merge_wait_ms`, off by default here, 50 ms in the service): callers served by a batch
   usually come straight back. While they keep arriving, the next batch is held open for them (never longer
   than the last batch took), so groups of callers that would otherwise take turns merge into full batches.
-- Cancelled requests and requests past their deadline are dropped before they run. Deadlines are checked
-  whenever the worker forms a batch, so while one long batch runs an expired request fails right after it;
-  callers that need a hard bound also wait on the future with their own timeout.
+- Cancelled requests and requests past their deadline are dropped before they run. A queued request fails
+  with `RequestTimeout` at its deadline even while a long batch runs: a reaper thread, asleep until the
+  earliest queued deadline, fails it then. A batch already running cannot be interrupted.
 - If the handler raises, the batch is split in halves and each half retried, so only the guilty request
   fails. Out-of-memory errors also call `on_oom` and lower that key's batch size for a while.
 - Every future is resolved: errors anywhere in the worker fail only the requests concerned, and if the worker
@@ -272,7 +272,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._oom_cooldown_s = float(oom_cooldown_s)
         self._merge_wait_s = float(max_merge_wait_ms) / 1000.0
 
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # The reaper fails queued requests at their deadline while the worker is busy; it shares the queue's lock
+        # but has its own condition, so waking one never wakes the other.
+        self._reaper_cv = threading.Condition(lock)
+        self._reaper_asleep = False
+        """Whether the reaper waits with no deadline to watch (a submit with a deadline must wake it)."""
+        self._reaper_by = math.inf
+        """When the reaper wakes next (a submit with an earlier deadline must wake it)."""
+        self._worker_done = False
         self._pending: collections.deque[_Pending[ItemT, ResultT]] = collections.deque()
         self._closing = False
         self._close_called = False
@@ -309,6 +318,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
         self._thread = threading.Thread(target=self._worker_main, name=f"{self._name}-worker", daemon=True)
         self._thread.start()
+        self._reaper = threading.Thread(target=self._reaper_main, name=f"{self._name}-reaper", daemon=True)
+        self._reaper.start()
 
     # ------------------------------------------------------------------ public API
 
@@ -411,6 +422,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     or (timeout_s is not None and now + timeout_s < self._wake_by)
                 ):
                     self._cond.notify()
+                if timeout_s is not None and (self._reaper_asleep or now + timeout_s < self._reaper_by):
+                    self._reaper_cv.notify()
         finally:
             self._fail_expired(expired)
         return future
@@ -488,8 +501,39 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         finally:
             with self._cond:
                 self._closing = True
+                self._worker_done = True
+                self._reaper_cv.notify()
                 leftovers = self._take_all_locked()
             self._drop(leftovers, f"{self._name} stopped before this request ran (see the log)")
+
+    def _reaper_main(self) -> None:
+        """Thread body: sleep until the earliest queued deadline, then fail what expired; stop with the worker.
+
+        The worker also drops expired requests when it forms a batch; the reaper is what fails them on time
+        while one long batch runs (or hangs), so a queued caller never waits past its deadline.
+        """
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        if self._worker_done:
+                            return
+                        now = time.monotonic()
+                        earliest = min((r.deadline for r in self._pending if r.deadline is not None), default=math.inf)
+                        if earliest < now:
+                            expired = self._prune_locked(now)
+                            if expired:
+                                break
+                            continue
+                        self._reaper_asleep = earliest == math.inf
+                        self._reaper_by = earliest
+                        try:
+                            self._reaper_cv.wait(None if self._reaper_asleep else earliest - now + 0.001)
+                        finally:
+                            self._reaper_asleep, self._reaper_by = False, math.inf
+                self._fail_expired(expired)
+        except BaseException:
+            logger.critical("%s: deadline reaper stopped unexpectedly", self._name, exc_info=True)
 
     def _serve(self) -> None:
         """The loop: form a batch, run it, resolve its futures; errors fail only the requests concerned."""

@@ -575,6 +575,52 @@ def test_an_earlier_deadline_wakes_a_worker_holding_a_batch_open(
     patient.cancel()
 
 
+def test_a_queued_request_fails_at_its_deadline_while_a_long_batch_runs(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    """The reaper fails a queued request on time; it does not wait for the running batch to end."""
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler)
+    blocker = batcher.submit("k", 0)
+    assert handler.entered.wait(WAIT_S)
+    patient = batcher.submit("k", 1, timeout_s=60)  # the reaper now sleeps until this one's deadline...
+    wait_until(lambda: batcher._reaper_by < float("inf"))
+    start = time.monotonic()
+    hurried = batcher.submit("k", 2, timeout_s=0.05)  # ...and an earlier deadline must wake it
+    with pytest.raises(RequestTimeout, match="waited"):
+        hurried.result(WAIT_S)
+    assert time.monotonic() - start < 2.0
+    assert not blocker.done() and not patient.done()  # the long batch still runs; the patient one still waits
+    assert batcher.stats().expired == 1
+    handler.gate.set()
+    assert results([blocker, patient]) == [("k", 0), ("k", 1)]
+    assert 2 not in handler.seen
+
+
+def test_the_reaper_wakes_for_the_first_deadline_after_an_empty_queue(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(handler)
+    blocker = batcher.submit("k", 0)  # no deadline: the reaper has nothing to watch
+    assert handler.entered.wait(WAIT_S)
+    wait_until(lambda: batcher._reaper_asleep)
+    doomed = batcher.submit("k", 1, timeout_s=0.05)
+    with pytest.raises(RequestTimeout):
+        doomed.result(WAIT_S)
+    assert not blocker.done()
+    handler.gate.set()
+    assert blocker.result(WAIT_S) == ("k", 0)
+
+
+def test_the_reaper_stops_with_the_worker(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    batcher = make_batcher(Handler())
+    assert batcher.submit("k", 1, timeout_s=30).result(WAIT_S) == ("k", 1)
+    batcher.close()
+    batcher._reaper.join(WAIT_S)
+    assert not batcher._reaper.is_alive()
+
+
 # ---------------------------------------------------------------------- close
 
 
