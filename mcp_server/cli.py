@@ -159,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
 
+    if args.send_files is not None and not args.connect:
+        logger.error("--send-files applies only with --connect (a proxy); BLIP_REMOTE_SEND_FILES sets it for clients")
+        return 2
     if args.connect:
         if wire is None:
             logger.error("--connect serves stdio; drop --transport http (the daemon is the HTTP server)")

@@ -46,6 +46,7 @@ from blip_tools.remote import (
 )
 from blip_tools.settings import BlipSettings
 
+from ._common import error_message
 from .server import INSTRUCTIONS
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ def merge_local_failures(
     for index, ref in enumerate(originals):
         if index in failed:
             exc = failed[index]
-            items.append({"image": _short_ref(str(ref)), "ok": False, "result": None, "error": f"[{exc.code}] {exc}"})
+            items.append({"image": _short_ref(str(ref)), "ok": False, "result": None, "error": error_message(exc)})
         else:
             items.append(dict(next(remaining)))
     return _batch_result(items)
@@ -256,7 +257,7 @@ def restore_result(result: types.CallToolResult, sent: list[_Sent]) -> types.Cal
 def error_result(exc: BlipError) -> types.CallToolResult:
     """A tool error in the daemon's own format (`[code] message`), so clients parse both alike."""
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=f"[{exc.code}] {exc}")],
+        content=[types.TextContent(type="text", text=error_message(exc))],
         is_error=True,
     )
 
@@ -271,7 +272,7 @@ def _as_mcp_error(exc: BlipError) -> MCPError:
             return current
         if isinstance(current, BaseExceptionGroup):
             stack.extend(current.exceptions)
-    return MCPError(code=_INTERNAL_ERROR, message=f"[{exc.code}] {exc}")
+    return MCPError(code=_INTERNAL_ERROR, message=error_message(exc))
 
 
 # ---------------------------------------------------------------------------------------------- handlers
@@ -349,7 +350,7 @@ async def _caption_images_in_chunks(
         nonlocal refused
         refused += 1
         ref = str(images[index])
-        return {"image": _short_ref(ref), "ok": False, "result": None, "error": f"[{exc.code}] {exc}"}
+        return {"image": _short_ref(ref), "ok": False, "result": None, "error": error_message(exc)}
 
     async def report(done: float, message: str | None) -> None:
         # The daemon's own message when one request carries the whole list; else a count over the whole list.

@@ -45,3 +45,33 @@ def test_the_proxy_runs_with_blip_remote_send_files(flags: list[str], expected: 
     )
     assert done.stdout == b""  # nothing but protocol on stdout, and no protocol was asked for
     assert f"send_files={expected}".encode() in done.stderr, done.stderr.decode(errors="replace")[-2000:]
+
+
+def test_send_files_without_connect_is_refused() -> None:
+    """`--send-files` only means something to the proxy: without `--connect` it is an error, not silently ignored."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_server", "--send-files", "always"],
+        input=b"",
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert b"--send-files applies only with --connect" in done.stderr
+
+
+def test_proxy_errors_keep_the_retry_hint_of_an_overload() -> None:
+    """The proxy formats errors as the daemon's tools do, so an `Overloaded` keeps its "retry after" hint."""
+    from blip_tools.errors import Overloaded
+    from mcp_server._common import error_message
+    from mcp_server.proxy import error_result
+
+    exc = Overloaded("the daemon's queue is full", retry_after_s=2.5)
+    result = error_result(exc)
+    assert result.is_error
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert text == error_message(exc)
+    assert text.startswith("[overloaded] ") and "Retry after 2.5 s." in text
