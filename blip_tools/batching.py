@@ -299,10 +299,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._arrivals_since_end = 0
         self._delivered = False
         """Whether this batch's results have started going out (arrivals from then on are returning callers)."""
-        # While the worker holds a batch open (timed wait): the queue length and the deadline that should wake
-        # it early. Submits that reach neither don't notify, so 32 arrivals cost one wake-up instead of 32.
+        # While the worker holds a batch open (timed wait): the queue length that should wake it early. Submits
+        # below it don't notify, so 32 arrivals cost one wake-up instead of 32 (deadlines are the reaper's job).
         self._wake_at_len: int | None = None
-        self._wake_by = math.inf
 
         self._requests = 0
         self._batches = 0
@@ -416,11 +415,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._task_counts(task)[0] += 1
                 self._last_arrival = now
                 self._arrivals_since_end += 1
-                if (
-                    self._wake_at_len is None
-                    or len(self._pending) >= self._wake_at_len
-                    or (timeout_s is not None and now + timeout_s < self._wake_by)
-                ):
+                if self._wake_at_len is None or len(self._pending) >= self._wake_at_len:
                     self._cond.notify()
                 if timeout_s is not None and (self._reaper_asleep or now + timeout_s < self._reaper_by):
                     self._reaper_cv.notify()
@@ -596,17 +591,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     missing = limit - self._count_like(head, limit)
                     if until > now and missing > 0 and not self._closing:
                         # The callers the last batch served are coming back: hold the batch open for them.
-                        wait_s = min(until - now, self._until_next_deadline(now))
+                        wait_s = until - now
                         # Wake early when the batch could be full or every returning caller is back.
                         back = self._returning - self._arrivals_since_end
-                        self._hold_open(now, wait_s, len(self._pending) + min(missing, max(back, 1)))
+                        self._hold_open(wait_s, len(self._pending) + min(missing, max(back, 1)))
                         continue
                     if self._idle and self._max_wait_s > 0 and not self._closing:
                         remaining = head.enqueued + self._max_wait_s - now
                         if remaining > 0 and missing > 0:
-                            # Wake when the batch could be full, at the window's end, or for the next deadline.
-                            wait_s = min(remaining, self._until_next_deadline(now))
-                            self._hold_open(now, wait_s, len(self._pending) + missing)
+                            # Wake when the batch could be full or at the window's end.
+                            self._hold_open(remaining, len(self._pending) + missing)
                             continue
                     self._inflight = take_batch(self._pending, limit)
                     return True
@@ -617,13 +611,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 logger.warning("%s: could not form a batch for a %r request: %r", self._name, request.task, error)
                 self._fail_request(request, error, prefix="could not form a batch for this request")
 
-    def _hold_open(self, now: float, wait_s: float, wake_at_len: int) -> None:
-        """Wait (lock held) up to `wait_s`; a submit wakes us only at `wake_at_len` queued or an earlier deadline."""
-        self._wake_at_len, self._wake_by = wake_at_len, now + wait_s
+    def _hold_open(self, wait_s: float, wake_at_len: int) -> None:
+        """Wait (lock held) up to `wait_s`; a submit wakes us only once `wake_at_len` requests are queued."""
+        self._wake_at_len = wake_at_len
         try:
             self._cond.wait(wait_s)
         finally:
-            self._wake_at_len, self._wake_by = None, math.inf
+            self._wake_at_len = None
 
     def _merge_until_locked(self) -> float:
         """When the merge window ends (0: no window): returning callers keep arriving, capped by the budget."""
@@ -748,11 +742,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 else:
                     limit = min(limit, lowered[0])
         return limit
-
-    def _until_next_deadline(self, now: float) -> float:
-        """Seconds until the earliest queued deadline (a large number when none)."""
-        deadlines = [request.deadline for request in self._pending if request.deadline is not None]
-        return max(min(deadlines) - now, 0.0) + 0.001 if deadlines else 3600.0
 
     def _count_like(self, head: _Pending[ItemT, ResultT], limit: int) -> int:
         """Live queued requests with the head's key, counting no further than `limit`."""
