@@ -79,6 +79,12 @@ class InferenceError(BlipError):
     code = "inference_error"
 
 
+class IndexDamaged(BlipError):
+    """The image index file is damaged, is not a blip-tools index, or has another schema version: rebuild it."""
+
+    code = "index_damaged"
+
+
 class ServiceClosed(BlipError):
     """The service is shut down and accepts no more requests."""
 
@@ -89,6 +95,7 @@ __all__ = [
     "BlipError",
     "CapabilityUnavailable",
     "ImageTooLarge",
+    "IndexDamaged",
     "InferenceError",
     "InvalidImage",
     "InvalidInput",

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field, field_serializer
 
-from .errors import BlipError, InvalidImage, InvalidInput
+from .errors import BlipError, IndexDamaged, InvalidImage, InvalidInput
 from .images import _check_allowed, _read_file, describe_ref
 from .results import CaptionResult, EmbeddingResult
 
@@ -296,15 +296,18 @@ def _db_failure(path: Path, exc: sqlite3.Error) -> BlipError:
     return _damaged(path, str(exc))
 
 
-def _damaged(path: Path, reason: str) -> BlipError:
-    return BlipError(
+def _damaged(path: Path, reason: str) -> IndexDamaged:
+    return IndexDamaged(
         f"The image index {path} is damaged or is not a blip-tools index ({reason}). Delete it (with its -wal and "
         "-shm files) or point BLIP_INDEX_PATH (--index) at a new file, then index your folders again to rebuild it."
     )
 
 
 def _maps_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Turn any SQLite error raised inside an `ImageIndex` method into a `BlipError` that says what to do."""
+    """Turn any SQLite error raised inside an `ImageIndex` method into a `BlipError` that says what to do.
+
+    A damaged or foreign file gives `IndexDamaged`; a busy, read-only or full one a plain `BlipError`.
+    """
 
     @functools.wraps(method)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -404,7 +407,7 @@ class ImageIndex:
         if not isinstance(version, str) or not version.isdigit():
             raise _damaged(self.path, f"schema version {version!r} is not a number")
         if int(version) != SCHEMA_VERSION:
-            raise BlipError(
+            raise IndexDamaged(
                 f"The image index {self.path} has schema version {version}; this blip-tools expects "
                 f"{SCHEMA_VERSION}. Point BLIP_INDEX_PATH at a new file or delete this one to rebuild it."
             )
@@ -852,8 +855,8 @@ class ImageIndex:
         dims = {r["dim"] for r in rows}
         if not all(isinstance(d, int) and d > 0 for d in dims):
             raise _damaged(self.path, f"embedding sizes {sorted(map(repr, dims))} are not positive integers")
-        if len(dims) > 1:
-            raise BlipError(f"The image index {self.path} mixes embedding sizes {sorted(dims)}; re-index the folders.")
+        if len(dims) > 1:  # one model gives one size; a re-index would skip these unchanged rows, so rebuild
+            raise _damaged(self.path, f"one model's embeddings have the sizes {sorted(dims)}")
         dim = dims.pop() if dims else 0
         for r in rows:
             blob = r["embedding"]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from blip_tools import Blip2Service, BlipSettings
-from blip_tools.errors import BlipError, InvalidInput, PathNotAllowed
+from blip_tools.errors import IndexDamaged, InvalidInput, PathNotAllowed
 from blip_tools.index import ImageIndex, IndexReport
 
 
@@ -391,6 +391,12 @@ def _damage(db: Path, how: str) -> None:
     elif how == "embedding size":
         with contextlib.closing(sqlite3.connect(db)) as conn, conn:
             conn.execute("UPDATE images SET embedding = x'00112233' WHERE rowid = 1")
+    elif how == "mixed sizes":
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE images SET dim = 2, embedding = zeroblob(8) WHERE rowid = 1")
+    elif how == "newer schema":
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     elif how == "query vectors size":
         with contextlib.closing(sqlite3.connect(db)) as conn, conn:
             conn.execute("UPDATE images SET query_vectors = x'0011223344'")
@@ -403,7 +409,8 @@ def _damage(db: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "how", ["garbage", "other app", "schema version", "embedding size", "query vectors size", "page1", "page3"]
+    "how",
+    ["garbage", "other app", "schema version", "embedding size", "mixed sizes", "query vectors size", "page1", "page3"],
 )
 def test_damaged_index_file_gives_a_typed_error_that_says_to_rebuild(
     tmp_path: Path, photos: Path, service: Blip2Service, how: str
@@ -414,13 +421,24 @@ def test_damaged_index_file_gives_a_typed_error_that_says_to_rebuild(
             idx.index(photos, recursive=False, captions=False)
     _damage(db, how)
     with (
-        pytest.raises(BlipError, match=r"damaged or is not a blip-tools index.*Delete it") as caught,
+        pytest.raises(IndexDamaged, match=r"damaged or is not a blip-tools index.*Delete it") as caught,
         ImageIndex(db, service=service) as idx,
     ):
         idx.search("a dog")
         idx.stats()
         idx.index(photos, recursive=False, captions=False)
-    assert type(caught.value) is BlipError
+    assert caught.value.code == "index_damaged"
+
+
+def test_index_of_another_schema_version_is_damaged_and_says_to_rebuild(
+    tmp_path: Path, photos: Path, service: Blip2Service
+) -> None:
+    db = tmp_path / "future.sqlite"
+    with ImageIndex(db, service=service):
+        pass
+    _damage(db, "newer schema")
+    with pytest.raises(IndexDamaged, match=r"schema version 99; this blip-tools expects 1.*rebuild it"):
+        ImageIndex(db, service=service)
 
 
 def test_top_k_must_be_a_positive_integer(index: ImageIndex, photos: Path) -> None:
