@@ -4,8 +4,10 @@ Each image row holds its path, size, mtime, a SHA-256 of the file bytes, a hash 
 pooled embedding (float32), the per-query-token embeddings (float16, for exact ITC scores) and an optional
 caption. Runs are incremental: a file whose size and mtime are unchanged is skipped; a changed one is hashed
 and re-embedded only if its bytes changed (or reuses the vectors of an identical file already indexed);
-files gone from disk are removed. Every chunk of work is committed, so a run can be interrupted and resumed,
-and the database is in WAL mode, so searches (from any thread or process) see committed rows while a run goes on.
+files gone from disk are removed. A run reads each file once: the bytes it hashes are the bytes the model embeds
+and captions (held for one chunk at a time), so the stored hash always describes what was embedded. Every chunk
+of work is committed, so a run can be interrupted and resumed, and the database is in WAL mode, so searches (from
+any thread or process) see committed rows while a run goes on.
 
 Search is brute force over normalised vectors with numpy: the pooled vectors pick candidates, then the exact
 ITC score (max over query tokens, as `Blip2Service.score`) ranks them; an optional ITM re-rank scores the top k
@@ -250,14 +252,40 @@ def _dir_range(directory: str) -> tuple[str, str]:
     return directory.rstrip(sep) + sep, directory.rstrip(sep) + chr(ord(sep) + 1)
 
 
-def _file_sha256(path: str, settings: BlipSettings) -> str:
-    """SHA-256 of a file's bytes, read with the checks of every image read (allowed dirs, regular file, size cap).
+def _read_checked(path: str, settings: BlipSettings) -> bytes:
+    """A file's bytes, read with the checks of every image read (allowed dirs, regular file, size cap).
 
     Raises:
         InvalidImage: (or a leaf: PathNotAllowed, PayloadTooLarge) the file may not or cannot be read.
     """
     ref = Path(path)
-    return hashlib.sha256(_read_file(ref, settings, describe_ref(ref))).hexdigest()
+    return _read_file(ref, settings, describe_ref(ref))
+
+
+def _file_error(exc: BlipError, path: str, data: bytes | None) -> str:
+    """The text of a file's error that names the file, also when the model was given the file's bytes.
+
+    The service calls bytes `bytes (N)`; that label becomes the file's, so the text reads as it does for a path.
+    A text that still does not name the file (a daemon says `data URI (N bytes)`) gets the file's name in front.
+    """
+    label = describe_ref(Path(path))
+    text = str(exc) or type(exc).__name__
+    if data is not None:
+        text = text.replace(describe_ref(data), label, 1)
+    if label not in text:
+        text = f"{label}: {text}"
+    return text[:500]
+
+
+def _sends_paths(service: Blip2Service) -> bool:
+    """Whether the model must get paths, not the bytes the index read: a daemon's client told to send paths.
+
+    `RemoteService(send_files="never")` means the daemon reads the files itself; every other service (a local one,
+    or a daemon's client that sends data anyway) gets the bytes, so a run reads each file once.
+    """
+    from .remote import RemoteService
+
+    return isinstance(service, RemoteService) and service.send_files == "never"
 
 
 def _db_text(value: str) -> str | bytes:
@@ -645,7 +673,12 @@ class ImageIndex:
         progress: _DeferredProgress,
         done_before: int,
     ) -> None:
-        """Hash, reuse or embed, optionally caption, then commit one chunk of files."""
+        """Hash, reuse or embed, optionally caption, then commit one chunk of files.
+
+        Each file is read once, for its hash; the model gets those bytes, not the path, so it reads nothing again
+        (unless the service is a daemon's client that must send paths). Files that are only captioned (their
+        vectors are current) are not hashed: the caption reads them once.
+        """
         model = self.settings.retrieval_model
         now = time.time()
         writes: dict[str, dict[str, Any]] = {}
@@ -653,6 +686,17 @@ class ImageIndex:
         to_caption: list[str] = []
         pending: dict[str, _Todo] = {}
         aliases: list[tuple[_Todo, _Todo]] = []
+        # The bytes read for hashing, of the files the model still has to see; dropped with the chunk.
+        encoded: dict[str, bytes] = {}
+        keep_bytes = not _sends_paths(self.service)
+
+        def hold(path: str, data: bytes) -> None:
+            if keep_bytes:
+                encoded[path] = data
+
+        def model_input(path: str) -> bytes | Path:
+            data = encoded.get(path)
+            return Path(path) if data is None else data
 
         def fail(item: _Todo, message: str) -> None:
             report.failed += 1
@@ -665,10 +709,11 @@ class ImageIndex:
                 to_caption.append(item.path)
                 continue
             try:
-                digest = _file_sha256(item.path, self.settings)
+                data = _read_checked(item.path, self.settings)
             except InvalidImage as exc:  # outside the allowed dirs, too large, unreadable: as load_image says
                 fail(item, _short(exc))
                 continue
+            digest = hashlib.sha256(data).hexdigest()
             if (
                 item.row is not None
                 and item.row["file_sha256"] == digest
@@ -680,6 +725,7 @@ class ImageIndex:
                 report.reused += 1
                 if captions and (not item.row["has_caption"] or item.row["caption_model"] != self.settings.model):
                     to_caption.append(item.path)
+                    hold(item.path, data)
                 continue
             twin = conn.execute(
                 "SELECT pixel_sha256, width, height, dim, embedding, query_vectors, caption, caption_confidence, "
@@ -691,6 +737,7 @@ class ImageIndex:
                 report.reused += 1
                 if captions and (twin["caption"] is None or twin["caption_model"] != self.settings.model):
                     to_caption.append(item.path)
+                    hold(item.path, data)
                 continue
             first = pending.get(digest)
             if first is not None:  # the same bytes earlier in this chunk: copy its vectors once they exist
@@ -699,18 +746,19 @@ class ImageIndex:
             pending[digest] = item
             writes[item.path] = {"file_sha256": digest}
             to_embed.append(item)
+            hold(item.path, data)
 
         if to_embed:
             last_stage_is_embed = not captions
             results = self.service.embed_images(
-                [Path(item.path) for item in to_embed],
+                [model_input(item.path) for item in to_embed],
                 include_query_vectors=True,
                 return_exceptions=True,
                 on_progress=(lambda d, _t: progress(done_before + d)) if last_stage_is_embed else None,
             )
             for item, result in zip(to_embed, results, strict=True):
                 if isinstance(result, InvalidImage):  # this file's fault: remembered until the file changes
-                    fail(item, _short(result))
+                    fail(item, _file_error(result, item.path, encoded.pop(item.path, None)))
                     continue
                 if isinstance(result, BlipError):  # the model or service failed: stop; finished chunks are kept
                     raise result
@@ -723,7 +771,7 @@ class ImageIndex:
         if to_caption:
             offset = done_before + len(part) - len(to_caption)
             captioned = self.service.caption_batch(
-                [Path(p) for p in to_caption],
+                [model_input(p) for p in to_caption],
                 return_exceptions=True,
                 on_progress=lambda d, _t: progress(offset + d),
             )
@@ -732,7 +780,8 @@ class ImageIndex:
                     raise outcome
                 if isinstance(outcome, BlipError):
                     if len(report.errors) < _MAX_REPORTED_ERRORS:
-                        report.errors.append(IndexFailure(path=path, error=f"caption failed: {_short(outcome)}"))
+                        message = _file_error(outcome, path, encoded.get(path))
+                        report.errors.append(IndexFailure(path=path, error=f"caption failed: {message}"))
                     continue
                 assert isinstance(outcome, CaptionResult)
                 writes.setdefault(path, {}).update(

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip_tools import Blip2Service, BlipSettings
+from blip_tools import Blip2Service, BlipSettings, images
+from blip_tools import index as index_module
 from blip_tools.errors import IndexDamaged, InvalidInput, PathNotAllowed
 from blip_tools.index import ImageIndex, IndexReport
 
@@ -217,6 +219,7 @@ def test_bad_files_are_reported_once(index: ImageIndex, photos: Path, service: B
     first = index.index(photos, captions=False)
     assert first.failed == 1 and first.indexed == 30
     assert first.errors[0].path.endswith("broken.png") and "broken.png" in first.errors[0].error
+    assert "bytes (" not in first.errors[0].error  # the model got the bytes, but the message names the file
     before = _embeds(service)
     second = index.index(photos, captions=False)
     assert second.failed == 1 and second.embedded == 0 and _embeds(service) == before
@@ -439,6 +442,49 @@ def test_index_of_another_schema_version_is_damaged_and_says_to_rebuild(
     _damage(db, "newer schema")
     with pytest.raises(IndexDamaged, match=r"schema version 99; this blip-tools expects 1.*rebuild it"):
         ImageIndex(db, service=service)
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Every checked file read (`images._read_file`, by the index or by the service), counted by path."""
+    counted: Counter[str] = Counter()
+    real = images._read_file
+
+    def counting(path: Path, settings: BlipSettings, source: str) -> bytes:
+        counted[os.fspath(path)] += 1
+        return real(path, settings, source)
+
+    monkeypatch.setattr(images, "_read_file", counting)
+    monkeypatch.setattr(index_module, "_read_file", counting)
+    return counted
+
+
+def test_a_run_reads_each_file_once(index: ImageIndex, photos: Path, reads: Counter[str]) -> None:
+    first = index.index(photos)  # hash, embed and caption every file
+    assert (first.embedded, first.captioned) == (30, 30)
+    assert len(reads) == 30 and set(reads.values()) == {1}
+
+    reads.clear()
+    assert index.index(photos).unchanged == 30
+    assert not reads  # unchanged size and mtime: not read at all
+
+    reads.clear()
+    _pixels(4242).save(photos / "p07.png")  # new bytes: read once, embedded and captioned from them
+    shutil.copy(photos / "p08.png", photos / "copy.png")  # known bytes: read once to hash, vectors reused
+    again = index.index(photos)
+    assert (again.embedded, again.captioned, again.reused) == (1, 1, 1)
+    assert reads == Counter({str((photos / "p07.png").resolve()): 1, str((photos / "copy.png").resolve()): 1})
+
+
+def test_captions_added_later_read_each_file_once(index: ImageIndex, photos: Path, reads: Counter[str]) -> None:
+    index.index(photos, recursive=False, captions=False)
+    assert len(reads) == 24 and set(reads.values()) == {1}
+    reads.clear()
+    st = (photos / "p01.png").stat()  # touched, same bytes: hashed, and captioned from the same read
+    os.utime(photos / "p01.png", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    report = index.index(photos, recursive=False)
+    assert (report.embedded, report.captioned, report.reused) == (0, 24, 1)
+    assert len(reads) == 24 and set(reads.values()) == {1}
 
 
 def test_top_k_must_be_a_positive_integer(index: ImageIndex, photos: Path) -> None:

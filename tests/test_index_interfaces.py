@@ -1,7 +1,10 @@
-"""The image index through the other interfaces: a damaged index file in MCP, LangChain and the CLI."""
+"""The image index through the other interfaces: a damaged index file in MCP, LangChain and the CLI, and index
+runs over a `RemoteService` (a daemon's client), which get the bytes the index read instead of the paths."""
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,10 +13,14 @@ import numpy as np
 import pytest
 from langchain_core.messages import ToolMessage
 from PIL import Image
+from test_remote import TOKEN, Daemon
 
-from blip_tools import Blip2Service, BlipSettings
+from blip_tools import Blip2Service, BlipSettings, images
+from blip_tools import index as index_module
 from blip_tools.cli import main
 from blip_tools.errors import IndexDamaged
+from blip_tools.index import ImageIndex
+from blip_tools.remote import RemoteService
 from blip_tools.testing import tiny_settings_kwargs
 
 
@@ -94,3 +101,62 @@ def test_cli_reports_a_damaged_index_with_exit_code_2(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith(f"error: The image index {damaged} is damaged or is not a blip-tools index"), err
+
+
+# ---------------------------------------------------------------------------------------------- remote service
+@pytest.fixture(scope="module")
+def daemon_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The only folder the daemon may read."""
+    return _folder(tmp_path_factory.mktemp("daemon") / "pics", range(20, 24))
+
+
+@pytest.fixture(scope="module")
+def index_daemon(tiny_checkpoint: Path, daemon_dir: Path) -> Iterator[Daemon]:
+    settings = BlipSettings(**tiny_settings_kwargs(tiny_checkpoint), max_wait_ms=2.0, allowed_dirs=[daemon_dir])
+    daemon = Daemon(settings)
+    daemon.start()
+    yield daemon
+    daemon.close()
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Every checked file read in this process (the index, the client and the in-process daemon), by path."""
+    counted: Counter[str] = Counter()
+    real = images._read_file
+
+    def counting(path: Path, settings: BlipSettings, source: str) -> bytes:
+        counted[os.fspath(path)] += 1
+        return real(path, settings, source)
+
+    monkeypatch.setattr(images, "_read_file", counting)
+    monkeypatch.setattr(index_module, "_read_file", counting)
+    return counted
+
+
+def test_remote_index_run_sends_the_bytes_it_read(index_daemon: Daemon, tmp_path: Path, reads: Counter[str]) -> None:
+    pics = _folder(tmp_path / "mine", range(30, 34))  # outside the daemon's allowed dir: it could not read them
+    (pics / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with (
+        RemoteService(index_daemon.url, token=TOKEN, settings=BlipSettings()) as remote,
+        ImageIndex(tmp_path / "remote.sqlite", service=remote) as index,
+    ):
+        assert not remote.sends_data  # loopback "auto" would send paths; the index sends the bytes it read
+        report = index.index(pics)
+        assert (report.embedded, report.captioned, report.failed, report.indexed) == (4, 4, 1, 4)
+        assert len(reads) == 5 and set(reads.values()) == {1}
+        failure = report.errors[0]
+        assert failure.path.endswith("broken.png") and "broken.png" in failure.error, failure
+        # (A search by an example path would send the path: the daemon may not read it. Its bytes work.)
+        similar = index.search(image=(pics / "r31.png").read_bytes(), top_k=1)
+        assert similar.hits[0].path == str((pics / "r31.png").resolve())
+
+
+def test_remote_told_to_send_paths_gets_paths(
+    index_daemon: Daemon, daemon_dir: Path, tmp_path: Path, reads: Counter[str]
+) -> None:
+    remote = RemoteService(index_daemon.url, token=TOKEN, settings=BlipSettings(), send_files="never")
+    with remote, ImageIndex(tmp_path / "never.sqlite", service=remote) as index:
+        report = index.index(daemon_dir, captions=False)
+    assert (report.embedded, report.failed) == (4, 0)
+    assert set(reads.values()) == {2}  # hashed here, then read by the daemon (in this process) from the path
