@@ -16,7 +16,7 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,7 +43,7 @@ class LocateResult(BaseModel):
     """Where a text matches in an image: a Grad-CAM heatmap over the image, its peak and a box around the peak.
 
     `heatmap` (a float32 array of the image's height × width, values in [0, 1]) and `overlay_png()` are Python
-    only; the JSON form carries the heatmap on the vision patch grid (`grid`).
+    only; the JSON form carries the heatmap on the vision patch grid (`grid`), from which `heatmap` is rebuilt.
     """
 
     text: str = Field(description="The text that was located.")
@@ -59,12 +59,16 @@ class LocateResult(BaseModel):
     image: ImageInfo
     timing: Timing = Field(default_factory=Timing)
 
-    _heatmap: npt.NDArray[np.float32] = PrivateAttr()
+    _heatmap: npt.NDArray[np.float32] | None = PrivateAttr(default=None)
     _image: Image.Image | None = PrivateAttr(default=None)
+    _image_source: Callable[[], Image.Image] | None = PrivateAttr(default=None)
+    """Decodes the image when `overlay_png` first needs it (a daemon's result: no decode unless asked for)."""
 
     @property
     def heatmap(self) -> npt.NDArray[np.float32]:
         """The heatmap at the image's size: shape (height, width), float32, values in [0, 1]."""
+        if self._heatmap is None:  # rebuilt from JSON (or a daemon's reply): upsample the patch grid once
+            self._heatmap = upsample(np.asarray(self.grid, dtype=np.float32), self.image.width, self.image.height)
         return self._heatmap
 
     def summary(self) -> str:
@@ -85,10 +89,13 @@ class LocateResult(BaseModel):
             max_side: downscale so neither side exceeds this (keeps tool replies small); None keeps the size.
             draw_box: outline `box` in white.
         """
+        if self._image is None and self._image_source is not None:
+            self._image = self._image_source()  # a BlipError here says why the image cannot be had
+            self._image_source = None
         if self._image is None:
             raise InferenceError("This LocateResult has no image attached (it was rebuilt from JSON).")
         base = np.asarray(self._image.convert("RGB"), dtype=np.float32) / 255.0
-        heat = self._heatmap
+        heat = self.heatmap
         weight = (np.clip(alpha, 0.0, 1.0) * np.power(heat, 0.7))[..., None]
         blended = (1.0 - weight) * base + weight * _jet(heat)
         out = Image.fromarray((np.clip(blended, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import functools
 import inspect
 import io
 import ipaddress
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .errors import (
     BlipError,
     CapabilityUnavailable,
+    InferenceError,
     InvalidImage,
     InvalidInput,
     ModelNotAvailable,
@@ -427,6 +429,33 @@ def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _overlay_image(source: ImageInput, size: tuple[int, int], settings: BlipSettings, url: str) -> Image.Image:
+    """The image a daemon's `LocateResult` draws its overlay on, decoded here by `load_image` when first asked for.
+
+    `source` is what was sent (the data URI read here, no second read; an absolute path the daemon read too; a
+    URL, data URI or base64 as given), or the caller's bytes or PIL image. The daemon sends no pixels back.
+
+    Raises:
+        InferenceError: this side cannot load the image under its own settings (say a URL only the daemon may
+            fetch), or decodes it to another size than the daemon did (the heatmap would not line up).
+    """
+    from .images import load_image
+
+    try:
+        loaded = load_image(source, settings)
+    except BlipError as exc:
+        raise InferenceError(
+            f"No overlay: the blip-mcp daemon at {url} located the text, but the overlay is drawn here and this side "
+            f"cannot load the image: {exc}"
+        ) from exc
+    if loaded.image.size != size:  # another decoder (or the file changed since): the heatmap would not line up
+        raise InferenceError(
+            f"No overlay: the blip-mcp daemon at {url} saw the image at {size[0]}x{size[1]}, this side decodes it "
+            f"at {loaded.image.width}x{loaded.image.height}."
+        )
+    return loaded.image
 
 
 # ---------------------------------------------------------------------------------------------- the MCP client
@@ -1159,43 +1188,18 @@ class RemoteService(Blip2Service):
     async def alocate(self, image: ImageInput, text: str) -> LocateResult:
         """Where `text` matches in the image (`locate_in_image`).
 
-        `heatmap` is rebuilt from the patch grid, and the image is decoded here so `overlay_png()` works as it
-        does on a local service's result.
+        The daemon sends the heatmap on the patch grid only; `heatmap` is upsampled from it and the image is
+        decoded here when first needed (`overlay_png()`), so a call that only wants the box costs no decode.
         """
-        import numpy as np
-        from PIL import Image
-
         from .grounding import LocateResult
 
         ref, label = await self._image_arg(image)
         content = await self._call("locate_in_image", {"image": ref, "text": text})
         result = self._relabel(LocateResult.model_validate(content), label)
-        grid = np.asarray(result.grid, dtype=np.float32)
-        size = (result.image.width, result.image.height)
-        heat = np.asarray(Image.fromarray(grid, mode="F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-        result._heatmap = np.clip(heat, 0.0, 1.0)
-        result._image = await asyncio.to_thread(self._locate_image, image, ref, size)
-        return result
-
-    def _locate_image(self, image: ImageInput, ref: str, size: tuple[int, int]) -> Image.Image | None:
-        """The image `overlay_png` draws on, decoded here by `load_image` (the daemon sends no pixels back).
-
-        A path goes as what was sent: the data URI read here (no second read) or the absolute path. Anything
-        this side cannot load under its own settings (say a URL only the daemon may fetch) leaves no image:
-        the box and heatmap still stand, only `overlay_png` is unavailable.
-        """
-        from .images import load_image
-
         source: ImageInput = ref if isinstance(image, str | Path) else image
-        try:
-            loaded = load_image(source, self.settings)
-        except BlipError as exc:
-            logger.info("locate: no overlay image for %s: %s", self.daemon.url, exc)
-            return None
-        if loaded.image.size != size:  # a different decoder on the daemon: the heatmap would not line up
-            logger.info("locate: the daemon saw %s, this side decoded %s; no overlay image", size, loaded.image.size)
-            return None
-        return loaded.image
+        size = (result.image.width, result.image.height)
+        result._image_source = functools.partial(_overlay_image, source, size, self.settings, self.url)
+        return result
 
     def locate(self, image: ImageInput, text: str) -> LocateResult:
         """Where `text` matches in the image, computed on the daemon."""

@@ -565,6 +565,50 @@ async def test_locate_attaches_the_image_so_the_overlay_and_the_langchain_tool_w
     assert message.status == "success", message.content
 
 
+def test_locate_decodes_the_image_only_when_the_overlay_is_asked_for(
+    daemon: Daemon, shared_dir: Path, make_image_module: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's LocateResult has its box and heatmap without a decode here; `overlay_png()` decodes the image once,
+    also after the service is closed, and says why when that image is not the one the daemon saw."""
+    import io
+
+    from PIL import Image
+
+    from blip_tools import images
+    from blip_tools.errors import InferenceError
+
+    decoded: list[Any] = []
+    load_image = images.load_image
+
+    def counting(ref: Any, settings: Any) -> Any:
+        decoded.append(ref)
+        return load_image(ref, settings)
+
+    monkeypatch.setattr(images, "load_image", counting)  # this side's decodes only: the daemon's service bound its own
+    path = shared_dir / "img4.png"
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings(), send_files="always") as client:
+        result = client.locate(path, "a dog")
+        client.locate(Image.open(path), "a dog")
+    assert decoded == []
+    assert result.heatmap.shape == (40, 48) and 0.0 <= result.heatmap.min() <= result.heatmap.max() <= 1.0
+    assert Image.open(io.BytesIO(result.overlay_png())).size == (48, 40)
+    assert Image.open(io.BytesIO(result.overlay_png(max_side=24))).size == (24, 20)
+    assert len(decoded) == 1 and str(decoded[0]).startswith("data:image/png;base64,")  # the bytes sent, not re-read
+    rebuilt = type(result).model_validate_json(result.model_dump_json())  # JSON carries the grid: same heatmap
+    assert rebuilt.heatmap == pytest.approx(result.heatmap)
+
+    changing = shared_dir / "changing.png"  # on loopback the daemon reads the path, and so does the overlay, later
+    make_image_module(600).save(changing)
+    try:
+        with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings()) as client:
+            result = client.locate(changing, "a dog")
+        make_image_module(601, size=(30, 20)).save(changing)
+        with pytest.raises(InferenceError, match=r"saw the image at 48x40, this side decodes it at 30x20"):
+            result.overlay_png()
+    finally:
+        changing.unlink()
+
+
 def test_loader_through_the_daemon_skips_only_image_errors(daemon: Daemon, shared_dir: Path, private_dir: Path) -> None:
     """`Blip2ImageLoader(on_error="skip")` behaves as on a local service: image errors skip, call errors raise."""
     from blip_tools.errors import ServiceClosed
