@@ -638,7 +638,8 @@ class RemoteService(Blip2Service):
     """The `Blip2Service` API backed by a `blip-mcp` daemon: same methods, same typed results, same errors.
 
     It subclasses `Blip2Service` so it fits wherever one is expected (`Blip2Toolkit(service=RemoteService(url))`,
-    `ImageIndex(service=...)`), but it has no local runtime or batcher: every public method is overridden to call
+    `ImageIndex(service=RemoteService(url).start())`: `start()` first, so the index records the daemon's model, not
+    this side's settings), but it has no local runtime or batcher: every public method is overridden to call
     the daemon, and `add_listener` is not available. Sync methods run on a private event-loop thread; async
     methods run in the caller's loop, and cancelling the awaiting task cancels the call on the daemon.
 
@@ -673,6 +674,8 @@ class RemoteService(Blip2Service):
         self.send_files: SendFiles = send_files
         self.concurrency = concurrency
         self._closed = False
+        self._retrieval_model: str | None = None
+        """The daemon's retrieval model as `start()` found it; embeddings from another one are refused."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -709,8 +712,18 @@ class RemoteService(Blip2Service):
         return self.send_files == "always" or (self.send_files == "auto" and not self.daemon.loopback)
 
     def start(self) -> RemoteService:
-        """Check that the daemon answers (reads `blip://model`); raises `ModelNotAvailable` if it does not."""
-        self.model_info()
+        """Check that the daemon answers, and take the names of its checkpoints as this service's own.
+
+        Reads `blip://model` (`ModelNotAvailable` if the daemon does not answer) and sets `settings.model` and
+        `settings.retrieval_model` to what the daemon runs, so whatever records them names the model that made
+        the results: an `ImageIndex` built on this service afterwards tags its vectors and captions with the
+        daemon's checkpoints, never with this side's defaults, and keeps them apart from another model's. From
+        then on an embedding from another retrieval model (the daemon was restarted with one) is refused with
+        `ModelNotAvailable` instead of being mixed in. Returns self.
+        """
+        info = self.model_info()
+        self.settings = self.settings.model_copy(update={"model": info.model, "retrieval_model": info.retrieval_model})
+        self._retrieval_model = info.retrieval_model
         return self
 
     def close(self, drain: bool = True, timeout_s: float | None = 30.0) -> None:
@@ -899,6 +912,17 @@ class RemoteService(Blip2Service):
                 raise BlipError(f"The daemon's {tool} tool returned no structured content.")
             return parsed
         return dict(result.structured_content)
+
+    def _same_model(self, result: EmbeddingResult) -> EmbeddingResult:
+        """`result`, if the model that made it is the one `start()` found (vectors of two models do not mix)."""
+        expected = self._retrieval_model
+        if expected is not None and result.model != expected:
+            raise ModelNotAvailable(
+                f"The blip-mcp daemon at {self.url} now embeds with {result.model!r}, not {expected!r} as when this "
+                "client started (was it restarted with another retrieval model?). Their vectors do not mix: start "
+                "the command again (or call start() again) to use the new model."
+            )
+        return result
 
     @staticmethod
     def _relabel(result: T, label: str | None) -> T:
@@ -1134,7 +1158,7 @@ class RemoteService(Blip2Service):
         if include_query_vectors:
             arguments["include_query_vectors"] = True
         content = await self._call("embed_image", arguments)
-        return self._relabel(EmbeddingResult.model_validate(content), label)
+        return self._relabel(self._same_model(EmbeddingResult.model_validate(content)), label)
 
     async def aembed_images(
         self,
@@ -1175,7 +1199,7 @@ class RemoteService(Blip2Service):
             raise InvalidInput("embed_texts takes a list of strings, not a single string")
 
         async def one(text: str) -> EmbeddingResult:
-            return EmbeddingResult.model_validate(await self._call("embed_text", {"text": text}))
+            return self._same_model(EmbeddingResult.model_validate(await self._call("embed_text", {"text": text})))
 
         results = await self._gather([lambda t=t: one(t) for t in texts], False, None)  # type: ignore[misc]
         return [r for r in results if isinstance(r, EmbeddingResult)]

@@ -659,6 +659,26 @@ def test_cli_caption_and_ask_use_the_daemon_at_blip_remote_url(
         Blip2Service.set_shared(previous)
 
 
+def test_start_takes_the_daemons_model_names_and_refuses_another_models_vectors(
+    daemon: Daemon, shared_dir: Path
+) -> None:
+    """After start() the service's settings name the daemon's checkpoints (what an ImageIndex records); an embedding
+    from another retrieval model (a daemon restarted with one) is an error, not a vector to mix in."""
+    served = daemon.service.settings
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings(retrieval_model="local/guess")) as client:
+        assert client.settings.retrieval_model == "local/guess"
+        client.embed_texts(["a dog"])  # before start(): nothing to compare with
+        assert client.start() is client
+        assert (client.settings.model, client.settings.retrieval_model) == (served.model, served.retrieval_model)
+        assert client.embed_texts(["a dog"])[0].model == served.retrieval_model
+        client._retrieval_model = "an/older-model"  # as if the daemon had been restarted with another model since
+        with pytest.raises(ModelNotAvailable, match=r"now embeds with .* not 'an/older-model'"):
+            client.embed_texts(["a dog"])
+        (result,) = client.embed_images([shared_dir / "img0.png"], return_exceptions=True)
+        assert isinstance(result, ModelNotAvailable)
+
+
+
 # ---------------------------------------------------------------------------------------------- close and restarts
 def test_close_ends_a_sync_call_in_flight_with_service_closed(daemon: Daemon, shared_dir: Path) -> None:
     """close() from another thread ends a call that is waiting on the daemon at once, typed; later calls too."""
