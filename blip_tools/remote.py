@@ -1248,20 +1248,21 @@ class RemoteService(Blip2Service):
 
 
 # ---------------------------------------------------------------------------------------------- selection
-_defaults: dict[tuple[str, str | None], RemoteService] = {}
+_defaults: dict[tuple[str, str | None, SendFiles], RemoteService] = {}
 _defaults_lock = threading.Lock()
 
 
 def default_service(settings: BlipSettings | None = None) -> Blip2Service | RemoteService:
     """The service an interface should use: a `RemoteService` when `BLIP_REMOTE_URL` is set, else the shared one.
 
-    The remote service is created once per (URL, token) and reused, like `Blip2Service.shared()`.
+    The remote service is created once per (URL, token, `remote_send_files`) and reused, like
+    `Blip2Service.shared()`.
     """
     if settings is None:
         return Blip2Service.shared()  # honours BLIP_REMOTE_URL itself
     if not settings.remote_url:
         return Blip2Service.shared()
-    key = (normalize_url(settings.remote_url), settings.token)
+    key = (normalize_url(settings.remote_url), settings.token, settings.remote_send_files)
     with _defaults_lock:
         service = _defaults.get(key)
         if service is None or service.closed:

@@ -7,6 +7,7 @@ for them when idle, so requests from different clients that arrive together dete
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -659,6 +660,173 @@ def test_cli_caption_and_ask_use_the_daemon_at_blip_remote_url(
         Blip2Service.set_shared(previous)
 
 
+# ------------------------------------------------------------------------------------- collections via the daemon
+@pytest.fixture
+def cli_env(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """`BLIP_REMOTE_URL` at the daemon, no loadable model here, an index file of the test's own; yields the index."""
+    from blip_tools import Blip2Service
+
+    index = tmp_path / "index.sqlite"
+    monkeypatch.setenv("BLIP_REMOTE_URL", daemon.url)
+    monkeypatch.setenv("BLIP_TOKEN", TOKEN)
+    monkeypatch.setenv("BLIP_MODEL", "/no/model/here")  # loading a model here would fail
+    monkeypatch.setenv("BLIP_RETRIEVAL_MODEL", "/no/retrieval/model/here")
+    monkeypatch.setenv("BLIP_INDEX_PATH", str(index))
+    for name in ("BLIP_ALLOWED_DIRS", "BLIP_REMOTE_SEND_FILES"):
+        monkeypatch.delenv(name, raising=False)
+    previous = Blip2Service._shared
+    yield index
+    Blip2Service.set_shared(previous)
+
+
+@pytest.fixture
+def photos(tmp_path: Path, make_image_module: Callable[..., Any]) -> Path:
+    """Three images outside the daemon's allowed directory: it can embed them only if it is sent their bytes."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        make_image_module(500 + i).save(folder / f"p{i}.png")
+    return folder
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from blip_tools.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def _index_models(index: Path) -> set[tuple[str, str | None]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(index)) as conn:
+        return set(conn.execute("SELECT DISTINCT model, caption_model FROM images WHERE embedding IS NOT NULL"))
+
+
+def test_cli_collection_commands_use_the_daemon_and_record_its_model(
+    daemon: Daemon, cli_env: Path, photos: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`index`, `search`, `duplicates` and `locate` run on the daemon's model (none loads here); the index records
+    the daemon's checkpoints with its vectors, and the files reach the daemon as data (outside its allowed dirs)."""
+    import json
+
+    from PIL import Image
+
+    before = daemon.service.stats().requests
+    code, out, err = _cli(capsys, "index", str(photos), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["embedded"], report["captioned"], report["failed"], report["indexed"]) == (3, 3, 0, 3)
+    served = daemon.service.settings
+    assert _index_models(cli_env) == {(served.retrieval_model, served.model)}
+    assert daemon.service.stats().requests > before
+
+    code, out, err = _cli(capsys, "search", "a photo", "--rerank", "--json")
+    assert code == 0, err
+    hits = json.loads(out)["hits"]
+    assert sorted(Path(h["path"]).name for h in hits) == ["p0.png", "p1.png", "p2.png"]
+    assert all(h["itm_probability"] is not None for h in hits)  # re-ranked by the daemon, the files sent as data
+    assert "note:" not in err
+    code, out, err = _cli(capsys, "search", "--image", str(photos / "p1.png"), "-k", "1", "--json")
+    assert code == 0, err
+    assert Path(json.loads(out)["hits"][0]["path"]).name == "p1.png"
+    code, out, err = _cli(capsys, "duplicates", "--threshold", "0.9999", "--json")
+    assert (code, json.loads(out), err) == (0, [], "")
+
+    overlay = photos.parent / "overlay.png"
+    image = shared_dir / "img2.png"  # locate sends a loopback daemon the path, as caption does
+    code, out, err = _cli(capsys, "locate", str(image), "a dog", "-o", str(overlay), "--json")
+    assert code == 0, err
+    assert json.loads(out)["image"]["source"] == str(image)
+    assert Image.open(overlay).size == Image.open(image).size
+
+    code, _, err = _cli(capsys, "search", "a photo", "--retrieval-model", "/elsewhere")
+    assert code == 2 and err.startswith("error: --retrieval-model configure a model loaded here") and "--local" in err
+
+
+def test_cli_index_keeps_the_daemons_vectors_apart_from_a_local_models(
+    daemon: Daemon, cli_env: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Vectors of the daemon's model and of another one loaded with --local never mix: each side sees the other's
+    rows as stale (left out of search, re-embedded by its next index run) and says so."""
+    import json
+
+    served = daemon.service.settings
+    other = tmp_path / "other-retrieval"
+    other.symlink_to(served.retrieval_model, target_is_directory=True)  # the same weights under another name
+    local = ("--local", "--model", served.model, "--retrieval-model", str(other))
+
+    code, out, err = _cli(capsys, "index", str(photos), "--no-captions", "--json", *local)
+    assert code == 0, err
+    assert _index_models(cli_env) == {(str(other), None)}
+
+    code, out, err = _cli(capsys, "search", "a photo", "--json")  # through the daemon
+    assert code == 0, err
+    assert json.loads(out)["hits"] == []
+    assert "note: 3 indexed image(s) were embedded with another retrieval model than" in err
+    assert served.retrieval_model in err
+
+    code, out, err = _cli(capsys, "index", str(photos), "--no-captions", "--json")  # re-embedded by the daemon
+    assert code == 0, err
+    assert json.loads(out)["embedded"] == 3
+    assert _index_models(cli_env) == {(served.retrieval_model, None)}
+    code, out, err = _cli(capsys, "duplicates", "--json", *local)
+    assert code == 0 and "note: 3 indexed image(s)" in err and str(other) in err
+
+
+def test_cli_collection_commands_with_the_daemon_down_fail_clearly(
+    cli_env: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Daemon down: every collection command exits 2 with the unreachable message, as `caption` does; no index
+    file is created."""
+    down = f"http://127.0.0.1:{_free_port()}/mcp"
+    monkeypatch.setenv("BLIP_REMOTE_URL", down)
+    image = str(photos / "p0.png")
+    for argv in (
+        ["caption", image],
+        ["index", str(photos)],
+        ["search", "a dog"],
+        ["duplicates"],
+        ["locate", image, "a dog", "-o", str(photos.parent / "o.png")],
+    ):
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2, argv
+        assert err.startswith(f"error: The blip-mcp daemon at {down} is unreachable") and "--transport http" in err
+        assert out == ""
+    assert not cli_env.exists()
+
+
+def test_cli_send_files_with_collection_commands(
+    daemon: Daemon, cli_env: Path, photos: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`locate` follows BLIP_REMOTE_SEND_FILES as `caption` does: paths to a loopback daemon (which may refuse them),
+    data to any other. The index commands send data under `auto`, paths only under `never`."""
+    import argparse
+
+    import blip_tools.remote
+    from blip_tools.cli._common import service_from_args
+
+    image = str(photos / "p0.png")
+    code, _, err = _cli(capsys, "locate", image, "a dog")
+    assert code == 2 and "allowed" in err  # loopback: the daemon read the path, outside its allowed dirs
+    monkeypatch.setattr(blip_tools.remote, "is_loopback_url", lambda url: False)  # a daemon on another machine
+    code, out, err = _cli(capsys, "locate", image, "a dog")
+    assert code == 0 and "matches best around pixel" in out, err
+
+    def send_files(**options: Any) -> str:
+        args = argparse.Namespace(local=False)
+        with service_from_args(args, remote=True, **options) as service:
+            assert isinstance(service, RemoteService)
+            return service.send_files
+
+    assert send_files() == "auto"
+    assert send_files(files_read_here=True) == "always"
+    monkeypatch.setenv("BLIP_REMOTE_SEND_FILES", "never")
+    assert send_files(files_read_here=True) == "never"
+
+
 def test_start_takes_the_daemons_model_names_and_refuses_another_models_vectors(
     daemon: Daemon, shared_dir: Path
 ) -> None:
@@ -676,7 +844,6 @@ def test_start_takes_the_daemons_model_names_and_refuses_another_models_vectors(
             client.embed_texts(["a dog"])
         (result,) = client.embed_images([shared_dir / "img0.png"], return_exceptions=True)
         assert isinstance(result, ModelNotAvailable)
-
 
 
 # ---------------------------------------------------------------------------------------------- close and restarts

@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blip-tools",
         description="Caption images, answer questions about them and search them locally with BLIP-2.",
-        epilog="With BLIP_REMOTE_URL set, caption and ask use that shared blip-mcp daemon instead of loading a "
-        "model (--local overrides); index, search, duplicates, locate, finetune, bench, serve-ray and "
-        "tiny-checkpoint always work in this process.",
+        epilog="With BLIP_REMOTE_URL set, caption, ask, index, search, duplicates and locate use that shared "
+        "blip-mcp daemon's model instead of loading one (--local overrides; an index file stays on this machine); "
+        "finetune, bench, serve-ray and tiny-checkpoint always work in this process.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -85,18 +85,25 @@ def add_remote_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def service_from_args(args: argparse.Namespace, *, remote: bool = False) -> Blip2Service:
+def service_from_args(args: argparse.Namespace, *, remote: bool = False, files_read_here: bool = False) -> Blip2Service:
     """The service a command calls, built from the flags.
 
     With `remote` (commands that need only what a `RemoteService` offers), `BLIP_REMOTE_URL` set and no
     `--local`, it is the shared daemon's client (`blip_tools.remote.default_service`); `--allowed-dir` and
     `--allow-urls` then apply to the files read here. Otherwise a local service, installed as the process-wide
     shared one.
+
+    `files_read_here` is for commands that read their image files here anyway (the index hashes every file):
+    with `BLIP_REMOTE_SEND_FILES=auto` the daemon then gets the files' contents even on loopback, so it needs no
+    access to them (its own allowed_dirs, its container's mounts) and a path it may not read cannot turn into a
+    failure recorded against the file. `never` still sends paths.
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     remote = remote and not getattr(args, "local", False)
     settings = settings_from_args(args, demo=not remote)  # a daemon's client needs no demo checkpoint built
     if remote and settings.remote_url:
+        if files_read_here and settings.remote_send_files == "auto":
+            settings = settings.model_copy(update={"remote_send_files": "always"})
         given = [flag for name, flag in _LOCAL_MODEL_FLAGS.items() if getattr(args, name, None) not in (None, False)]
         if given:
             raise InvalidInput(

@@ -1,4 +1,10 @@
-"""Collection subcommands: `index DIR`, `search QUERY`, `duplicates` and `locate IMAGE TEXT`."""
+"""Collection subcommands: `index DIR`, `search QUERY`, `duplicates` and `locate IMAGE TEXT`.
+
+With `BLIP_REMOTE_URL` set (and no `--local`) they use the shared `blip-mcp` daemon's model, as `caption` and
+`ask` do. The index file itself is always read and written here; only the model calls go to the daemon, and the
+index records the daemon's checkpoint names with its vectors (`RemoteService.start()`), so they never mix with
+vectors of the model a `--local` run loads.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,42 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidInput
 from ..index import _display
-from ._common import add_model_options, service_from_args
+from ._common import add_model_options, add_remote_option, service_from_args
+
+if TYPE_CHECKING:
+    from ..index import ImageIndex
+    from ..service import Blip2Service
+
+_DAEMON = (
+    " With BLIP_REMOTE_URL set, the shared blip-mcp daemon there runs the model (none is loaded here) unless "
+    "--local is given; the index file stays on this machine."
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `index`, `search`, `duplicates` and `locate`."""
-    p = sub.add_parser("index", help="index a folder of images for search (incremental; safe to interrupt)")
+    p = sub.add_parser(
+        "index",
+        help="index a folder of images for search (incremental; safe to interrupt)",
+        description="Index a folder of images for search (incremental; safe to interrupt)." + _DAEMON + " The files "
+        "are read here and sent to the daemon as data (BLIP_REMOTE_SEND_FILES=never sends their paths instead).",
+    )
     p.add_argument("dir", type=Path, help="folder of images")
     p.add_argument("--no-recursive", dest="recursive", action="store_false", help="only the folder itself")
     p.add_argument("--no-captions", dest="captions", action="store_false", help="embed only (faster)")
     _add_index_options(p)
     p.set_defaults(handler=_index)
 
-    p = sub.add_parser("search", help="search indexed images by text, or by an example image with --image")
+    p = sub.add_parser(
+        "search",
+        help="search indexed images by text, or by an example image with --image",
+        description="Search indexed images by text, or by an example image with --image." + _DAEMON + " Only images "
+        "indexed with the same retrieval model are searched.",
+    )
     p.add_argument("query", nargs="?", help="what to look for, e.g. 'a dog on a beach'")
     p.add_argument("--image", help="find images similar to this one instead of a text query")
     p.add_argument("-k", "--top-k", type=int, default=10, help="number of results (default 10)")
@@ -31,17 +57,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_index_options(p)
     p.set_defaults(handler=_search)
 
-    p = sub.add_parser("duplicates", help="groups of near-identical indexed images")
+    p = sub.add_parser(
+        "duplicates",
+        help="groups of near-identical indexed images",
+        description="Groups of near-identical indexed images, from the stored vectors (no model call). With "
+        "BLIP_REMOTE_URL set, the images compared are those indexed with the daemon's retrieval model (asked of the "
+        "daemon), unless --local is given.",
+    )
     p.add_argument("--dir", type=Path, help="only images under this folder")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
     _add_index_options(p)
     p.set_defaults(handler=_duplicates)
 
-    p = sub.add_parser("locate", help="heatmap of where a text matches in an image (ITM Grad-CAM)")
+    p = sub.add_parser(
+        "locate",
+        help="heatmap of where a text matches in an image (ITM Grad-CAM)",
+        description="Heatmap of where a text matches in an image (ITM Grad-CAM). With BLIP_REMOTE_URL set, the "
+        "shared blip-mcp daemon there computes it (no model is loaded here) unless --local is given; --output then "
+        "draws the overlay here, on the image as this side reads it.",
+    )
     p.add_argument("image", help="image file, file:// or data: URI")
     p.add_argument("text", help="what to find, e.g. 'the red car'")
     p.add_argument("-o", "--output", type=Path, help="write the heatmap overlay PNG here")
     add_model_options(p)
+    add_remote_option(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_locate)
 
@@ -49,14 +88,37 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=Path, dest="index_path", help="SQLite index file (BLIP_INDEX_PATH)")
     add_model_options(p)
+    add_remote_option(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _open(args: argparse.Namespace) -> tuple[Blip2Service, ImageIndex]:
+    """The service (the daemon's client with BLIP_REMOTE_URL) and the index on it."""
     from ..index import ImageIndex
+    from ..remote import RemoteService
 
-    service = service_from_args(args)
-    return service, ImageIndex(args.index_path, service=service)
+    service = service_from_args(args, remote=True, files_read_here=True)
+    try:
+        if isinstance(service, RemoteService):
+            # The daemon's checkpoint names become the service's settings, which the index reads once, now: its
+            # vectors are recorded as the daemon's model's. A daemon that is down fails here, before any file opens.
+            service.start()
+        return service, ImageIndex(args.index_path, service=service)
+    except BaseException:
+        service.close()
+        raise
+
+
+def _note_stale(index: ImageIndex) -> None:
+    """Say (on stderr) that images embedded with another retrieval model were left out, and how to include them."""
+    stale = index.stats().stale
+    if stale:
+        print(
+            f"note: {stale} indexed image(s) were embedded with another retrieval model than "
+            f"{_display(index.settings.retrieval_model)} and are left out; `blip-tools index DIR` re-embeds them with "
+            "this one (BLIP_REMOTE_URL and --local choose which model that is).",
+            file=sys.stderr,
+        )
 
 
 def _index(args: argparse.Namespace) -> int:
@@ -90,6 +152,7 @@ def _search(args: argparse.Namespace) -> int:
     service, index = _open(args)
     with service, index:
         result = index.search(args.query, image=args.image, top_k=args.top_k, directory=args.dir, rerank=args.rerank)
+        _note_stale(index)
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
@@ -101,6 +164,7 @@ def _duplicates(args: argparse.Namespace) -> int:
     service, index = _open(args)
     with service, index:
         groups = index.duplicates(threshold=args.threshold, directory=args.dir)
+        _note_stale(index)
     if args.json:
         print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
         return 0
@@ -128,7 +192,7 @@ def _check_output(path: Path) -> None:
 def _locate(args: argparse.Namespace) -> int:
     if args.output is not None:
         _check_output(args.output)
-    with service_from_args(args) as service:
+    with service_from_args(args, remote=True) as service:
         result = service.locate(args.image, args.text)
     if args.output is not None:
         try:
