@@ -465,8 +465,7 @@ class Blip2Runtime:
                 eos_token_id=eos_ids,
                 pad_token_id=pad_id,
                 return_dict_in_generate=True,
-                output_scores=beams,
-                output_logits=not beams,
+                output_logits=True,  # raw logits (and, for beam search, `beam_indices`): see `_token_logprobs`
                 **kwargs,
             )
             if use_prefix:
@@ -581,7 +580,9 @@ class Blip2Runtime:
         if new_tokens.shape[1] == 0:
             return torch.zeros_like(new_tokens, dtype=torch.float32)
         if beams:
-            scores = lm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+            # The model's own log-probs, as for greedy and sampling: `out.scores` would be the beam scores after
+            # the logits processors (repetition penalty, temperature...), not "log-probability under the model".
+            scores = lm.compute_transition_scores(out.sequences, out.logits, out.beam_indices, normalize_logits=True)
             return scores[:, -new_tokens.shape[1] :]
         logits = torch.stack(out.logits, dim=1).float()
         return torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
@@ -628,7 +629,7 @@ class Blip2Runtime:
                 return_dict=True,
             ).last_hidden_state
             out = out.to(ret.vision_projection.weight.dtype)
-            return torch.nn.functional.normalize(ret.vision_projection(out), dim=-1).float()
+            return torch.nn.functional.normalize(ret.vision_projection(out).float(), dim=-1)  # unit length in float32
 
     @staticmethod
     def pool_queries(query_embeds: torch.Tensor) -> torch.Tensor:
@@ -654,7 +655,7 @@ class Blip2Runtime:
                 query_embeds=embeds, query_length=0, attention_mask=enc["attention_mask"], return_dict=True
             ).last_hidden_state
             out = out.to(ret.text_projection.weight.dtype)
-            return torch.nn.functional.normalize(ret.text_projection(out[:, 0, :]), dim=-1).float()
+            return torch.nn.functional.normalize(ret.text_projection(out[:, 0, :]).float(), dim=-1)
 
     def itm(self, images: Sequence[ImageItem], texts: Sequence[str]) -> list[float]:
         """Image-text matching probability for each (image, text) pair."""

@@ -490,6 +490,53 @@ def test_allowed_dirs(settings: BlipSettings, tmp_path: Path, make_image: Callab
         svc.close()
 
 
+@pytest.mark.parametrize(
+    ("options", "seed"),
+    [
+        ({"num_beams": 3, "num_return_sequences": 3, "repetition_penalty": 1.5}, None),
+        ({"num_beams": 3, "num_return_sequences": 2, "do_sample": True, "temperature": 0.5}, 3),
+        ({"do_sample": True, "temperature": 0.5}, 3),
+        ({"repetition_penalty": 1.02}, None),
+    ],
+)
+def test_mean_logprob_is_the_models_own_log_probability_for_every_decoding(
+    service: Blip2Service, settings: Any, make_image: Callable[..., Any], options: dict[str, Any], seed: int | None
+) -> None:
+    """`mean_logprob` is the mean log-prob of the returned tokens under the model (teacher-forced with plain
+    transformers), whatever the decoding: beam scores after repetition penalty or temperature are not it."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    img = make_image(1)
+    got = service.caption(img, max_new_tokens=12, **options, **({"seed": seed} if seed is not None else {}))
+    model = Blip2ForConditionalGeneration.from_pretrained(settings.model, dtype=torch.float32).eval()
+    processor = Blip2Processor.from_pretrained(settings.model)
+    eos = service.runtime.load_captioner().extra["eos_ids"]
+    inputs = processor(images=img, text="", return_tensors="pt")  # image tokens + BOS, as our captions use
+    width = inputs["input_ids"].shape[1]
+    if seed is not None:
+        torch.manual_seed(seed)
+    early = {"early_stopping": True} if options.get("num_beams", 1) > 1 else {}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, eos_token_id=eos, **options, **early)
+    by_text: dict[str, float] = {}
+    for row in out:
+        tokens = row[width:].tolist()
+        tokens = tokens[: next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([tokens])], 1)
+        with torch.no_grad():
+            logits = model(
+                pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=torch.ones_like(ids)
+            ).logits
+        logprobs = torch.log_softmax(logits[0, width - 1 : -1].float(), -1).gather(-1, torch.tensor(tokens)[:, None])
+        text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())  # as results clean it
+        by_text[text] = logprobs.mean().item()
+    assert sorted(by_text) == sorted(c.text for c in got.captions)  # the same sequences as plain generate()
+    for caption in got.captions:
+        assert caption.mean_logprob == pytest.approx(by_text[caption.text], abs=1e-4)
+
+
 def test_generation_options_and_confidence(service: Blip2Service, make_image: Callable[..., Any]) -> None:
     img = make_image(3)
     beams = service.caption(img, num_beams=3, num_return_sequences=3, max_new_tokens=8)
@@ -723,3 +770,16 @@ def test_batch_calls_on_nothing_or_on_a_closed_service(settings: BlipSettings, m
         with pytest.raises(ServiceClosed):
             call()
     assert svc.stats().models_loaded == 1  # the retrieval model, for embed_texts above
+
+
+def test_bfloat16_embeddings_are_unit_length(settings: Any, make_image: Callable[..., Any]) -> None:
+    """Vectors are normalised after the cast to float32, so bf16 rounding does not leave them off unit length."""
+    import math
+
+    with Blip2Service(settings.model_copy(update={"dtype": "bfloat16"})) as svc:
+        vectors = [e.vector for e in svc.embed_texts(["a dog", "two cats on a sofa", "a red car"])]
+        image = svc.embed_images([make_image(1)], include_query_vectors=True)[0]
+        assert not isinstance(image, Exception) and image.query_vectors is not None
+        vectors += [image.vector, *image.query_vectors]
+    for vector in vectors:
+        assert math.sqrt(sum(x * x for x in vector)) == pytest.approx(1.0, abs=1e-5)
