@@ -405,7 +405,8 @@ class ImageIndex:
         self.settings = service.settings
         self.path = Path(path).expanduser() if path is not None else self.settings.resolved_index_path()
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        """Every open connection with the thread it belongs to; a thread that ended has its connection closed."""
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()
         self._matrix: _Matrix | None = None
@@ -475,7 +476,14 @@ class ImageIndex:
                 raise _db_failure(self.path, exc) from exc
             self._local.conn = conn
             with self._lock:
-                self._connections.append(conn)
+                # Threads come and go (asyncio.run's executors, short-lived workers): close the connections of
+                # those that ended, so an index searched from many threads does not hold a file per thread.
+                ended = [c for thread, c in self._connections if not thread.is_alive()]
+                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+                self._connections.append((threading.current_thread(), conn))
+            for old in ended:
+                with contextlib.suppress(sqlite3.Error):
+                    old.close()
         return conn
 
     @contextlib.contextmanager
@@ -501,7 +509,7 @@ class ImageIndex:
         """Close every connection this object opened (the file stays)."""
         with self._lock:
             self._closed = True
-            for conn in self._connections:
+            for _, conn in self._connections:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._connections.clear()

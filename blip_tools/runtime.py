@@ -421,8 +421,10 @@ class Blip2Runtime:
             by_key = {images[i].key: out[j] for j, i in enumerate(order)}
             for i in missing:
                 feats[i] = by_key[images[i].key]
-            for key, value in by_key.items():
-                cache.put(key, value)
+            if cache.capacity > 0:
+                for key, value in by_key.items():
+                    # A copy: a row of `out` is a view that would keep the whole batch's output alive.
+                    cache.put(key, value.clone())
         return torch.stack([f for f in feats if f is not None])
 
     def _lm_features(self, images: Sequence[ImageItem]) -> torch.Tensor:

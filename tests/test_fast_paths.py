@@ -100,6 +100,17 @@ def test_prefix_cache_is_bounded(settings: BlipSettings, make_image: Callable[..
         assert len(svc.runtime.feature_cache._data) == 3
 
 
+def test_cached_features_hold_only_their_own_image(settings: BlipSettings, make_image: Callable[..., Any]) -> None:
+    """A cache entry is one image's features, not a view that keeps its whole batch's output alive."""
+    with _service(settings, feature_cache_size=8, max_batch_size=8) as svc:
+        svc.caption_batch([make_image(500 + i) for i in range(6)], max_new_tokens=2)
+        svc.embed_images([make_image(600 + i) for i in range(6)])
+        for cache in (svc.runtime.feature_cache, svc.runtime.retrieval_cache):
+            assert len(cache._data) == 6
+            for value in cache._data.values():
+                assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
+
+
 def test_static_cache_option_matches_dynamic(settings: BlipSettings, images: list[Any]) -> None:
     with _service(settings, prefix_cache_size=0) as plain:
         expected = [r.caption for r in plain.caption_batch(images[:3], max_new_tokens=8)]  # type: ignore[union-attr]

@@ -493,3 +493,23 @@ def test_top_k_must_be_a_positive_integer(index: ImageIndex, photos: Path) -> No
         with pytest.raises(InvalidInput, match="top_k must be an integer >= 1"):
             index.search("a cat", top_k=bad)  # type: ignore[arg-type]
     assert len(index.search("a cat", top_k=np.int64(2)).hits) == 2  # type: ignore[arg-type]
+
+
+def test_searches_from_many_short_lived_threads_do_not_keep_a_connection_each(index: ImageIndex, photos: Path) -> None:
+    """Each thread gets its own SQLite connection; once the thread has ended, the next new one closes it."""
+    import asyncio
+    import os
+    import threading
+
+    index.index(photos, captions=False)
+    index.search("a photo", top_k=1)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(40):
+        thread = threading.Thread(target=index.search, args=("a photo",), kwargs={"top_k": 1})
+        thread.start()
+        thread.join()
+    for _ in range(10):
+        asyncio.run(index.asearch("a photo", top_k=1))  # each run's executor threads end with it
+    assert len(index._connections) <= 3  # this thread, plus the last short-lived thread(s) not yet pruned
+    assert len(os.listdir("/proc/self/fd")) <= fds + 6
+    assert index.search("a photo", top_k=1)  # still serving on this thread's own connection
