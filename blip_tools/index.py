@@ -401,6 +401,10 @@ class ImageIndex:
             from .service import Blip2Service
 
             service = Blip2Service.shared()
+        from .remote import RemoteService
+
+        if isinstance(service, RemoteService) and not service.started:
+            service.start()  # the daemon's checkpoint names, so rows are tagged with the model that made them
         self.service = service
         self.settings = service.settings
         self.path = Path(path).expanduser() if path is not None else self.settings.resolved_index_path()

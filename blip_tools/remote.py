@@ -711,6 +711,11 @@ class RemoteService(Blip2Service):
         """Whether image paths are read here and sent as data (see `send_files`)."""
         return self.send_files == "always" or (self.send_files == "auto" and not self.daemon.loopback)
 
+    @property
+    def started(self) -> bool:
+        """Whether `start()` has run, so `settings.model`/`retrieval_model` name the daemon's checkpoints."""
+        return self._retrieval_model is not None
+
     def start(self) -> RemoteService:
         """Check that the daemon answers, and take the names of its checkpoints as this service's own.
 

@@ -846,6 +846,24 @@ def test_start_takes_the_daemons_model_names_and_refuses_another_models_vectors(
         assert isinstance(result, ModelNotAvailable)
 
 
+def test_an_index_on_an_unstarted_client_records_the_daemons_model(
+    daemon: Daemon, shared_dir: Path, tmp_path: Path
+) -> None:
+    """`ImageIndex(service=RemoteService(url))` without `start()` still tags its rows with the daemon's model."""
+    from blip_tools.index import ImageIndex
+
+    served = daemon.service.settings
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings(retrieval_model="local/guess")) as client:
+        assert not client.started
+        with ImageIndex(tmp_path / "index.db", service=client) as index:
+            assert client.started and index.settings.retrieval_model == served.retrieval_model
+            index.index(shared_dir, captions=False)
+            rows = index._conn().execute("SELECT DISTINCT model FROM images WHERE embedding IS NOT NULL").fetchall()
+            assert [row[0] for row in rows] == [served.retrieval_model]
+            assert index.stats().images > 0 and index.stats().stale == 0
+            assert index.search("a dog", top_k=1).hits
+
+
 # ---------------------------------------------------------------------------------------------- close and restarts
 def test_close_ends_a_sync_call_in_flight_with_service_closed(daemon: Daemon, shared_dir: Path) -> None:
     """close() from another thread ends a call that is waiting on the daemon at once, typed; later calls too."""

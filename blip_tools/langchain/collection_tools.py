@@ -7,6 +7,7 @@ image block, so a multimodal chat model can see where the match is.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 from langchain_core.messages.content import create_image_block
@@ -92,7 +93,8 @@ class IndexImagesTool(_IndexTool):
         return report.summary(), report
 
     async def _acall_service(self, service: Blip2Service, args: IndexImagesInput) -> ToolOutput:
-        report = await self._index(service).aindex(args.directory, recursive=args.recursive, captions=args.captions)
+        index = await asyncio.to_thread(self._index, service)  # opening it may touch the disk or ask a daemon
+        report = await index.aindex(args.directory, recursive=args.recursive, captions=args.captions)
         return report.summary(), report
 
 
@@ -121,7 +123,8 @@ class SearchImagesTool(_IndexTool):
 
     async def _acall_service(self, service: Blip2Service, args: SearchImagesInput) -> ToolOutput:
         self._check(args)
-        result = await self._index(service).asearch(
+        index = await asyncio.to_thread(self._index, service)  # opening it may touch the disk or ask a daemon
+        result = await index.asearch(
             args.query, image=args.image, top_k=args.top_k, directory=args.directory, rerank=args.rerank
         )
         return result.summary(), result
@@ -148,7 +151,9 @@ class LocateInImageTool(Blip2BaseTool):
         return self._output(service.locate(args.image, args.text))
 
     async def _acall_service(self, service: Blip2Service, args: LocateInImageInput) -> ToolOutput:
-        return self._output(await service.alocate(args.image, args.text))
+        result = await service.alocate(args.image, args.text)
+        # Off the loop: drawing the overlay decodes the image (through a daemon, read or fetched again here).
+        return await asyncio.to_thread(self._output, result)
 
 
 COLLECTION_TOOLS: tuple[type[Blip2BaseTool], ...] = (IndexImagesTool, SearchImagesTool, LocateInImageTool)

@@ -153,3 +153,28 @@ async def test_locate_returns_text_and_the_overlay_image(service: Any, lc_folder
     overlay = Image.open(io.BytesIO(base64.b64decode(image_block["base64"])))
     assert overlay.size == (48, 40)
     assert message.artifact.heatmap.shape == (40, 48)
+
+
+def test_async_locate_draws_its_overlay_off_the_event_loop(
+    service: Any, lc_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drawing the overlay decodes the image (through a daemon: reads or fetches it again): never on the loop."""
+    import threading
+
+    threads: list[threading.Thread] = []
+    draw = LocateResult.overlay_png
+
+    def recording(self: LocateResult, *args: Any, **kwargs: Any) -> bytes:
+        threads.append(threading.current_thread())
+        return draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocateResult, "overlay_png", recording)
+    tool = LocateInImageTool(service=service)
+
+    async def run() -> tuple[ToolMessage, threading.Thread]:
+        message = await tool.ainvoke(_call("locate_in_image", image=str(lc_folder / "q1.png"), text="a car"))
+        return message, threading.current_thread()
+
+    message, loop_thread = anyio.run(run)
+    assert isinstance(message, ToolMessage) and message.status == "success"
+    assert threads and all(t is not loop_thread for t in threads)
