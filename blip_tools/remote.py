@@ -45,6 +45,7 @@ from .errors import (
     InvalidInput,
     ModelNotAvailable,
     Overloaded,
+    PathNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
     ServiceClosed,
@@ -906,7 +907,7 @@ class RemoteService(Blip2Service):
             self.daemon.call_tool(tool, {k: v for k, v in arguments.items() if v is not None}, progress=progress)
         )
         if result.is_error:
-            raise error_from_text(tool_text(result))
+            raise self._daemon_error(tool_text(result))
         if result.structured_content is None:
             text = tool_text(result)
             try:
@@ -917,6 +918,17 @@ class RemoteService(Blip2Service):
                 raise BlipError(f"The daemon's {tool} tool returned no structured content.")
             return parsed
         return dict(result.structured_content)
+
+    def _daemon_error(self, text: str) -> BlipError:
+        """The typed error a daemon tool reported; a refused path also says whose settings refused it."""
+        error = error_from_text(text)
+        if isinstance(error, PathNotAllowed):
+            error = PathNotAllowed(
+                f"{error} (This was the blip-mcp daemon at {self.url}, which read the path itself: its own "
+                "BLIP_ALLOWED_DIRS applies, not this side's. Or have this side read the file and send its bytes: "
+                "send_files='always', BLIP_REMOTE_SEND_FILES=always or --send-files always.)"
+            )
+        return error
 
     def _same_model(self, result: EmbeddingResult) -> EmbeddingResult:
         """`result`, if the model that made it is the one `start()` found (vectors of two models do not mix)."""
@@ -1053,7 +1065,7 @@ class RemoteService(Blip2Service):
             if not return_exceptions:  # fail at the first bad image, before the next request is sent
                 for item in items:
                     if not item.get("ok"):
-                        raise error_from_text(str(item.get("error") or "unknown error"))
+                        raise self._daemon_error(str(item.get("error") or "unknown error"))
             return items
 
         def too_large(_index: int, exc: PayloadTooLarge) -> BlipError:
@@ -1078,7 +1090,7 @@ class RemoteService(Blip2Service):
                 results[index] = self._relabel(CaptionResult.model_validate(item["result"]), label)
                 continue
             else:
-                error = error_from_text(str(item.get("error") or "unknown error"))
+                error = self._daemon_error(str(item.get("error") or "unknown error"))
             if not return_exceptions:
                 raise error
             results[index] = error

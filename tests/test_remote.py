@@ -358,9 +358,12 @@ def test_errors_come_back_typed(remote: RemoteService, shared_dir: Path, private
         remote.caption(str(shared_dir / "img0.png"), top_k=5)  # the tool does not take it: said plainly
     with pytest.raises(InvalidImage, match="not a recognised image"):
         remote.caption("data:image/png;base64,AAAA")
-    # On loopback the daemon reads paths itself, so its allowed_dirs apply and come back as PathNotAllowed.
-    with pytest.raises(PathNotAllowed):
+    # On loopback the daemon reads paths itself, so its allowed_dirs apply and come back as PathNotAllowed,
+    # saying whose setting refused it and how to send the bytes instead.
+    with pytest.raises(PathNotAllowed, match=r"blip-mcp daemon at .* its own BLIP_ALLOWED_DIRS.*send_files='always'"):
         remote.caption(str(private_dir / "mine.png"))
+    (refused,) = remote.caption_batch([str(private_dir / "mine.png")], return_exceptions=True)
+    assert isinstance(refused, PathNotAllowed) and "its own BLIP_ALLOWED_DIRS" in str(refused)
 
 
 def test_send_files_always_reads_the_file_here(daemon: Daemon, private_dir: Path) -> None:
