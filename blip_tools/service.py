@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
@@ -45,6 +46,28 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _CLOSED = "The blip-tools service is closed; create a new one or restart the server."
+
+_prepare_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_prepare_pool_lock = threading.Lock()
+
+
+def _prepare_in_thread(fn: Callable[[], None]) -> None:
+    """Run `fn` on the process-wide thread pool that decodes and preprocesses images for the async calls.
+
+    Not `loop.run_in_executor`: its asyncio future would wake the event loop once more per request, only to
+    record that `fn` returned (`fn` reports to the loop itself). Sized like asyncio's default executor.
+    """
+    global _prepare_pool
+    pool = _prepare_pool
+    if pool is None:
+        with _prepare_pool_lock:
+            if _prepare_pool is None:
+                workers = min(32, (os.cpu_count() or 1) + 4)
+                _prepare_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="blip-prepare")
+            pool = _prepare_pool
+    pool.submit(contextvars.copy_context().run, fn)
+
+
 ProgressFn = Callable[[int, int], Any]
 
 CAPTION, ANSWER, EMBED_IMAGE, EMBED_TEXT, SCORE = "caption", "answer", "embed_image", "embed_text", "score"
@@ -295,7 +318,7 @@ class Blip2Service:
                 return
             future.add_done_callback(functools.partial(deliver, extra))
 
-        loop.run_in_executor(None, contextvars.copy_context().run, run)
+        _prepare_in_thread(run)
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -272,13 +272,16 @@ def test_async_call_cancelled_while_preparing_is_never_submitted(
     gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc, runtime = gated
-    loading, release = threading.Event(), threading.Event()
+    loading, release, loaded = threading.Event(), threading.Event(), threading.Event()
     load = svc._load
 
     def slow_load(image: Any) -> Any:
         loading.set()
         assert release.wait(timeout=10)
-        return load(image)
+        try:
+            return load(image)
+        finally:
+            loaded.set()
 
     monkeypatch.setattr(svc, "_load", slow_load)
 
@@ -291,12 +294,36 @@ def test_async_call_cancelled_while_preparing_is_never_submitted(
             await task
         release.set()  # the preparation now finishes in its thread, after its caller has gone
 
-    asyncio.run(scenario())  # returns once the default executor's threads are done
+    asyncio.run(scenario())
+    assert loaded.wait(timeout=10)  # the preparing thread has its image: all it has left is the abandoned check
+    time.sleep(0.1)
     stats = svc.stats()
     assert stats.requests == 0 and stats.queue_depth == 0, "a request nobody awaits must not be queued"
     monkeypatch.undo()
     assert svc.caption(images[1], max_new_tokens=4).caption is not None
     assert runtime.seen == [1]
+
+
+def test_an_async_call_wakes_the_event_loop_once(service: Blip2Service, images: list[Any]) -> None:
+    """Preparation runs in a thread that reports to the loop itself: one wake-up per request, not two."""
+
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)
+
+        await service.acaption(images[0], max_new_tokens=4)  # warm: nothing left to load
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        await service.acaption(images[1], max_new_tokens=4)
+        await service.aanswer(images[1], "what is it?", max_new_tokens=4)
+        return calls
+
+    assert asyncio.run(scenario()) == 2
 
 
 def test_async_call_cancelled_just_after_submitting_is_cancelled(
