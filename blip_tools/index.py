@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field, field_serializer
 
-from .errors import BlipError, IndexDamaged, InvalidImage, InvalidInput
+from .errors import BlipError, IndexDamaged, InvalidImage, InvalidInput, PathNotAllowed
 from .images import _check_allowed, _read_file, describe_ref
 from .results import CaptionResult, EmbeddingResult
 
@@ -137,7 +137,10 @@ class IndexReport(BaseModel):
     reused: int = Field(description="Changed or new files whose bytes were already indexed: vectors reused.")
     unchanged: int = Field(description="Files skipped because size and mtime were unchanged.")
     removed: int = Field(description="Rows removed because their file is gone.")
-    failed: int = Field(description="Files that could not be read or embedded (kept as failures until they change).")
+    failed: int = Field(
+        description="Files that could not be read or embedded (kept as failures until they change; a path a "
+        "setting refused is tried again next run)."
+    )
     errors: list[IndexFailure] = Field(default_factory=list, description="Failures of this run (first 50).")
     indexed: int = Field(description="Searchable images under the directory after the run.")
     complete: bool = Field(description="False when the run was stopped early; the next run resumes it.")
@@ -710,11 +713,13 @@ class ImageIndex:
             data = encoded.get(path)
             return Path(path) if data is None else data
 
-        def fail(item: _Todo, message: str) -> None:
+        def fail(item: _Todo, message: str, *, refused: bool = False) -> None:
             report.failed += 1
             if len(report.errors) < _MAX_REPORTED_ERRORS:
                 report.errors.append(IndexFailure(path=item.path, error=message))
             writes[item.path] = {"error": message, "embedding": None, "query_vectors": None, "file_sha256": None}
+            if refused:  # a setting refused the path (allowed dirs, here or a daemon's), not the file: retry next run
+                writes[item.path]["mtime_ns"] = -1  # matches no file's mtime
 
         for item in part:
             if item.caption_only:
@@ -723,7 +728,7 @@ class ImageIndex:
             try:
                 data = _read_checked(item.path, self.settings)
             except InvalidImage as exc:  # outside the allowed dirs, too large, unreadable: as load_image says
-                fail(item, _short(exc))
+                fail(item, _short(exc), refused=isinstance(exc, PathNotAllowed))
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if (
@@ -770,7 +775,8 @@ class ImageIndex:
             )
             for item, result in zip(to_embed, results, strict=True):
                 if isinstance(result, InvalidImage):  # this file's fault: remembered until the file changes
-                    fail(item, _file_error(result, item.path, encoded.pop(item.path, None)))
+                    message = _file_error(result, item.path, encoded.pop(item.path, None))
+                    fail(item, message, refused=isinstance(result, PathNotAllowed))
                     continue
                 if isinstance(result, BlipError):  # the model or service failed: stop; finished chunks are kept
                     raise result

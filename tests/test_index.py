@@ -247,6 +247,31 @@ def test_allowed_dirs_are_enforced(tmp_path: Path, photos: Path, settings: BlipS
         assert [Path(h.path).name for h in idx.search("a cat").hits] == ["ok.png"]
 
 
+def test_a_refused_path_is_retried_once_the_setting_allows_it(
+    tmp_path: Path, photos: Path, settings: BlipSettings
+) -> None:
+    """A file refused by a setting (allowed dirs) is not remembered as broken: a later run with the setting
+    widened indexes it, though the file itself never changed. A broken file is remembered until it changes."""
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    _pixels(5).save(inside / "ok.png")
+    (inside / "escape.png").symlink_to(photos / "p00.png")
+    (inside / "broken.png").write_bytes(b"not an image")
+    db = tmp_path / "r.sqlite"
+    restricted = settings.model_copy(update={"allowed_dirs": [inside.resolve()]})
+    with Blip2Service(restricted) as svc, ImageIndex(db, service=svc) as idx:
+        report = idx.index(inside, captions=False)
+        assert (report.indexed, report.failed) == (1, 2)
+        again = idx.index(inside, captions=False)  # the setting still refuses it: tried (and refused) again
+        assert (again.embedded, again.failed, again.unchanged) == (0, 2, 1)
+        assert {Path(e.path).name for e in again.errors} == {"escape.png"}  # broken.png is remembered, not re-read
+    widened = settings.model_copy(update={"allowed_dirs": [inside.resolve(), photos.resolve()]})
+    with Blip2Service(widened) as svc, ImageIndex(db, service=svc) as idx:
+        report = idx.index(inside, captions=False)
+        assert (report.embedded, report.failed, report.indexed) == (1, 1, 2)
+        assert sorted(Path(h.path).name for h in idx.search("a cat", top_k=5).hits) == ["escape.png", "ok.png"]
+
+
 def test_search_arguments_are_checked(index: ImageIndex, photos: Path) -> None:
     with pytest.raises(InvalidInput):
         index.search()
