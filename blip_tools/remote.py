@@ -31,6 +31,7 @@ import mimetypes
 import os
 import re
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -492,6 +493,10 @@ class DaemonClient:
         self._discover: mcp_types.DiscoverResult | None = None
         self._version: str | None = None
         self._tools: dict[str, mcp_types.Tool] | None = None
+        self._listing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """The listing in flight per event loop, which concurrent first calls share instead of each listing."""
 
     @property
     def loopback(self) -> bool:
@@ -599,7 +604,12 @@ class DaemonClient:
     async def tool_parameters(self, name: str) -> set[str]:
         """The argument names the daemon's tool accepts (listed once, then remembered)."""
         if self._tools is None or name not in self._tools:
-            await self.list_tools()
+            loop = asyncio.get_running_loop()
+            listing = self._listing.get(loop)
+            if listing is None or listing.done():
+                listing = self._listing[loop] = loop.create_task(self.list_tools())
+                listing.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen, even if unawaited
+            await asyncio.shield(listing)  # a caller cancelled meanwhile leaves the listing to the others
         assert self._tools is not None
         tool = self._tools.get(name)
         if tool is None:

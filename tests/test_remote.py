@@ -867,6 +867,30 @@ def test_an_index_on_an_unstarted_client_records_the_daemons_model(
             assert index.search("a dog", top_k=1).hits
 
 
+def test_concurrent_first_calls_list_the_daemons_tools_once(daemon: Daemon, shared_dir: Path) -> None:
+    """A fresh client's first wave of concurrent calls shares one listing (and discovery) of the daemon's tools."""
+    import asyncio
+
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings()) as client:
+        listings = 0
+        list_tools = client.daemon.list_tools
+
+        async def counting() -> Any:
+            nonlocal listings
+            listings += 1
+            return await list_tools()
+
+        client.daemon.list_tools = counting  # type: ignore[method-assign]
+
+        async def wave() -> list[Any]:
+            path = str(shared_dir / "img0.png")
+            return await asyncio.gather(*(client.acaption(path, max_new_tokens=3) for _ in range(8)))
+
+        results = asyncio.run(wave())
+        assert len(results) == 8 and all(r.caption is not None for r in results)
+        assert listings == 1
+
+
 # ---------------------------------------------------------------------------------------------- close and restarts
 def test_close_ends_a_sync_call_in_flight_with_service_closed(daemon: Daemon, shared_dir: Path) -> None:
     """close() from another thread ends a call that is waiting on the daemon at once, typed; later calls too."""
