@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,3 +72,22 @@ def image_dir(tmp_path: Path) -> Iterator[Path]:
     for i in range(6):
         _image(100 + i).save(folder / f"img{i}.png")
     yield folder
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Every checked file read in this process (`images._read_file`: the index, the service, an in-process
+    daemon), counted by path."""
+    from blip_tools import images
+    from blip_tools import index as index_module
+
+    counted: Counter[str] = Counter()
+    real = images._read_file
+
+    def counting(path: Path, settings: object, source: str) -> bytes:
+        counted[os.fspath(path)] += 1
+        return real(path, settings, source)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images, "_read_file", counting)
+    monkeypatch.setattr(index_module, "_read_file", counting)
+    return counted

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip_tools import Blip2Service, BlipSettings, images
-from blip_tools import index as index_module
+from blip_tools import Blip2Service, BlipSettings
 from blip_tools.errors import IndexDamaged, InvalidInput, PathNotAllowed
 from blip_tools.index import ImageIndex, IndexReport
 
@@ -467,21 +466,6 @@ def test_index_of_another_schema_version_is_damaged_and_says_to_rebuild(
     _damage(db, "newer schema")
     with pytest.raises(IndexDamaged, match=r"schema version 99; this blip-tools expects 1.*rebuild it"):
         ImageIndex(db, service=service)
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Every checked file read (`images._read_file`, by the index or by the service), counted by path."""
-    counted: Counter[str] = Counter()
-    real = images._read_file
-
-    def counting(path: Path, settings: BlipSettings, source: str) -> bytes:
-        counted[os.fspath(path)] += 1
-        return real(path, settings, source)
-
-    monkeypatch.setattr(images, "_read_file", counting)
-    monkeypatch.setattr(index_module, "_read_file", counting)
-    return counted
 
 
 def test_a_run_reads_each_file_once(index: ImageIndex, photos: Path, reads: Counter[str]) -> None:

@@ -3,7 +3,6 @@ runs over a `RemoteService` (a daemon's client), which get the bytes the index r
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,7 @@ from langchain_core.messages import ToolMessage
 from PIL import Image
 from test_remote import TOKEN, Daemon
 
-from blip_tools import Blip2Service, BlipSettings, images
-from blip_tools import index as index_module
+from blip_tools import Blip2Service, BlipSettings
 from blip_tools.cli import main
 from blip_tools.errors import IndexDamaged
 from blip_tools.index import ImageIndex
@@ -117,21 +115,6 @@ def index_daemon(tiny_checkpoint: Path, daemon_dir: Path) -> Iterator[Daemon]:
     daemon.start()
     yield daemon
     daemon.close()
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Every checked file read in this process (the index, the client and the in-process daemon), by path."""
-    counted: Counter[str] = Counter()
-    real = images._read_file
-
-    def counting(path: Path, settings: BlipSettings, source: str) -> bytes:
-        counted[os.fspath(path)] += 1
-        return real(path, settings, source)
-
-    monkeypatch.setattr(images, "_read_file", counting)
-    monkeypatch.setattr(index_module, "_read_file", counting)
-    return counted
 
 
 def test_remote_index_run_sends_the_bytes_it_read(index_daemon: Daemon, tmp_path: Path, reads: Counter[str]) -> None:
