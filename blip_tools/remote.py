@@ -792,6 +792,9 @@ class RemoteService(Blip2Service):
                     task.cancel("RemoteService closed")
                 if tasks:
                     loop.run_until_complete(asyncio.wait(tasks, timeout=_CLOSE_GRACE_S))
+                for task in tasks:  # a caller close() gave up on has its error already: don't log it at exit
+                    if task.done() and not task.cancelled():
+                        task.exception()
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), _CLOSE_GRACE_S))
             except BaseException:  # never leave the loop open, whatever went wrong while ending it

@@ -8,6 +8,7 @@ for them when idle, so requests from different clients that arrive together dete
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -1205,10 +1206,13 @@ def test_close_closes_the_private_loop(remote: RemoteService, daemon: Daemon) ->
         client.stats()
 
 
-def test_close_from_a_progress_callback_ends_the_batch_and_the_loop(daemon: Daemon, shared_dir: Path) -> None:
+def test_close_from_a_progress_callback_ends_the_batch_and_the_loop(
+    daemon: Daemon, shared_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """close() inside caption_batch's on_progress (it runs on the loop thread): the caller gets ServiceClosed at once,
-    on_progress is not called again, and the loop ends with nothing pending."""
+    on_progress is not called again, and the loop ends with nothing pending and no unretrieved task error."""
     import asyncio
+    import gc
 
     client = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
     client.stats()
@@ -1230,6 +1234,9 @@ def test_close_from_a_progress_callback_ends_the_batch_and_the_loop(daemon: Daem
     assert not thread.is_alive() and loop.is_closed()
     assert len(calls) == 1, calls
     assert not [t for t in asyncio.all_tasks(loop) if not t.done()]
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()
+    assert "never retrieved" not in caplog.text
 
 
 def test_close_races_new_calls_from_other_threads(daemon: Daemon, shared_dir: Path) -> None:
