@@ -95,14 +95,11 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
 def _open(args: argparse.Namespace) -> tuple[Blip2Service, ImageIndex]:
     """The service (the daemon's client with BLIP_REMOTE_URL) and the index on it."""
     from ..index import ImageIndex
-    from ..remote import RemoteService
 
     service = service_from_args(args, remote=True, files_read_here=True)
     try:
-        if isinstance(service, RemoteService):
-            # The daemon's checkpoint names become the service's settings, which the index reads once, now: its
-            # vectors are recorded as the daemon's model's. A daemon that is down fails here, before any file opens.
-            service.start()
+        # On a daemon's client the index first starts it (its checkpoint names become the settings the index
+        # records), so a daemon that is down fails here, before the index file is created.
         return service, ImageIndex(args.index_path, service=service)
     except BaseException:
         service.close()
