@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
@@ -49,6 +50,60 @@ _CLOSED = "The blip-tools service is closed; create a new one or restart the ser
 
 _prepare_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _prepare_pool_lock = threading.Lock()
+
+
+class _Mailbox:
+    """Calls posted to one event loop from other threads, run in one loop wake-up per burst.
+
+    A batch resolves its requests one after another on the model's worker thread: with `call_soon_threadsafe`
+    per request, 32 asyncio callers cost 32 wake-ups of their loop; here the first post wakes it and the rest
+    join the same drain.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # the mailbox must not keep its loop alive (it is looked up by loop)
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` on the loop soon; `RuntimeError` if the loop is closed or gone."""
+        with self._lock:
+            self._items.append((fn, args))
+            if len(self._items) > 1:
+                return  # a drain is already on its way
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for fn, args in items:
+            try:
+                fn(*args)
+            except Exception:  # one caller's callback must not stop the others'
+                logger.exception("blip-tools: a result callback failed on the event loop")
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    """The loop's mailbox, made on first use."""
+    box = _mailboxes.get(loop)
+    if box is None:
+        with _mailboxes_lock:
+            box = _mailboxes.get(loop)
+            if box is None:
+                box = _mailboxes[loop] = _Mailbox(loop)
+    return box
 
 
 def _prepare_in_thread(fn: Callable[[], None]) -> None:
@@ -280,6 +335,7 @@ class Blip2Service:
         the task has gone.
         """
         loop = asyncio.get_running_loop()
+        mailbox = _mailbox(loop)
         waiter: asyncio.Future[tuple[_Outcome, T]] = loop.create_future()
         lock = threading.Lock()
         submitted: list[concurrent.futures.Future[_Outcome]] = []
@@ -295,7 +351,7 @@ class Blip2Service:
 
         def post(exc: BaseException | None, value: tuple[_Outcome, T] | None = None) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
-                loop.call_soon_threadsafe(settle, exc, value)
+                mailbox.post(settle, exc, value)
 
         def deliver(extra: T, future: concurrent.futures.Future[_Outcome]) -> None:  # when the batch is done
             try:

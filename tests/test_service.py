@@ -326,6 +326,38 @@ def test_an_async_call_wakes_the_event_loop_once(service: Blip2Service, images: 
     assert asyncio.run(scenario()) == 2
 
 
+def test_a_batchs_results_reach_an_event_loop_in_one_wake_up(settings: Any, images: list[Any]) -> None:
+    """Eight asyncio callers served by one batch: their eight results wake the loop once, not eight times."""
+
+    async def scenario(svc: Blip2Service) -> tuple[int, list[Any]]:
+        loop = asyncio.get_running_loop()
+        await svc.acaption(images[0], max_new_tokens=2)  # warm
+        calls = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)
+
+        before = svc.stats()
+        tasks = [asyncio.create_task(svc.acaption(images[i % len(images)], max_new_tokens=2)) for i in range(8)]
+        while svc.stats().requests < before.requests + 8:  # all eight queued (the window waits for the eighth)
+            await asyncio.sleep(0.005)
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        deadline = time.monotonic() + 30
+        while svc.stats().completed < before.completed + 8 and time.monotonic() < deadline:
+            time.sleep(0.005)  # hold the loop while the batch delivers: every post lands before a drain
+        results = await asyncio.gather(*tasks)
+        return calls, results
+
+    with Blip2Service(settings.model_copy(update={"max_batch_size": 8, "max_wait_ms": 1000.0})) as svc:
+        calls, results = asyncio.run(scenario(svc))
+        assert svc.stats().batch_size_histogram.get(8) == 1
+    assert len(results) == 8 and all(r.caption is not None for r in results)
+    assert calls == 1
+
+
 def test_async_call_cancelled_just_after_submitting_is_cancelled(
     gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
