@@ -304,24 +304,28 @@ def test_async_call_cancelled_while_preparing_is_never_submitted(
     assert runtime.seen == [1]
 
 
+def _count_wake_ups(loop: asyncio.AbstractEventLoop) -> list[int]:
+    """From now on count the loop's `call_soon_threadsafe` calls (its wake-ups from other threads) in `[n]`."""
+    calls = [0]
+    original = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    return calls
+
+
 def test_an_async_call_wakes_the_event_loop_once(service: Blip2Service, images: list[Any]) -> None:
     """Preparation runs in a thread that reports to the loop itself: one wake-up per request, not two."""
 
     async def scenario() -> int:
-        loop = asyncio.get_running_loop()
-        calls = 0
-        original = loop.call_soon_threadsafe
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            return original(*args, **kwargs)
-
         await service.acaption(images[0], max_new_tokens=4)  # warm: nothing left to load
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        calls = _count_wake_ups(asyncio.get_running_loop())
         await service.acaption(images[1], max_new_tokens=4)
         await service.aanswer(images[1], "what is it?", max_new_tokens=4)
-        return calls
+        return calls[0]
 
     assert asyncio.run(scenario()) == 2
 
@@ -330,26 +334,17 @@ def test_a_batchs_results_reach_an_event_loop_in_one_wake_up(settings: Any, imag
     """Eight asyncio callers served by one batch: their eight results wake the loop once, not eight times."""
 
     async def scenario(svc: Blip2Service) -> tuple[int, list[Any]]:
-        loop = asyncio.get_running_loop()
         await svc.acaption(images[0], max_new_tokens=2)  # warm
-        calls = 0
-        original = loop.call_soon_threadsafe
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            return original(*args, **kwargs)
-
         before = svc.stats()
         tasks = [asyncio.create_task(svc.acaption(images[i % len(images)], max_new_tokens=2)) for i in range(8)]
         while svc.stats().requests < before.requests + 8:  # all eight queued (the window waits for the eighth)
             await asyncio.sleep(0.005)
-        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        calls = _count_wake_ups(asyncio.get_running_loop())
         deadline = time.monotonic() + 30
         while svc.stats().completed < before.completed + 8 and time.monotonic() < deadline:
             time.sleep(0.005)  # hold the loop while the batch delivers: every post lands before a drain
         results = await asyncio.gather(*tasks)
-        return calls, results
+        return calls[0], results
 
     with Blip2Service(settings.model_copy(update={"max_batch_size": 8, "max_wait_ms": 1000.0})) as svc:
         calls, results = asyncio.run(scenario(svc))
