@@ -28,23 +28,10 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from blip_tools import __version__
-from blip_tools.errors import (
-    BlipError,
-    CapabilityUnavailable,
-    ImageTooLarge,
-    InferenceError,
-    InvalidImage,
-    InvalidInput,
-    ModelNotAvailable,
-    Overloaded,
-    PathNotAllowed,
-    PayloadTooLarge,
-    RequestTimeout,
-    ServiceClosed,
-    UrlNotAllowed,
-)
+from blip_tools.errors import BlipError, IndexDamaged, InvalidImage, InvalidInput, PayloadTooLarge, ServiceClosed
 from blip_tools.service import Blip2Service
 
+from .errors import error_response, status_for
 from .gallery import THUMB_SIDES, Gallery
 
 if TYPE_CHECKING:
@@ -78,30 +65,6 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-
-#: Error class → HTTP status, most specific first.
-_STATUS: tuple[tuple[type[BlipError], int], ...] = (
-    (PayloadTooLarge, 413),
-    (ImageTooLarge, 413),
-    (PathNotAllowed, 403),
-    (UrlNotAllowed, 403),
-    (InvalidImage, 422),
-    (InvalidInput, 400),
-    (Overloaded, 503),
-    (ServiceClosed, 503),
-    (ModelNotAvailable, 503),
-    (CapabilityUnavailable, 501),
-    (RequestTimeout, 504),
-    (InferenceError, 500),
-)
-
-
-def status_for(exc: BlipError) -> int:
-    """The HTTP status for one of our errors."""
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -279,17 +242,9 @@ class Console:
         """One of our errors as the API's JSON error, with its status (and retry hint), counted once."""
         if self.metrics is not None:
             self.metrics.count_error(exc, "ui")
-        status = status_for(exc)
-        headers = {}
-        if isinstance(exc, Overloaded):
-            headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-        if status >= 500:
+        if status_for(exc) >= 500 or isinstance(exc, IndexDamaged):  # the operator has something to look at
             logger.warning("console %s failed: %s", path, exc)
-        return JSONResponse(
-            {"error": exc.code, "message": str(exc).strip() or type(exc).__name__},
-            status_code=status,
-            headers=headers,
-        )
+        return error_response(exc)  # the one mapping of our errors to HTTP statuses (`.errors`)
 
     def refuse_oversized(self, body_limit: int) -> Response:
         """The API's answer to a body over the server's whole limit (refused before any route runs)."""
