@@ -75,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="HTTP request body limit (default: one base64 image of BLIP_MAX_IMAGE_BYTES plus 256 KiB).",
     )
+    transport.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="HTTP: forget an MCP session with no request in flight and no stream open for this long "
+        "(default 600; the client then starts a new one). Clients without sessions are not affected.",
+    )
+    transport.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="HTTP: open MCP sessions at most; one more gets HTTP 503 until one closes or expires (default 1000).",
+    )
     remote = parser.add_argument_group("shared daemon (load no model here)")
     remote.add_argument(
         "--connect",
@@ -172,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = None
     if wire is None:
-        from .http import DEFAULT_PORT, HttpConfig
+        from .http import DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_SESSION_IDLE_TIMEOUT_S, HttpConfig
 
         config = HttpConfig(
             host=args.host,
@@ -180,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             token=settings.token,
             allowed_hosts=list(args.allowed_hosts),
             max_body_bytes=args.max_body_bytes,
+            session_idle_timeout_s=(
+                DEFAULT_SESSION_IDLE_TIMEOUT_S if args.session_idle_timeout is None else args.session_idle_timeout
+            ),
+            max_sessions=DEFAULT_MAX_SESSIONS if args.max_sessions is None else args.max_sessions,
         )
         try:
             config.check()  # e.g. a non-loopback bind without a token: refuse before loading anything

@@ -8,6 +8,9 @@ Security, outermost first, for EVERY route (ours and those other modules add):
 3. A request body limit (413), sized for one base64 image of `max_image_bytes` plus JSON-RPC slack; routes
    that speak JSON (the console's API) get the refusal in their own error form (`body_refusals`).
 
+Session-based (2025-era) MCP clients are bounded too (`HttpConfig.max_sessions`, `session_idle_timeout_s`): a
+session a client never closes is forgotten once idle, and no more than so many are open at once.
+
 Other modules build on `build_http_app(server, config, routes=..., lifespan_hooks=...)`; their routes sit
 behind the same three checks and reach the service with `service_from_request(request)`.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -46,6 +50,13 @@ DEFAULT_PORT = 8765
 
 #: Room for the JSON-RPC envelope, the data-URI prefix and the other arguments around one image.
 BODY_SLACK_BYTES = 256 * 1024
+
+DEFAULT_SESSION_IDLE_TIMEOUT_S = 600.0
+"""A session-based MCP client with no request in flight and no GET stream open for this long is forgotten (10 min;
+the SDK's own default is 30)."""
+
+DEFAULT_MAX_SESSIONS = 1000
+"""Open MCP sessions at most (about 40 MB at ~40 KB each; the SDK's own default is 10,000)."""
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
@@ -134,6 +145,17 @@ class HttpConfig:
     max_body_bytes: int | None = None
     """Request body limit; None derives it from `max_image_bytes` (see `body_limit_for`)."""
 
+    session_idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S
+    """Seconds a session of a session-based (2025-era) MCP client may go without a request in flight or a GET
+    stream open before the server forgets it; its ID then answers 404 and the client starts a new session (as the
+    protocol asks). Sessions a client never closes cost memory (about 40 KB each) until then. Clients that send
+    one request per call (`RemoteService`, `blip-mcp --connect`) hold no session and are not affected."""
+
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    """Open sessions at most; while that many are open, a request that would open another gets 503 ("Too many
+    open sessions"). Open sessions and clients without sessions are unaffected; room frees up as sessions are
+    closed or reach `session_idle_timeout_s`."""
+
     stateless: bool = False
     """Serve MCP without sessions: every request stands alone (the SDK's stateless HTTP mode).
 
@@ -158,6 +180,11 @@ class HttpConfig:
             )
         if self.max_body_bytes is not None and self.max_body_bytes < 1024:
             raise InvalidInput(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        idle = self.session_idle_timeout_s
+        if isinstance(idle, bool) or not isinstance(idle, int | float) or not 0 < idle < math.inf:
+            raise InvalidInput(f"session_idle_timeout_s must be a number of seconds > 0, got {idle!r}")
+        if isinstance(self.max_sessions, bool) or not isinstance(self.max_sessions, int) or self.max_sessions < 1:
+            raise InvalidInput(f"max_sessions must be an integer >= 1, got {self.max_sessions!r}")
 
     def body_limit(self, settings: BlipSettings) -> int:
         """The request body limit in bytes."""
@@ -348,6 +375,8 @@ def build_http_app(
         streamable_http_path=MCP_PATH,
         max_request_body_size=limit,
         stateless_http=config.stateless,
+        session_idle_timeout=config.session_idle_timeout_s,
+        max_sessions=config.max_sessions,
         transport_security=security,
         host=config.host,
     )
@@ -358,13 +387,15 @@ def build_http_app(
             for hook in lifespan_hooks:
                 await hooks.enter_async_context(hook(server))
             logger.info(
-                "blip-mcp HTTP ready on %s:%s%s (token %s, body limit %d bytes%s)",
+                "blip-mcp HTTP ready on %s:%s%s (token %s, body limit %d bytes, %s)",
                 config.host,
                 config.port,
                 MCP_PATH,
                 "required" if config.token else "off",
                 limit,
-                ", stateless" if config.stateless else "",
+                "stateless"
+                if config.stateless
+                else f"sessions: at most {config.max_sessions}, idle timeout {config.session_idle_timeout_s:g} s",
             )
             yield
 
