@@ -8,8 +8,9 @@
   was empty after its last batch) does it wait up to `max_wait_ms`, counted from the oldest request, for the
   batch to fill. A batch holds requests with equal keys only (e.g. same task and decoding parameters).
 - Merge window (`max_merge_wait_ms`, off by default here, 50 ms in the service): callers served by a batch
-  usually come straight back. While they keep arriving, the next batch is held open for them (never longer
-  than the last batch took), so groups of callers that would otherwise take turns merge into full batches.
+  usually come straight back. While they keep arriving, or for as long as their recent returns took, the next
+  batch is held open for them (never longer than the last batch took), so groups of callers that would
+  otherwise take turns merge into full batches.
 - Cancelled requests and requests past their deadline are dropped before they run. A queued request fails
   with `RequestTimeout` at its deadline even while a long batch runs: a reaper thread, asleep until the
   earliest queued deadline, fails it then. A batch already running cannot be interrupted.
@@ -224,9 +225,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             worker thread while the queue lock is held: keep it quick and do not submit from it.
         oom_cooldown_s: how long a batch size lowered after an out-of-memory error stays lowered.
         max_merge_wait_ms: after a batch, the callers it just served usually come straight back (agents, closed
-            loops). While they keep arriving (gaps shorter than `max_wait_ms`, at least 1 ms) and fewer have come
-            back than the batch held, the next batch is held open for them, at most this long and never longer
-            than the last batch took, so alternating cohorts merge into full batches. 0 turns it off.
+            loops). While fewer have come back than the batch held and they keep arriving (gaps up to
+            `max_wait_ms` or a tenth of the last batch's time, at least 1 ms), or for as long as recent closed-loop
+            returns took per caller (x1.5), the next batch is held open for them, at most this long and never
+            longer than the last batch took, so alternating cohorts merge into full batches. 0 turns it off.
     """
 
     def __init__(
@@ -299,6 +301,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._arrivals_since_end = 0
         self._delivered = False
         """Whether this batch's results have started going out (arrivals from then on are returning callers)."""
+        self._delivery_start = 0.0
+        self._delivered_batch_s = 0.0
+        """How long the batch whose results went out last took to run."""
+        # Closed-loop return time: seconds and callers of recent returns (each halved per return), summed; so
+        # their ratio is the time per returning caller, weighted by how many came back. 0: not a closed loop.
+        self._return_s = 0.0
+        self._return_n = 0.0
         # While the worker holds a batch open (timed wait): the queue length that should wake it early. Submits
         # below it don't notify, so 32 arrivals cost one wake-up instead of 32 (deadlines are the reaper's job).
         self._wake_at_len: int | None = None
@@ -415,6 +424,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._task_counts(task)[0] += 1
                 self._last_arrival = now
                 self._arrivals_since_end += 1
+                if self._arrivals_since_end == self._returning:
+                    self._learn_return_locked(now)
                 if self._wake_at_len is None or len(self._pending) >= self._wake_at_len:
                     self._cond.notify()
                 if timeout_s is not None and (self._reaper_asleep or now + timeout_s < self._reaper_by):
@@ -626,7 +637,27 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         cap = self._last_end + min(self._merge_wait_s, self._last_exec_s)
         # Returning callers decode and preprocess their next image first: allow gaps in proportion to the batch.
         gap = max(self._max_wait_s, 0.1 * self._last_exec_s, 0.001)
-        return min(cap, max(self._last_end, self._last_arrival) + gap)
+        until = max(self._last_end, self._last_arrival) + gap
+        if self._return_n > 0:
+            # A closed loop: expect its callers back about as long after delivery as recent returns took per caller.
+            # Many callers preparing at once share the GIL and tend to finish together, after a lull longer than
+            # `gap` that would otherwise split the batch (and a straggler batch costs nearly a full batch time).
+            per_caller = self._return_s / self._return_n
+            until = max(until, self._delivery_start + 1.5 * self._returning * per_caller)
+        return min(cap, until)
+
+    def _learn_return_locked(self, now: float) -> None:
+        """Every caller the last batch served is back: remember how long that took if it looked like a closed loop.
+
+        Callers of a closed loop come back within a fraction of a batch time; open-loop arrivals (new callers at
+        some rate) take about a batch time to add up to a batch, so they never teach the worker to wait.
+        """
+        took = now - self._delivery_start
+        if self._returning > 0 and took <= 0.5 * self._delivered_batch_s:
+            self._return_s = 0.5 * self._return_s + took
+            self._return_n = 0.5 * self._return_n + self._returning
+        else:
+            self._return_s = self._return_n = 0.0
 
     def _execute(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
         """Mark the batch running (dropping cancelled and expired requests), then run it."""
@@ -711,6 +742,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._delivered = True
             with self._cond:
                 self._arrivals_since_end = 0
+                self._returning = len(self._inflight)
+                self._delivery_start = time.monotonic()
+                self._delivered_batch_s = self._delivery_start - self._batch_start
 
     def _closed_error(self) -> ServiceClosed:
         if self._close_called:

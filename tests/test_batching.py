@@ -898,6 +898,50 @@ def test_callers_back_before_the_worker_finishes_a_batch_still_count_as_back() -
     assert max(waits) < 0.2, waits
 
 
+def _straggler_loop_batch_sizes() -> list[int]:
+    """8 closed-loop callers where one comes back at once and the other 7 only after a lull of 0.1 s.
+
+    That is what many callers preparing their next image under the GIL look like: they progress together and
+    finish together, so after the first one there is a lull longer than the gap the worker allows between
+    arrivals (here 0.04 s, a tenth of the 0.4 s batch).
+    """
+    sizes: list[int] = []
+
+    def handler(key: Hashable, items: list[Any]) -> list[Any]:
+        sizes.append(len(items))
+        time.sleep(0.4)
+        return items
+
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+        handler, max_batch_size=8, max_wait_ms=5, max_queue=64, max_merge_wait_ms=5000
+    )
+    barrier = threading.Barrier(8)
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        for r in range(8):
+            if i and r:
+                time.sleep(0.1)
+            assert batcher.submit("k", (i, r)).result(timeout=30) == (i, r)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for f in [pool.submit(caller, i) for i in range(8)]:
+            f.result(timeout=60)
+    batcher.close()
+    return sizes
+
+
+def test_the_merge_window_learns_how_long_closed_loop_callers_take_to_come_back() -> None:
+    """After a lull longer than the gap between arrivals, the worker used to start a batch with the first caller
+    back alone, every round: batches of 8, 1, 8, 1, ... It now learns from the returns it has seen how long its
+    callers take (per caller, weighted by how many came back) and keeps the batch open that long: one split, the
+    first time, while it has seen no return yet.
+    """
+    sizes = _straggler_loop_batch_sizes()
+    assert sum(sizes) == 64
+    assert sizes.count(1) <= 2, sizes
+
+
 def test_merge_window_must_be_a_number() -> None:
     with pytest.raises(InvalidInput, match="max_merge_wait_ms"):
         DynamicBatcher(lambda k, items: items, max_batch_size=2, max_wait_ms=0, max_queue=4, max_merge_wait_ms=-1)
