@@ -5,15 +5,21 @@ The SDK's `FuncMetadata.pre_parse_json` parses a JSON-looking string before vali
 `str`. For our optional strings (`prompt: str | None`, `query`, `image`, `directory`) that turned `"null"` into
 None (the call silently ran without a prompt) and `"[1, 2]"` into a list (rejected as not a string).
 `StringsAsGiven` keeps the SDK's pre-parse for every other parameter and changes nothing in the input schema.
+
+It also refuses arguments a tool does not take: the SDK's argument model ignores them, so a misspelt
+`max_tokens` or `questions` ran silently with the defaults. They now fail validation like any bad argument
+(`[invalid_input] Invalid arguments: max_tokens: Extra inputs are not permitted ...`), as in the LangChain tools.
 """
 
 from __future__ import annotations
 
 import types
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
-from pydantic import PrivateAttr
+from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def accepts_str(annotation: Any) -> bool:
@@ -28,8 +34,17 @@ def accepts_str(annotation: Any) -> bool:
     return False
 
 
+def forbid_extra(arg_model: type[M]) -> type[M]:
+    """`arg_model` with unknown arguments refused (`extra="forbid"`); the same fields, so the same input schema."""
+    if arg_model.model_config.get("extra") == "forbid":
+        return arg_model
+    config = ConfigDict(**{**arg_model.model_config, "extra": "forbid"})
+    return type(arg_model.__name__, (arg_model,), {"model_config": config, "__module__": arg_model.__module__})
+
+
 class StringsAsGiven(FuncMetadata):
-    """`FuncMetadata` whose JSON pre-parse leaves a string alone wherever the parameter accepts a string."""
+    """`FuncMetadata` whose JSON pre-parse leaves a string alone wherever the parameter accepts a string, and whose
+    argument model refuses unknown arguments."""
 
     _string_keys: frozenset[str] = PrivateAttr(default=frozenset())
 
@@ -49,7 +64,7 @@ class StringsAsGiven(FuncMetadata):
         if isinstance(metadata, cls):
             return metadata
         return cls(
-            arg_model=metadata.arg_model,
+            arg_model=forbid_extra(metadata.arg_model),
             output_schema=metadata.output_schema,
             output_model=metadata.output_model,
             wrap_output=metadata.wrap_output,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from mcp.server.mcpserver import Context
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from blip_tools.errors import InvalidInput
 from blip_tools.grounding import LocateResult
@@ -25,8 +25,18 @@ if TYPE_CHECKING:
 
 _EXTRAS_KEY = "collections"
 
+
+def _no_nul(path: str) -> str:
+    """Refuse a NUL character in a folder path here: the OS cannot take one, and `os.path` raises a bare ValueError."""
+    if "\x00" in path:
+        raise ValueError("a folder path cannot contain a NUL character")
+    return path
+
+
 Directory = Annotated[
-    str, Field(description="Absolute path of a folder of images on this machine.", min_length=1, max_length=4096)
+    str,
+    Field(description="Absolute path of a folder of images on this machine.", min_length=1, max_length=4096),
+    AfterValidator(_no_nul),
 ]
 
 
@@ -71,7 +81,8 @@ async def search_images(
     ] = None,
     top_k: Annotated[int, Field(description="How many results (1 to 50).", ge=1, le=50)] = 5,
     directory: Annotated[
-        str | None, Field(description="Only search images under this folder.", max_length=4096)
+        Annotated[str, AfterValidator(_no_nul)] | None,
+        Field(description="Only search images under this folder.", max_length=4096),
     ] = None,
     image: Annotated[
         str | None,

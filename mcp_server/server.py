@@ -93,7 +93,8 @@ class BlipMCPServer(MCPServer[AppContext]):
         meta: dict[str, Any] | None = None,
         structured_output: bool | None = None,
     ) -> None:
-        """Like the SDK's, but string arguments stay strings and the output schema is published compact.
+        """Like the SDK's, but string arguments stay strings, unknown arguments are refused (and the input schema
+        says `additionalProperties: false`), and the output schema is published compact.
 
         The SDK parses a JSON-looking string (`"null"`, `"[1, 2]"`) before validation unless the parameter is typed
         exactly `str`; `StringsAsGiven` keeps every string as given wherever the parameter accepts a string (e.g.
@@ -106,6 +107,7 @@ class BlipMCPServer(MCPServer[AppContext]):
         if tool is None:  # pragma: no cover - add_tool just registered it
             return
         tool.fn_metadata = StringsAsGiven.from_metadata(tool.fn_metadata)
+        tool.parameters["additionalProperties"] = False  # StringsAsGiven refuses unknown arguments: say so
         if tool.fn_metadata.output_schema is not None:
             # FuncMetadata reads `output_schema` live (documented as reassignable after construction).
             tool.fn_metadata.output_schema = compact_schema(tool.fn_metadata.output_schema)

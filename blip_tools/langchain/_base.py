@@ -74,6 +74,17 @@ class Blip2BaseTool(BaseTool):
             raise TypeError(f"{type(self).__name__}.args_schema must be a pydantic model class")
         return schema.model_validate(kwargs)
 
+    def _to_args_and_kwargs(
+        self, tool_input: str | dict[str, Any], tool_call_id: str | None
+    ) -> tuple[tuple[str, ...], dict[str, Any]]:
+        # LangChain validates a plain string input as the schema's first field, then passes it on positionally
+        # (`tool.invoke("/x.jpg")`, older agents); our `_run` takes keyword arguments only, so name it here.
+        args, kwargs = super()._to_args_and_kwargs(tool_input, tool_call_id)
+        if args and isinstance(self.args_schema, type) and issubclass(self.args_schema, BaseModel):
+            first = next(iter(self.args_schema.model_fields))
+            return (), {first: args[0], **kwargs}
+        return args, kwargs
+
     def _run(self, *, run_manager: CallbackManagerForToolRun | None = None, **kwargs: Any) -> ToolOutput:
         args = self._args(kwargs)
         with map_blip_errors():

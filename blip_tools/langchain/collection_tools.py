@@ -11,7 +11,7 @@ import asyncio
 import base64
 
 from langchain_core.messages.content import create_image_block
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ..errors import InvalidInput
 from ..grounding import LocateResult
@@ -21,6 +21,13 @@ from ._base import Blip2BaseTool, ToolOutput
 from .tools import ImageArg, _Args
 
 MAX_TOP_K = 50
+
+
+def _no_nul(path: str | None) -> str | None:
+    """Refuse a NUL character in a folder path here: the OS cannot take one, and `os.path` raises a bare ValueError."""
+    if path is not None and "\x00" in path:
+        raise ValueError("a folder path cannot contain a NUL character")
+    return path
 
 
 class IndexImagesInput(_Args):
@@ -33,6 +40,8 @@ class IndexImagesInput(_Args):
     captions: bool = Field(
         default=True, description="Also caption each image so search results show what they are (slower)."
     )
+
+    _check_directory = field_validator("directory")(_no_nul)
 
 
 class SearchImagesInput(_Args):
@@ -57,6 +66,8 @@ class SearchImagesInput(_Args):
     rerank: bool = Field(
         default=False, description="Re-score the top results with the image-text matching head (text queries)."
     )
+
+    _check_directory = field_validator("directory")(_no_nul)
 
 
 class LocateInImageInput(_Args):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BlipError
 from ..results import AnswerResult, CaptionResult, EmbeddingResult, GeneratedText, ScoreResult
@@ -80,6 +80,18 @@ class _CaptionImageCore(_Args):
 
 class CaptionImageInput(_DecodingArgs, _CaptionImageCore):
     """Arguments of `caption_image`."""
+
+    @model_validator(mode="after")
+    def _check_num_captions(self) -> CaptionImageInput:
+        # Said here in this tool's own terms: the service would name `num_return_sequences`, which the model
+        # never saw. Beam search returns at most one caption per beam; only sampling (1 beam) returns more.
+        n, beams = self.num_captions, self.num_beams
+        if n > 1 and beams is not None and beams < n and (beams > 1 or not self.do_sample):
+            raise ValueError(
+                f"num_captions={n} needs num_beams >= {n} (or leave num_beams out), or do_sample=true with "
+                f"num_beams=1; got num_beams={beams}"
+            )
+        return self
 
     def generation_kwargs(self) -> dict[str, Any]:
         gen = super().generation_kwargs()
