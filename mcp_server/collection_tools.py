@@ -81,8 +81,10 @@ async def search_images(
     ] = None,
     top_k: Annotated[int, Field(description="How many results (1 to 50).", ge=1, le=50)] = 5,
     directory: Annotated[
-        Annotated[str, AfterValidator(_no_nul)] | None,
-        Field(description="Only search images under this folder.", max_length=4096),
+        # The bounds sit on the inner str: on the outer Optional, next to a validator, pydantic would check them
+        # apart from the string (losing its refusal of lone surrogates). Same published schema.
+        Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)] | None,
+        Field(description="Only search images under this folder."),
     ] = None,
     image: Annotated[
         str | None,

@@ -70,3 +70,17 @@ async def test_a_nul_in_a_folder_path_is_invalid_input_not_a_crash(
     assert text_of(r).startswith("[invalid_input] Invalid arguments: directory: Value error, a folder path cannot")
     assert "NUL character" in text_of(r)
     assert not ok.is_error, text_of(ok)
+
+
+@pytest.mark.parametrize(
+    ("directory", "expected"),
+    [("a" * 4097, "String should have at most 4096 characters"), ("\ud800", "unable to parse raw data as a unicode")],
+)
+async def test_search_images_directory_keeps_its_bounds(server: BlipMCPServer, directory: str, expected: str) -> None:
+    # The NUL check must not push the length bound and the string check off the inner string.
+    with anyio.fail_after(60):
+        async with Client(server) as client:
+            r = await client.call_tool("search_images", {"query": "a dog", "directory": directory})
+    assert r.is_error
+    assert text_of(r).startswith("[invalid_input] Invalid arguments: directory:")
+    assert expected in text_of(r)
