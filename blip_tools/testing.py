@@ -44,8 +44,12 @@ def _opt_tokenizer(workdir: Path) -> Any:
     from transformers import GPT2Tokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        _corpus(), vocab_size=600, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"]
+    bpe.train_from_iterator(  # no progress display: the trainer writes it to stdout, which is the command's output
+        _corpus(),
+        vocab_size=600,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        show_progress=False,
     )
     bpe.save_model(str(workdir))
     vocab = json.loads((workdir / "vocab.json").read_text())

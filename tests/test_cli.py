@@ -92,6 +92,19 @@ def test_tiny_checkpoint_into_an_unwritable_place_is_a_clean_error(
     assert err.startswith(f"error: Cannot write the tiny checkpoint to {blocker / 'ckpt'}: Not a directory")
 
 
+def test_tiny_checkpoint_prints_only_its_two_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Nothing else reaches stdout (the tokenizer trainer's progress display once wrote blank lines there, from
+    Rust, so only file-descriptor capture sees it); `caption --demo` builds the same checkpoint on first use."""
+    root = tmp_path / "ckpt"
+    assert main(["tiny-checkpoint", str(root)]) == 0
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err
+    assert out == (
+        f"wrote {root / 'captioner'} and {root / 'retrieval'}\n"
+        f"use it with: BLIP_MODEL={root / 'captioner'} BLIP_RETRIEVAL_MODEL={root / 'retrieval'}\n"
+    )
+
+
 def test_caption_json_shape_follows_the_arguments(
     tiny_env: None, tmp_path: Path, make_image: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
