@@ -656,10 +656,11 @@ class RemoteService(Blip2Service):
 
     Args:
         url: the daemon (`http://127.0.0.1:8765` or `.../mcp`).
-        token: the daemon's bearer token, if it requires one.
+        token: the daemon's bearer token, if it requires one. Default: `settings.token` (`BLIP_TOKEN`).
         settings: this side's settings: `allowed_dirs` and `max_image_bytes` apply when files are read here.
             Defaults to `BlipSettings()`.
         send_files: `auto` (send file contents unless the daemon is on loopback), `always` or `never`.
+            Default: `settings.remote_send_files` (`BLIP_REMOTE_SEND_FILES`, else `auto`).
         connect_timeout_s: how long a connection attempt may take before the daemon counts as down.
         concurrency: most calls in flight at once from one batch method.
     """
@@ -670,16 +671,22 @@ class RemoteService(Blip2Service):
         token: str | None = None,
         *,
         settings: BlipSettings | None = None,
-        send_files: SendFiles = "auto",
+        send_files: SendFiles | None = None,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
+        self.settings = settings if settings is not None else BlipSettings()
+        # Unset arguments follow the settings (BLIP_TOKEN, BLIP_REMOTE_SEND_FILES), as the README and the 401
+        # message promise, so RemoteService(url) behaves like the shared service BLIP_REMOTE_URL gives.
+        if token is None:
+            token = self.settings.token
+        if send_files is None:
+            send_files = self.settings.remote_send_files
         if send_files not in ("auto", "always", "never"):
             raise InvalidInput(f"send_files must be 'auto', 'always' or 'never', got {send_files!r}")
         if concurrency < 1:
             raise InvalidInput(f"concurrency must be an integer >= 1, got {concurrency}")
-        self.settings = settings if settings is not None else BlipSettings()
         self.daemon = DaemonClient(url, token=token, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
         self.url = self.daemon.url
         self.send_files: SendFiles = send_files

@@ -519,6 +519,24 @@ def test_default_service_follows_blip_remote_url(daemon: Daemon) -> None:
     chosen.close()
 
 
+def test_remote_service_defaults_to_blip_token_and_blip_remote_send_files(
+    daemon: Daemon, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`RemoteService(url)` takes what it is not given from the settings, as the README's snippet and the 401 message
+    ("pass its token (BLIP_TOKEN, ...)") say: BLIP_TOKEN reaches a daemon that needs it; arguments still win."""
+    monkeypatch.setenv("BLIP_TOKEN", TOKEN)
+    monkeypatch.setenv("BLIP_REMOTE_SEND_FILES", "always")
+    with RemoteService(daemon.url) as client:
+        assert client.send_files == "always"
+        assert client.caption(shared_dir / "img0.png", max_new_tokens=2).caption is not None  # not HTTP 401
+    with RemoteService(daemon.url, token="another-token-0123456789", send_files="never") as client:
+        assert client.send_files == "never"
+        with pytest.raises(BlipError, match="HTTP 401"):
+            client.caption(shared_dir / "img0.png", max_new_tokens=2)
+    with RemoteService(daemon.url, settings=BlipSettings(token=None, remote_send_files="never")) as client:
+        assert (client.daemon.token, client.send_files) == (None, "never")  # given settings, not the environment
+
+
 def test_shared_service_is_remote_when_blip_remote_url_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every interface built on `Blip2Service.shared()` (LangChain tools, loader, embeddings) uses the daemon."""
     from blip_tools import Blip2Service
