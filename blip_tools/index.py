@@ -195,7 +195,10 @@ class SearchResult(BaseModel):
         """Short text for a model: one line per hit."""
         what = f"'{self.query}'" if self.query is not None else f"images like {self.image}"
         if not self.hits:
-            return f"No indexed images match {what} (searched {self.searched}). Index a folder with index_images."
+            return (
+                f"No indexed images match {what} (searched {self.searched}). "
+                "Index a folder first (index_images, or blip-tools index DIR)."
+            )
         lines = [f"Top {len(self.hits)} of {self.searched} images for {what}:"]
         for i, hit in enumerate(self.hits, 1):
             caption = f" — {hit.caption}" if hit.caption else ""
@@ -533,8 +536,14 @@ class ImageIndex:
         """The real path of a directory that exists and lies inside `allowed_dirs`."""
         if not isinstance(directory, (str, Path)) or not str(directory).strip():
             raise InvalidInput("directory must be a non-empty path to a folder of images")
-        raw = Path(directory).expanduser()
-        real = Path(os.path.realpath(raw))
+        try:
+            os.fsencode(directory)  # a NUL, or a lone surrogate no file name can hold (non-UTF-8 names round-trip)
+            raw = Path(directory).expanduser()
+            real = Path(os.path.realpath(raw))
+        except (ValueError, UnicodeError) as exc:
+            raise InvalidInput(
+                f"directory is not a usable path ({type(exc).__name__}: {exc}); pass the folder that holds the images."
+            ) from exc
         _check_allowed(real, self.settings, str(directory))
         if not real.is_dir():
             raise InvalidInput(f"{directory} is not a directory; pass the folder that holds the images.")

@@ -106,6 +106,18 @@ def check_prompt(prompt: object, what: str = "prompt") -> None:
         raise InvalidInput(
             f"The {what} is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are allowed. Shorten it."
         )
+    if prompt:
+        _check_encodable(prompt, f"The {what}")
+
+
+def _check_encodable(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot take (a lone surrogate is not Unicode text), as `InvalidInput`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"{what} is not valid Unicode text (a lone surrogate {text[exc.start]!r} at position {exc.start})."
+        ) from exc
 
 
 def _sanitize(text: str) -> str:
@@ -284,8 +296,17 @@ class Blip2Runtime:
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else config.text_config.pad_token_id
             self._apply_fast_paths(model)
             elapsed = time.perf_counter() - start
+            positions = getattr(config.text_config, "max_position_embeddings", None)
             self._captioner = _Loaded(
-                model, processor, elapsed, {"eos_ids": sorted(eos_ids), "pad_id": int(pad_id), "image_id": image_id}
+                model,
+                processor,
+                elapsed,
+                {
+                    "eos_ids": sorted(eos_ids),
+                    "pad_id": int(pad_id),
+                    "image_id": image_id,
+                    "max_positions": positions if isinstance(positions, int) else None,
+                },
             )
             self.models_loaded += 1
             self.model_load_s += elapsed
@@ -384,6 +405,23 @@ class Blip2Runtime:
             )
         return tuple(ids)
 
+    def check_length(self, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+        """Refuse a request whose image tokens, prompt and new tokens would run past the language model's positions.
+
+        Past them a learned position table has no row: the whole batch would fail with an IndexError.
+        """
+        cap = self.load_captioner()
+        limit = cap.extra["max_positions"]
+        if limit is None:  # relative positions (e.g. T5): no fixed limit
+            return
+        used = int(cap.model.config.num_query_tokens) + len(prompt_ids)
+        if used + max_new_tokens > limit:
+            raise InvalidInput(
+                f"max_new_tokens={max_new_tokens} is too long for this model: {used} image and prompt tokens + "
+                f"{max_new_tokens} new tokens exceed its {limit} positions. "
+                f"Use max_new_tokens <= {max(limit - used, 0)}."
+            )
+
     def tokenize_texts(self, texts: Sequence[str]) -> list[str]:
         """Validate texts for the retrieval model (non-empty strings), cut to `MAX_TEXT_CHARS` characters.
 
@@ -395,7 +433,13 @@ class Blip2Runtime:
                 raise InvalidInput(f"Texts to embed or score must be strings, got {type(text).__name__}.")
             clean = _sanitize(text[:MAX_TEXT_CHARS])
             if not clean:
+                if _IMAGE_TOKEN in text:
+                    raise InvalidInput(
+                        f"The text {text[:40]!r} is empty once the reserved {_IMAGE_TOKEN!r} token is removed; "
+                        "describe the image in words."
+                    )
                 raise InvalidInput("Texts to embed or score must be non-empty strings.")
+            _check_encodable(clean, "A text to embed or score")
             out.append(clean)
         return out
 

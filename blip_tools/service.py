@@ -147,6 +147,18 @@ class _Outcome:
     batch_size: int
 
 
+def _as_list(values: object, what: str) -> list[Any]:
+    """A batch call's list argument as a list: None, a string, a mapping or a number is `InvalidInput`."""
+    if isinstance(values, str | bytes | bytearray) or not isinstance(values, Sequence):
+        raise InvalidInput(f"{what} must be a list, got {type(values).__name__}")
+    return list(values)
+
+
+def _score_texts(texts: object) -> list[str]:
+    """`score`'s texts: one string or a list of them."""
+    return [texts] if isinstance(texts, str) else _as_list(texts, "texts")
+
+
 def _check_pairs(images: Sequence[ImageInput], questions: Sequence[str]) -> None:
     if len(images) != len(questions):
         raise InvalidInput(f"answer_batch needs as many questions as images, got {len(questions)} and {len(images)}")
@@ -425,6 +437,7 @@ class Blip2Service:
             prompt = text
         item, info = self._image_item(image, retrieval=False)
         gen_item = GenerationItem(image=item, prompt_ids=self.runtime.encode_prompt(prompt))
+        self.runtime.check_length(gen_item.prompt_ids, p.max_new_tokens)
         # Seeded sampling runs alone so the same seed gives the same text whatever else is queued.
         key: Hashable = (task, p, object()) if (p.do_sample and p.seed is not None) else (task, p)
         return key, gen_item, info, p
@@ -578,9 +591,12 @@ class Blip2Service:
         Bad parameters, a bad prompt or a model that cannot load fail the whole call at once, whatever
         `return_exceptions` says.
         """
+        images = _as_list(images, "images")
         params, gen = self._generation_params(params, gen), {}
         check_prompt(prompt)
         self._open_call(len(images))
+        if images:
+            self.runtime.encode_prompt(prompt)  # a prompt over the token limit fails the call, not each image
         began = time.monotonic()
 
         def prepare(i: int) -> tuple[Hashable, Any, Any]:
@@ -606,6 +622,7 @@ class Blip2Service:
         **gen: Any,
     ) -> list[AnswerResult | BlipError]:
         """Answer `questions[i]` about `images[i]` for every pair (batched); bad parameters fail the whole call."""
+        images, questions = _as_list(images, "images"), _as_list(questions, "questions")
         _check_pairs(images, questions)
         params, gen = self._generation_params(params, gen), {}
         self._open_call(len(images))
@@ -634,9 +651,12 @@ class Blip2Service:
         **gen: Any,
     ) -> list[CaptionResult | BlipError]:
         """Async `caption_batch`; `on_progress` may be a plain function or a coroutine function."""
+        images = _as_list(images, "images")
         params, gen = self._generation_params(params, gen), {}
         check_prompt(prompt)
         await self._aopen_call(len(images))
+        if images:
+            self.runtime.encode_prompt(prompt)  # a prompt over the token limit fails the call, not each image
         return await self._gather(
             [lambda img=img: self.acaption(img, prompt, params=params, **gen) for img in images],  # type: ignore[misc]
             return_exceptions,
@@ -654,6 +674,7 @@ class Blip2Service:
         **gen: Any,
     ) -> list[AnswerResult | BlipError]:
         """Async `answer_batch`."""
+        images, questions = _as_list(images, "images"), _as_list(questions, "questions")
         _check_pairs(images, questions)
         params, gen = self._generation_params(params, gen), {}
         await self._aopen_call(len(images))
@@ -743,6 +764,7 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
     ) -> list[EmbeddingResult | BlipError]:
         """L2-normalised image embeddings in the space shared with `embed_texts` (retrieval model)."""
+        images = _as_list(images, "images")
         self._open_call(len(images), retrieval=True)
         return self._run_many(
             len(images),
@@ -761,6 +783,7 @@ class Blip2Service:
         on_progress: ProgressFn | None = None,
     ) -> list[EmbeddingResult | BlipError]:
         """Async `embed_images`."""
+        images = _as_list(images, "images")
         await self._aopen_call(len(images), retrieval=True)
 
         async def one(image: ImageInput) -> EmbeddingResult:
@@ -833,14 +856,14 @@ class Blip2Service:
     def score(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
         """How well each text matches the image: ITC cosine similarity and ITM probability."""
         began = time.monotonic()
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _score_texts(texts)
         key, payload, info = self._prepare_score(image, texts)
         return self._score_result(self._wait(self._submit(key, payload)), texts, info, began)
 
     async def ascore(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
         """Async `score`."""
         began = time.monotonic()
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _score_texts(texts)
         outcome, info = await self._arequest(lambda: self._prepare_score(image, texts))
         return self._score_result(outcome, texts, info, began)
 

@@ -28,6 +28,8 @@ _CORPUS_WORDS = (
 TINY_NUM_QUERY_TOKENS = 8
 TINY_IMAGE_SIZE = 32
 MARKER_FILE = "blip_tools_tiny.json"
+#: Bumped when the tiny checkpoint changes, so `--demo` rebuilds an older one (2: room for the longest request).
+TINY_VERSION = 2
 
 
 def _corpus() -> list[str]:
@@ -159,7 +161,8 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
             "ffn_dim": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "max_position_embeddings": 256,
+            # Room for the longest request: 8 image tokens + a 256-token prompt + 256 new tokens (the default limit).
+            "max_position_embeddings": 1024,
             "word_embed_proj_dim": 32,
             "pad_token_id": 1,
             "bos_token_id": 2,
@@ -193,7 +196,8 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     r_model.save_pretrained(ret_dir)
     r_processor.save_pretrained(ret_dir)
 
-    (root / MARKER_FILE).write_text(json.dumps({"seed": seed, "kind": "blip-tools tiny checkpoint"}) + "\n")
+    marker = {"seed": seed, "kind": "blip-tools tiny checkpoint", "version": TINY_VERSION}
+    (root / MARKER_FILE).write_text(json.dumps(marker) + "\n")
     logger.info("wrote tiny BLIP-2 checkpoint to %s", root)
     return root
 
@@ -217,6 +221,10 @@ def demo_checkpoint_dir() -> Path:
 def ensure_demo_checkpoint() -> Path:
     """Build the demo checkpoint once and reuse it afterwards."""
     root = demo_checkpoint_dir()
-    if not (root / MARKER_FILE).exists():
+    try:
+        current = json.loads((root / MARKER_FILE).read_text()).get("version") == TINY_VERSION
+    except (OSError, ValueError, AttributeError):
+        current = False
+    if not current:
         build_tiny_checkpoint(root)
     return root

@@ -166,4 +166,29 @@ def test_demo_with_a_daemon_is_refused_before_building_anything(
     monkeypatch.setattr(blip_tools.testing, "ensure_demo_checkpoint", never)
     monkeypatch.setenv("BLIP_REMOTE_URL", "http://127.0.0.1:9/mcp")  # refused before any connection
     code, _, err = _run(capsys, "caption", str(one_image), "--demo")
-    assert code == 2 and err.startswith("error: --demo configure a model loaded here")
+    assert code == 2 and err.startswith("error: --demo configures a model loaded here")
+
+
+def test_the_demo_checkpoint_is_rebuilt_when_it_is_of_an_older_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 1 had too few positions for the longest request; `--demo` must not keep using it."""
+    import blip_tools.testing as testing
+
+    built: list[Path] = []
+
+    def build(root: Path) -> Path:
+        built.append(root)
+        (root / testing.MARKER_FILE).write_text(json.dumps({"version": testing.TINY_VERSION}))
+        return root
+
+    root = tmp_path / "demo"
+    root.mkdir()
+    monkeypatch.setattr(testing, "demo_checkpoint_dir", lambda: root)
+    monkeypatch.setattr(testing, "build_tiny_checkpoint", build)
+    (root / testing.MARKER_FILE).write_text(json.dumps({"seed": 0, "kind": "blip-tools tiny checkpoint"}))
+    assert testing.ensure_demo_checkpoint() == root and built == [root]  # no version: rebuilt
+    assert testing.ensure_demo_checkpoint() == root and built == [root]  # current: kept
+    (root / testing.MARKER_FILE).write_text("not json")
+    testing.ensure_demo_checkpoint()
+    assert len(built) == 2

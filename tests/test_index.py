@@ -285,6 +285,24 @@ def test_search_arguments_are_checked(index: ImageIndex, photos: Path) -> None:
     assert index.search("nothing indexed yet").hits == []
 
 
+@pytest.mark.parametrize("directory", ["\x00", "photos\x00", "\ud800", "/tmp/\ud800x"])
+def test_a_folder_path_no_file_system_can_hold_is_invalid_input(index: ImageIndex, directory: str) -> None:
+    """A NUL or a lone surrogate in `directory` used to escape as a bare ValueError / UnicodeEncodeError."""
+    with pytest.raises(InvalidInput, match="directory is not a usable path"):
+        index.index(directory)
+    with pytest.raises(InvalidInput, match="directory is not a usable path"):
+        index.search("a cat", directory=directory)
+
+
+def test_a_folder_with_a_non_utf8_name_is_still_a_folder(index: ImageIndex, tmp_path: Path) -> None:
+    """Names with undecodable bytes arrive as surrogate escapes (\udc80-\udcff) and must keep working."""
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    folder.mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(folder / "red.png")
+    assert index.index(str(folder), captions=False).indexed == 1
+    assert len(index.search("red", directory=str(folder)).hits) == 1
+
+
 async def test_async_index_reports_progress_and_searches(index: ImageIndex, photos: Path) -> None:
     seen: list[tuple[int, int]] = []
 

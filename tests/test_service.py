@@ -561,6 +561,8 @@ def test_mean_logprob_is_the_models_own_log_probability_for_every_decoding(
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
+    from blip_tools.runtime import clean_text
+
     img = make_image(1)
     got = service.caption(img, max_new_tokens=12, **options, **({"seed": seed} if seed is not None else {}))
     model = Blip2ForConditionalGeneration.from_pretrained(settings.model, dtype=torch.float32).eval()
@@ -584,7 +586,7 @@ def test_mean_logprob_is_the_models_own_log_probability_for_every_decoding(
             ).logits
         logprobs = torch.log_softmax(logits[0, width - 1 : -1].float(), -1).gather(-1, torch.tensor(tokens)[:, None])
         text = processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        text = " ".join("".join(ch for ch in text if ch.isprintable() or ch.isspace()).split())  # as results clean it
+        text = clean_text(text, 10**6)  # as results clean it
         by_text[text] = logprobs.mean().item()
     assert sorted(by_text) == sorted(c.text for c in got.captions)  # the same sequences as plain generate()
     for caption in got.captions:
@@ -837,3 +839,77 @@ def test_bfloat16_embeddings_are_unit_length(settings: Any, make_image: Callable
         vectors += [image.vector, *image.query_vectors]
     for vector in vectors:
         assert math.sqrt(sum(x * x for x in vector)) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [None, {"a.png": 1}, "a.png", 5])
+def test_batch_calls_take_lists_only(service: Blip2Service, make_image: Callable[..., Any], bad: Any) -> None:
+    """None, a dict, a string or a number used to escape as a bare TypeError / KeyError (or score a dict's keys)."""
+    image = make_image(3)
+    calls: list[Callable[[], Any]] = [
+        lambda: service.caption_batch(bad),
+        lambda: service.answer_batch(bad, ["what?"]),
+        lambda: service.answer_batch([image], bad),
+        lambda: service.embed_images(bad),
+        lambda: asyncio.run(service.acaption_batch(bad)),
+        lambda: asyncio.run(service.aanswer_batch(bad, ["what?"])),
+        lambda: asyncio.run(service.aembed_images(bad)),
+    ]
+    if not isinstance(bad, str):  # one string is one text to score
+        calls += [lambda: service.score(image, bad), lambda: asyncio.run(service.ascore(image, bad))]
+    for call in calls:
+        with pytest.raises(InvalidInput, match="must be a list"):
+            call()
+
+
+def test_a_prompt_over_the_token_limit_fails_a_batch_call_once(
+    service: Blip2Service, make_image: Callable[..., Any]
+) -> None:
+    """The docstring promised it; only the character limit was checked up front, so each image failed alone."""
+    images, prompt = [make_image(1), make_image(2)], "xq " * 166
+    with pytest.raises(InvalidInput, match="tokens long"):
+        service.caption_batch(images, prompt, return_exceptions=True)
+    with pytest.raises(InvalidInput, match="tokens long"):
+        asyncio.run(service.acaption_batch(images, prompt, return_exceptions=True))
+
+
+def test_text_that_is_not_unicode_is_invalid_input(service: Blip2Service, make_image: Callable[..., Any]) -> None:
+    """A lone surrogate reached the tokenizer: a bare TypeError for prompts, a batch split and InferenceError for
+    texts. A text made only of the reserved `<image>` token now says so."""
+    image = make_image(4)
+    for call in (
+        lambda: service.caption(image, "a photo \ud800"),
+        lambda: service.answer(image, "what \udcff is it?"),
+        lambda: service.caption_batch([image], "\ud800"),
+        lambda: service.embed_texts(["a dog", "\ud800"]),
+        lambda: service.score(image, ["a \ud800 cat"]),
+    ):
+        with pytest.raises(InvalidInput, match="not valid Unicode text"):
+            call()
+    with pytest.raises(InvalidInput, match="reserved '<image>' token"):
+        service.embed_texts(["<image> <image>"])
+    assert service.caption(image, max_new_tokens=3).caption is not None  # still serving
+
+
+def test_more_new_tokens_than_the_model_has_positions_is_invalid_input(
+    settings: BlipSettings, make_image: Callable[..., Any]
+) -> None:
+    """Past its learned positions OPT has no embedding row: the batch failed with `IndexError: index out of range`
+    after running the model. The limit (image tokens + prompt + new tokens) is now checked before queueing."""
+    with _private(settings) as svc:
+        cap = svc.runtime.load_captioner()
+        used = svc.runtime.num_query_tokens + len(svc.runtime.encode_prompt(None))  # type: ignore[operator]
+        cap.extra["max_positions"] = used + 5  # a model with few positions, as if it were small
+        image = make_image(5)
+        assert svc.caption(image, max_new_tokens=5).caption is not None  # exactly fits
+        with pytest.raises(InvalidInput, match=r"exceed its \d+ positions\. Use max_new_tokens <= 5"):
+            svc.caption(image, max_new_tokens=6)
+        with pytest.raises(InvalidInput, match="positions"):
+            svc.answer(image, "what is it?", max_new_tokens=6)
+        assert svc.stats().requests == 1  # refused before queueing
+
+
+def test_the_tiny_checkpoint_has_room_for_the_longest_request(service: Blip2Service) -> None:
+    """The longest prompt plus the largest allowed max_new_tokens fits the tiny checkpoint's positions."""
+    from blip_tools.runtime import MAX_PROMPT_TOKENS
+
+    service.runtime.check_length([0] * MAX_PROMPT_TOKENS, service.settings.max_new_tokens_limit)
