@@ -21,12 +21,15 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import datetime
+import email.utils
 import functools
 import inspect
 import io
 import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import os
 import re
@@ -171,7 +174,12 @@ def transport_error(exc: BaseException, url: str) -> BlipError:
         if isinstance(leaf, (httpx2.ConnectError, httpx2.ConnectTimeout, ConnectionRefusedError)):
             return ModelNotAvailable(f"The blip-mcp daemon at {url} is unreachable ({leaf}). {_START_HINT}")
         if isinstance(leaf, httpx2.HTTPStatusError):
-            return _status_error(leaf.response.status_code, url, shutdown=_is_shutdown_response(leaf.response))
+            return _status_error(
+                leaf.response.status_code,
+                url,
+                shutdown=_is_shutdown_response(leaf.response),
+                retry_after=_retry_after_header(leaf.response.headers),
+            )
         if isinstance(leaf, httpx2.TimeoutException | TimeoutError):
             return RequestTimeout(f"The blip-mcp daemon at {url} did not answer in time ({type(leaf).__name__}).")
         if isinstance(leaf, (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError)):
@@ -213,8 +221,29 @@ def _lost(url: str, why: str) -> ModelNotAvailable:
     )
 
 
-def _status_error(status: int, url: str, *, shutdown: bool = False, detail: str | None = None) -> BlipError:
-    """The error for an HTTP status; `shutdown` marks uvicorn's 500 at shutdown, `detail` the daemon's message."""
+def _retry_after_header(headers: Any) -> float | None:
+    """Seconds from a `Retry-After` header (a number of seconds or an HTTP date), None when absent or unreadable."""
+    value = str(headers.get("retry-after", "") or "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return min(max(seconds, 0.0), 3600.0) if math.isfinite(seconds) else None
+
+
+def _status_error(
+    status: int, url: str, *, shutdown: bool = False, detail: str | None = None, retry_after: float | None = None
+) -> BlipError:
+    """The error for an HTTP status; `shutdown` marks uvicorn's 500 at shutdown, `detail` the daemon's message,
+    `retry_after` a 429/503's `Retry-After` in seconds."""
     if status in (401, 403):
         return BlipError(
             f"The blip-mcp daemon at {url} refused the request (HTTP {status}): pass its token "
@@ -244,10 +273,11 @@ def _status_error(status: int, url: str, *, shutdown: bool = False, detail: str 
             "of it). Retry, or send fewer images per call."
         )
     if status in (429, 503):
+        wait = 1.0 if retry_after is None else retry_after
         return Overloaded(
             f"The server at {url} is at capacity (HTTP {status}): every replica is busy and its queue is full. "
-            "Retry shortly.",
-            retry_after_s=1.0,
+            f"Retry after {wait:.1f} s.",
+            retry_after_s=wait,
         )
     return BlipError(f"The blip-mcp daemon at {url} answered HTTP {status}.")
 
@@ -504,12 +534,12 @@ class DaemonClient:
         return is_loopback_url(self.url)
 
     @asynccontextmanager
-    async def connect(self, statuses: list[tuple[int, bool]] | None = None) -> AsyncIterator[Client]:
+    async def connect(self, statuses: list[tuple[int, bool, float | None]] | None = None) -> AsyncIterator[Client]:
         """A connected MCP client for one operation (the first connection negotiates the protocol version).
 
-        HTTP error statuses seen on the way are appended to `statuses` as `(status, shutdown)` (`shutdown`: uvicorn's
-        500 of a daemon that stops): the MCP transport reports most of them only as a generic error, and a 401
-        deserves a message about the token.
+        HTTP error statuses seen on the way are appended to `statuses` as `(status, shutdown, retry_after)`
+        (`shutdown`: uvicorn's 500 of a daemon that stops; `retry_after`: a `Retry-After` header, in seconds): the
+        MCP transport reports most of them only as a generic error, and a 401 deserves a message about the token.
         """
         import httpx2
         from mcp import Client
@@ -522,7 +552,13 @@ class DaemonClient:
         async def transport() -> AsyncIterator[Any]:
             async def record(response: httpx2.Response) -> None:
                 if response.status_code >= 400 and statuses is not None:
-                    statuses.append((response.status_code, _is_shutdown_response(response)))
+                    statuses.append(
+                        (
+                            response.status_code,
+                            _is_shutdown_response(response),
+                            _retry_after_header(response.headers),
+                        )
+                    )
 
             async with (
                 httpx2.AsyncClient(headers=headers, timeout=timeout, event_hooks={"response": [record]}) as http,
@@ -550,7 +586,7 @@ class DaemonClient:
         from mcp.shared.exceptions import MCPError
 
         for attempt in range(2):
-            statuses: list[tuple[int, bool]] = []
+            statuses: list[tuple[int, bool, float | None]] = []
             try:
                 with anyio.fail_after(timeout_s):
                     async with self.connect(statuses) as client:
@@ -563,8 +599,10 @@ class DaemonClient:
                     continue
                 telling = [seen for seen in statuses if seen[0] in _TELLING_STATUSES]
                 if telling:
-                    status, shutdown = telling[-1]
-                    raise _status_error(status, self.url, shutdown=shutdown, detail=_daemon_message(exc)) from exc
+                    status, shutdown, retry_after = telling[-1]
+                    raise _status_error(
+                        status, self.url, shutdown=shutdown, detail=_daemon_message(exc), retry_after=retry_after
+                    ) from exc
                 raise transport_error(exc, self.url) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 

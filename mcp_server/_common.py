@@ -7,6 +7,7 @@ service is always reached through the lifespan context, never through a global.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,13 +105,17 @@ class ReportedToolError(ToolError):
     """A `ToolError` whose message is `[code] text` and which the error observers have already been told about."""
 
 
+_RETRY_HINT = re.compile(r"\bretry (?:after|in) [0-9]+(?:\.[0-9]+)? ?s\b", re.IGNORECASE)
+"""A retry hint with a number of seconds in an error's own text (then it needs no second one)."""
+
+
 def error_message(exc: BlipError) -> str:
     """The readable text for one of our errors, with its code and, when overloaded, the retry hint (no side effects).
 
     Tools never call this directly: `report_error` (or `to_tool_error`) formats *and* counts an error.
     """
     text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, Overloaded) and "retry" not in text.lower():
+    if isinstance(exc, Overloaded) and not _RETRY_HINT.search(text):
         text = f"{text} Retry after {exc.retry_after_s:.1f} s."
     return f"[{exc.code}] {text}"
 

@@ -675,7 +675,7 @@ def test_cli_caption_and_ask_use_the_daemon_at_blip_remote_url(
 
         assert main(["caption", path, "--model", "/elsewhere"]) == 2  # a local-model flag is a usage error
         err = capsys.readouterr().err
-        assert err.startswith("error: --model configure a model loaded here") and "--local" in err
+        assert err.startswith("error: --model configures a model loaded here") and "--local" in err
         assert main(["caption", path, "--local"]) != 0  # --local loads here: the bad BLIP_MODEL says so
         assert "/no/model/here" in capsys.readouterr().err
     finally:
@@ -765,7 +765,7 @@ def test_cli_collection_commands_use_the_daemon_and_record_its_model(
     assert Image.open(overlay).size == Image.open(image).size
 
     code, _, err = _cli(capsys, "search", "a photo", "--retrieval-model", "/elsewhere")
-    assert code == 2 and err.startswith("error: --retrieval-model configure a model loaded here") and "--local" in err
+    assert code == 2 and err.startswith("error: --retrieval-model configures a model loaded here") and "--local" in err
 
 
 def test_cli_index_keeps_the_daemons_vectors_apart_from_a_local_models(
@@ -1300,3 +1300,24 @@ async def test_batches_on_a_closed_service_raise_service_closed_once(daemon: Dae
             await client.acaption_batch(paths, return_exceptions=True)
     with pytest.raises(ServiceClosed):
         client.embed_images(paths, return_exceptions=True)
+
+
+def test_a_503_in_front_of_the_daemon_keeps_its_retry_after() -> None:
+    """Ray Serve or a reverse proxy at capacity says when to come back; that used to become 'Retry shortly.' and 1 s."""
+    import email.utils
+    import time
+
+    from blip_tools.errors import Overloaded
+    from blip_tools.remote import _retry_after_header, _status_error
+
+    assert _retry_after_header({"retry-after": "7"}) == 7.0
+    assert _retry_after_header({"retry-after": " 2.5 "}) == 2.5
+    soon = email.utils.formatdate(time.time() + 30, usegmt=True)  # the HTTP-date form
+    assert 25.0 <= (_retry_after_header({"retry-after": soon}) or 0.0) <= 31.0
+    for absent in ({}, {"retry-after": ""}, {"retry-after": "soon"}, {"retry-after": "nan"}):
+        assert _retry_after_header(absent) is None
+    assert _retry_after_header({"retry-after": "-3"}) == 0.0
+    error = _status_error(503, "http://h/mcp", retry_after=7.0)
+    assert isinstance(error, Overloaded) and error.retry_after_s == 7.0 and str(error).endswith("Retry after 7.0 s.")
+    plain = _status_error(429, "http://h/mcp")
+    assert isinstance(plain, Overloaded) and plain.retry_after_s == 1.0 and str(plain).endswith("Retry after 1.0 s.")

@@ -106,10 +106,11 @@ def service_from_args(args: argparse.Namespace, *, remote: bool = False, files_r
             settings = settings.model_copy(update={"remote_send_files": "always"})
         given = [flag for name, flag in _LOCAL_MODEL_FLAGS.items() if getattr(args, name, None) not in (None, False)]
         if given:
+            verb, them = ("configures", "it") if len(given) == 1 else ("configure", "them")
             raise InvalidInput(
-                f"{', '.join(given)} configure a model loaded here, but BLIP_REMOTE_URL sends this command to the "
+                f"{', '.join(given)} {verb} a model loaded here, but BLIP_REMOTE_URL sends this command to the "
                 f"blip-mcp daemon at {settings.remote_url}, which runs its own. Add --local to load the model here, "
-                "or drop them."
+                f"or drop {them}."
             )
         from ..remote import default_service
 

@@ -353,3 +353,14 @@ async def test_a_missing_model_is_a_readable_tool_error(tmp_path: Path, mcp_imag
     assert "[model_not_available]" in text_of(r)
     assert str(missing) in text_of(r)
     assert tools.tools, "the server stopped answering after the failed load"
+
+
+def test_an_overloaded_error_gets_a_numeric_retry_hint_unless_it_has_one() -> None:
+    """Only a hint with seconds counts: 'Retry shortly.' or 'retry later' used to suppress the number."""
+    from blip_tools.errors import Overloaded
+    from mcp_server._common import error_message
+
+    assert error_message(Overloaded("busy, retry in 1 s")) == "[overloaded] busy, retry in 1 s"
+    assert error_message(Overloaded("full; retry after 0.20 s (or raise it)")).count("etry after") == 1
+    hinted = error_message(Overloaded("at capacity. Retry shortly.", retry_after_s=3.0))
+    assert hinted == "[overloaded] at capacity. Retry shortly. Retry after 3.0 s."

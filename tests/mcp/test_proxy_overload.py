@@ -1,7 +1,7 @@
 """Overload end to end: a host calls through the real stdio proxy (`blip-mcp --connect`, a subprocess) into a daemon
 whose one-slot queue is full, gets the daemon's `[overloaded]` tool error with its retry hint, and both the proxy
 and the daemon keep serving afterwards (the call that held the slot finishes too). A server at capacity in front of
-the daemon (HTTP 503 with Retry-After) should give the same numeric hint; it does not yet (xfail, see its reason)."""
+the daemon (HTTP 503 with Retry-After) gives the same numeric hint: the header's seconds."""
 
 from __future__ import annotations
 
@@ -135,11 +135,6 @@ def answering_503() -> Iterator[str]:
         thread.join(timeout=30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outside the proxy: blip_tools.remote._status_error ignores Retry-After and words a 503 'Retry shortly.', "
-    "and mcp_server._common.error_message adds the 'Retry after N s.' hint only when the text lacks the word 'retry'",
-)
 async def test_a_server_at_capacity_in_front_of_the_daemon_gives_the_numeric_retry_hint(answering_503: str) -> None:
     from mcp import Client
 
