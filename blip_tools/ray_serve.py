@@ -76,6 +76,9 @@ class RayServeConfig:
     http_host: str = "127.0.0.1"
     """Where Ray's HTTP proxy listens; decides the Host names accepted (see `allowed_hosts`)."""
 
+    http_port: int = 8000
+    """The port of Ray's HTTP proxy (what the replicas report in their logs)."""
+
     allowed_hosts: list[str] = field(default_factory=list)
     """Extra Host header values to accept (the head node's DNS name, a load balancer's name)."""
 
@@ -133,6 +136,7 @@ class Blip2Deployment:
         # only (a session-based client would get "404 Session not found" from the others).
         http = HttpConfig(
             host=self.config.http_host,
+            port=self.config.http_port,
             token=self.config.token,
             allowed_hosts=list(self.config.allowed_hosts),
             stateless=True,
@@ -212,6 +216,7 @@ def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> A
     config_dict = {
         "num_replicas": config.num_replicas,
         "http_host": config.http_host,
+        "http_port": config.http_port,
         "token": config.token,
         "allowed_hosts": list(config.allowed_hosts),
         "route_prefix": config.route_prefix,

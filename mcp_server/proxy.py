@@ -284,7 +284,7 @@ async def _list_tools(ctx: Ctx, params: types.PaginatedRequestParams | None) -> 
     try:
         tools = await proxy.daemon.list_tools()
     except BlipError as exc:
-        logger.warning("%s; listing this package's own tool definitions until it is back", exc)
+        logger.warning("%s; listing this package's own tool definitions until it is back", str(exc).rstrip("."))
         tools = proxy.fallback_tools
     return types.ListToolsResult(tools=tools)
 

@@ -86,6 +86,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         name=args.name,
         token=token,
         http_host=args.host,
+        http_port=args.port,
         allowed_hosts=list(args.allowed_hosts),
     )
     config.check()

@@ -133,7 +133,7 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # else an unclosed object is reported at column 1 of line+1
             except json.JSONDecodeError as exc:
                 yield number, f"malformed line: not valid JSON ({exc.msg} at column {exc.colno})"
                 continue

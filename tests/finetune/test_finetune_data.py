@@ -56,6 +56,7 @@ def test_skip_reports_every_bad_line_by_number(tmp_path: Path) -> None:
     lines = {i.line: i.reason for i in ds.issues}
     assert sorted(lines) == [2, 3, 5, 6, 8, 10, 11, 12]
     assert "not valid JSON" in lines[2]
+    assert lines[2].endswith("at column 31)"), lines[2]  # where the line ends, not column 1 of the next line
     assert "missing image" in lines[3]
     assert "unreadable image" in lines[5] and "unreadable image" in lines[8]
     assert lines[6] == "empty caption"
