@@ -828,35 +828,51 @@ def test_merge_window_lets_alternating_cohorts_merge() -> None:
     assert len(alternating) >= 14, alternating  # the old rule: two cohorts of 4 take turns
 
 
+def _timed_closed_loop(
+    callers: int,
+    rounds: int,
+    *,
+    batch_s: float,
+    max_wait_ms: float,
+    think_s: Callable[[int, int], float] = lambda caller, round_: 0.0,
+) -> tuple[list[int], float]:
+    """`callers` threads start together and each submit `rounds` requests, one after another (waiting
+    `think_s(caller, round)` first), against a handler that takes `batch_s` per batch: (batch sizes, seconds)."""
+    sizes: list[int] = []
+
+    def handler(key: Hashable, items: list[Any]) -> list[Any]:
+        sizes.append(len(items))
+        time.sleep(batch_s)
+        return items
+
+    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
+        handler, max_batch_size=callers, max_wait_ms=max_wait_ms, max_queue=64, max_merge_wait_ms=5000
+    )
+    barrier = threading.Barrier(callers)
+
+    def caller(i: int) -> None:
+        barrier.wait()
+        for r in range(rounds):
+            if think_s(i, r):
+                time.sleep(think_s(i, r))
+            assert batcher.submit("k", (i, r)).result(timeout=30) == (i, r)
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+        for f in [pool.submit(caller, i) for i in range(callers)]:
+            f.result(timeout=60)
+    elapsed = time.monotonic() - start
+    batcher.close()
+    return sizes, elapsed
+
+
 def test_a_merge_window_closes_when_every_returning_caller_is_back() -> None:
     """The worker holds a batch open for returning callers, but wakes the moment the last one is back.
 
     Each batch takes 0.4 s, so each hold may last up to 0.4 s: 4 callers x 5 rounds take about 2 s when the
     batch starts as soon as the 4th caller returns, and about 4 s if the worker waited out every hold.
     """
-    sizes: list[int] = []
-
-    def handler(key: Hashable, items: list[Any]) -> list[Any]:
-        sizes.append(len(items))
-        time.sleep(0.4)
-        return items
-
-    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
-        handler, max_batch_size=4, max_wait_ms=2000, max_queue=64, max_merge_wait_ms=5000
-    )
-    barrier = threading.Barrier(4)
-
-    def caller(i: int) -> None:
-        barrier.wait()
-        for r in range(5):
-            assert batcher.submit("k", (i, r)).result(timeout=30) == (i, r)
-
-    start = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for f in [pool.submit(caller, i) for i in range(4)]:
-            f.result(timeout=60)
-    elapsed = time.monotonic() - start
-    batcher.close()
+    sizes, elapsed = _timed_closed_loop(4, 5, batch_s=0.4, max_wait_ms=2000)
     assert sizes == [4] * 5
     assert elapsed < 3.0, elapsed
 
@@ -898,46 +914,15 @@ def test_callers_back_before_the_worker_finishes_a_batch_still_count_as_back() -
     assert max(waits) < 0.2, waits
 
 
-def _straggler_loop_batch_sizes() -> list[int]:
-    """8 closed-loop callers where one comes back at once and the other 7 only after a lull of 0.1 s.
-
-    That is what many callers preparing their next image under the GIL look like: they progress together and
-    finish together, so after the first one there is a lull longer than the gap the worker allows between
-    arrivals (here 0.04 s, a tenth of the 0.4 s batch).
-    """
-    sizes: list[int] = []
-
-    def handler(key: Hashable, items: list[Any]) -> list[Any]:
-        sizes.append(len(items))
-        time.sleep(0.4)
-        return items
-
-    batcher: DynamicBatcher[Any, Any] = DynamicBatcher(
-        handler, max_batch_size=8, max_wait_ms=5, max_queue=64, max_merge_wait_ms=5000
-    )
-    barrier = threading.Barrier(8)
-
-    def caller(i: int) -> None:
-        barrier.wait()
-        for r in range(8):
-            if i and r:
-                time.sleep(0.1)
-            assert batcher.submit("k", (i, r)).result(timeout=30) == (i, r)
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for f in [pool.submit(caller, i) for i in range(8)]:
-            f.result(timeout=60)
-    batcher.close()
-    return sizes
-
-
 def test_the_merge_window_learns_how_long_closed_loop_callers_take_to_come_back() -> None:
     """After a lull longer than the gap between arrivals, the worker used to start a batch with the first caller
     back alone, every round: batches of 8, 1, 8, 1, ... It now learns from the returns it has seen how long its
     callers take (per caller, weighted by how many came back) and keeps the batch open that long: one split, the
     first time, while it has seen no return yet.
     """
-    sizes = _straggler_loop_batch_sizes()
+    # 8 callers: one comes back at once, the other 7 only after a lull of 0.1 s, longer than the gap the worker
+    # allows between arrivals (0.04 s, a tenth of the 0.4 s batch).
+    sizes, _ = _timed_closed_loop(8, 8, batch_s=0.4, max_wait_ms=5, think_s=lambda i, r: 0.1 if i and r else 0.0)
     assert sum(sizes) == 64
     assert sizes.count(1) <= 2, sizes
 
