@@ -107,6 +107,20 @@ def watching_cancellations(service: Any) -> Iterator[threading.Event]:
         del service.acaption
 
 
+@contextmanager
+def serving(server: Any) -> Iterator[int]:
+    """Run a `uvicorn.Server` on a thread for the block (stopping it after); yields the loopback port it bound."""
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    poll(lambda: server.started or not thread.is_alive(), what="uvicorn to start")
+    assert server.started, "uvicorn failed to start"
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def make_service(tiny_checkpoint: Path, **overrides: Any) -> Any:
     """A private started service on the tiny checkpoint (not the shared session one)."""
     from blip_tools import Blip2Service, BlipSettings

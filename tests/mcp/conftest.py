@@ -10,12 +10,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _mcp_testlib import HTTP_MAX_IMAGE_BYTES, REPO, TOKEN, Gate, HttpServer, RawStdio, make_service, poll, write_image
+from _mcp_testlib import (
+    HTTP_MAX_IMAGE_BYTES,
+    REPO,
+    TOKEN,
+    Gate,
+    HttpServer,
+    RawStdio,
+    make_service,
+    serving,
+    write_image,
+)
 
 
 @pytest.fixture
@@ -44,25 +53,18 @@ def http_server(tiny_checkpoint: Path) -> Iterator[HttpServer]:
     server = create_server(service)
     config = HttpConfig(host="127.0.0.1", port=0, token=TOKEN)
     app = build_http_app(server, config)
-    uv = uvicorn.Server(uvicorn_config(app, config))
-    thread = threading.Thread(target=uv.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    poll(lambda: uv.started or not thread.is_alive(), what="uvicorn to start")
-    assert uv.started, "uvicorn failed to start"
-    port = uv.servers[0].sockets[0].getsockname()[1]
     try:
-        yield HttpServer(
-            base=f"http://127.0.0.1:{port}",
-            port=port,
-            token=TOKEN,
-            service=service,
-            gate=gate,
-            server=server,
-            body_limit=app.state.body_limit,
-        )
+        with serving(uvicorn.Server(uvicorn_config(app, config))) as port:
+            yield HttpServer(
+                base=f"http://127.0.0.1:{port}",
+                port=port,
+                token=TOKEN,
+                service=service,
+                gate=gate,
+                server=server,
+                body_limit=app.state.body_limit,
+            )
     finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
         service.close()
 
 

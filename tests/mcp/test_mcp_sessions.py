@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from _mcp_testlib import REPO, TOKEN, WAIT_S, poll
+from _mcp_testlib import REPO, TOKEN, WAIT_S, serving
 
 from blip_tools.errors import InvalidInput
 
@@ -41,16 +40,8 @@ def bounded_server(service: Any) -> Iterator[str]:
     from mcp_server.http import HttpConfig, build_http_app, uvicorn_config
 
     config = HttpConfig(port=0, token=TOKEN, session_idle_timeout_s=IDLE_S, max_sessions=MAX_SESSIONS)
-    uv = uvicorn.Server(uvicorn_config(build_http_app(create_server(service), config), config))
-    thread = threading.Thread(target=uv.run, name="uvicorn-sessions-test", daemon=True)
-    thread.start()
-    poll(lambda: uv.started or not thread.is_alive(), what="uvicorn to start")
-    assert uv.started, "uvicorn failed to start"
-    try:
-        yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+    with serving(uvicorn.Server(uvicorn_config(build_http_app(create_server(service), config), config))) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def _open(http: httpx.Client) -> httpx.Response:

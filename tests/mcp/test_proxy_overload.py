@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _mcp_testlib import REPO, TOKEN, Gate, apoll, make_service, poll
+from _mcp_testlib import REPO, TOKEN, Gate, apoll, make_service, serving
 
 from blip_tools.remote import error_from_text
 
@@ -43,17 +42,10 @@ def busy_daemon(tiny_checkpoint: Path) -> Iterator[_Daemon]:
     service = make_service(tiny_checkpoint, max_queue=1, max_batch_size=1, max_wait_ms=0.0)
     gate = Gate(service)
     config = HttpConfig(host="127.0.0.1", port=0, token=TOKEN)
-    uv = uvicorn.Server(uvicorn_config(build_http_app(create_server(service), config), config))
-    thread = threading.Thread(target=uv.run, name="uvicorn-overload-test", daemon=True)
-    thread.start()
-    poll(lambda: uv.started or not thread.is_alive(), what="uvicorn to start")
-    assert uv.started, "uvicorn failed to start"
-    port = uv.servers[0].sockets[0].getsockname()[1]
     try:
-        yield _Daemon(f"http://127.0.0.1:{port}/mcp", service, gate)
+        with serving(uvicorn.Server(uvicorn_config(build_http_app(create_server(service), config), config))) as port:
+            yield _Daemon(f"http://127.0.0.1:{port}/mcp", service, gate)
     finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
         service.close()
 
 
@@ -124,15 +116,10 @@ def answering_503() -> Iterator[str]:
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": b"Service Unavailable"})
 
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="off"))
-    thread = threading.Thread(target=uv.run, name="uvicorn-503", daemon=True)
-    thread.start()
-    poll(lambda: uv.started or not thread.is_alive(), what="uvicorn to start")
-    try:
-        yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}/mcp"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
+    with serving(
+        uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="off"))
+    ) as port:
+        yield f"http://127.0.0.1:{port}/mcp"
 
 
 async def test_a_server_at_capacity_in_front_of_the_daemon_gives_the_numeric_retry_hint(answering_503: str) -> None:
