@@ -2,7 +2,9 @@
 
 Security, outermost first, for EVERY route (ours and those other modules add):
 1. `HostOriginMiddleware`: Host must be one of the allowed hosts (else 421), a browser Origin one of the
-   allowed origins (else 403) — DNS-rebinding protection derived from the bind address.
+   allowed origins (else 403) — DNS-rebinding protection derived from the bind address. A browser request that
+   another site makes without an Origin (an `<img>`, `<script>` or `<iframe>` GET; `Sec-Fetch-Site: cross-site`)
+   is refused too (403): only a top-level navigation, such as following a link to `/ui`, is let through.
 2. `BearerTokenMiddleware`: with a token set, `Authorization: Bearer <token>` compared in constant time
    (else 401); only `/healthz` is exempt. A non-loopback bind without a token is refused at startup.
 3. A request body limit (413), sized for one base64 image of `max_image_bytes` plus JSON-RPC slack; routes
@@ -278,7 +280,26 @@ class HostOriginMiddleware:
             logger.warning("refused a request with Origin %r", headers.get("origin"))
             await _plain(403, "Forbidden: cross-origin requests are not allowed.")(scope, receive, send)
             return
+        if headers.get("origin") is None and _cross_site_subresource(headers):  # one with an Origin was judged above
+            logger.warning("refused a cross-site %r request for %r", headers.get("sec-fetch-dest"), scope.get("path"))
+            await _plain(403, "Forbidden: cross-site requests are not allowed.")(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+def _cross_site_subresource(headers: Headers) -> bool:
+    """A browser request another site made that is not a top-level navigation (fetch metadata, `Sec-Fetch-*`).
+
+    Browsers send no Origin on a cross-site GET by `<img>`, `<script>`, `<link>` or `<iframe>`, so the Origin
+    check cannot see one; without a token such a GET would otherwise run the model (`/ui/api/search`), and the
+    load or error event of an `<img>` would tell the other site which of the user's files are indexed
+    (`/ui/api/thumb`). Browsers send `Sec-Fetch-Site` to loopback and https servers; clients that are not
+    browsers send none and are unaffected.
+    """
+    if headers.get("sec-fetch-site", "").strip().lower() != "cross-site":
+        return False
+    navigation = headers.get("sec-fetch-mode", "").strip().lower() == "navigate"
+    return not (navigation and headers.get("sec-fetch-dest", "document").strip().lower() == "document")
 
 
 BodyRefusal = Callable[[int], Response]

@@ -149,6 +149,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body() or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # `[[[[...` nested past Python's recursion limit: bad input, not a server fault
+        raise InvalidInput("the request body nests too deeply; send a flat JSON object") from None
     if not isinstance(body, dict):
         raise InvalidInput("the request body must be a JSON object")
     return body
