@@ -274,6 +274,11 @@ def _has_image_signature(text: str) -> bool:
         raw = base64.b64decode(_to_standard_alphabet(head), validate=True)
     except (binascii.Error, ValueError):
         return False
+    return has_image_signature(raw)
+
+
+def has_image_signature(raw: bytes) -> bool:
+    """Whether `raw` starts like a file of one of `ALLOWED_FORMATS` (12 bytes or more are needed to tell)."""
     if len(raw) < 12:  # too short to tell an image from a name that happens to be base64-clean
         return False
     if raw.startswith(b"BM"):
@@ -643,6 +648,7 @@ __all__ = [
     "ImageInput",
     "LoadedImage",
     "describe_ref",
+    "has_image_signature",
     "load_image",
     "pixel_hash",
 ]

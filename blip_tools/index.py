@@ -567,7 +567,7 @@ class ImageIndex:
             try:
                 entries = list(os.scandir(current))
             except OSError as exc:
-                logger.warning("cannot list %s: %s", current, exc)
+                logger.warning("cannot list %r: %s", current, exc)
                 continue
             for entry in entries:
                 if entry.name.startswith("."):
@@ -579,7 +579,7 @@ class ImageIndex:
                     elif Path(entry.name).suffix.lower() in INDEXED_EXTENSIONS and entry.is_file():
                         found[entry.path] = entry.stat()
                 except OSError as exc:
-                    logger.warning("cannot stat %s: %s", entry.path, exc)
+                    logger.warning("cannot stat %r: %s", entry.path, exc)
         return found
 
     # ------------------------------------------------------------------ indexing
@@ -1114,7 +1114,7 @@ class ImageIndex:
             try:
                 return self.service.score(Path(hit.path), [query]).scores[0].itm_probability
             except BlipError as exc:  # e.g. the file changed or vanished since it was indexed
-                logger.info("re-rank skipped %s: %s", hit.path, exc)
+                logger.info("re-rank skipped %r: %s", hit.path, exc)
                 return None
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(hits), 16)) as pool:

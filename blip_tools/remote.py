@@ -454,6 +454,12 @@ def prepare_image(ref: ImageInput | str, settings: BlipSettings, *, send_data: b
     if not send_data:
         return absolute, None
     data = images._read_file(Path(absolute), settings, label)
+    if not images.has_image_signature(data[:16]):
+        # Never upload what is not an image: a prompt-injected call could name ~/.ssh/id_ed25519.
+        raise InvalidImage(
+            f"{label} is not an image file (accepted: {', '.join(images.ALLOWED_FORMATS)}); it was not sent to the "
+            "daemon."
+        )
     return data_uri(data, _image_mime(absolute, data)), label
 
 
@@ -517,6 +523,12 @@ class DaemonClient:
             )
         self.url = normalize_url(url)
         self.token = token
+        if token and urlsplit(self.url).scheme == "http" and not is_loopback_url(self.url):
+            logger.warning(
+                "the token for %s is sent over plain HTTP, readable on the network with every image; use https:// "
+                "(a reverse proxy) or an SSH tunnel to a loopback port",
+                self.url,
+            )
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self.read_timeout_s = read_timeout_s

@@ -306,7 +306,7 @@ async def _call_tool(ctx: Ctx, params: types.CallToolRequestParams) -> types.Cal
         else:
             result = await proxy.daemon.call_tool(params.name, arguments, progress=progress)
     except BlipError as exc:
-        logger.info("tool %s failed: %s", params.name, exc)
+        logger.info("tool %r failed: %s", params.name, exc)
         return error_result(exc)
     result = restore_result(result, sent)
     return merge_local_failures(result, list(given["images"]), failed) if failed else result

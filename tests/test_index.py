@@ -540,3 +540,17 @@ def test_searches_from_many_short_lived_threads_do_not_keep_a_connection_each(in
     assert len(index._connections) <= 3  # this thread, plus the last short-lived thread(s) not yet pruned
     assert len(os.listdir("/proc/self/fd")) <= fds + 6
     assert index.search("a photo", top_k=1)  # still serving on this thread's own connection
+
+
+def test_a_file_name_cannot_forge_log_lines(
+    index: ImageIndex, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Names are logged quoted (%r): a newline in one used to start a line of its own in the log."""
+    folder = tmp_path / "forged"
+    folder.mkdir()
+    loop = folder / "a\nCRITICAL forged line.png"
+    loop.symlink_to(loop)  # a symlink to itself: stat fails, and the scan logs the name
+    with caplog.at_level("WARNING", logger="blip_tools.index"):
+        index.index(str(folder), captions=False)
+    messages = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert messages and all("\n" not in m for m in messages), messages

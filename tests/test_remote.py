@@ -1321,3 +1321,35 @@ def test_a_503_in_front_of_the_daemon_keeps_its_retry_after() -> None:
     assert isinstance(error, Overloaded) and error.retry_after_s == 7.0 and str(error).endswith("Retry after 7.0 s.")
     plain = _status_error(429, "http://h/mcp")
     assert isinstance(plain, Overloaded) and plain.retry_after_s == 1.0 and str(plain).endswith("Retry after 1.0 s.")
+
+
+def test_files_that_are_not_images_are_never_uploaded(tmp_path: Path) -> None:
+    """A prompt-injected call could name any readable file; sending 'data' must not mean sending a private key."""
+    from PIL import Image
+
+    from blip_tools.errors import InvalidImage
+    from blip_tools.settings import BlipSettings
+
+    key = tmp_path / "id_ed25519"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n")
+    settings = BlipSettings()
+    for ref in (str(key), key.as_uri(), key):
+        with pytest.raises(InvalidImage, match=r"not an image file.*not sent"):
+            prepare_image(ref, settings, send_data=True)
+    assert prepare_image(str(key), settings, send_data=False) == (str(key), None)  # a path: the daemon decides
+    picture = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(picture)
+    wire, label = prepare_image(str(picture), settings, send_data=True)
+    assert wire.startswith("data:image/png;base64,") and label == str(picture)
+
+
+def test_a_token_over_plain_http_to_another_host_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from blip_tools.remote import DaemonClient
+
+    with caplog.at_level(logging.WARNING, logger="blip_tools.remote"):
+        DaemonClient("http://127.0.0.1:8765/mcp", token=TOKEN)
+        DaemonClient("http://gpu-box:8765/mcp")
+        DaemonClient("https://gpu-box/mcp", token=TOKEN)
+        assert not caplog.records
+        DaemonClient("http://gpu-box:8765/mcp", token=TOKEN)
+    assert [r.getMessage().split(" is sent")[0] for r in caplog.records] == ["the token for http://gpu-box:8765/mcp"]

@@ -142,7 +142,7 @@ class Blip2ImageLoader(BaseLoader):
     def _fail(self, path: Path, exc: BlipError) -> None:
         if self.on_error == "raise" or not isinstance(exc, InvalidImage | InferenceError):
             raise exc
-        logger.warning("skipping image %s: %s", path, exc)
+        logger.warning("skipping image %r: %s", path, exc)
 
 
 def _check_questions(questions: str | Sequence[str]) -> list[str]:
