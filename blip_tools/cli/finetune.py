@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, type=Path, help="a .jsonl/.csv file, or a folder with captions.jsonl")
     p.add_argument("--out", required=True, type=Path, help="output folder (new, or the one to --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same data and training options)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     m = p.add_argument_group("model")

@@ -15,6 +15,7 @@ vision encoder above all — is bit-identical to the base, and the folder loads 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ class StepInfo:
     epoch: float
     loss: float
     lr: float
+    """The learning rate this step applied."""
     elapsed_s: float
     val_loss: float | None = None
 
@@ -154,9 +156,17 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _load(self) -> None:
         """Load the base through the runtime (same checks as serving), freeze it and choose what trains."""
+        # Serving speed-ups stay out of training: int8 dynamic quantization has no backward (the Q-Former would get
+        # no gradient through the quantized decoder and learn nothing) and its layers take no LoRA adapters.
         runtime = Blip2Runtime(
             self.settings.model_copy(
-                update={"model": self.model_name, "device": self.device, "dtype": _dtype_name(self.frozen_dtype)}
+                update={
+                    "model": self.model_name,
+                    "device": self.device,
+                    "dtype": _dtype_name(self.frozen_dtype),
+                    "quantize": "none",
+                    "compile": False,
+                }
             )
         )
         loaded = runtime.load_captioner()
@@ -368,19 +378,44 @@ class Trainer:
     def _checkpoints(self) -> list[tuple[int, Path]]:
         return find_checkpoints(self.out_dir)
 
-    def _fingerprint(self, total_steps: int) -> dict[str, Any]:
-        """What must match for a resume to continue the same run."""
+    def _fingerprint(self, total_steps: int, warmup: int) -> dict[str, Any]:
+        """What must match for a resume to continue the same run: the data and every option the updates depend on.
+
+        Options that leave the arithmetic alone (progress, checkpoint cadence, feature caching, gradient
+        checkpointing, device, the validation cadence and patience) may change between a run and its resume.
+        """
         c = self.config
         return {
             "base_model": self.model_name,
             "train_examples": len(self.train_rows),
+            "train_data": self._data_digest(self.train_rows, self.train_examples),
+            "val_data": self._data_digest(self.val_rows, self.val_examples),
             "batch_size": c.batch_size,
             "grad_accum": c.grad_accum,
             "seed": c.seed,
             "total_steps": total_steps,
+            "lr": c.lr,
+            "weight_decay": c.weight_decay,
+            "warmup_steps": warmup,
+            "max_grad_norm": c.max_grad_norm,
             "lora": c.lora,
             "lora_r": c.lora_r if c.lora else None,
+            "lora_alpha": c.lora_alpha if c.lora else None,
+            "lora_dropout": c.lora_dropout if c.lora else None,
+            "lora_targets": sorted(c.lora_targets) if c.lora else None,
         }
+
+    def _data_digest(self, rows: Sequence[_Encoded], examples: Sequence[Example]) -> str:
+        """A short hash of the encoded examples, in order (images relative to the data file: a moved folder matches)."""
+        items = []
+        for r in rows:
+            image = examples[r.index].image
+            try:
+                name = os.path.relpath(image, self.data_file.parent)
+            except ValueError:  # another drive (Windows)
+                name = str(image)
+            items.append([name, r.input_ids, r.labels])
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self._trainable()}
@@ -433,7 +468,7 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(warmup, total_steps))
         scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and self.frozen_dtype == torch.float16)
-        fingerprint = self._fingerprint(total_steps)
+        fingerprint = self._fingerprint(total_steps, warmup)
         # Default: at epoch ends, but at least MIN_SAVE_INTERVAL steps apart (tiny data sets have 1-step epochs).
         save_every = cfg.save_every or steps_per_epoch * math.ceil(MIN_SAVE_INTERVAL / steps_per_epoch)
 
@@ -451,8 +486,9 @@ class Trainer:
                     raise TypeError(f"its fingerprint is a {type(saved).__name__}, not a dict")
             except Exception as exc:  # truncated zip, unpickling refused, not a dict, ...: all mean a broken file
                 raise _damaged_checkpoint(path, exc) from exc
-            if saved != fingerprint:
-                diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+            # A key the saved fingerprint lacks was not recorded by the version that wrote it: not compared.
+            diff = {k: (saved[k], v) for k, v in fingerprint.items() if k in saved and saved[k] != v}
+            if diff:
                 raise InvalidInput(
                     f"Cannot resume from {path}: the run differs in {diff} (saved, now). Use the same data and "
                     "options, or a new output folder."
@@ -497,9 +533,9 @@ class Trainer:
                 epoch = step // steps_per_epoch
                 groups = self._groups(len(self.train_rows), epoch)
                 for group in groups[step % steps_per_epoch :]:
+                    lr = float(scheduler.get_last_lr()[0])  # the rate this step applies (the scheduler moves after it)
                     loss_value = self._train_step(group, optimizer, scheduler, scaler)
                     step += 1
-                    lr = float(scheduler.get_last_lr()[0])
                     history.steps.append(
                         {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr}
                         | {"time_s": elapsed()}

@@ -38,8 +38,9 @@ def test_loss_falls_and_every_training_caption_is_memorised(trained: FinetuneRep
     assert trained.final_loss is not None and trained.final_loss <= losses[0] / 2
     assert min(losses[-10:]) < 0.1 * losses[0]
     lrs = [s["lr"] for s in metrics["steps"]]
-    assert lrs[4] == pytest.approx(1e-2)  # warm-up over 5 steps, then cosine decay to 0
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-9) and lrs[60] < lrs[10]
+    # The rate each step applied: linear warm-up from 0 over 5 steps, the peak at step 6, then cosine decay to 0.
+    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.8e-2) and lrs[5] == pytest.approx(1e-2)
+    assert 0.0 < lrs[-1] < 1e-5 and lrs[60] < lrs[10]
     assert trained.steps == 120 and trained.train_examples == 6 and trained.skipped == []
     # The default trainable set is tiny next to the whole model: Q-Former + query tokens + projection.
     assert trained.trainable_params < trained.total_params / 2
@@ -208,8 +209,12 @@ def test_resume_continues_the_same_run(tiny_checkpoint: Path, caption_data: Path
     assert report.resumed_from_step == 8 and report.steps == 10 and steps == [9, 10]
     resumed = json.loads(report.metrics_path.read_text())["steps"]
     assert [s["step"] for s in resumed] == list(range(1, 11))
-    # Same data order, optimizer, schedule and RNG: the resumed losses are the uninterrupted run's.
+    # Same data order, optimizer, schedule and RNG: the resumed losses and weights are the uninterrupted run's.
     assert [s["loss"] for s in resumed] == pytest.approx(full, rel=1e-5, abs=1e-6)
+    import torch
+
+    a, b = (dict(_load(r.out_dir).named_parameters()) for r in (straight, report))
+    assert all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-7) for n in a)
 
     with pytest.raises(InvalidInput, match="differs"):
         finetune(caption_data, out, settings=_settings(base), resume=True, **(options | {"batch_size": 2}))
