@@ -39,7 +39,7 @@ from .results import (
 from .service import Blip2Service
 from .settings import BlipSettings
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version lives: pyproject.toml reads it (dynamic version)
 
 __all__ = [
     "AnswerResult",
