@@ -123,6 +123,19 @@ def _qformer_config(vocab_size: int, text_input: bool) -> dict[str, Any]:
     }
 
 
+def _save_quietly(model: Any, folder: Path) -> None:
+    """`save_pretrained` without transformers' progress bars on stderr (a first `--demo` printed two)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny random captioner to `path/captioner` and a retrieval model to `path/retrieval`.
 
@@ -177,7 +190,7 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     cap_dir = root / "captioner"
-    model.save_pretrained(cap_dir)
+    _save_quietly(model, cap_dir)
     processor.save_pretrained(cap_dir)
 
     # Retrieval: vision -> Q-Former with text layers -> projections + ITM head.
@@ -193,7 +206,7 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed + 1)
     r_model = Blip2ForImageTextRetrieval(r_config).eval()
     ret_dir = root / "retrieval"
-    r_model.save_pretrained(ret_dir)
+    _save_quietly(r_model, ret_dir)
     r_processor.save_pretrained(ret_dir)
 
     marker = {"seed": seed, "kind": "blip-tools tiny checkpoint", "version": TINY_VERSION}

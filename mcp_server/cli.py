@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blip-mcp",
         description="BLIP-2 image captioning, VQA, scores and embeddings as MCP tools (one shared, batched model).",
     )
+    from blip_tools import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     model = parser.add_argument_group("model (mirror BLIP_* settings)")
     model.add_argument("--model", help="Captioning checkpoint: hub id or local dir (BLIP_MODEL).")
     model.add_argument("--retrieval-model", help="Retrieval checkpoint for embeddings/scores (BLIP_RETRIEVAL_MODEL).")

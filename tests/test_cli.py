@@ -98,7 +98,7 @@ def test_tiny_checkpoint_prints_only_its_two_lines(tmp_path: Path, capfd: pytest
     root = tmp_path / "ckpt"
     assert main(["tiny-checkpoint", str(root)]) == 0
     out, err = capfd.readouterr()
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "Writing" not in err, err  # nor transformers' save progress bars on stderr
     assert out == (
         f"wrote {root / 'captioner'} and {root / 'retrieval'}\n"
         f"use it with: BLIP_MODEL={root / 'captioner'} BLIP_RETRIEVAL_MODEL={root / 'retrieval'}\n"
@@ -192,3 +192,20 @@ def test_the_demo_checkpoint_is_rebuilt_when_it_is_of_an_older_version(
     (root / testing.MARKER_FILE).write_text("not json")
     testing.ensure_demo_checkpoint()
     assert len(built) == 2
+
+
+def test_both_commands_print_their_version_and_the_package_runs_as_a_module() -> None:
+    import subprocess
+    import sys
+
+    from blip_tools import __version__
+
+    for argv, prog in (
+        (["-m", "blip_tools", "--version"], "blip-tools"),
+        (["-m", "mcp_server", "--version"], "blip-mcp"),
+        (["-m", "blip_tools", "--help"], None),
+    ):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        if prog:
+            assert proc.stdout.strip() == f"{prog} {__version__}"

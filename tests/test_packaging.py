@@ -160,3 +160,12 @@ def test_importing_the_packages_loads_no_model_libraries() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"imported eagerly: {done.stdout.strip()}"
+
+
+def test_the_declared_license_ships_its_text() -> None:
+    """Apache-2.0 asks for its text to go with every copy: the wheel and sdist take it from `license-files`."""
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+    files = PYPROJECT["project"]["license-files"]
+    assert files == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text

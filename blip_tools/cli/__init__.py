@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from .. import __version__
 from ..errors import BlipError
 
 _COMMAND_MODULES = ["core", "collections", "finetune", "bench", "ray"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "blip-mcp daemon's model instead of loading one (--local overrides; an index file stays on this machine); "
         "finetune, bench, serve-ray and tiny-checkpoint always work in this process.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:

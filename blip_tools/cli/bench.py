@@ -44,13 +44,13 @@ def _import_suite() -> object:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    suite = _import_suite()  # first: from an installed wheel, say at once that the suite needs a checkout
     import torch
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads = args.threads or (1 if args.size == "tiny" else (os.cpu_count() or 1))
     torch.set_num_threads(threads)
-    suite = _import_suite()
     results = suite.run(  # type: ignore[attr-defined]
         args.scenario or ["all"], args.size, args.out, quick=args.quick, tokens=args.tokens
     )

@@ -1,0 +1,8 @@
+"""`python -m blip_tools ...` is the same as `blip-tools ...`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
