@@ -33,7 +33,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("proxy-files")
     write_image(root / "first.png", 11)
     write_image(root / "second.png", 12)
-    (root / "broken.png").write_bytes(b"this is not an image" * 10)
+    # A PNG signature over garbage: sent as data (only image files are), then refused by the daemon's decoder.
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not an image" * 10)
     return root
 
 
