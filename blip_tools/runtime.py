@@ -190,14 +190,6 @@ class Blip2Runtime:
 
     def __init__(self, settings: BlipSettings) -> None:
         self.settings = settings
-        # A device this machine lacks is reported when a model loads (ModelNotAvailable, like a missing checkpoint),
-        # not here: servers must come up and answer each call with that error instead of dying at start.
-        self._device_error: ModelNotAvailable | None = None
-        try:
-            self.device = resolve_device(str(settings.device))
-        except ModelNotAvailable as exc:
-            self.device, self._device_error = str(settings.device), exc
-        self.dtype = resolve_dtype(settings.dtype, self.device)
         self._lock = threading.RLock()
         # Agents reuse a few prompts (no prompt, the VQA template per question): tokenise each once.
         self._prompt_ids = functools.lru_cache(maxsize=4096)(self._tokenize_prompt)
@@ -209,6 +201,34 @@ class Blip2Runtime:
         self.prefix_cache = _LRU(0 if settings.static_cache else settings.prefix_cache_size)
         self.models_loaded = 0
         self.model_load_s = 0.0
+
+    @functools.cached_property
+    def _placement(self) -> tuple[str, torch.dtype, ModelNotAvailable | None]:
+        """(device, dtype, the device's error), resolved on first use: building a service imports no torch.
+
+        A device this machine lacks is reported when a model loads (ModelNotAvailable, like a missing checkpoint),
+        not here: servers must come up and answer each call with that error instead of dying at start.
+        """
+        error: ModelNotAvailable | None = None
+        try:
+            device = resolve_device(str(self.settings.device))
+        except ModelNotAvailable as exc:
+            device, error = str(self.settings.device), exc
+        return device, resolve_dtype(self.settings.dtype, device), error
+
+    @property
+    def device(self) -> str:
+        """The torch device the models run on (`auto` resolved)."""
+        return self._placement[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The models' dtype (`auto` resolved for the device)."""
+        return self._placement[1]
+
+    @property
+    def _device_error(self) -> ModelNotAvailable | None:
+        return self._placement[2]
 
     # ------------------------------------------------------------------ loading
     def _from_pretrained(self, cls: Any, name: str) -> tuple[Any, Any]:

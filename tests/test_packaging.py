@@ -169,3 +169,20 @@ def test_the_declared_license_ships_its_text() -> None:
     assert files == ["LICENSE"]
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_building_a_service_or_a_toolkit_loads_no_model_libraries() -> None:
+    """A LangChain app builds its toolkit at startup: that must not cost torch's import (2 s) before any image."""
+    code = (
+        "import sys\n"
+        "from blip_tools import Blip2Service, BlipSettings\n"
+        "from blip_tools.langchain import Blip2Toolkit\n"
+        "service = Blip2Service(BlipSettings(device='cuda:7'))\n"  # loads lazily (start() would load now)
+        "tools = Blip2Toolkit(service=service).get_tools()\n"
+        "assert tools, 'no tools'\n"
+        "service.close()\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
