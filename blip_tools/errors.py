@@ -85,6 +85,12 @@ class IndexDamaged(BlipError):
     code = "index_damaged"
 
 
+class IndexBusy(Overloaded):
+    """Another process kept the image index locked past the busy timeout; retry when it is done writing."""
+
+    code = "index_busy"
+
+
 class ServiceClosed(BlipError):
     """The service is shut down and accepts no more requests."""
 
@@ -95,6 +101,7 @@ __all__ = [
     "BlipError",
     "CapabilityUnavailable",
     "ImageTooLarge",
+    "IndexBusy",
     "IndexDamaged",
     "InferenceError",
     "InvalidImage",

@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field, field_serializer
 
-from .errors import BlipError, IndexDamaged, InvalidImage, InvalidInput, PathNotAllowed
+from .errors import BlipError, IndexBusy, IndexDamaged, InvalidImage, InvalidInput, PathNotAllowed
 from .images import _check_allowed, _read_file, describe_ref
 from .results import CaptionResult, EmbeddingResult
 
@@ -58,6 +58,9 @@ INDEXED_EXTENSIONS: Final = frozenset(
 SCHEMA_VERSION: Final = 1
 _MAX_REPORTED_ERRORS: Final = 50
 _PREFILTER_MIN: Final = 64
+_BUSY_TIMEOUT_S: Final = 30.0
+"""How long a connection waits for another writer's lock before the call fails with `IndexBusy`."""
+_BUSY_RETRY_S: Final = 5.0
 """Text search scores at least this many pooled-vector candidates exactly (max over query tokens)."""
 
 ProgressFn = Callable[[int, int], Any]
@@ -319,8 +322,10 @@ def _db_failure(path: Path, exc: sqlite3.Error) -> BlipError:
     """One message per kind of SQLite failure, telling the user what to do."""
     name = str(getattr(exc, "sqlite_errorname", "") or "")
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        return BlipError(
-            f"The image index {path} is busy ({exc}): another process is writing to it. Try again when it is done."
+        return IndexBusy(
+            f"The image index {path} is busy ({exc}): another process has been writing to it for over "
+            f"{_BUSY_TIMEOUT_S:g} s. Retry after {_BUSY_RETRY_S:g} s, or when it is done.",
+            retry_after_s=_BUSY_RETRY_S,
         )
     if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL")):
         return BlipError(
@@ -340,7 +345,8 @@ def _damaged(path: Path, reason: str) -> IndexDamaged:
 def _maps_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """Turn any SQLite error raised inside an `ImageIndex` method into a `BlipError` that says what to do.
 
-    A damaged or foreign file gives `IndexDamaged`; a busy, read-only or full one a plain `BlipError`.
+    A damaged or foreign file gives `IndexDamaged`, a busy one `IndexBusy`, a read-only or full one a plain
+    `BlipError`.
     """
 
     @functools.wraps(method)
@@ -480,7 +486,7 @@ class ImageIndex:
                 conn.text_factory = _read_text
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
             except sqlite3.Error as exc:
                 conn.close()
                 raise _db_failure(self.path, exc) from exc

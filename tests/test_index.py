@@ -554,3 +554,28 @@ def test_a_file_name_cannot_forge_log_lines(
         index.index(str(folder), captions=False)
     messages = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
     assert messages and all("\n" not in m for m in messages), messages
+
+
+def test_an_index_locked_by_another_writer_is_index_busy(
+    tmp_path: Path, service: Blip2Service, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was a plain BlipError (the console answered 500); it is an Overloaded with a retry time (503)."""
+    import sqlite3
+
+    import blip_tools.index as index_module
+    from blip_tools.errors import IndexBusy, Overloaded
+
+    monkeypatch.setattr(index_module, "_BUSY_TIMEOUT_S", 0.2)
+    db = tmp_path / "busy.sqlite"
+    with ImageIndex(db, service=service) as idx:
+        idx.index(photos, captions=False, recursive=False)
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # another process writing
+        try:
+            with pytest.raises(IndexBusy, match="busy") as info:
+                ImageIndex(db, service=service).search("a cat")
+            assert isinstance(info.value, Overloaded) and info.value.retry_after_s == 5.0
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert idx.search("a cat").hits  # free again

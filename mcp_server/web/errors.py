@@ -4,8 +4,9 @@ Every `blip_tools.errors` code has a deliberate entry (a test checks that none f
 
 - the request itself is wrong: 400 (`invalid_input`), 422 (`invalid_image`: well-formed, but not an image we
   take), 413 (too large), 403 (a path or URL that is not allowed);
-- the server cannot serve it now, and the same request will work later: 503 (`overloaded` with `Retry-After`,
-  `service_closed`, `model_not_available`), 504 (`request_timeout`: it waited in the queue past its deadline);
+- the server cannot serve it now, and the same request will work later: 503 (`overloaded` and `index_busy` with
+  `Retry-After`, `service_closed`, `model_not_available`), 504 (`request_timeout`: it waited in the queue past
+  its deadline);
 - the server cannot do it at all: 501 (`capability_unavailable`);
 - the request is fine but the image index's state conflicts with it: 409 (`index_damaged`). Retrying unchanged
   cannot help and no automatic retry should (as clients and proxies do on 5xx); the body says how to rebuild the
@@ -33,6 +34,7 @@ STATUS_BY_CODE = MappingProxyType(
         "path_not_allowed": 403,
         "url_not_allowed": 403,
         "overloaded": 503,
+        "index_busy": 503,
         "service_closed": 503,
         "model_not_available": 503,
         "request_timeout": 504,
