@@ -19,6 +19,7 @@ from blip_tools.grounding import LocateResult
 from blip_tools.index import ImageIndex, IndexReport, SearchResult
 
 from ._common import ImageArg, app_context, get_service, read_only, tool_errors
+from .tools import add_tool
 
 if TYPE_CHECKING:
     from .server import BlipMCPServer
@@ -56,7 +57,7 @@ async def index_images(
     ctx: Context,
     recursive: Annotated[bool, Field(description="Include subfolders (default true).")] = True,
     captions: Annotated[
-        bool, Field(description="Also caption each image so search results say what they show (slower).")
+        bool, Field(description="Also caption each image so search results say what they show (slower; default true).")
     ] = True,
 ) -> Annotated[CallToolResult, IndexReport]:
     """Index a folder's images so search_images can find them. Incremental and resumable: only new or changed
@@ -79,7 +80,7 @@ async def search_images(
         str | None,
         Field(description="What to look for in words, e.g. 'a dog on a beach'. Give this or `image`.", max_length=1000),
     ] = None,
-    top_k: Annotated[int, Field(description="How many results (1 to 50).", ge=1, le=50)] = 5,
+    top_k: Annotated[int, Field(description="How many results (1 to 50, default 5).", ge=1, le=50)] = 5,
     directory: Annotated[
         # The bounds sit on the inner str: on the outer Optional, next to a validator, pydantic would check them
         # apart from the string (losing its refusal of lone surrogates). Same published schema.
@@ -91,7 +92,8 @@ async def search_images(
         Field(description="Instead of `query`: an example image (absolute path preferred) to find similar ones."),
     ] = None,
     rerank: Annotated[
-        bool, Field(description="Re-score the top results with the image-text matching head (text queries).")
+        bool,
+        Field(description="Re-score the top results with the image-text matching head (text queries; default false)."),
     ] = False,
 ) -> Annotated[CallToolResult, SearchResult]:
     """Find images in folders indexed with index_images that match a description, or that look like an example
@@ -138,6 +140,6 @@ def register(server: BlipMCPServer) -> None:
         idempotent_hint=True,
         open_world_hint=False,
     )
-    server.add_tool(index_images, annotations=writes_index)
-    server.add_tool(search_images, annotations=read_only("Search indexed images", open_world=urls, idempotent=True))
-    server.add_tool(locate_in_image, annotations=read_only("Locate a text in an image", open_world=urls))
+    add_tool(server, index_images, writes_index)
+    add_tool(server, search_images, read_only("Search indexed images", open_world=urls, idempotent=True))
+    add_tool(server, locate_in_image, read_only("Locate a text in an image", open_world=urls))

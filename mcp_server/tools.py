@@ -6,11 +6,14 @@ structured content plus a short text block for the model. `BlipError`s become `T
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from mcp.server.mcpserver import Context
-from mcp.types import CallToolResult, TextContent
-from pydantic import BaseModel, Field
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import AfterValidator, BaseModel, Field
+from pydantic_core import PydanticCustomError
 
 from blip_tools.errors import BlipError
 from blip_tools.results import AnswerResult, CaptionResult, EmbeddingResult, ScoreResult
@@ -20,6 +23,22 @@ from ._common import ImageArg, ImagesArg, get_service, read_only, report_error, 
 if TYPE_CHECKING:
     from .server import BlipMCPServer
 
+
+def _above_zero(value: float) -> float:
+    """Refuse 0 and below (and NaN) with pydantic's own `gt` error, for bounds the schema publishes as `minimum: 0`.
+
+    `gt=0` would publish `exclusiveMinimum`, which Gemini's function declarations reject (the whole request fails,
+    every tool with it) and several host-side schema converters do not strip; the accepted values stay the same.
+    """
+    if not value > 0:
+        raise PydanticCustomError("greater_than", "Input should be greater than {gt}", {"gt": 0})
+    return value
+
+
+#: Published next to `maximum` on floats that must be > 0 (see `_above_zero`).
+_FROM_ZERO: dict[str, Any] = {"minimum": 0}
+
+
 # Decoding arguments: bounds mirror `blip_tools.params.GenerationParams`; None keeps the service default.
 MaxNewTokens = Annotated[
     int | None, Field(description="Most tokens to generate (default 30; the server caps it).", ge=1, le=512)
@@ -27,14 +46,21 @@ MaxNewTokens = Annotated[
 MinNewTokens = Annotated[int | None, Field(description="Fewest tokens to generate (default 0).", ge=0, le=512)]
 NumBeams = Annotated[int | None, Field(description="Beam-search width; 1 = greedy (default).", ge=1, le=16)]
 DoSample = Annotated[bool | None, Field(description="Sample instead of greedy/beam search (default false).")]
-Temperature = Annotated[float | None, Field(description="Sampling temperature (with do_sample).", gt=0.0, le=5.0)]
-TopP = Annotated[float | None, Field(description="Nucleus sampling mass (with do_sample).", gt=0.0, le=1.0)]
+Temperature = Annotated[
+    Annotated[float, Field(le=5.0, json_schema_extra=_FROM_ZERO), AfterValidator(_above_zero)] | None,
+    Field(description="Sampling temperature, > 0 (with do_sample; default 1.0)."),
+]
+TopP = Annotated[
+    Annotated[float, Field(le=1.0, json_schema_extra=_FROM_ZERO), AfterValidator(_above_zero)] | None,
+    Field(description="Nucleus sampling mass, > 0 (with do_sample; default 1.0)."),
+]
 NumReturnSequences = Annotated[
     int | None,
     Field(description="Texts to return per image (needs num_beams >= it, or do_sample).", ge=1, le=16),
 ]
 RepetitionPenalty = Annotated[
-    float | None, Field(description="Penalty for repeated tokens (1.0 = none).", gt=0.0, le=10.0)
+    Annotated[float, Field(le=10.0, json_schema_extra=_FROM_ZERO), AfterValidator(_above_zero)] | None,
+    Field(description="Penalty for repeated tokens, > 0 (1.0 = none, the default)."),
 ]
 Seed = Annotated[int | None, Field(description="Seed for reproducible sampling.", ge=0, le=2**32 - 1)]
 
@@ -206,7 +232,7 @@ async def embed_image(
     image: ImageArg,
     ctx: Context,
     include_query_vectors: Annotated[
-        bool, Field(description="Also return one vector per Q-Former query token (large).")
+        bool, Field(description="Also return one vector per Q-Former query token (large; default false).")
     ] = False,
 ) -> Annotated[CallToolResult, EmbeddingResult]:
     """Embed an image in the image-text space shared with `embed_text` (L2-normalised vector)."""
@@ -229,12 +255,24 @@ async def embed_text(
     return _result(f"Text embedding: {result.dim}-d vector (in the structured content).", result)
 
 
+def add_tool(server: BlipMCPServer, fn: Callable[..., Any], annotations: ToolAnnotations) -> None:
+    """Register `fn` with its annotations' title also as the tool's own `title`, and its docstring dedented.
+
+    Hosts read either title (the spec puts `title` first). The SDK publishes `fn.__doc__` as it is, and Python
+    before 3.13 keeps a docstring's indentation, so a multi-line description would differ between versions (and
+    between a daemon and the `--connect` proxy's fallback list) and carry stray spaces into the model's context.
+    """
+    server.add_tool(
+        fn, title=annotations.title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations
+    )
+
+
 def register(server: BlipMCPServer) -> None:
     """Add the six core tools to `server` (read-only; open-world only when URLs are allowed)."""
     urls = server.blip_settings.allow_urls
-    server.add_tool(caption_image, annotations=read_only("Caption an image", open_world=urls))
-    server.add_tool(caption_images, annotations=read_only("Caption several images", open_world=urls))
-    server.add_tool(answer_question, annotations=read_only("Answer a question about an image", open_world=urls))
-    server.add_tool(score_image_text, annotations=read_only("Score texts against an image", open_world=urls))
-    server.add_tool(embed_image, annotations=read_only("Embed an image", open_world=urls))
-    server.add_tool(embed_text, annotations=read_only("Embed a text"))
+    add_tool(server, caption_image, read_only("Caption an image", open_world=urls))
+    add_tool(server, caption_images, read_only("Caption several images", open_world=urls))
+    add_tool(server, answer_question, read_only("Answer a question about an image", open_world=urls))
+    add_tool(server, score_image_text, read_only("Score texts against an image", open_world=urls))
+    add_tool(server, embed_image, read_only("Embed an image", open_world=urls))
+    add_tool(server, embed_text, read_only("Embed a text"))
