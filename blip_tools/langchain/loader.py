@@ -42,7 +42,7 @@ class Blip2ImageLoader(BaseLoader):
         params: Decoding parameters for captions and answers.
         batch_size: Images per chunk handed to the service (and yielded together by `lazy_load`).
         on_error: "raise" stops at the first unreadable image; "skip" logs a warning and goes on. Only errors of
-            one image are skipped (`InvalidImage` and its leaves: unreadable, too large, not allowed; and an
+            one image are skipped (`InvalidImage` and its leaves: missing, unreadable, too large, not allowed; and an
             `InferenceError` the model raised on that image alone, after its batch was split); errors of the
             call itself (`ModelNotAvailable`, `InvalidInput` about the prompt or parameters, `Overloaded`,
             `ServiceClosed`, ...) always raise, since every other image would fail the same way.
@@ -80,7 +80,11 @@ class Blip2ImageLoader(BaseLoader):
         return self.service if self.service is not None else Blip2Service.shared()
 
     def image_paths(self) -> list[Path]:
-        """The files this loader will read, in order: given files as given, folder contents sorted."""
+        """The files this loader will read, in order: given files as given, folder contents sorted.
+
+        A given path that does not exist raises `InvalidInput`, except, with `on_error="skip"`, one named like an
+        image file: it stays in the list and is skipped when it cannot be read.
+        """
         found: list[Path] = []
         for entry in self.paths:
             path = Path(entry).expanduser()
@@ -88,6 +92,11 @@ class Blip2ImageLoader(BaseLoader):
                 matches = path.rglob(self.glob) if self.recursive else path.glob(self.glob)
                 found.extend(sorted(p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
             elif path.exists():
+                found.append(path)
+            elif self.on_error == "skip" and path.suffix.lower() in IMAGE_SUFFIXES:
+                # A listed image file that is gone (deleted since it was listed) is one image's error: keep it, so
+                # reading it fails alone (`InvalidImage`, "not found") and is skipped with a warning like an
+                # unreadable one. A missing folder, or anything else, is the caller's mistake and raises.
                 found.append(path)
             else:
                 raise InvalidInput(f"Image path not found: {path}. Pass existing image files or folders.")
@@ -142,7 +151,7 @@ class Blip2ImageLoader(BaseLoader):
     def _fail(self, path: Path, exc: BlipError) -> None:
         if self.on_error == "raise" or not isinstance(exc, InvalidImage | InferenceError):
             raise exc
-        logger.warning("skipping image %r: %s", path, exc)
+        logger.warning("skipping image %s: %s", path, exc)
 
 
 def _check_questions(questions: str | Sequence[str]) -> list[str]:

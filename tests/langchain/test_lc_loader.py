@@ -103,3 +103,23 @@ def test_skip_also_skips_an_image_the_model_fails_on(settings: Any, image_dir: P
             Blip2ImageLoader(files, service=svc).load()
         docs = Blip2ImageLoader(files, on_error="skip", batch_size=3, service=svc).load()
     assert [Path(d.metadata["source"]).name for d in docs] == ["img0.png", "img1.png"]
+
+
+def test_skip_skips_a_listed_image_file_that_is_gone(service: Any, image_dir: Path, caplog: Any) -> None:
+    """A file in a list of images that no longer exists is one image's error: "skip" skips it, "raise" raises.
+
+    A missing folder (or a path not named like an image) is still the caller's mistake and raises either way.
+    """
+    gone = image_dir / "deleted.png"
+    files = [image_dir / "img0.png", gone, image_dir / "img1.png"]
+
+    with caplog.at_level("WARNING", logger="blip_tools.langchain.loader"):
+        docs = Blip2ImageLoader(files, on_error="skip", batch_size=3, service=service).load()
+    assert [Path(d.metadata["source"]).name for d in docs] == ["img0.png", "img1.png"]
+    assert f"skipping image {gone}: " in caplog.text and "PosixPath" not in caplog.text
+
+    with pytest.raises(InvalidInput, match="not found"):
+        Blip2ImageLoader(files, service=service).load()
+    for missing in (image_dir / "no-such-folder", image_dir / "notes.txt"):
+        with pytest.raises(InvalidInput, match="not found"):
+            Blip2ImageLoader([image_dir / "img0.png", missing], on_error="skip", service=service).load()
