@@ -40,7 +40,10 @@ class _DecodingArgs(_Args):
     """The decoding controls a model may want; None keeps the service default (greedy, 30 tokens)."""
 
     max_new_tokens: int | None = Field(
-        default=None, ge=1, le=512, description="Longest text to generate, in tokens (default 30)."
+        default=None,
+        ge=1,
+        le=512,
+        description="Longest text to generate, in tokens (default 30; the service caps it, 256 unless configured).",
     )
     num_beams: int | None = Field(
         default=None, ge=1, le=16, description="Beam-search width; more beams can give better text (default 1)."

@@ -96,3 +96,60 @@ def test_agent_loop_with_tool_errors(service: Any, tools: dict[str, BaseTool], l
     assert failed.content in [m.content for m in model.seen[-1] if isinstance(m, ToolMessage)]
     assert isinstance(messages[-1], AIMessage) and not messages[-1].tool_calls
     assert messages[-1].content.startswith("The photo shows")
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_parallel_tool_calls_run_concurrently_and_share_batches(
+    settings: Any, tmp_path: Any, make_image: Any, use_async: bool
+) -> None:
+    """Several tool calls in one AI message run at once (threads for `invoke`, tasks for `ainvoke`) and the
+    service batches them, instead of one forward pass per call; every call gets its own ToolMessage, in order."""
+    from langchain.agents import create_agent
+
+    from blip_tools import Blip2Service
+    from blip_tools.langchain import Blip2Toolkit
+
+    n = 6
+    paths = []
+    for i in range(n):
+        make_image(500 + i).save(tmp_path / f"p{i}.png")
+        paths.append(str(tmp_path / f"p{i}.png"))
+    calls = [
+        {"name": "caption_image", "args": {"image": p}, "id": f"p{i}", "type": "tool_call"} for i, p in enumerate(paths)
+    ]
+    # A private service with a wide wait window, so the batch forms however slowly the pool's threads start;
+    # `disable_streaming`: GenericFakeChatModel drops tool calls when it streams (astream_events streams).
+    private_settings = settings.model_copy(update={"max_wait_ms": 200.0})
+    with Blip2Service(private_settings).start() as private:
+        model = ToolCallingFakeModel(
+            messages=iter([AIMessage(content="", tool_calls=calls), AIMessage(content="Six captions.")]),
+            disable_streaming=True,
+        )
+        agent = create_agent(model, Blip2Toolkit(service=private).get_tools())
+        state = {"messages": [HumanMessage("Caption these.")]}
+        events: list[tuple[str, str]] = []
+        if use_async:
+
+            async def run() -> list[Any]:
+                out: list[Any] = []
+                with anyio.fail_after(120):
+                    async for event in agent.astream_events(state, version="v2"):
+                        if event["event"] in ("on_tool_start", "on_tool_end"):
+                            events.append((event["event"], event["name"]))
+                        if event["event"] == "on_chain_end" and event["name"] == agent.get_name():
+                            out = list(event["data"]["output"]["messages"])
+                return out
+
+            messages = anyio.run(run)
+        else:
+            messages = list(agent.invoke(state)["messages"])
+        stats = private.stats()
+
+    tool_messages = [m for m in messages if isinstance(m, ToolMessage)]
+    assert [m.tool_call_id for m in tool_messages] == [f"p{i}" for i in range(n)]
+    assert all(m.status == "success" and isinstance(m.artifact, CaptionResult) for m in tool_messages)
+    assert stats.per_task["caption"].requests == n
+    assert stats.batches < n, stats.batch_size_histogram  # not one forward pass per tool call
+    if use_async:
+        assert events.count(("on_tool_start", "caption_image")) == n
+        assert events.count(("on_tool_end", "caption_image")) == n
