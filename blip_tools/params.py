@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import InvalidInput
+
+
+class _PublishMinimumZero:
+    """`Annotated` marker for a `gt=0` field: publish `minimum: 0` instead of `exclusiveMinimum: 0`.
+
+    Gemini's function declarations reject `exclusiveMinimum` (the whole request fails, every tool with it) and
+    some host-side schema converters do not strip it. Validation is untouched: 0 is still refused (`gt`).
+    """
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> Any:
+        schema = handler(core_schema)
+        if schema.get("exclusiveMinimum") == 0:
+            del schema["exclusiveMinimum"]
+            schema["minimum"] = 0
+        return schema
+
+
+MINIMUM_ZERO: Final = _PublishMinimumZero()
+"""Use as `Annotated[float, Field(gt=0, le=5.0), MINIMUM_ZERO]` in tool argument schemas."""
 
 
 class GenerationParams(BaseModel):

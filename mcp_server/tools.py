@@ -12,31 +12,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from mcp.server.mcpserver import Context
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import AfterValidator, BaseModel, Field
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field
 
 from blip_tools.errors import BlipError
+from blip_tools.params import MINIMUM_ZERO
 from blip_tools.results import AnswerResult, CaptionResult, EmbeddingResult, ScoreResult
 
 from ._common import ImageArg, ImagesArg, get_service, read_only, report_error, tool_errors
 
 if TYPE_CHECKING:
     from .server import BlipMCPServer
-
-
-def _above_zero(value: float) -> float:
-    """Refuse 0 and below (and NaN) with pydantic's own `gt` error, for bounds the schema publishes as `minimum: 0`.
-
-    `gt=0` would publish `exclusiveMinimum`, which Gemini's function declarations reject (the whole request fails,
-    every tool with it) and several host-side schema converters do not strip; the accepted values stay the same.
-    """
-    if not value > 0:
-        raise PydanticCustomError("greater_than", "Input should be greater than {gt}", {"gt": 0})
-    return value
-
-
-#: Published next to `maximum` on floats that must be > 0 (see `_above_zero`).
-_FROM_ZERO: dict[str, Any] = {"minimum": 0}
 
 
 # Decoding arguments: bounds mirror `blip_tools.params.GenerationParams`; None keeps the service default.
@@ -47,11 +32,11 @@ MinNewTokens = Annotated[int | None, Field(description="Fewest tokens to generat
 NumBeams = Annotated[int | None, Field(description="Beam-search width; 1 = greedy (default).", ge=1, le=16)]
 DoSample = Annotated[bool | None, Field(description="Sample instead of greedy/beam search (default false).")]
 Temperature = Annotated[
-    Annotated[float, Field(le=5.0, json_schema_extra=_FROM_ZERO), AfterValidator(_above_zero)] | None,
+    Annotated[float, Field(gt=0, le=5.0), MINIMUM_ZERO] | None,
     Field(description="Sampling temperature, > 0 (with do_sample; default 1.0)."),
 ]
 TopP = Annotated[
-    Annotated[float, Field(le=1.0, json_schema_extra=_FROM_ZERO), AfterValidator(_above_zero)] | None,
+    Annotated[float, Field(gt=0, le=1.0), MINIMUM_ZERO] | None,
     Field(description="Nucleus sampling mass, > 0 (with do_sample; default 1.0)."),
 ]
 NumReturnSequences = Annotated[
@@ -59,7 +44,7 @@ NumReturnSequences = Annotated[
     Field(description="Texts to return per image (needs num_beams >= it, or do_sample).", ge=1, le=16),
 ]
 RepetitionPenalty = Annotated[
-    Annotated[float, Field(le=10.0, json_schema_extra=_FROM_ZERO), AfterValidator(_above_zero)] | None,
+    Annotated[float, Field(gt=0, le=10.0), MINIMUM_ZERO] | None,
     Field(description="Penalty for repeated tokens, > 0 (1.0 = none, the default)."),
 ]
 Seed = Annotated[int | None, Field(description="Seed for reproducible sampling.", ge=0, le=2**32 - 1)]

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BlipError
+from ..params import MINIMUM_ZERO
 from ..results import AnswerResult, CaptionResult, EmbeddingResult, GeneratedText, ScoreResult
 from ..service import Blip2Service
 from ._base import Blip2BaseTool, ToolOutput
@@ -51,10 +52,12 @@ class _DecodingArgs(_Args):
     do_sample: bool | None = Field(
         default=None, description="Sample for varied text instead of the single most likely one (default false)."
     )
-    temperature: float | None = Field(
-        default=None, gt=0.0, le=5.0, description="Sampling temperature, with do_sample (default 1.0)."
+    temperature: Annotated[float, Field(gt=0, le=5.0), MINIMUM_ZERO] | None = Field(
+        default=None, description="Sampling temperature, > 0, with do_sample (default 1.0)."
     )
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass, with do_sample.")
+    top_p: Annotated[float, Field(gt=0, le=1.0), MINIMUM_ZERO] | None = Field(
+        default=None, description="Nucleus sampling mass, > 0, with do_sample."
+    )
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="Seed that makes sampled text reproducible.")
 
     def generation_kwargs(self) -> dict[str, Any]:

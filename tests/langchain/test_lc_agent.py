@@ -153,3 +153,21 @@ def test_parallel_tool_calls_run_concurrently_and_share_batches(
     if use_async:
         assert events.count(("on_tool_start", "caption_image")) == n
         assert events.count(("on_tool_end", "caption_image")) == n
+
+
+def test_bound_tool_schemas_carry_no_keyword_gemini_rejects(tools: dict[str, BaseTool]) -> None:
+    """`gt=0` published `exclusiveMinimum`, which Gemini's function declarations refuse (the whole request fails);
+    the bound schemas say `minimum: 0` and the tools still refuse 0."""
+    import json
+
+    from pydantic import ValidationError
+
+    for name, tool in tools.items():
+        text = json.dumps(convert_to_openai_tool(tool))
+        assert "exclusiveMinimum" not in text and "exclusiveMaximum" not in text, name
+    temperature = convert_to_openai_tool(tools["caption_image"])["function"]["parameters"]["properties"]["temperature"]
+    assert {"type": "number", "minimum": 0, "maximum": 5.0} in temperature["anyOf"], temperature
+    schema = tools["caption_image"].args_schema
+    assert isinstance(schema, type)
+    with pytest.raises(ValidationError, match="greater than 0"):
+        schema(image="x.png", temperature=0)
