@@ -107,9 +107,14 @@ def format_validation_error(exc: Exception) -> str:
         return str(exc)
     parts = []
     for err in exc.errors():
+        whole = not err.get("loc")  # a model-level check (fields that conflict): its own words, no dump of the input
         loc = ".".join(str(p) for p in err.get("loc", ())) or "input"
         msg = err.get("msg", "invalid value")
-        if "input" in err and err.get("type") not in ("missing",):
+        if err.get("type") == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])  # without pydantic's "Value error, " prefix
+        if whole:
+            parts.append(msg)
+        elif "input" in err and err.get("type") not in ("missing",):
             got = repr(err["input"])
             if len(got) > 80:
                 got = got[:77] + "..."

@@ -171,3 +171,18 @@ def test_bound_tool_schemas_carry_no_keyword_gemini_rejects(tools: dict[str, Bas
     assert isinstance(schema, type)
     with pytest.raises(ValidationError, match="greater than 0"):
         schema(image="x.png", temperature=0)
+
+
+def test_conflicting_arguments_read_as_one_sentence(tools: dict[str, BaseTool]) -> None:
+    """A model-level check used to read `input: Value error, ... (got {'image': ..., ...})`, dumping every argument."""
+    message = tools["caption_image"].invoke(
+        {
+            "type": "tool_call",
+            "id": "c1",
+            "name": "caption_image",
+            "args": {"image": "x.png", "num_captions": 3, "num_beams": 2},
+        }
+    )
+    text = str(message.content)
+    assert "Value error" not in text and "got {" not in text, text
+    assert "num_captions=3 needs num_beams >= 3" in text, text
