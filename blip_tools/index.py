@@ -58,10 +58,11 @@ INDEXED_EXTENSIONS: Final = frozenset(
 SCHEMA_VERSION: Final = 1
 _MAX_REPORTED_ERRORS: Final = 50
 _PREFILTER_MIN: Final = 64
+"""Text search scores at least this many pooled-vector candidates exactly (max over query tokens)."""
 _BUSY_TIMEOUT_S: Final = 30.0
 """How long a connection waits for another writer's lock before the call fails with `IndexBusy`."""
 _BUSY_RETRY_S: Final = 5.0
-"""Text search scores at least this many pooled-vector candidates exactly (max over query tokens)."""
+"""The `retry_after_s` an `IndexBusy` gives."""
 
 ProgressFn = Callable[[int, int], Any]
 _P = ParamSpec("_P")
@@ -357,6 +358,17 @@ def _maps_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
             raise _db_failure(getattr(args[0], "path", Path("?")), exc) from exc
 
     return wrapper
+
+
+def folder_without_nul(path: str | None) -> str | None:
+    """A tool's folder argument, refused (ValueError, for a pydantic validator) when it holds a NUL character.
+
+    The OS cannot take one, so the interfaces refuse it in their argument schemas, naming the argument;
+    `ImageIndex` itself refuses it too (`InvalidInput`), for callers that bypass a schema.
+    """
+    if path is not None and "\x00" in path:
+        raise ValueError("a folder path cannot contain a NUL character")
+    return path
 
 
 def _check_top_k(top_k: object) -> int:
@@ -1252,4 +1264,5 @@ __all__ = [
     "IndexStats",
     "SearchHit",
     "SearchResult",
+    "folder_without_nul",
 ]

@@ -16,10 +16,9 @@ from pydantic import AfterValidator, Field
 
 from blip_tools.errors import InvalidInput
 from blip_tools.grounding import LocateResult
-from blip_tools.index import ImageIndex, IndexReport, SearchResult
+from blip_tools.index import ImageIndex, IndexReport, SearchResult, folder_without_nul
 
 from ._common import ImageArg, app_context, get_service, read_only, tool_errors
-from .tools import add_tool
 
 if TYPE_CHECKING:
     from .server import BlipMCPServer
@@ -27,17 +26,10 @@ if TYPE_CHECKING:
 _EXTRAS_KEY = "collections"
 
 
-def _no_nul(path: str) -> str:
-    """Refuse a NUL character in a folder path here: the OS cannot take one, and `os.path` raises a bare ValueError."""
-    if "\x00" in path:
-        raise ValueError("a folder path cannot contain a NUL character")
-    return path
-
-
 Directory = Annotated[
     str,
     Field(description="Absolute path of a folder of images on this machine.", min_length=1, max_length=4096),
-    AfterValidator(_no_nul),
+    AfterValidator(folder_without_nul),
 ]
 
 
@@ -84,7 +76,7 @@ async def search_images(
     directory: Annotated[
         # The bounds sit on the inner str: on the outer Optional, next to a validator, pydantic would check them
         # apart from the string (losing its refusal of lone surrogates). Same published schema.
-        Annotated[str, Field(max_length=4096), AfterValidator(_no_nul)] | None,
+        Annotated[str, Field(max_length=4096), AfterValidator(folder_without_nul)] | None,
         Field(description="Only search images under this folder."),
     ] = None,
     image: Annotated[
@@ -140,6 +132,6 @@ def register(server: BlipMCPServer) -> None:
         idempotent_hint=True,
         open_world_hint=False,
     )
-    add_tool(server, index_images, writes_index)
-    add_tool(server, search_images, read_only("Search indexed images", open_world=urls, idempotent=True))
-    add_tool(server, locate_in_image, read_only("Locate a text in an image", open_world=urls))
+    server.add_tool(index_images, annotations=writes_index)
+    server.add_tool(search_images, annotations=read_only("Search indexed images", open_world=urls, idempotent=True))
+    server.add_tool(locate_in_image, annotations=read_only("Locate a text in an image", open_world=urls))

@@ -15,19 +15,12 @@ from pydantic import BaseModel, Field, field_validator
 
 from ..errors import InvalidInput
 from ..grounding import LocateResult
-from ..index import ImageIndex
+from ..index import ImageIndex, folder_without_nul
 from ..service import Blip2Service
 from ._base import Blip2BaseTool, ToolOutput
 from .tools import ImageArg, _Args
 
 MAX_TOP_K = 50
-
-
-def _no_nul(path: str | None) -> str | None:
-    """Refuse a NUL character in a folder path here: the OS cannot take one, and `os.path` raises a bare ValueError."""
-    if path is not None and "\x00" in path:
-        raise ValueError("a folder path cannot contain a NUL character")
-    return path
 
 
 class IndexImagesInput(_Args):
@@ -41,7 +34,7 @@ class IndexImagesInput(_Args):
         default=True, description="Also caption each image so search results show what they are (slower)."
     )
 
-    _check_directory = field_validator("directory")(_no_nul)
+    _check_directory = field_validator("directory")(folder_without_nul)
 
 
 class SearchImagesInput(_Args):
@@ -67,7 +60,7 @@ class SearchImagesInput(_Args):
         default=False, description="Re-score the top results with the image-text matching head (text queries)."
     )
 
-    _check_directory = field_validator("directory")(_no_nul)
+    _check_directory = field_validator("directory")(folder_without_nul)
 
 
 class LocateInImageInput(_Args):
