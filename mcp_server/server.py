@@ -7,6 +7,7 @@ Tool modules register themselves through `REGISTRARS`, so adding one is a one-li
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -94,7 +95,10 @@ class BlipMCPServer(MCPServer[AppContext]):
         structured_output: bool | None = None,
     ) -> None:
         """Like the SDK's, but string arguments stay strings, unknown arguments are refused (and the input schema
-        says `additionalProperties: false`), and the output schema is published compact.
+        says `additionalProperties: false`), and the output schema is published compact. The annotations' title is
+        also the tool's own `title` unless one is given (hosts read either; the spec puts `title` first), and the
+        docstring is published dedented: Python before 3.13 keeps its indentation, so a multi-line description
+        would differ between versions (and between a daemon and the `--connect` proxy's fallback list).
 
         The SDK parses a JSON-looking string (`"null"`, `"[1, 2]"`) before validation unless the parameter is typed
         exactly `str`; `StringsAsGiven` keeps every string as given wherever the parameter accepts a string (e.g.
@@ -102,6 +106,10 @@ class BlipMCPServer(MCPServer[AppContext]):
         pydantic return model; the compact schema (`schemas.compact_schema`) accepts exactly the same documents
         and is cheaper for clients to check on every call.
         """
+        if title is None and annotations is not None:
+            title = annotations.title
+        if description is None:
+            description = inspect.cleandoc(fn.__doc__ or "")
         super().add_tool(fn, name, title, description, annotations, icons, meta, structured_output)
         tool = self._tool_manager.get_tool(name or fn.__name__)
         if tool is None:  # pragma: no cover - add_tool just registered it

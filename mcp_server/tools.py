@@ -6,12 +6,10 @@ structured content plus a short text block for the model. `BlipError`s become `T
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from mcp.server.mcpserver import Context
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, Field
 
 from blip_tools.errors import BlipError
@@ -240,24 +238,12 @@ async def embed_text(
     return _result(f"Text embedding: {result.dim}-d vector (in the structured content).", result)
 
 
-def add_tool(server: BlipMCPServer, fn: Callable[..., Any], annotations: ToolAnnotations) -> None:
-    """Register `fn` with its annotations' title also as the tool's own `title`, and its docstring dedented.
-
-    Hosts read either title (the spec puts `title` first). The SDK publishes `fn.__doc__` as it is, and Python
-    before 3.13 keeps a docstring's indentation, so a multi-line description would differ between versions (and
-    between a daemon and the `--connect` proxy's fallback list) and carry stray spaces into the model's context.
-    """
-    server.add_tool(
-        fn, title=annotations.title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations
-    )
-
-
 def register(server: BlipMCPServer) -> None:
     """Add the six core tools to `server` (read-only; open-world only when URLs are allowed)."""
     urls = server.blip_settings.allow_urls
-    add_tool(server, caption_image, read_only("Caption an image", open_world=urls))
-    add_tool(server, caption_images, read_only("Caption several images", open_world=urls))
-    add_tool(server, answer_question, read_only("Answer a question about an image", open_world=urls))
-    add_tool(server, score_image_text, read_only("Score texts against an image", open_world=urls))
-    add_tool(server, embed_image, read_only("Embed an image", open_world=urls))
-    add_tool(server, embed_text, read_only("Embed a text"))
+    server.add_tool(caption_image, annotations=read_only("Caption an image", open_world=urls))
+    server.add_tool(caption_images, annotations=read_only("Caption several images", open_world=urls))
+    server.add_tool(answer_question, annotations=read_only("Answer a question about an image", open_world=urls))
+    server.add_tool(score_image_text, annotations=read_only("Score texts against an image", open_world=urls))
+    server.add_tool(embed_image, annotations=read_only("Embed an image", open_world=urls))
+    server.add_tool(embed_text, annotations=read_only("Embed a text"))
