@@ -835,8 +835,7 @@ class Blip2Service:
         return cast(list[EmbeddingResult], results)
 
     def _prepare_score(self, image: ImageInput, texts: Sequence[str]) -> tuple[Hashable, Any, ImageInfo]:
-        if isinstance(texts, str):
-            texts = [texts]
+        """`texts` is already a list (`_score_texts`)."""
         if not texts:
             raise InvalidInput("score needs at least one text to compare with the image")
         if len(texts) > 64:
