@@ -6,9 +6,11 @@
 
 Builds the model on the device, saves it once with `save_pretrained` and serves it through `Blip2Service`'s
 runtime (so the measured path is the production one), with fixed-length captions (`min_new_tokens =
-max_new_tokens`). For each option it prints captions/s per batch size, the share of the H100 roofline
-(31 / 219 / 580 / 978 captions/s at B = 1 / 8 / 32 / 128) and per-stage times (vision, Q-Former, prefill,
-one decode step). Target: >= 50 % of the roofline at B = 32.
+max_new_tokens`). Options: `default` (blip-tools' settings: cuDNN attention off), `cudnn` (PyTorch's own
+attention choice), `static` (static KV cache), `static+compile`. For each option it prints captions/s per batch
+size, the share of the H100 roofline (31 / 219 / 580 / 978 captions/s at B = 1 / 8 / 32 / 128), per-stage times
+(vision, Q-Former, prefill, one decode step) and captions/s of 32 closed-loop callers through the service.
+Target: >= 50 % of the roofline at B = 32.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ if __package__ in (None, ""):
 ROOFLINE = {1: 31.0, 8: 219.0, 32: 580.0, 128: 978.0}
 OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
+    "cudnn": {"cudnn_attention": True},  # PyTorch's own choice of attention kernel (cuDNN on Hopper)
     "static": {"static_cache": True},
     "static+compile": {"static_cache": True, "compile": True},
 }
@@ -90,6 +93,7 @@ def measure(
     deadline: float,
     report: Any,
     callers: int,
+    rounds: int = 4,
 ) -> list[dict[str, Any]]:
     """captions/s and per-stage times per batch size for one option, each row reported as soon as it is measured.
 
@@ -148,18 +152,19 @@ def measure(
         if callers and not settings.compile and time.monotonic() < deadline:
             # Through the service's batcher, as concurrent users reach it (not with compile: every batch size
             # the batcher happens to form would compile anew).
-            report(_service_loop(svc, images, callers, tokens, option))
+            report(_service_loop(svc, images, callers, tokens, option, rounds))
     return rows
 
 
-def _service_loop(svc: Any, images: list[Any], callers: int, tokens: int, option: str) -> dict[str, Any]:
+def _service_loop(
+    svc: Any, images: list[Any], callers: int, tokens: int, option: str, rounds: int = 4
+) -> dict[str, Any]:
     """Captions/s with `callers` threads each captioning distinct images through `Blip2Service.caption`."""
     from concurrent.futures import ThreadPoolExecutor
 
     from blip_tools.params import GenerationParams
 
     params = GenerationParams(max_new_tokens=tokens, min_new_tokens=tokens)
-    rounds = 4
 
     def one(i: int) -> None:
         for r in range(rounds):
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--options", nargs="+", default=["default", "static", "static+compile"], choices=list(OPTIONS))
     parser.add_argument("--service-callers", type=int, default=32, help="closed-loop callers through the service")
+    parser.add_argument("--service-rounds", type=int, default=4, help="captions per caller in that run")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new measurement after this long")
     parser.add_argument("--model-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "blip2-bench")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -272,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 deadline,
                 report,
                 args.service_callers,
+                args.service_rounds,
             )
         except Exception as exc:  # one option failing (a compile error, say) must not lose the others
             import traceback
