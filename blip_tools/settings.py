@@ -83,6 +83,10 @@ class BlipSettings(BaseSettings):
     compile: bool = False
     """`torch.compile` the vision encoder and the decoding step (GPU; the first calls of each shape are slow)."""
 
+    cudnn_attention: bool = False
+    """Let PyTorch's attention (SDPA) use cuDNN on GPU, a process-wide PyTorch switch. Off by default: cuDNN plans
+    each new attention shape (~1 ms per attention call), and dynamic batching keeps making new shapes."""
+
     max_new_tokens_limit: int = Field(default=256, ge=1)
     """Upper bound a caller may ask for with `max_new_tokens`."""
 

@@ -131,3 +131,38 @@ def test_int8_quantization_runs_and_quantizes_the_language_model(settings: BlipS
         results = svc.caption_batch(images[:3], max_new_tokens=8)
     for r in results:
         assert -50.0 < r.captions[0].mean_logprob <= 0.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_loading_on_cuda_sets_pytorchs_cudnn_attention_switch_from_the_setting(
+    settings: BlipSettings, allowed: bool
+) -> None:
+    """`cudnn_attention` reaches PyTorch's process-wide SDPA switch when a model is placed on a GPU.
+
+    No GPU here: the placement is forced to cuda, so the move fails (ModelNotAvailable) after the switch is set.
+    """
+    import torch
+
+    from blip_tools.errors import ModelNotAvailable
+    from blip_tools.runtime import Blip2Runtime
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(not allowed)
+    try:
+        rt = Blip2Runtime(settings.model_copy(update={"cudnn_attention": allowed}))
+        rt.__dict__["_placement"] = ("cuda", torch.float32, None)
+        with pytest.raises(ModelNotAvailable, match="could not move it to cuda"):
+            rt.load_captioner()
+        assert torch.backends.cuda.cudnn_sdp_enabled() is allowed
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_loading_on_cpu_leaves_the_cudnn_attention_switch_alone(settings: BlipSettings) -> None:
+    import torch
+
+    from blip_tools.runtime import Blip2Runtime
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    Blip2Runtime(settings.model_copy(update={"cudnn_attention": not before})).load_captioner()
+    assert torch.backends.cuda.cudnn_sdp_enabled() is before
