@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final
+import types
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Final, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 from .errors import InvalidInput
 
@@ -27,6 +29,39 @@ class _PublishMinimumZero:
 
 MINIMUM_ZERO: Final = _PublishMinimumZero()
 """Use as `Annotated[float, Field(gt=0, le=5.0), MINIMUM_ZERO]` in tool argument schemas."""
+
+
+def nulls_as_defaults(fields: Mapping[str, FieldInfo], arguments: Any) -> Any:
+    """Tool `arguments` without the explicit nulls given to optional arguments that do not take null.
+
+    Models often send `null` for an argument they mean to leave unset; for an argument with a default that
+    means the default, not an error. Required arguments and arguments that accept null are left as given.
+    """
+    if not isinstance(arguments, dict) or None not in arguments.values():
+        return arguments
+    optional: set[str] = set()
+    for name, info in fields.items():
+        if not info.is_required() and not _accepts_none(info.annotation):
+            optional.add(name)
+            if info.alias:
+                optional.add(info.alias)
+    return {key: value for key, value in arguments.items() if value is not None or key not in optional}
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return any(t is None or t is type(None) or t is Any for t in leaf_types(annotation))
+
+
+def leaf_types(annotation: Any) -> Iterator[Any]:
+    """The types an argument annotation admits, through `Annotated[...]` and unions (`int | None` → int, None)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        yield from leaf_types(get_args(annotation)[0])
+    elif origin is Union or origin is types.UnionType:
+        for arg in get_args(annotation):
+            yield from leaf_types(arg)
+    else:
+        yield annotation
 
 
 class GenerationParams(BaseModel):

@@ -9,29 +9,24 @@ None (the call silently ran without a prompt) and `"[1, 2]"` into a list (reject
 It also refuses arguments a tool does not take: the SDK's argument model ignores them, so a misspelt
 `max_tokens` or `questions` ran silently with the defaults. They now fail validation like any bad argument
 (`[invalid_input] Invalid arguments: max_tokens: Extra inputs are not permitted ...`), as in the LangChain tools.
+And an explicit null for an optional argument that does not take null means its default (`nulls_as_defaults`).
 """
 
 from __future__ import annotations
 
-import types
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import Any, TypeVar
 
 from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
 from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+from blip_tools.params import leaf_types, nulls_as_defaults
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def accepts_str(annotation: Any) -> bool:
     """Whether a parameter typed `annotation` takes a string as such (`str`, `str | None`, `Annotated[str, ...]`)."""
-    if annotation is str:
-        return True
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return accepts_str(get_args(annotation)[0])
-    if origin is Union or origin is types.UnionType:
-        return any(accepts_str(arg) for arg in get_args(annotation))
-    return False
+    return any(t is str for t in leaf_types(annotation))
 
 
 def forbid_extra(arg_model: type[M]) -> type[M]:
@@ -75,4 +70,5 @@ class StringsAsGiven(FuncMetadata):
         for key in self._string_keys.intersection(data):
             if isinstance(data[key], str):
                 parsed[key] = data[key]
-        return parsed
+        result: dict[str, Any] = nulls_as_defaults(self.arg_model.model_fields, parsed)
+        return result

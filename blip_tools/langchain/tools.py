@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import BlipError
-from ..params import MINIMUM_ZERO
+from ..params import MINIMUM_ZERO, nulls_as_defaults
 from ..results import AnswerResult, CaptionResult, EmbeddingResult, GeneratedText, ScoreResult
 from ..service import Blip2Service
 from ._base import Blip2BaseTool, ToolOutput
@@ -32,9 +32,15 @@ ShortText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 
 class _Args(BaseModel):
-    """Common config of every argument schema: unknown arguments are errors, not silently ignored."""
+    """Common config of every argument schema: unknown arguments are errors, not silently ignored; an explicit
+    null for an optional argument that does not take null means its default."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_as_defaults(cls, data: Any) -> Any:
+        return nulls_as_defaults(cls.model_fields, data)
 
 
 class _DecodingArgs(_Args):

@@ -13,6 +13,7 @@ from langchain_core.tools import BaseTool
 
 from blip_tools import Blip2Service
 from blip_tools.langchain import TOOL_CLASSES, Blip2BaseTool, Blip2Toolkit, ImageError
+from blip_tools.langchain.collection_tools import SearchImagesInput
 from blip_tools.results import CaptionResult, EmbeddingResult, ScoreResult
 
 CONTRACT_NAMES = ["caption_image", "caption_images", "answer_question", "score_image_text", "embed_image", "embed_text"]
@@ -141,3 +142,15 @@ def test_score_and_embedding_artifacts(service: Any, tools: dict[str, BaseTool],
     # Vectors stay out of the model's text.
     assert str(image_vec.artifact.vector[0]) not in image_vec.content
     assert len(image_vec.content) < 200 and len(text_vecs.content) < 200
+
+
+def test_null_for_an_optional_argument_means_its_default(tools: dict[str, BaseTool], lc_image: str) -> None:
+    """Models send `null` for arguments they leave unset; a default that does not take null is then used."""
+    caption = tools["caption_image"].invoke(_call("caption_image", image=lc_image, num_captions=None, prompt=None))
+    assert caption.status == "success", caption.content
+    assert len(caption.artifact.captions) == 1
+    search = SearchImagesInput.model_validate({"query": "a dog", "top_k": None, "rerank": None})
+    assert (search.top_k, search.rerank) == (5, SearchImagesInput.model_fields["rerank"].default)
+
+    required = tools["caption_image"].invoke(_call("caption_image", image=None))
+    assert required.status == "error" and required.content.startswith("Invalid arguments:")

@@ -69,6 +69,19 @@ async def test_search_arguments_are_taken_as_given(server: BlipMCPServer, value:
     assert value in text_of(folder), text_of(folder)
 
 
+async def test_null_for_an_optional_argument_means_its_default(server: BlipMCPServer, mcp_images: list[str]) -> None:
+    """Models send `null` for arguments they leave unset; a default that does not take null is then used."""
+    with anyio.fail_after(60):
+        async with Client(server) as client:
+            embedding = await client.call_tool("embed_image", {"image": mcp_images[0], "include_query_vectors": None})
+            search = await client.call_tool("search_images", {"query": "a dog", "top_k": None})
+            required = await client.call_tool("caption_image", {"image": None})
+    assert not embedding.is_error, text_of(embedding)
+    assert embedding.structured_content is not None and embedding.structured_content["query_vectors"] is None
+    assert not search.is_error, text_of(search)
+    assert required.is_error and text_of(required).startswith("[invalid_input]"), text_of(required)
+
+
 async def test_lists_sent_as_json_strings_still_work(server: BlipMCPServer, mcp_images: list[str]) -> None:
     with anyio.fail_after(60):
         async with Client(server) as client:
