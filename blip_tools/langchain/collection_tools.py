@@ -2,7 +2,7 @@
 
 They follow the core tools' contract (`Blip2BaseTool`): text for the model, the typed result as artifact,
 `BlipError` → `ToolException`. `locate_in_image` also puts the heatmap overlay in the content as a standard
-image block, so a multimodal chat model can see where the match is.
+image block, so a multimodal chat model can see where the match is (`overlay=False` leaves it out).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import base64
 
 from langchain_core.messages.content import create_image_block
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from ..errors import InvalidInput
 from ..grounding import LocateResult
@@ -138,15 +138,27 @@ class LocateInImageTool(Blip2BaseTool):
     """`locate_in_image`: where in an image a description matches (Grad-CAM heatmap and box)."""
 
     name: str = "locate_in_image"
-    description: str = (
-        "Find where in an image something is: returns the pixel box [x0, y0, x1, y1] around the region that best "
-        "matches the text, the match probability, and a heatmap overlay image. `image` is an absolute file path, "
-        "file:// URI, data: URI or base64."
-    )
+    description: str = ""  # set from `overlay` (below), so the model is told what it will get
     args_schema: type[BaseModel] = LocateInImageInput
+    overlay: bool = True
+    """Send the heatmap overlay to the model as an image block next to the text. Turn it off for chat models or
+    endpoints that take only text in tool results (OpenAI-compatible Chat Completions endpoints refuse images
+    there); the artifact still draws it (`LocateResult.overlay_png()`)."""
 
-    @staticmethod
-    def _output(result: LocateResult) -> ToolOutput:
+    @model_validator(mode="after")
+    def _describe(self) -> LocateInImageTool:
+        if not self.description:
+            image = ", and a heatmap overlay image" if self.overlay else ""
+            self.description = (
+                "Find where in an image something is: returns the pixel box [x0, y0, x1, y1] around the region that "
+                f"best matches the text and the match probability{image}. `image` is an absolute file path, "
+                "file:// URI, data: URI or base64."
+            )
+        return self
+
+    def _output(self, result: LocateResult) -> ToolOutput:
+        if not self.overlay:
+            return result.summary(), result
         png = base64.b64encode(result.overlay_png(max_side=512)).decode("ascii")
         block = create_image_block(base64=png, mime_type="image/png")
         return [{"type": "text", "text": result.summary()}, dict(block)], result
@@ -156,6 +168,8 @@ class LocateInImageTool(Blip2BaseTool):
 
     async def _acall_service(self, service: Blip2Service, args: LocateInImageInput) -> ToolOutput:
         result = await service.alocate(args.image, args.text)
+        if not self.overlay:
+            return self._output(result)
         # Off the loop: drawing the overlay decodes the image (through a daemon, read or fetched again here).
         return await asyncio.to_thread(self._output, result)
 

@@ -34,6 +34,9 @@ class Blip2Toolkit(BaseToolkit):
     """The service every tool calls (filled in at construction)."""
     settings: BlipSettings | None = Field(default=None, exclude=True)
     """Settings for a private service, when no `service` is given."""
+    image_outputs: bool = True
+    """Whether tools may return images to the model (`locate_in_image`'s overlay). Set False for chat models or
+    endpoints that take only text in tool results; artifacts are the same either way."""
 
     @model_validator(mode="before")
     @classmethod
@@ -45,4 +48,10 @@ class Blip2Toolkit(BaseToolkit):
 
     def get_tools(self) -> list[BaseTool]:
         """One instance of every tool class, all bound to this toolkit's service."""
-        return [tool_class.model_validate({"service": self.service}) for tool_class in TOOL_CLASSES]
+        tools: list[BaseTool] = []
+        for tool_class in TOOL_CLASSES:
+            fields: dict[str, Any] = {"service": self.service}
+            if "overlay" in tool_class.model_fields:
+                fields["overlay"] = self.image_outputs
+            tools.append(tool_class.model_validate(fields))
+        return tools

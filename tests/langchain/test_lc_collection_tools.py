@@ -178,3 +178,15 @@ def test_async_locate_draws_its_overlay_off_the_event_loop(
     message, loop_thread = anyio.run(run)
     assert isinstance(message, ToolMessage) and message.status == "success"
     assert threads and all(t is not loop_thread for t in threads)
+
+
+def test_locate_without_the_overlay_returns_text_only(service: Any, lc_folder: Path) -> None:
+    """For chat endpoints that refuse images in tool results: text content, the same artifact, no image promised."""
+    tools = Blip2Toolkit(service=service, image_outputs=False).get_tools()
+    tool = next(t for t in tools if t.name == "locate_in_image")
+    assert isinstance(tool, LocateInImageTool) and not tool.overlay
+    assert "overlay" not in tool.description and "overlay" in LocateInImageTool(service=service).description
+    message = tool.invoke(_call("locate_in_image", image=str(lc_folder / "q1.png"), text="a cat"))
+    assert message.status == "success"
+    assert isinstance(message.content, str) and "matches best" in message.content
+    assert isinstance(message.artifact, LocateResult) and message.artifact.overlay_png().startswith(b"\x89PNG")
