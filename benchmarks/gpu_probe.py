@@ -1,11 +1,13 @@
 """Why a batch of a size not seen before is slow on a GPU: first-call times, a profile, and attention backends.
 
-    python benchmarks/gpu_probe.py --out bench-results     # after gpu_real.py has saved the real-size model
+    python benchmarks/gpu_probe.py --out bench-results     # reuses the model gpu_real.py saved, or builds it
 
 On the H200 run of `gpu_real.py`, the first batch of each new size took ~1 s longer than the next ones, and
 32 closed-loop callers through the service (whose batches vary in size) reached a quarter of the offline
-throughput. This measures first calls at unseen batch sizes with each attention backend choice, profiles one,
-and runs the service's closed loop with each choice.
+throughput. This measures first calls at unseen batch sizes with cuDNN attention on and off, profiles one, and
+runs the service's closed loop both ways (results of the first run: README, *GPU*; `benchmarks/results/GPU_probe*`).
+The attention switch is flipped here directly (PyTorch's process-wide flag); the service's own setting is
+`BLIP_CUDNN_ATTENTION`, applied when a model loads.
 """
 
 from __future__ import annotations
