@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=64,
         feature_cache_size=0,
         prefix_cache_size=0,
+        cudnn_attention=True,  # "default" below = PyTorch's own choice (cuDNN on Hopper); the probe flips it
     )
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"first_calls": [], "service": []}
