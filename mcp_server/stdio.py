@@ -8,21 +8,30 @@ libraries, child processes) and descriptor 0 at /dev/null, and sets `sys.stdout`
 The SDK's stdio transport silently drops a line it cannot parse, so a client waiting on that request id
 would hang. `_CheckedLines` answers such lines itself with a JSON-RPC error (-32700 parse error,
 -32600 invalid request, echoing the id when there is one) before they reach the SDK.
+
+Stopping: the session ends when the client closes stdin, and on Ctrl-C (SIGINT) even while stdin stays open:
+stdin is read on a daemon thread, so a blocked read never holds up the shutdown (a read in an anyio worker thread
+cannot be cancelled, and interpreter exit would wait for it). A client that goes away without reading (its end of
+stdout closed) ends the session too, without a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
+from anyio.streams.memory import MemoryObjectSendStream
 from mcp.server.stdio import stdio_server
 from mcp.types import jsonrpc_message_adapter
 from pydantic import ValidationError
@@ -74,11 +83,16 @@ def claim_stdio() -> StdioWire:
 
 
 class _Writer:
-    """Serialised line writes to the wire (the SDK's writer and our error answers share it)."""
+    """Serialised line writes to the wire (the SDK's writer and our error answers share it).
+
+    Once the client has closed its end (it exited or was killed), further writes are dropped: there is nobody to
+    read them, and the session ends when stdin reaches its end.
+    """
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._lock = anyio.Lock()
+        self._gone = False
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -88,7 +102,13 @@ class _Writer:
 
     async def write(self, text: str) -> None:
         async with self._lock:
-            await anyio.to_thread.run_sync(self._write_all, text.encode("utf-8"))
+            if self._gone:
+                return
+            try:
+                await anyio.to_thread.run_sync(self._write_all, text.encode("utf-8"))
+            except (BrokenPipeError, ConnectionResetError):
+                self._gone = True
+                logger.info("the client closed its end of stdout; dropping what is left to send")
 
     async def flush(self) -> None:
         return None
@@ -144,26 +164,46 @@ def _error(request_id: str | int | None, code: int, message: str) -> dict[str, A
 
 
 class _CheckedLines:
-    """stdin lines for the SDK's reader; malformed ones are answered here and not passed on."""
+    """stdin lines for the SDK's reader; malformed ones are answered here and not passed on.
+
+    A daemon thread reads stdin and hands each line to the event loop (one at a time, so a client that sends
+    faster than the server reads is held back by the pipe). Cancelling the iteration (Ctrl-C) does not wait for
+    that thread's blocked read, and the thread does not keep the process alive.
+    """
 
     def __init__(self, stream: BinaryIO, writer: _Writer) -> None:
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="\n")
-        self._lines = anyio.wrap_file(text)
+        self._text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="\n")
         self._writer = writer
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._iterate()
 
+    def _pump(self, portal: anyio.from_thread.BlockingPortal, send: MemoryObjectSendStream[str]) -> None:
+        """Reader thread: pass each stdin line to the loop until stdin ends or nobody listens any more."""
+        try:
+            for line in self._text:
+                portal.call(send.send, line)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+            return  # the session is over (the portal or the stream has closed)
+        except Exception as exc:  # an unreadable stdin ends the session like its end would
+            logger.warning("reading stdin failed (%s: %s); ending the session", type(exc).__name__, exc)
+        with contextlib.suppress(RuntimeError):  # the portal has stopped: the session is over anyway
+            portal.call(send.close)
+
     async def _iterate(self) -> AsyncIterator[str]:
-        async for line in self._lines:
-            if not line.strip():
-                continue
-            answer = malformed_line_error(line)
-            if answer is None:
-                yield line
-            else:
-                logger.warning("answered a malformed message with error %s", answer["error"]["code"])
-                await self._writer.write(json.dumps(answer, separators=(",", ":")) + "\n")
+        send, receive = anyio.create_memory_object_stream[str]()
+        async with anyio.from_thread.BlockingPortal() as portal, receive:
+            reader = threading.Thread(target=self._pump, args=(portal, send), name="blip-mcp-stdin", daemon=True)
+            reader.start()
+            async for line in receive:
+                if not line.strip():
+                    continue
+                answer = malformed_line_error(line)
+                if answer is None:
+                    yield line
+                else:
+                    logger.warning("answered a malformed message with error %s", answer["error"]["code"])
+                    await self._writer.write(json.dumps(answer, separators=(",", ":")) + "\n")
 
 
 async def serve_stdio(server: BlipMCPServer, wire: StdioWire) -> None:

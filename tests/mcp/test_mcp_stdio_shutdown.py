@@ -1,0 +1,110 @@
+"""Stopping a stdio `blip-mcp` (the server and the `--connect` proxy) with real processes and signals.
+
+A desktop host ends a stdio server by closing stdin; a person in a terminal presses Ctrl-C with stdin still open;
+a host that crashes leaves stdout with no reader. Each must end the process promptly and quietly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from blip_tools.testing import tiny_settings_kwargs
+
+ROOT = Path(__file__).resolve().parents[2]
+EXIT_WAIT_S = 60.0
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 0,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "shutdown-test", "version": "0"},
+    },
+}
+
+
+def _command(kind: str, tiny_checkpoint: Path) -> list[str]:
+    if kind == "proxy":  # loads no model: nothing listens on port 9, and nothing here needs the daemon
+        return ["--connect", "http://127.0.0.1:9/mcp"]
+    kw = tiny_settings_kwargs(tiny_checkpoint)
+    return ["--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
+
+
+def _readline(stream: IO[bytes], stderr: Path) -> bytes:
+    """One line from `stream`, waiting at most `EXIT_WAIT_S`."""
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(EXIT_WAIT_S)
+    assert lines and lines[0], f"no answer to initialize; stderr:\n{stderr.read_text(errors='replace')[-3000:]}"
+    return lines[0]
+
+
+@contextmanager
+def _stdio(args: list[str], stderr: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m mcp_server ARGS` over real pipes, initialized; killed if a test leaves it running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mcp_server", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=ROOT,
+            env=env,
+        )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(INITIALIZE).encode() + b"\n")
+        proc.stdin.flush()
+        answer = json.loads(_readline(proc.stdout, stderr))
+        assert answer["result"]["serverInfo"]["name"] == "blip-tools", answer
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=EXIT_WAIT_S)
+
+
+@pytest.mark.parametrize("kind", ["proxy", "server"])
+def test_ctrl_c_ends_a_session_whose_client_keeps_stdin_open(kind: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """SIGINT, as Ctrl-C in a terminal sends it, with stdin still open (and, for the server, its model still
+    loading in the background): the process exits with 130, without waiting for stdin to end."""
+    stderr = tmp_path / "stderr.txt"
+    with _stdio(_command(kind, tiny_checkpoint), stderr) as proc:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"blip-mcp ({kind}) still running {EXIT_WAIT_S:.0f} s after Ctrl-C with stdin open")
+        assert code == 130, stderr.read_text(errors="replace")[-3000:]
+        assert "Traceback" not in stderr.read_text(errors="replace")
+
+
+def test_a_client_that_stops_reading_ends_the_session_quietly(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The host crashed: its end of stdout is gone when the proxy answers. The answer is dropped, the session
+    ends with stdin, and the process exits 0 with no traceback (the host's log would keep it)."""
+    stderr = tmp_path / "stderr.txt"
+    with _stdio(_command("proxy", tiny_checkpoint), stderr) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdout.close()  # nobody reads the server's stdout any more
+        proc.stdin.write(b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n')
+        proc.stdin.flush()
+        proc.stdin.close()
+        code = proc.wait(timeout=EXIT_WAIT_S)
+        text = stderr.read_text(errors="replace")
+        assert code == 0, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
