@@ -19,6 +19,7 @@ behind the same three checks and reach the service with `service_from_request(re
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -435,8 +436,28 @@ def build_http_app(
     return app
 
 
+class _ShutdownCutFilter(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" traceback for a request its graceful shutdown cut short.
+
+    On SIGTERM uvicorn waits `timeout_graceful_shutdown` seconds, then cancels what still runs and says so in one
+    line ("Cancel N running task(s), timeout graceful shutdown exceeded"); without this filter it also logs a full
+    traceback for every one of those requests (a `CancelledError`), dozens of them on a busy server.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        cut = isinstance(exc, asyncio.CancelledError) and str(record.msg).startswith("Exception in ASGI application")
+        return not cut
+
+
+_SHUTDOWN_CUT_FILTER = _ShutdownCutFilter()
+
+
 def uvicorn_config(app: Starlette, config: HttpConfig, **overrides: Any) -> Any:
-    """A `uvicorn.Config` that logs to stderr at warning level (no access log, no server header)."""
+    """A `uvicorn.Config` that logs to stderr at warning level (no access log, no server header).
+
+    Requests still running 5 s after SIGTERM (or Ctrl-C) are cut; the log says how many in one line.
+    """
     import uvicorn
 
     options: dict[str, Any] = {
@@ -449,7 +470,11 @@ def uvicorn_config(app: Starlette, config: HttpConfig, **overrides: Any) -> Any:
         "lifespan": "on",
     }
     options.update(overrides)
-    return uvicorn.Config(app, **options)
+    built = uvicorn.Config(app, **options)  # configures uvicorn's loggers (filters added to them stay)
+    error_log = logging.getLogger("uvicorn.error")
+    if _SHUTDOWN_CUT_FILTER not in error_log.filters:
+        error_log.addFilter(_SHUTDOWN_CUT_FILTER)
+    return built
 
 
 def run_http(server: BlipMCPServer, config: HttpConfig) -> None:
