@@ -15,6 +15,7 @@ import contextvars
 import functools
 import logging
 import os
+import queue
 import threading
 import time
 import weakref
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _CLOSED = "The blip-tools service is closed; create a new one or restart the server."
 
-_prepare_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_prepare_pool: _DaemonPool | None = None
 _prepare_pool_lock = threading.Lock()
 
 
@@ -106,21 +107,88 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return box
 
 
+class _DaemonPool:
+    """A thread pool of daemon threads: work waiting in it never holds up the end of the process.
+
+    The async calls' preparation may wait for a model that is still loading (minutes for a real checkpoint, more
+    for a first download). `ThreadPoolExecutor` joins its threads when the interpreter exits (as asyncio does with
+    its default executor when the loop closes), so Ctrl-C or SIGTERM during a load left the process running
+    until the load was done. Threads start on demand, up to `max_workers`, and stay for the next job.
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self._max_workers = max_workers
+        self._name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # threads done with their job and not yet promised another
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run `fn()` on a pool thread (in a copy of the caller's context); its exceptions are logged."""
+        self._jobs.put(functools.partial(contextvars.copy_context().run, fn))
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                return
+            if self._threads >= self._max_workers:
+                return  # the next thread to finish takes it
+            self._threads += 1
+            name = f"{self._name}_{self._threads - 1}"
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except BaseException:
+                logger.exception("blip-tools: a preparation job failed")
+            with self._lock:
+                self._idle += 1
+
+
 def _prepare_in_thread(fn: Callable[[], None]) -> None:
     """Run `fn` on the process-wide thread pool that decodes and preprocesses images for the async calls.
 
     Not `loop.run_in_executor`: its asyncio future would wake the event loop once more per request, only to
-    record that `fn` returned (`fn` reports to the loop itself). Sized like asyncio's default executor.
+    record that `fn` returned (`fn` reports to the loop itself). Sized like asyncio's default executor; daemon
+    threads (see `_DaemonPool`).
     """
     global _prepare_pool
     pool = _prepare_pool
     if pool is None:
         with _prepare_pool_lock:
             if _prepare_pool is None:
-                workers = min(32, (os.cpu_count() or 1) + 4)
-                _prepare_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="blip-prepare")
+                _prepare_pool = _DaemonPool(min(32, (os.cpu_count() or 1) + 4), "blip-prepare")
             pool = _prepare_pool
-    pool.submit(contextvars.copy_context().run, fn)
+    pool.submit(fn)
+
+
+async def _in_prepare_thread(fn: Callable[[], T]) -> T:
+    """`await asyncio.to_thread(fn)`, on the prepare pool: for work that may wait for a model to load."""
+    loop = asyncio.get_running_loop()
+    mailbox = _mailbox(loop)
+    waiter: asyncio.Future[T] = loop.create_future()
+
+    def settle(exc: BaseException | None, value: T | None) -> None:  # on the loop
+        if waiter.done():
+            return  # the caller was cancelled
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(value)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            value, exc = fn(), None
+        except BaseException as error:
+            value, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            mailbox.post(settle, exc, value)
+
+    _prepare_in_thread(run)
+    return await waiter
 
 
 ProgressFn = Callable[[int, int], Any]
@@ -326,7 +394,7 @@ class Blip2Service:
         """`_open_call` for the async twins: a model still to load loads off the event loop."""
         self._check_open()
         if count and not self.runtime.loaded(retrieval=retrieval):
-            await asyncio.to_thread(self.runtime.load_retrieval if retrieval else self.runtime.load_captioner)
+            await _in_prepare_thread(self.runtime.load_retrieval if retrieval else self.runtime.load_captioner)
 
     @staticmethod
     def _wait(future: concurrent.futures.Future[_Outcome]) -> _Outcome:
@@ -824,7 +892,7 @@ class Blip2Service:
 
     async def aembed_texts(self, texts: Sequence[str]) -> list[EmbeddingResult]:
         """Async `embed_texts`."""
-        given, clean = await asyncio.to_thread(self._prepare_texts, texts)
+        given, clean = await _in_prepare_thread(functools.partial(self._prepare_texts, texts))
 
         async def one(i: int) -> EmbeddingResult:
             return self._text_result(await self._await(self._submit((EMBED_TEXT,), clean[i])), given[i])

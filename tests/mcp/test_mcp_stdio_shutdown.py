@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from _mcp_testlib import poll, write_image
 
 from blip_tools.testing import tiny_settings_kwargs
 
@@ -36,10 +37,12 @@ INITIALIZE = {
 
 
 def _command(kind: str, tiny_checkpoint: Path) -> list[str]:
+    """The arguments after `python`: the proxy, the server, or the server with a slow model load."""
     if kind == "proxy":  # loads no model: nothing listens on port 9, and nothing here needs the daemon
-        return ["--connect", "http://127.0.0.1:9/mcp"]
+        return ["-m", "mcp_server", "--connect", "http://127.0.0.1:9/mcp"]
     kw = tiny_settings_kwargs(tiny_checkpoint)
-    return ["--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
+    program = ["-m", "mcp_server"] if kind == "server" else [str(Path(__file__).with_name("_slow_load_server.py"))]
+    return [*program, "--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
 
 
 def _readline(stream: IO[bytes], stderr: Path) -> bytes:
@@ -54,12 +57,12 @@ def _readline(stream: IO[bytes], stderr: Path) -> bytes:
 
 @contextmanager
 def _stdio(args: list[str], stderr: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -m mcp_server ARGS` over real pipes, initialized; killed if a test leaves it running."""
+    """`python ARGS` (a blip-mcp) over real pipes, initialized; killed if a test leaves it running."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     with stderr.open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mcp_server", *args],
+            [sys.executable, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -108,3 +111,26 @@ def test_a_client_that_stops_reading_ends_the_session_quietly(tiny_checkpoint: P
         text = stderr.read_text(errors="replace")
         assert code == 0, text[-3000:]
         assert "Traceback" not in text, text[-3000:]
+
+
+def test_ctrl_c_while_a_call_waits_for_the_model_to_load(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A real checkpoint can take minutes to load (more to download). Ctrl-C then ends the process at once, with
+    a call waiting for the load: the thread that waits must not keep the process alive until the load is done."""
+    stderr = tmp_path / "stderr.txt"
+    with _stdio(_command("slow-load", tiny_checkpoint), stderr) as proc:
+        assert proc.stdin is not None
+        call = {"name": "caption_image", "arguments": {"image": str(write_image(tmp_path / "a.png", 1))}}
+        proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": call}).encode())
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        poll(
+            lambda: "CALL waiting for the model" in stderr.read_text(errors="replace"),
+            timeout_s=EXIT_WAIT_S,
+            what="the call to wait for the model load",
+        )
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"blip-mcp still running {EXIT_WAIT_S:.0f} s after Ctrl-C, waiting for its model to load")
+        assert code == 130, stderr.read_text(errors="replace")[-3000:]
