@@ -79,7 +79,9 @@ def _bert_tokenizer() -> Any:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789?.,:'!-")
     words = sorted(set(_CORPUS_WORDS))
-    vocab = specials + words + chars + [f"##{c}" for c in chars if c.isalnum()]
+    # dict.fromkeys drops the repeats ("a" is a word and a char): a hole in the ids makes tokenizers < 0.23
+    # print "The OrderedVocab ... contains holes" on stdout when the tokenizer is saved.
+    vocab = list(dict.fromkeys(specials + words + chars + [f"##{c}" for c in chars if c.isalnum()]))
     return BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)})
 
 
