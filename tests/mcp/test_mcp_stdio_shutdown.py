@@ -55,6 +55,10 @@ def _readline(stream: IO[bytes], stderr: Path) -> bytes:
     return lines[0]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def _stdio(args: list[str], stderr: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`python ARGS` (a blip-mcp) over real pipes, initialized; killed if a test leaves it running."""
@@ -68,6 +72,9 @@ def _stdio(args: list[str], stderr: Path) -> Iterator[subprocess.Popen[bytes]]:
             stderr=err,
             cwd=ROOT,
             env=env,
+            # As from a terminal: a run started in the background by a script (`cmd &`, as CI runners may start
+            # pytest) inherits SIGINT ignored, and Python then installs no Ctrl-C handler in the child.
+            preexec_fn=_sigint_as_in_a_terminal,
         )
     try:
         assert proc.stdin is not None and proc.stdout is not None
