@@ -165,19 +165,21 @@ def _prepare_in_thread(fn: Callable[[], None]) -> None:
     pool.submit(fn)
 
 
+def _settle(waiter: asyncio.Future[Any], exc: BaseException | None, value: Any) -> None:
+    """On the loop: resolve `waiter` with `exc` or `value`, unless its task was cancelled meanwhile."""
+    if waiter.done():
+        return
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(value)
+
+
 async def _in_prepare_thread(fn: Callable[[], T]) -> T:
     """`await asyncio.to_thread(fn)`, on the prepare pool: for work that may wait for a model to load."""
     loop = asyncio.get_running_loop()
     mailbox = _mailbox(loop)
     waiter: asyncio.Future[T] = loop.create_future()
-
-    def settle(exc: BaseException | None, value: T | None) -> None:  # on the loop
-        if waiter.done():
-            return  # the caller was cancelled
-        if exc is not None:
-            waiter.set_exception(exc)
-        else:
-            waiter.set_result(value)  # type: ignore[arg-type]
 
     def run() -> None:
         try:
@@ -185,7 +187,7 @@ async def _in_prepare_thread(fn: Callable[[], T]) -> T:
         except BaseException as error:
             value, exc = None, error
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
-            mailbox.post(settle, exc, value)
+            mailbox.post(_settle, waiter, exc, value)
 
     _prepare_in_thread(run)
     return await waiter
@@ -421,17 +423,9 @@ class Blip2Service:
         submitted: list[concurrent.futures.Future[_Outcome]] = []
         abandoned = False
 
-        def settle(exc: BaseException | None, value: tuple[_Outcome, T] | None) -> None:  # on the loop
-            if waiter.done():
-                return  # the task was cancelled
-            if exc is not None:
-                waiter.set_exception(exc)
-            else:
-                waiter.set_result(value)  # type: ignore[arg-type]
-
         def post(exc: BaseException | None, value: tuple[_Outcome, T] | None = None) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
-                mailbox.post(settle, exc, value)
+                mailbox.post(_settle, waiter, exc, value)
 
         def deliver(extra: T, future: concurrent.futures.Future[_Outcome]) -> None:  # when the batch is done
             try:

@@ -89,18 +89,23 @@ def _stdio(args: list[str], stderr: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(timeout=EXIT_WAIT_S)
 
 
+def _exits_on_ctrl_c(proc: subprocess.Popen[bytes], stderr: Path, situation: str) -> None:
+    """Send SIGINT, as Ctrl-C in a terminal does: the process must exit with 130 within `EXIT_WAIT_S`."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"blip-mcp still running {EXIT_WAIT_S:.0f} s after Ctrl-C {situation}")
+    assert code == 130, stderr.read_text(errors="replace")[-3000:]
+
+
 @pytest.mark.parametrize("kind", ["proxy", "server"])
 def test_ctrl_c_ends_a_session_whose_client_keeps_stdin_open(kind: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
     """SIGINT, as Ctrl-C in a terminal sends it, with stdin still open (and, for the server, its model still
     loading in the background): the process exits with 130, without waiting for stdin to end."""
     stderr = tmp_path / "stderr.txt"
     with _stdio(_command(kind, tiny_checkpoint), stderr) as proc:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=EXIT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"blip-mcp ({kind}) still running {EXIT_WAIT_S:.0f} s after Ctrl-C with stdin open")
-        assert code == 130, stderr.read_text(errors="replace")[-3000:]
+        _exits_on_ctrl_c(proc, stderr, f"({kind}) with stdin open")
         assert "Traceback" not in stderr.read_text(errors="replace")
 
 
@@ -135,9 +140,4 @@ def test_ctrl_c_while_a_call_waits_for_the_model_to_load(tiny_checkpoint: Path, 
             timeout_s=EXIT_WAIT_S,
             what="the call to wait for the model load",
         )
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=EXIT_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"blip-mcp still running {EXIT_WAIT_S:.0f} s after Ctrl-C, waiting for its model to load")
-        assert code == 130, stderr.read_text(errors="replace")[-3000:]
+        _exits_on_ctrl_c(proc, stderr, "waiting for its model to load")
