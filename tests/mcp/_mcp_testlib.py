@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _testlib import WAIT_S as WAIT_S  # shared; re-exported for the tests here
+from _testlib import poll as poll
+from _testlib import serving as serving
+
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
-WAIT_S = 60.0
 #: The HTTP server's image limit: small, so a body just over the derived limit is cheap to send.
 HTTP_MAX_IMAGE_BYTES = 300_000
 
@@ -29,15 +32,6 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), "RGB").save(path)
     return path
-
-
-def poll(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "condition") -> None:
-    """Wait (bounded) until `predicate()` holds, from a thread."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.005)
 
 
 async def apoll(predicate: Callable[[], bool], what: str = "condition") -> None:
@@ -105,20 +99,6 @@ def watching_cancellations(service: Any) -> Iterator[threading.Event]:
         yield seen
     finally:
         del service.acaption
-
-
-@contextmanager
-def serving(server: Any) -> Iterator[int]:
-    """Run a `uvicorn.Server` on a thread for the block (stopping it after); yields the loopback port it bound."""
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    poll(lambda: server.started or not thread.is_alive(), what="uvicorn to start")
-    assert server.started, "uvicorn failed to start"
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def make_service(tiny_checkpoint: Path, **overrides: Any) -> Any:

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import io
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _testlib import WAIT_S as WAIT_S  # shared; re-exported for the tests here
+from _testlib import poll as poll
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "web"
 TOKEN = "web-test-token-0123456789abcdef"
-WAIT_S = 60.0
 MAX_IMAGE_BYTES = 200_000
 MAX_QUEUE = 4
 
@@ -56,15 +56,6 @@ def png_bytes(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def poll(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "condition") -> None:
-    """Wait (bounded) until `predicate()` holds."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Gate:

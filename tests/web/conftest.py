@@ -4,11 +4,11 @@ and a folder of indexed pictures (simple coloured shapes, so screenshots are rea
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _testlib import serving
 from _web_testlib import MAX_IMAGE_BYTES, MAX_QUEUE, SHAPES, TOKEN, Gate, WebServer, poll, shape_image
 
 
@@ -55,33 +55,28 @@ def web_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     server = create_server(service)
     config = HttpConfig(host="127.0.0.1", port=0, token=TOKEN)
     app = build_app(server, config)
-    uv = uvicorn.Server(uvicorn_config(app, config))
-    thread = threading.Thread(target=uv.run, name="uvicorn-web-test", daemon=True)
-    thread.start()
-    poll(lambda: uv.started or not thread.is_alive(), what="uvicorn to start")
-    assert uv.started, "uvicorn failed to start"
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    srv = WebServer(
-        base=f"http://127.0.0.1:{port}",
-        port=port,
-        service=service,
-        app=app,
-        gate=gate,
-        gallery_dir=gallery,
-        outside_file=outside,
-        index_path=index_path,
-    )
-    srv.artifacts.mkdir(parents=True, exist_ok=True)
-
-    def ready() -> bool:
-        with srv.client() as http:
-            return http.get("/healthz").status_code == 200
-
-    poll(ready, what="the model to load")
     try:
-        yield srv
+        with serving(uvicorn.Server(uvicorn_config(app, config))) as port:
+            srv = WebServer(
+                base=f"http://127.0.0.1:{port}",
+                port=port,
+                service=service,
+                app=app,
+                gate=gate,
+                gallery_dir=gallery,
+                outside_file=outside,
+                index_path=index_path,
+            )
+            srv.artifacts.mkdir(parents=True, exist_ok=True)
+
+            def ready() -> bool:
+                with srv.client() as http:
+                    return http.get("/healthz").status_code == 200
+
+            poll(ready, what="the model to load")
+            try:
+                yield srv
+            finally:
+                gate.open_event.set()  # before the server stops: a held request would hold up its shutdown
     finally:
-        gate.open_event.set()
-        uv.should_exit = True
-        thread.join(timeout=30)
         service.close()
