@@ -4,7 +4,9 @@ A row is `{"image": path, "caption": text}` (optional `"prompt"` for prompted ca
 `{"image": path, "question": text, "answer": text}` (VQA-style: the prompt is the runtime's
 `Question: {question} Answer:` and the target is the answer). Image paths are relative to the data file.
 A JSONL caption may also be a list of strings (COCO style: several captions of one image), which gives one
-example per caption; any other non-string value is a bad line.
+example per caption; any other non-string value is a bad line. A row with both a caption and a question/answer
+gives one example of each; in a CSV with all three columns a row's empty cells are the fields it does not use.
+Files are UTF-8 (a leading BOM is fine); a line with bytes that are not UTF-8 is a bad line, never trained garbled.
 
 Every bad line is reported with its file and line number (missing image, unreadable image, empty caption,
 malformed line). With `on_error="stop"` any bad line stops the run before training, listing all of them;
@@ -126,11 +128,36 @@ def find_data_file(data: str | Path) -> Path:
     raise InvalidInput(f"Several data files in {path} ({names}): pass the one to use as --data FILE.")
 
 
+# "utf-8-sig": a leading BOM (Excel's "CSV UTF-8", older Notepad) is not part of the first line. "surrogateescape":
+# a byte that is not UTF-8 becomes a lone surrogate that `_not_utf8` reports, instead of a U+FFFD that would train.
+_ENCODING, _ERRORS = "utf-8-sig", "surrogateescape"
+
+
+def _not_utf8(text: str, how: str = "as UTF-8") -> str | None:
+    """Why a line read with `surrogateescape` is not UTF-8 text, or None if it is."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            after = f" after {text[max(0, i - 20) : i].lstrip()!r}" if text[:i].strip() else ""
+            return f"not UTF-8 text (byte 0x{ord(ch) - 0xDC00:02x}{after}): save the file {how}"
+    return None
+
+
+def _check_not_utf16(file: Path) -> None:
+    """A UTF-16 file (Windows "Unicode" text) would be reported line by line as garbage: say what it is once."""
+    with file.open("rb") as fh:
+        head = fh.read(2)
+    if head in (b"\xff\xfe", b"\xfe\xff"):
+        raise InvalidInput(f"Data file {file} is UTF-16 text: save it as UTF-8 (in Excel: CSV UTF-8), not Unicode.")
+
+
 def _jsonl_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row) for every non-blank line; a string instead of a row says why it is malformed."""
-    with file.open(encoding="utf-8", errors="replace") as fh:
+    with file.open(encoding=_ENCODING, errors=_ERRORS) as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
+                continue
+            if (problem := _not_utf8(line)) is not None:
+                yield number, problem
                 continue
             try:
                 row = json.loads(line.rstrip("\r\n"))  # else an unclosed object is reported at column 1 of line+1
@@ -145,7 +172,7 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
 
 def _csv_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row) for every CSV record after the header; line numbers are where the record starts."""
-    with file.open(encoding="utf-8", errors="replace", newline="") as fh:
+    with file.open(encoding=_ENCODING, errors=_ERRORS, newline="") as fh:
         reader = csv.reader(fh, strict=True)  # not strict: an unclosed quote swallows the rest of the file
         try:
             header = next(reader)
@@ -173,6 +200,9 @@ def _csv_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 continue
             if len(record) != len(header):
                 yield line, f"malformed line: {len(record)} fields, the header has {len(header)}"
+                continue
+            if (problem := _not_utf8(",".join(record), "as UTF-8 (in Excel: CSV UTF-8)")) is not None:
+                yield line, problem
                 continue
             yield line, dict(zip(header, record, strict=True))
 
@@ -237,31 +267,36 @@ def _examples(row: dict[str, Any], base: Path, source: str) -> list[Example] | s
     image = row.get("image")
     if not isinstance(image, str) or not image.strip():
         return "malformed line: missing 'image' (a path relative to the data file)"
-    question = _text(row, "question")
-    if question is not None or "answer" in row:
-        answer = _text(row, "answer")
+    pairs: list[tuple[str | None, str]] = []  # (prompt, target)
+    question, answer = _text(row, "question"), _text(row, "answer")
+    # A CSV with caption, question and answer columns leaves the unused ones empty on each row: an empty
+    # question/answer beside a caption column is absent, an empty caption beside a question is too.
+    if (question or answer) or ({"question", "answer"} & row.keys() and "caption" not in row):
         if not question:
             return "empty question"
         if not answer:
             return "empty answer"
-        prompt: str | None = VQA_TEMPLATE.format(question=question)
-        targets = [answer]
-    else:
-        if "caption" not in row:
-            return "malformed line: needs 'caption', or 'question' and 'answer'"
+        pairs.append((VQA_TEMPLATE.format(question=question), answer))
+    if "caption" in row and not (pairs and _blank(row["caption"])):
         captions = _captions(row)
         if isinstance(captions, str):
             return captions
         if not all(captions):
             return "empty caption" if len(captions) == 1 else "empty caption in the list"
         prompt = _text(row, "prompt") or None
-        targets = captions
-    if any("<image>" in target for target in targets) or (prompt and "<image>" in prompt):
+        pairs.extend((prompt, caption) for caption in captions)  # with a question too: one example of each
+    if not pairs:
+        return "malformed line: needs 'caption', or 'question' and 'answer'"
+    if any("<image>" in target or (prompt and "<image>" in prompt) for prompt, target in pairs):
         return "malformed line: text contains the reserved token '<image>'"
     path = Path(image.strip()).expanduser()
     if not path.is_absolute():
         path = base / path
-    return [Example(image=path, target=target, prompt=prompt, source=source) for target in targets]
+    return [Example(image=path, target=target, prompt=prompt, source=source) for prompt, target in pairs]
+
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, check_images: bool = True) -> Dataset:
@@ -274,6 +309,7 @@ def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, ch
         check_images: decode every image once (catches missing, truncated and non-image files up front).
     """
     file = find_data_file(data)
+    _check_not_utf16(file)
     rows = _csv_rows(file) if file.suffix.lower() == ".csv" else _jsonl_rows(file)
     dataset = Dataset(file=file)
     base = file.parent

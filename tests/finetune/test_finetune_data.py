@@ -184,3 +184,55 @@ def test_caption_list_gives_one_example_per_caption_and_other_types_are_bad_line
     assert "caption 2 of the list must be a string" in reasons[4]
     assert reasons[5] == "empty caption in the list"
     assert "'answer' must be a string" in reasons[6] and "'prompt' must be a string" in reasons[7]
+
+
+def test_a_bom_is_not_data_and_bytes_that_are_not_utf8_are_bad_lines(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", 7)
+    # Excel's "CSV UTF-8" and older Notepad start the file with a BOM: the header and first row are still read.
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\r\na.png,a red shoe\r\n".encode())
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + json.dumps({"image": "a.png", "caption": "a red shoe"})).encode())
+    for name in ("bom.csv", "bom.jsonl"):
+        ds = read_examples(tmp_path / name, SETTINGS, IssueLog("stop"))
+        assert [e.target for e in ds.examples] == ["a red shoe"] and ds.issues == [], name
+    # A Latin-1 "é" is reported (with the line), not trained as "caf\ufffd".
+    (tmp_path / "latin1.csv").write_bytes("image,caption\na.png,a café chair\na.png,a plain chair\n".encode("latin-1"))
+    row = json.dumps({"image": "a.png", "caption": "a café chair"}, ensure_ascii=False)
+    (tmp_path / "latin1.jsonl").write_bytes(row.encode("latin-1") + b"\n" + row.encode() + b"\n")
+    ds = read_examples(tmp_path / "latin1.csv", SETTINGS, IssueLog("skip"))
+    assert [e.target for e in ds.examples] == ["a plain chair"]
+    (issue,) = ds.issues
+    assert issue.line == 2 and issue.reason.startswith("not UTF-8 text (byte 0xe9 after 'a.png,a caf')"), issue
+    ds = read_examples(tmp_path / "latin1.jsonl", SETTINGS, IssueLog("skip"))
+    assert [e.target for e in ds.examples] == ["a café chair"] and [i.line for i in ds.issues] == [1]
+    # UTF-16 ("Unicode" in Windows tools) is refused as a whole, with what to do.
+    (tmp_path / "utf16.jsonl").write_bytes(row.encode("utf-16"))
+    with pytest.raises(InvalidInput, match="is UTF-16 text: save it as UTF-8"):
+        read_examples(tmp_path / "utf16.jsonl", SETTINGS, IssueLog("skip"))
+
+
+def test_caption_and_vqa_rows_mix_in_one_csv_and_a_row_with_both_gives_both(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", 8)
+    (tmp_path / "mixed.csv").write_text(
+        "image,caption,question,answer\n"
+        "a.png,a black boot,,\n"  # 2: caption row (the question and answer cells are empty)
+        "a.png,,what material?,leather\n"  # 3: VQA row (the caption cell is empty)
+        "a.png,a brown boot,what color?,brown\n"  # 4: both
+        "a.png,,,\n"  # 5: nothing to train
+        "a.png,,what size?,\n"  # 6: a question without an answer
+    )
+    ds = read_examples(tmp_path / "mixed.csv", SETTINGS, IssueLog("skip"))
+    vqa = VQA_TEMPLATE.format
+    assert [(e.source.rsplit(":", 1)[1], e.prompt, e.target) for e in ds.examples] == [
+        ("2", None, "a black boot"),
+        ("3", vqa(question="what material?"), "leather"),
+        ("4", vqa(question="what color?"), "brown"),
+        ("4", None, "a brown boot"),
+    ]
+    assert {i.line: i.reason for i in ds.issues} == {5: "empty caption", 6: "empty answer"}
+    # The same in JSONL: a row with a caption and a question/answer trains both, dropping neither.
+    _jsonl(tmp_path, [json.dumps({"image": "a.png", "caption": "a boot", "question": "what?", "answer": "a boot"})])
+    ds = read_examples(tmp_path / "captions.jsonl", SETTINGS, IssueLog("stop"))
+    assert sorted((e.prompt or "", e.target) for e in ds.examples) == [
+        ("", "a boot"),
+        (vqa(question="what?"), "a boot"),
+    ]
