@@ -10,6 +10,7 @@ torch and transformers load when `finetune` is called, not on import.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,20 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     return [ex for ex in examples if ex.image not in held], [ex for ex in examples if ex.image in held]
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written now, not after hours of training.
+
+    Nothing is created here: a run refused for its data leaves no empty folder behind.
+    """
+    existing = out.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInput(f"Cannot create the output folder {out}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInput(f"Cannot write the output folder {out}: {existing} is not writable. Choose another folder.")
+
+
 def finetune(
     data: str | Path,
     out_dir: str | Path,
@@ -66,7 +81,8 @@ def finetune(
 
     Raises:
         InvalidInput: bad options, no data file, bad data lines with `on_error="stop"` (each listed with file
-            and line), an `out_dir` that holds something else, or a resume that does not match the saved run.
+            and line), an `out_dir` that holds something else or cannot be created or written, or a resume that
+            does not match the saved run.
         ModelNotAvailable: the base checkpoint cannot be loaded.
     """
     settings = settings if settings is not None else BlipSettings()
@@ -89,6 +105,7 @@ def finetune(
                 f"{CHECKPOINT_DIR}/step-N/ checkpoint, no metrics.json of a run). Choose a new or empty folder; "
                 "nothing there was changed."
             )
+    _check_writable(out)
     from ..runtime import resolve_device
 
     resolve_device(cfg.device or str(settings.device))  # a device this machine lacks fails before the data check

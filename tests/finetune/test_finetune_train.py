@@ -5,6 +5,7 @@ reported in both modes."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -384,3 +385,23 @@ def test_lora_targets_matching_nothing_and_unknown_devices_are_typed(
     for device in ("nonsense", "cuda:99"):
         with pytest.raises(ModelNotAvailable, match="--device"):
             finetune(caption_data, tmp_path / "b", settings=settings, device=device, **options)
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_training(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tiny_checkpoint / "captioner")
+    options: dict[str, Any] = {"max_steps": 1, "val_fraction": 0, "progress": False}
+    steps: list[int] = []
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(InvalidInput, match=r"a_file is a file, not a folder"):
+        finetune(caption_data, tmp_path / "a_file" / "out", settings=settings, on_step=lambda i: steps.append(i.step))
+    # A folder without write permission (faked: the tests may run as root, who may write anywhere).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(InvalidInput, match=r"is not writable"):
+        finetune(caption_data, tmp_path / "new" / "out", settings=settings, on_step=lambda i: steps.append(i.step))
+    assert steps == [] and not (tmp_path / "new").exists()  # refused before any training, nothing created
+    monkeypatch.undo()
+    assert finetune(caption_data, tmp_path / "new" / "out", settings=settings, **options).steps == 1
+
