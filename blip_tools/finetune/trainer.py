@@ -33,7 +33,7 @@ import torch
 
 from ..errors import InvalidInput, ModelNotAvailable
 from ..images import load_image
-from ..runtime import Blip2Runtime, resolve_device
+from ..runtime import MAX_PROMPT_TOKENS, Blip2Runtime, resolve_device
 from ..settings import BlipSettings
 from .config import FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog
@@ -174,6 +174,7 @@ class Trainer:
         self._to_pixels = loaded.pixels
         self.eos_ids: list[int] = loaded.extra["eos_ids"]
         self.pad_id: int = loaded.extra["pad_id"]
+        self.max_positions: int | None = loaded.extra["max_positions"]
         self.image_id = int(self.model.config.image_token_index)
         self.num_query = int(self.model.config.num_query_tokens)
         tok = self.processor.tokenizer
@@ -260,15 +261,20 @@ class Trainer:
             # After a prompt the continuation starts with a space (" blue"), as the model would write it.
             text = ex.target if ex.prompt is None else " " + ex.target
             target = [*tok(text, add_special_tokens=False)["input_ids"], self.end_id]
+            length = self.num_query + len(prompt_ids) + len(target)
+            problem = None
             if len(target) > self.config.max_target_tokens:
-                file, _, line = ex.source.rpartition(":")
-                self.log.add(
-                    DataIssue(
-                        file,
-                        int(line),
-                        f"target too long: {len(target)} tokens > max_target_tokens={self.config.max_target_tokens}",
-                    )
+                problem = f"target too long: {len(target)} tokens > max_target_tokens={self.config.max_target_tokens}"
+            elif len(prompt_ids) > MAX_PROMPT_TOKENS:  # the service refuses such a prompt: nothing to train for
+                problem = f"prompt too long: {len(prompt_ids)} tokens > {MAX_PROMPT_TOKENS}, the most the service takes"
+            elif self.max_positions is not None and length > self.max_positions:  # past them: an IndexError
+                problem = (
+                    f"too long for the model: {self.num_query} image + {len(prompt_ids)} prompt + {len(target)} "
+                    f"target tokens > its {self.max_positions} positions"
                 )
+            if problem is not None:
+                file, _, line = ex.source.rpartition(":")
+                self.log.add(DataIssue(file, int(line), problem))
                 continue
             ids = [self.image_id] * self.num_query + prompt_ids + target
             labels = [-100] * (self.num_query + len(prompt_ids)) + target

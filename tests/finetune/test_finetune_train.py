@@ -405,3 +405,21 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_training(
     monkeypatch.undo()
     assert finetune(caption_data, tmp_path / "new" / "out", settings=settings, **options).steps == 1
 
+
+def test_prompts_and_lines_too_long_to_serve_are_bad_lines(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from blip_tools.runtime import MAX_PROMPT_TOKENS
+
+    data = write_caption_data(tmp_path / "data", CAPTIONS[:1])
+    with (data / "captions.jsonl").open("a") as fh:
+        # line 2: a question the service would refuse (over MAX_PROMPT_TOKENS)
+        fh.write(json.dumps({"image": "img/0.png", "question": "why " * MAX_PROMPT_TOKENS, "answer": "yes"}) + "\n")
+        # line 3: image + prompt + caption tokens past the tiny OPT's 1024 positions (an IndexError in training)
+        fh.write(json.dumps({"image": "img/0.png", "caption": "dog " * 1100}) + "\n")
+    settings = _settings(tiny_checkpoint / "captioner")
+    options: dict[str, Any] = {"max_steps": 1, "val_fraction": 0, "progress": False, "max_target_tokens": 2048}
+    with pytest.raises(InvalidInput) as err:
+        finetune(data, tmp_path / "stop", settings=settings, **options)
+    assert "captions.jsonl:2: prompt too long" in str(err.value)
+    assert "captions.jsonl:3: too long for the model" in str(err.value) and "1024 positions" in str(err.value)
+    report = finetune(data, tmp_path / "skip", settings=settings, on_error="skip", **options)
+    assert report.train_examples == 1 and [s.line for s in report.skipped] == [2, 3]
