@@ -423,3 +423,13 @@ def test_prompts_and_lines_too_long_to_serve_are_bad_lines(tiny_checkpoint: Path
     assert "captions.jsonl:3: too long for the model" in str(err.value) and "1024 positions" in str(err.value)
     report = finetune(data, tmp_path / "skip", settings=settings, on_error="skip", **options)
     assert report.train_examples == 1 and [s.line for s in report.skipped] == [2, 3]
+
+
+def test_a_retrieval_checkpoint_is_refused_as_a_base(tiny_checkpoint: Path, caption_data: Path, tmp_path: Path) -> None:
+    from blip_tools import CapabilityUnavailable
+
+    # It loads as a captioner with a random decoder; training on that would write a noise captioner.
+    settings = _settings(tiny_checkpoint / "retrieval")
+    with pytest.raises(CapabilityUnavailable, match=r"Blip2ForImageTextRetrieval checkpoint, not a captioner"):
+        finetune(caption_data, tmp_path / "out", settings=settings, max_steps=1, val_fraction=0, progress=False)
+    assert not (tmp_path / "out").exists()
