@@ -119,6 +119,13 @@ def finetune(
     else:
         train, val = _split(dataset.examples, cfg.val_fraction, cfg.seed)
     log.check(f"the data of {dataset.file}")
+    if not val and cfg.patience is not None:
+        why = "val_fraction is 0" if cfg.val_data is None and cfg.val_fraction == 0 else "none could be held out"
+        logger.warning(
+            "patience=%d is ignored: there are no validation examples (%s), so nothing decides when to stop. Pass "
+            "val_fraction (--val-fraction) with two or more images, or val_data (--val-data).",
+            cfg.patience, why,
+        )  # fmt: skip
     if not train:
         raise InvalidInput(
             f"No usable training examples in {dataset.file}"

@@ -433,3 +433,14 @@ def test_a_retrieval_checkpoint_is_refused_as_a_base(tiny_checkpoint: Path, capt
     with pytest.raises(CapabilityUnavailable, match=r"Blip2ForImageTextRetrieval checkpoint, not a captioner"):
         finetune(caption_data, tmp_path / "out", settings=settings, max_steps=1, val_fraction=0, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_patience_without_validation_examples_warns(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = write_caption_data(tmp_path / "one", CAPTIONS[:1])  # one image: none can be held out
+    settings = _settings(tiny_checkpoint / "captioner")
+    with caplog.at_level("WARNING", logger="blip_tools.finetune"):
+        report = finetune(data, tmp_path / "out", settings=settings, max_steps=2, patience=1, progress=False)
+    assert report.val_examples == 0 and report.steps == 2
+    assert "patience=1 is ignored: there are no validation examples (none could be held out)" in caplog.text
