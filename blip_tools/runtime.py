@@ -14,7 +14,7 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,40 @@ def _cache_kwarg() -> str:
 
     major_minor = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
     return "cache" if major_minor >= (5, 24) else "past_key_values"  # also the name of a model output's cache
+
+
+def _check_weights(model: Any, missing: Iterable[str], name: str, parts: Sequence[str]) -> None:
+    """Refuse a checkpoint without any weights for a part the model needs; log scattered missing weights.
+
+    transformers fills missing weights with random ones and only logs it, so a retrieval checkpoint (which has no
+    language model) loaded as the captioner served empty or random captions, and fine-tuning trained against noise.
+    """
+    missing = set(missing)
+    if not missing:
+        return
+    keys = list(model.state_dict())
+    absent = [
+        part
+        for part in parts
+        if (own := [k for k in keys if k.startswith(part + ".")]) and all(k in missing for k in own)
+    ]
+    if absent:
+        hint = (
+            " It looks like a retrieval checkpoint (such as Salesforce/blip2-itm-vit-g), which belongs in "
+            "BLIP_RETRIEVAL_MODEL; point BLIP_MODEL / --model at a captioning checkpoint such as "
+            "Salesforce/blip2-opt-2.7b-coco."
+            if absent == ["language_model"]
+            else ""
+        )
+        raise ModelNotAvailable(
+            f"The checkpoint '{name}' has no weights for its {' and '.join(absent)}, so it cannot be used as a "
+            f"{type(model).__name__}.{hint}"
+        )
+    shown = ", ".join(sorted(missing)[:5])
+    logger.warning(
+        "checkpoint %r lacks %d weight(s) (%s%s); they start random", name, len(missing), shown,
+        ", ..." if len(missing) > 5 else "",
+    )  # fmt: skip
 
 
 def resolve_device(name: str) -> str:
@@ -245,7 +279,8 @@ class Blip2Runtime:
         return self._placement[2]
 
     # ------------------------------------------------------------------ loading
-    def _from_pretrained(self, cls: Any, name: str) -> tuple[Any, Any]:
+    def _from_pretrained(self, cls: Any, name: str, parts: Sequence[str] = ()) -> tuple[Any, Any]:
+        """Processor and model from a hub id or local folder, on the device; `parts` must have weights in it."""
         from transformers import AutoProcessor
         from transformers.utils import logging as hf_logging
 
@@ -261,7 +296,8 @@ class Blip2Runtime:
             processor = AutoProcessor.from_pretrained(
                 name, **({"cache_dir": kwargs["cache_dir"]} if "cache_dir" in kwargs else {})
             )
-            model = cls.from_pretrained(name, **kwargs)
+            model, info = cls.from_pretrained(name, output_loading_info=True, **kwargs)
+            _check_weights(model, info.get("missing_keys") or (), name, parts)
         except BlipError:
             raise
         except Exception as exc:  # OSError, ValueError, hub errors: one boundary, one message
@@ -301,7 +337,9 @@ class Blip2Runtime:
             from transformers import Blip2ForConditionalGeneration
 
             start = time.perf_counter()
-            model, processor = self._from_pretrained(Blip2ForConditionalGeneration, self.settings.model)
+            model, processor = self._from_pretrained(
+                Blip2ForConditionalGeneration, self.settings.model, ("vision_model", "qformer", "language_model")
+            )
             tok = processor.tokenizer
             tok.padding_side = "left"
             config = model.config
@@ -380,7 +418,9 @@ class Blip2Runtime:
             from transformers import Blip2ForImageTextRetrieval
 
             start = time.perf_counter()
-            model, processor = self._from_pretrained(Blip2ForImageTextRetrieval, self.settings.retrieval_model)
+            model, processor = self._from_pretrained(
+                Blip2ForImageTextRetrieval, self.settings.retrieval_model, ("vision_model", "qformer")
+            )
             if not getattr(model.config.qformer_config, "use_qformer_text_input", False):
                 raise CapabilityUnavailable(
                     f"'{self.settings.retrieval_model}' has no Q-Former text layers, so it cannot embed text or "

@@ -651,6 +651,25 @@ def test_model_not_available_message(tmp_path: Path) -> None:
     svc.close()
 
 
+def test_a_retrieval_checkpoint_as_the_captioner_is_refused_not_served_with_a_random_decoder(
+    settings: BlipSettings, tiny_checkpoint: Path, make_image: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    from blip_tools import CapabilityUnavailable, ModelNotAvailable
+
+    # transformers loads it, filling the missing language model with random weights and only logging that: the
+    # service then captioned with noise (or nothing). A part without any weights is now a load error.
+    wrong = settings.model_copy(update={"model": str(tiny_checkpoint / "retrieval")})
+    refused = pytest.raises(ModelNotAvailable, match=r"no weights for its language_model.*BLIP_RETRIEVAL_MODEL")
+    with Blip2Service(wrong) as svc, refused:
+        svc.caption(make_image(1), max_new_tokens=3)
+    # The other way round, the retrieval side misses only its text heads: still the capability error it was.
+    swapped = settings.model_copy(update={"retrieval_model": str(tiny_checkpoint / "captioner")})
+    unable = pytest.raises(CapabilityUnavailable, match="no Q-Former text layers")
+    with Blip2Service(swapped) as svc, caplog.at_level("WARNING", logger="blip_tools.runtime"), unable:
+        svc.embed_texts(["a dog"])
+    assert "lacks" in caplog.text and "itm_head.weight" in caplog.text  # scattered gaps are logged
+
+
 def test_a_model_that_cannot_load_fails_a_batch_call_once(settings: BlipSettings, tmp_path: Path) -> None:
     from blip_tools import ModelNotAvailable
 

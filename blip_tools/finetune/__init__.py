@@ -83,8 +83,7 @@ def finetune(
         InvalidInput: bad options, no data file, bad data lines with `on_error="stop"` (each listed with file
             and line), an `out_dir` that holds something else or cannot be created or written, or a resume that
             does not match the saved run.
-        ModelNotAvailable: the base checkpoint cannot be loaded.
-        CapabilityUnavailable: the base checkpoint is not a captioner (e.g. a retrieval checkpoint).
+        ModelNotAvailable: the base checkpoint cannot be loaded, or is not a captioner (e.g. a retrieval checkpoint).
     """
     settings = settings if settings is not None else BlipSettings()
     cfg = FinetuneConfig.from_options(config, **options)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CapabilityUnavailable, InvalidInput, ModelNotAvailable
+from ..errors import InvalidInput, ModelNotAvailable
 from ..images import load_image
 from ..runtime import MAX_PROMPT_TOKENS, Blip2Runtime, resolve_device
 from ..settings import BlipSettings
@@ -171,15 +171,6 @@ class Trainer:
         )
         loaded = runtime.load_captioner()
         self.model, self.processor = loaded.model, loaded.processor
-        # A retrieval checkpoint loads as a captioner too, with a randomly initialised decoder (its weights are not
-        # in the file): training would "work" and write a captioner that only ever says noise.
-        architectures = getattr(self.model.config, "architectures", None) or []
-        if architectures and not any(a.endswith("ForConditionalGeneration") for a in architectures):
-            raise CapabilityUnavailable(
-                f"'{self.model_name}' is a {architectures[0]} checkpoint, not a captioner: it has no language model "
-                "to fine-tune against. Start from a captioning checkpoint (--model / BLIP_MODEL), such as "
-                "Salesforce/blip2-opt-2.7b-coco."
-            )
         self._to_pixels = loaded.pixels
         self.eos_ids: list[int] = loaded.extra["eos_ids"]
         self.pad_id: int = loaded.extra["pad_id"]
