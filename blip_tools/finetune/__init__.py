@@ -112,12 +112,14 @@ def finetune(
 
     log = IssueLog(cfg.on_error)
     dataset = read_examples(data, settings, log)
+    what = f"the data of {dataset.file}"
     if cfg.val_data is not None:
         val_set = read_examples(cfg.val_data, settings, log)
         train, val = dataset.examples, val_set.examples
+        what = f"the data ({dataset.file} and the validation data {val_set.file})"
     else:
         train, val = _split(dataset.examples, cfg.val_fraction, cfg.seed)
-    log.check(f"the data of {dataset.file}")
+    log.check(what)
     if not val and cfg.patience is not None:
         why = "val_fraction is 0" if cfg.val_data is None and cfg.val_fraction == 0 else "none could be held out"
         logger.warning(

@@ -444,3 +444,15 @@ def test_patience_without_validation_examples_warns(
         report = finetune(data, tmp_path / "out", settings=settings, max_steps=2, patience=1, progress=False)
     assert report.val_examples == 0 and report.steps == 2
     assert "patience=1 is ignored: there are no validation examples (none could be held out)" in caplog.text
+
+
+def test_bad_lines_in_the_validation_data_are_reported_under_that_file(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"image": "missing.png", "caption": "a dog"}\n')
+    settings = _settings(tiny_checkpoint / "captioner")
+    with pytest.raises(InvalidInput) as info:
+        finetune(caption_data, tmp_path / "out", settings=settings, val_data=str(val), max_steps=1, progress=False)
+    message = str(info.value)
+    assert f"the validation data {val}" in message and f"{val}:1:" in message  # not "in the data of <train file>"
