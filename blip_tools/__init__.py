@@ -1,9 +1,14 @@
 """blip-tools: BLIP-2 image captioning, VQA and image search for LLM agents, with one shared, batched model.
 
-The public surface is `__all__`; heavy libraries (torch, transformers) load on first use, not on import.
+The public surface is `__all__`; heavy libraries (torch, transformers) load on first use, not on import. Apart from
+the exceptions, the names load on first use too: importing the package (as the `blip-tools` and `blip-mcp` entry
+points do) stays quick, so Ctrl-C right after starting a command reaches its `main()`, which ends quietly.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BlipError,
@@ -22,23 +27,48 @@ from .errors import (
     ServiceClosed,
     UrlNotAllowed,
 )
-from .grounding import LocateResult
-from .index import DuplicateGroup, ImageIndex, IndexReport, SearchHit, SearchResult
-from .params import GenerationParams
-from .results import (
-    AnswerResult,
-    CaptionResult,
-    EmbeddingResult,
-    GeneratedText,
-    ImageInfo,
-    ModelInfo,
-    ScoreResult,
-    ServiceStats,
-    TextScore,
-    Timing,
-)
-from .service import Blip2Service
-from .settings import BlipSettings
+
+if TYPE_CHECKING:
+    from .grounding import LocateResult
+    from .index import DuplicateGroup, ImageIndex, IndexReport, SearchHit, SearchResult
+    from .params import GenerationParams
+    from .results import (
+        AnswerResult,
+        CaptionResult,
+        EmbeddingResult,
+        GeneratedText,
+        ImageInfo,
+        ModelInfo,
+        ScoreResult,
+        ServiceStats,
+        TextScore,
+        Timing,
+    )
+    from .service import Blip2Service
+    from .settings import BlipSettings
+
+#: Where each lazily loaded public name lives (numpy, PIL and pydantic models load with the first one used).
+_HOMES = {
+    "LocateResult": "grounding",
+    "DuplicateGroup": "index",
+    "ImageIndex": "index",
+    "IndexReport": "index",
+    "SearchHit": "index",
+    "SearchResult": "index",
+    "GenerationParams": "params",
+    "AnswerResult": "results",
+    "CaptionResult": "results",
+    "EmbeddingResult": "results",
+    "GeneratedText": "results",
+    "ImageInfo": "results",
+    "ModelInfo": "results",
+    "ScoreResult": "results",
+    "ServiceStats": "results",
+    "TextScore": "results",
+    "Timing": "results",
+    "Blip2Service": "service",
+    "BlipSettings": "settings",
+}
 
 __version__ = "0.1.0"  # the one place the version lives: pyproject.toml reads it (dynamic version)
 
@@ -79,3 +109,16 @@ __all__ = [
     "UrlNotAllowed",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

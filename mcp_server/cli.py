@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from blip_tools._ctrl_c import caused_by_ctrl_c
+
 if TYPE_CHECKING:
     from blip_tools.remote import SendFiles
     from blip_tools.settings import BlipSettings
@@ -153,7 +155,16 @@ def _configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `blip-mcp` / `python -m mcp_server`. Returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        return _run(build_parser().parse_args(argv))
+    except (KeyboardInterrupt, Exception) as exc:  # Ctrl-C, also during the imports at startup: 130, no traceback
+        if not caused_by_ctrl_c(exc):
+            raise
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Configure, check and serve; imports the heavy parts (the SDK, blip_tools) only here, under `main`'s guard."""
     wire = None
     if args.transport == "stdio":
         from .stdio import claim_stdio, quiet_libraries
@@ -227,8 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlipError as exc:
         logger.error("%s", exc)
         return 1
-    except KeyboardInterrupt:
-        return 130
     return 0
 
 

@@ -1,15 +1,21 @@
 """Helpers shared by the test folders (importable as `_testlib`: pytest puts `tests/` on the path for its
-conftest): bounded polling and a uvicorn server on a thread."""
+conftest): bounded polling, a uvicorn server on a thread, and a command's process started as from a terminal."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 WAIT_S = 60.0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def poll(predicate: Callable[[], bool], timeout_s: float = WAIT_S, what: str = "condition") -> None:
@@ -33,3 +39,44 @@ def serving(server: Any) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def sigint_as_in_a_terminal() -> None:
+    """`preexec_fn` that puts SIGINT back to its default, as a command started from a terminal has it.
+
+    A run started in the background by a script (`cmd &`, as CI runners may start pytest) inherits SIGINT ignored,
+    and Python then installs no Ctrl-C handler in the child.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def python_process(
+    args: list[str], stderr: Path, *, env: Mapping[str, str] | None = None, stdout: int = subprocess.PIPE
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python ARGS` run from the checkout as from a terminal (Ctrl-C works), without the caller's `BLIP_*`
+    settings (`env` adds variables); stdin is a pipe, stderr goes to the file `stderr`. Killed if still running after
+    the block."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_")}
+    child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env.update(env or {})
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.PIPE,
+            stdout=stdout,
+            stderr=err,
+            cwd=ROOT,
+            env=child_env,
+            preexec_fn=sigint_as_in_a_terminal,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=WAIT_S)
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with suppress(BrokenPipeError):  # unsent input to a process that is gone
+                    stream.close()

@@ -12,9 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
-
 from .. import __version__
+from .._ctrl_c import caused_by_ctrl_c
 from ..errors import BlipError
 
 _COMMAND_MODULES = ["core", "collections", "finetune", "bench", "ray"]
@@ -39,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `blip-tools` console script."""
+    try:
+        return _run(argv)
+    except (KeyboardInterrupt, Exception) as exc:  # also in the imports before a command runs (Ctrl-C at startup)
+        if not caused_by_ctrl_c(exc):
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """Parse and run one command; its heavy imports happen here, under `main`'s guard."""
+    from pydantic import ValidationError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -58,9 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"error: {settings_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     return code
 
 

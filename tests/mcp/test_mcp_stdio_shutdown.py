@@ -7,10 +7,8 @@ a host that crashes leaves stdout with no reader. Each must end the process prom
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +17,10 @@ from typing import IO
 
 import pytest
 from _mcp_testlib import poll, write_image
+from _testlib import python_process
 
 from blip_tools.testing import tiny_settings_kwargs
 
-ROOT = Path(__file__).resolve().parents[2]
 EXIT_WAIT_S = 60.0
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -55,38 +53,16 @@ def _readline(stream: IO[bytes], stderr: Path) -> bytes:
     return lines[0]
 
 
-def _sigint_as_in_a_terminal() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @contextmanager
 def _stdio(args: list[str], stderr: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`python ARGS` (a blip-mcp) over real pipes, initialized; killed if a test leaves it running."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            cwd=ROOT,
-            env=env,
-            # As from a terminal: a run started in the background by a script (`cmd &`, as CI runners may start
-            # pytest) inherits SIGINT ignored, and Python then installs no Ctrl-C handler in the child.
-            preexec_fn=_sigint_as_in_a_terminal,
-        )
-    try:
+    """`python ARGS` (a blip-mcp) over real pipes, started as from a terminal, initialized."""
+    with python_process(args, stderr) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps(INITIALIZE).encode() + b"\n")
         proc.stdin.flush()
         answer = json.loads(_readline(proc.stdout, stderr))
         assert answer["result"]["serverInfo"]["name"] == "blip-tools", answer
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=EXIT_WAIT_S)
 
 
 def _exits_on_ctrl_c(proc: subprocess.Popen[bytes], stderr: Path, situation: str) -> None:
