@@ -234,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
             from .http import run_http
 
             assert config is not None
-            run_http(server, config)
+            return run_http(server, config)
     except BlipError as exc:
         logger.error("%s", exc)
         return 1

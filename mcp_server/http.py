@@ -20,16 +20,19 @@ behind the same three checks and reach the service with `service_from_request(re
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import ipaddress
 import logging
 import math
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import uvicorn
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -50,6 +53,10 @@ logger = logging.getLogger(__name__)
 MCP_PATH = "/mcp"
 HEALTH_PATH = "/healthz"
 DEFAULT_PORT = 8765
+
+LISTEN_FAILED_EXIT = 3
+"""`blip-mcp`'s exit status when it cannot listen on the address (e.g. the port is in use): the status uvicorn
+gives a failed startup, and what the README documents."""
 
 #: Room for the JSON-RPC envelope, the data-URI prefix and the other arguments around one image.
 BODY_SLACK_BYTES = 256 * 1024
@@ -458,8 +465,6 @@ def uvicorn_config(app: Starlette, config: HttpConfig, **overrides: Any) -> Any:
 
     Requests still running 5 s after SIGTERM (or Ctrl-C) are cut; the log says how many in one line.
     """
-    import uvicorn
-
     options: dict[str, Any] = {
         "host": config.host,
         "port": config.port,
@@ -477,11 +482,74 @@ def uvicorn_config(app: Starlette, config: HttpConfig, **overrides: Any) -> Any:
     return built
 
 
-def run_http(server: BlipMCPServer, config: HttpConfig) -> None:
-    """Serve `server` over streamable HTTP until interrupted, with `/metrics` and the `/ui` console."""
-    import uvicorn
+def listen_sockets(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Listening TCP sockets for `host` and `port`, bound as uvicorn (asyncio's `create_server`) would bind them.
 
+    One socket per address `host` resolves to (`localhost`: 127.0.0.1 and ::1; "" every interface), IPv6 ones
+    without dual stack, skipping an address family the machine has turned off; `port` 0 picks one free port, the
+    same for all of them. Raises `OSError` (e.g. `EADDRINUSE`) with nothing left open.
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    unavailable: OSError | None = None
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # e.g. IPv6 compiled in but turned off
+                continue
+            if os.name == "posix":  # restart at once on a port whose old connections linger in TIME_WAIT
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and sockets:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                unavailable = exc  # an address of a family not set up here: asyncio skips it too
+                continue
+            sockets.append(sock)
+            sock.listen(backlog)
+        if not sockets:
+            raise unavailable or OSError(errno.EADDRNOTAVAIL, f"{host!r} has no address to listen on")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _cannot_listen(config: HttpConfig, exc: OSError) -> str:
+    where = f"{config.host}:{config.port}"
+    if exc.errno == errno.EADDRINUSE:
+        reach = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else _host_forms(config.host)[0]
+        health = f"http://{reach}:{config.port}{HEALTH_PATH}"
+        return (
+            f"cannot listen on {where}: address already in use. Another server has that port (`curl {health}` "
+            "shows whether it is a blip-mcp daemon): stop it, or pick another --port."
+        )
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
+def run_http(server: BlipMCPServer, config: HttpConfig) -> int:
+    """Serve `server` over streamable HTTP until interrupted, with `/metrics` and the `/ui` console.
+
+    The socket is bound and listening before the app starts, so its "ready" line is true when logged and a port in
+    use fails before the model starts loading. Returns the exit status: 0, or `LISTEN_FAILED_EXIT` when it
+    cannot listen. Ctrl-C ends it with `KeyboardInterrupt` once the service has closed.
+    """
     from .web import build_app
 
+    try:
+        sockets = listen_sockets(config.host, config.port)
+    except OSError as exc:
+        logger.error("%s", _cannot_listen(config, exc))
+        return LISTEN_FAILED_EXIT
+    config = replace(config, port=sockets[0].getsockname()[1])  # the port 0 picked, for the log
     app = build_app(server, config)
-    uvicorn.Server(uvicorn_config(app, config)).run()
+    uvicorn.Server(uvicorn_config(app, config)).run(sockets=sockets)
+    return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import subprocess
 import threading
 import time
@@ -16,12 +17,36 @@ from typing import Any
 
 from _testlib import WAIT_S as WAIT_S  # shared; re-exported for the tests here
 from _testlib import poll as poll
+from _testlib import python_process as python_process
 from _testlib import serving as serving
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 #: The HTTP server's image limit: small, so a body just over the derived limit is cheap to send.
 HTTP_MAX_IMAGE_BYTES = 300_000
+
+
+_READY = re.compile(rb"blip-mcp HTTP ready on \S+:(\d+)/mcp")
+
+
+def http_args(tiny_checkpoint: Path, *, port: int = 0, program: str | None = None) -> list[str]:
+    """`python` arguments for `blip-mcp --transport http` on the tiny checkpoint (or `program`, a wrapper of it)."""
+    from blip_tools.testing import tiny_settings_kwargs
+
+    kw = tiny_settings_kwargs(tiny_checkpoint)
+    start = ["-m", "mcp_server"] if program is None else [program]
+    model = ["--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
+    return [*start, "--transport", "http", "--port", str(port), *model]
+
+
+def ready_port(proc: subprocess.Popen[bytes], stderr: Path) -> int:
+    """Wait for a `blip-mcp --transport http` process to log that it is ready; the port that line names."""
+    poll(lambda: bool(_READY.search(stderr.read_bytes())) or proc.poll() is not None, what="the HTTP ready line")
+    found = _READY.search(stderr.read_bytes())
+    assert found, f"no ready line; exit status {proc.poll()}; stderr:\n{stderr.read_text(errors='replace')[-3000:]}"
+    port = int(found.group(1))
+    assert port != 0, "the ready line names port 0, not the port bound: it came before the socket listened"
+    return port
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
+import socket
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +16,17 @@ import anyio
 import httpx
 import httpx2
 import pytest
-from _mcp_testlib import HTTP_MAX_IMAGE_BYTES, HttpServer, apoll, watching_cancellations, write_image
+from _mcp_testlib import (
+    HTTP_MAX_IMAGE_BYTES,
+    WAIT_S,
+    HttpServer,
+    apoll,
+    http_args,
+    python_process,
+    ready_port,
+    watching_cancellations,
+    write_image,
+)
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -251,3 +264,34 @@ def test_cli_refuses_a_public_bind_without_a_token() -> None:
     assert proc.returncode == 2
     assert "without a token" in proc.stderr
     assert proc.stdout == ""
+
+
+def test_the_ready_line_comes_once_the_port_listens_and_names_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`blip-mcp --transport http --port 0` says it is ready only once its socket listens, with the port it got:
+    a client that connects as soon as it reads the line is answered. Ctrl-C then stops it (130)."""
+    stderr = tmp_path / "stderr.txt"
+    with python_process(http_args(tiny_checkpoint, port=0), stderr, stdout=subprocess.DEVNULL) as proc:
+        port = ready_port(proc, stderr)  # not 0: the port the system picked
+        response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=WAIT_S)  # no retry: it must answer now
+        assert response.status_code in (200, 503), response.text  # ok, or the model still loading
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=WAIT_S) == 130
+    assert "Traceback" not in stderr.read_text(errors="replace")
+
+
+def test_a_port_in_use_exits_3_before_loading_anything_and_never_says_ready(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Another server on the port: exit status 3 with a message that says so and how to check it, and no "ready"
+    (nor console URL) line first. The socket is bound before the app starts, so the model does not start loading."""
+    stderr = tmp_path / "stderr.txt"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with python_process(http_args(tiny_checkpoint, port=port), stderr, stdout=subprocess.DEVNULL) as proc:
+            code = proc.wait(timeout=WAIT_S)
+    text = stderr.read_text(errors="replace")
+    assert code == 3, text[-3000:]
+    for said_too_soon in ("HTTP ready", f"http://127.0.0.1:{port}/ui", "starting the BLIP-2 service", "Traceback"):
+        assert said_too_soon not in text, text[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in text, text[-3000:]
+    assert f"curl http://127.0.0.1:{port}/healthz" in text, text[-3000:]
