@@ -26,10 +26,13 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -535,12 +538,28 @@ def _cannot_listen(config: HttpConfig, exc: OSError) -> str:
     return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
+class _InterruptibleServer(uvicorn.Server):
+    """uvicorn's server, whose second Ctrl-C quits at once (exit status 130) instead of ending in a traceback.
+
+    uvicorn's own "force quit" stops waiting for running requests but then cancels the app's lifespan (a traceback
+    in the log) and still waits for the service to close; a second Ctrl-C while the service closes does nothing.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT and self.should_exit:
+            logger.warning("second Ctrl-C: quitting now, without waiting for running calls or the model")
+            sys.stderr.flush()
+            os._exit(130)
+        super().handle_exit(sig, frame)
+
+
 def run_http(server: BlipMCPServer, config: HttpConfig) -> int:
     """Serve `server` over streamable HTTP until interrupted, with `/metrics` and the `/ui` console.
 
     The socket is bound and listening before the app starts, so its "ready" line is true when logged and a port in
     use fails before the model starts loading. Returns the exit status: 0, or `LISTEN_FAILED_EXIT` when it
-    cannot listen. Ctrl-C ends it with `KeyboardInterrupt` once the service has closed.
+    cannot listen. Ctrl-C ends it with `KeyboardInterrupt` once the service has closed; a second Ctrl-C ends the
+    process at once (exit status 130).
     """
     from .web import build_app
 
@@ -551,5 +570,5 @@ def run_http(server: BlipMCPServer, config: HttpConfig) -> int:
         return LISTEN_FAILED_EXIT
     config = replace(config, port=sockets[0].getsockname()[1])  # the port 0 picked, for the log
     app = build_app(server, config)
-    uvicorn.Server(uvicorn_config(app, config)).run(sockets=sockets)
+    _InterruptibleServer(uvicorn_config(app, config)).run(sockets=sockets)
     return 0
