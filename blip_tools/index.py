@@ -360,6 +360,21 @@ def _maps_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def _model_key(name: str) -> str:
+    """The name an index records vectors (or captions) under: a local checkpoint folder as its real path.
+
+    The same folder named relatively, from another working directory, with `~` or a trailing slash is one model,
+    and a relative name that means another folder elsewhere is another model. A hub id stays as it is.
+    """
+    try:
+        local = Path(name).expanduser()
+        if local.is_dir():
+            return os.path.realpath(local)
+    except (OSError, ValueError):
+        pass
+    return name
+
+
 def folder_without_nul(path: str | None) -> str | None:
     """A tool's folder argument, refused (ValueError, for a pydantic validator) when it holds a NUL character.
 
@@ -431,6 +446,11 @@ class ImageIndex:
             service.start()  # the daemon's checkpoint names, so rows are tagged with the model that made them
         self.service = service
         self.settings = service.settings
+        # A daemon names its checkpoints as paths on its own machine: those are not resolved here.
+        remote = isinstance(service, RemoteService)
+        self.retrieval_model = self.settings.retrieval_model if remote else _model_key(self.settings.retrieval_model)
+        """The name this index records its vectors under (a local checkpoint folder as its real path)."""
+        self._caption_model = self.settings.model if remote else _model_key(self.settings.model)
         self.path = Path(path).expanduser() if path is not None else self.settings.resolved_index_path()
         self._local = threading.local()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -627,7 +647,7 @@ class ImageIndex:
         began = time.monotonic()
         root = self._resolve_dir(directory)
         chunk = max(1, chunk_size if chunk_size is not None else 4 * self.settings.max_batch_size)
-        model = self.settings.retrieval_model
+        model = self.retrieval_model
         with self._run_lock:
             conn = self._conn()
             found = self._scan(root, recursive)
@@ -667,7 +687,7 @@ class ImageIndex:
                 if same_stat and row is not None and row["error"] is not None:
                     report.failed += 1  # unchanged file that failed before: not retried until it changes
                 elif same_stat and row is not None and row["has_vec"] and row["model"] == model:
-                    if captions and (not row["has_caption"] or row["caption_model"] != self.settings.model):
+                    if captions and (not row["has_caption"] or row["caption_model"] != self._caption_model):
                         todo.append(_Todo(path, st.st_size, st.st_mtime_ns, row, caption_only=True))
                     else:
                         report.unchanged += 1
@@ -721,7 +741,7 @@ class ImageIndex:
         (unless the service is a daemon's client that must send paths). Files that are only captioned (their
         vectors are current) are not hashed: the caption reads them once.
         """
-        model = self.settings.retrieval_model
+        model = self.retrieval_model
         now = time.time()
         writes: dict[str, dict[str, Any]] = {}
         to_embed: list[_Todo] = []
@@ -767,7 +787,7 @@ class ImageIndex:
                 # Touched (new mtime) but the same bytes: keep the vectors.
                 writes[item.path] = {"file_sha256": digest}
                 report.reused += 1
-                if captions and (not item.row["has_caption"] or item.row["caption_model"] != self.settings.model):
+                if captions and (not item.row["has_caption"] or item.row["caption_model"] != self._caption_model):
                     to_caption.append(item.path)
                     hold(item.path, data)
                 continue
@@ -779,7 +799,7 @@ class ImageIndex:
             if twin is not None:
                 writes[item.path] = {**dict(twin), "file_sha256": digest, "model": model, "error": None}
                 report.reused += 1
-                if captions and (twin["caption"] is None or twin["caption_model"] != self.settings.model):
+                if captions and (twin["caption"] is None or twin["caption_model"] != self._caption_model):
                     to_caption.append(item.path)
                     hold(item.path, data)
                 continue
@@ -832,7 +852,7 @@ class ImageIndex:
                 writes.setdefault(path, {}).update(
                     caption=outcome.caption,
                     caption_confidence=float(outcome.captions[0].confidence),
-                    caption_model=self.settings.model,
+                    caption_model=self._caption_model,
                 )
                 report.captioned += 1
 
@@ -858,7 +878,7 @@ class ImageIndex:
             "pixel_sha256": info.sha256 if info else None,
             "width": info.width if info else None,
             "height": info.height if info else None,
-            "model": self.settings.retrieval_model,
+            "model": self.retrieval_model,
             "dim": int(vector.shape[0]),
             "embedding": vector.tobytes(),
             "query_vectors": query.tobytes(),
@@ -936,7 +956,7 @@ class ImageIndex:
     def _load_matrix(self) -> _Matrix:
         """The cached vectors, reloaded when another write (from any connection) bumped the generation."""
         conn = self._conn()
-        model = self.settings.retrieval_model
+        model = self.retrieval_model
         row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         generation = row[0] if row is not None else "0"
         cached = self._matrix
@@ -1231,7 +1251,7 @@ class ImageIndex:
     def stats(self) -> IndexStats:
         """How many images the index holds, captioned, failed and stale."""
         conn = self._conn()
-        model = self.settings.retrieval_model
+        model = self.retrieval_model
         row = conn.execute(
             "SELECT SUM(embedding IS NOT NULL AND model = ?) AS images, "
             "SUM(embedding IS NOT NULL AND model = ? AND caption IS NOT NULL) AS captioned, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -777,7 +778,8 @@ def test_cli_index_keeps_the_daemons_vectors_apart_from_a_local_models(
 
     served = daemon.service.settings
     other = tmp_path / "other-retrieval"
-    other.symlink_to(served.retrieval_model, target_is_directory=True)  # the same weights under another name
+    # The same weights in another folder: another checkpoint to the index (a symlink would be the same folder).
+    shutil.copytree(served.retrieval_model, other)
     local = ("--local", "--model", served.model, "--retrieval-model", str(other))
 
     code, out, err = _cli(capsys, "index", str(photos), "--no-captions", "--json", *local)

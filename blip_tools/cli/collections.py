@@ -112,7 +112,7 @@ def _note_stale(index: ImageIndex) -> None:
     if stale:
         print(
             f"note: {stale} indexed image(s) were embedded with another retrieval model than "
-            f"{_display(index.settings.retrieval_model)} and are left out; `blip-tools index DIR` re-embeds them with "
+            f"{_display(index.retrieval_model)} and are left out; `blip-tools index DIR` re-embeds them with "
             "this one (BLIP_REMOTE_URL and --local choose which model that is).",
             file=sys.stderr,
         )
