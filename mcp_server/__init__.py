@@ -9,8 +9,9 @@ MCP SDK nor blip_tools, so Ctrl-C right after starting `blip-mcp` reaches `main(
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from blip_tools._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from ._common import AppContext, get_service, to_tool_error, tool_errors
@@ -39,14 +40,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+if not TYPE_CHECKING:  # type checkers see the imports above, so a misspelt name is still an error there
+    __getattr__, __dir__ = lazy_attributes(__name__, _HOMES, globals(), __all__)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import json
 import re
 import subprocess
 import sys
@@ -160,6 +161,23 @@ def test_importing_the_packages_loads_no_model_libraries() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"imported eagerly: {done.stdout.strip()}"
+
+
+@pytest.mark.parametrize("package", ["blip_tools", "mcp_server"])
+def test_every_public_name_resolves_and_the_package_itself_imports_nothing_heavy(package: str) -> None:
+    """The packages load their public names on first use (a quick entry point import, so an early Ctrl-C is
+    quiet): every name in `__all__` must still resolve, and `import package` alone must stay light."""
+    code = (
+        f"import json, sys, {package}; "
+        "print(json.dumps({"
+        "'heavy': sorted(m for m in ('pydantic', 'PIL', 'mcp') if m in sys.modules), "
+        f"'unresolved': [n for n in {package}.__all__ if getattr({package}, n, None) is None], "
+        f"'not_in_dir': sorted(set({package}.__all__) - set(dir({package})))"
+        "}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"heavy": [], "unresolved": [], "not_in_dir": []}
 
 
 def test_the_declared_license_ships_its_text() -> None:
