@@ -695,13 +695,14 @@ class ImageIndex:
                     todo.append(_Todo(path, st.st_size, st.st_mtime_ns, row))
             progress = _DeferredProgress(on_progress, len(todo))
             done = 0
+            dims_checked: set[int] = set()
             progress(0)
             for start in range(0, len(todo), chunk):
                 if stop is not None and stop.is_set():
                     report.complete = False
                     break
                 part = todo[start : start + chunk]
-                self._index_chunk(conn, root, part, captions, report, progress, done)
+                self._index_chunk(conn, root, part, captions, report, progress, done, dims_checked)
                 done += len(part)
                 progress(done)
                 if progress.error is not None:
@@ -734,6 +735,7 @@ class ImageIndex:
         report: IndexReport,
         progress: _DeferredProgress,
         done_before: int,
+        dims_checked: set[int],
     ) -> None:
         """Hash, reuse or embed, optionally caption, then commit one chunk of files.
 
@@ -828,6 +830,9 @@ class ImageIndex:
                 if isinstance(result, BlipError):  # the model or service failed: stop; finished chunks are kept
                     raise result
                 assert isinstance(result, EmbeddingResult)
+                if len(result.vector) not in dims_checked:  # once per run: it scans the table
+                    self._check_dim(conn, len(result.vector))
+                    dims_checked.add(len(result.vector))
                 writes[item.path].update(self._embedding_columns(result))
                 report.embedded += 1
                 if captions:
@@ -869,6 +874,28 @@ class ImageIndex:
             for path, columns in writes.items():
                 item = by_path[path]
                 self._upsert(conn, root, item, columns, now)
+
+    def _check_dim(self, conn: sqlite3.Connection, dim: int) -> None:
+        """Refuse vectors whose size differs from those already stored under the same model name.
+
+        Raises:
+            IndexDamaged: the checkpoint under this name was replaced by another model; its old vectors cannot be
+                told apart from new ones, so the index must be rebuilt (mixing them would make every search fail).
+        """
+        row = conn.execute(
+            "SELECT dim FROM images WHERE model = ? AND embedding IS NOT NULL AND dim != ? LIMIT 1",
+            (self.retrieval_model, dim),
+        ).fetchone()
+        if row is not None:
+            raise self._model_changed(row["dim"], dim)
+
+    def _model_changed(self, stored: object, dim: int) -> IndexDamaged:
+        return IndexDamaged(
+            f"The image index {self.path} holds {stored}-dimensional vectors of the retrieval model "
+            f"{_display(self.retrieval_model)}, which now gives {dim}-dimensional ones: the checkpoint under that name "
+            "was replaced by another model. Delete the index (with its -wal and -shm files) or point BLIP_INDEX_PATH "
+            "(--index) at a new file, then index your folders again to rebuild it."
+        )
 
     def _embedding_columns(self, result: EmbeddingResult) -> dict[str, Any]:
         vector = np.asarray(result.vector, dtype=np.float32)
@@ -1130,6 +1157,9 @@ class ImageIndex:
             first = self.service.embed_images([image])[0]
             assert isinstance(first, EmbeddingResult)
             vector = first.vector
+        stored = self._load_matrix().vectors
+        if stored.shape[0] and stored.shape[1] != len(vector):  # not the caller's input: the model changed
+            raise self._model_changed(stored.shape[1], len(vector))
         hits, searched = self.search_vector(vector, top_k=top_k, directory=root, text_query=query is not None)
         reranked = False
         if rerank and query is not None and hits:

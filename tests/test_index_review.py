@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from blip_tools import Blip2Service, BlipSettings
+from blip_tools.errors import IndexDamaged
 from blip_tools.index import ImageIndex
 
 
@@ -50,3 +55,36 @@ def test_a_checkpoint_folder_is_one_model_however_it_is_named(
         assert index.stats().stale == 6
         assert index.search("a dog", top_k=10).hits == []
         assert index.retrieval_model == str((elsewhere / tiny_checkpoint.name / "retrieval").resolve())
+
+
+def _pretend_another_model_made(db: Path, dim: int) -> None:
+    """Rewrite every stored vector with `dim` dimensions, as a checkpoint of another size under the same name would."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        for (rowid,) in conn.execute("SELECT rowid FROM images WHERE embedding IS NOT NULL").fetchall():
+            vector = np.full(dim, dim**-0.5, dtype=np.float32)
+            queries = np.tile(vector, (4, 1)).astype(np.float16)
+            conn.execute(
+                "UPDATE images SET dim = ?, embedding = ?, query_vectors = ? WHERE rowid = ?",
+                (dim, vector.tobytes(), queries.tobytes(), rowid),
+            )
+
+
+def test_a_checkpoint_replaced_by_one_of_another_size_says_to_rebuild(
+    tmp_path: Path, service: Blip2Service, image_dir: Path, make_image: Any
+) -> None:
+    """Search names the cause (not the caller's input), and an index run refuses to mix the two sizes, which would
+    leave every search failing."""
+    db = tmp_path / "index.sqlite"
+    with ImageIndex(db, service=service) as index:
+        index.index(image_dir, captions=False)
+    _pretend_another_model_made(db, 8)
+    make_image(999).save(image_dir / "new.png")
+    with ImageIndex(db, service=service) as index:
+        for call in (lambda: index.search("a dog"), lambda: index.search(image=str(image_dir / "img0.png"))):
+            with pytest.raises(IndexDamaged, match=r"holds 8-dimensional vectors .* replaced by another model"):
+                call()
+        with pytest.raises(IndexDamaged, match=r"holds 8-dimensional vectors .* replaced by another model"):
+            index.index(image_dir, captions=False)
+        assert [row[0] for row in index._conn().execute("SELECT DISTINCT dim FROM images")] == [8]
+        with pytest.raises(IndexDamaged, match=r"replaced by another model"):
+            index.search("a dog")
