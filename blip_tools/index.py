@@ -145,7 +145,11 @@ class IndexReport(BaseModel):
         description="Files that could not be read or embedded (kept as failures until they change; a path a "
         "setting refused is tried again next run)."
     )
-    errors: list[IndexFailure] = Field(default_factory=list, description="Failures of this run (first 50).")
+    errors: list[IndexFailure] = Field(
+        default_factory=list,
+        description="Failures of this run (first 50): files, and folders that could not be listed (their images stay "
+        "indexed).",
+    )
     indexed: int = Field(description="Searchable images under the directory after the run.")
     complete: bool = Field(description="False when the run was stopped early; the next run resumes it.")
     elapsed_s: float
@@ -596,16 +600,29 @@ class ImageIndex:
             ranges.extend(_dir_range(os.path.realpath(d)) for d in self.settings.allowed_dirs)
         return ranges or None
 
-    def _scan(self, directory: str, recursive: bool) -> dict[str, os.stat_result]:
-        """Image files under `directory` (hidden names skipped, directory symlinks not followed)."""
+    def _scan(self, directory: str, recursive: bool) -> tuple[dict[str, os.stat_result], dict[str, str]]:
+        """Image files under `directory` (hidden names skipped, directory symlinks not followed).
+
+        Returns the files found and the folders or files that could not be listed or stat'ed, with why: what
+        they hold is unknown this run, so their rows are kept, not removed as deleted.
+
+        Raises:
+            InvalidInput: `directory` itself cannot be listed.
+        """
         found: dict[str, os.stat_result] = {}
+        unreadable: dict[str, str] = {}
         stack = [directory]
         while stack:
             current = stack.pop()
             try:
                 entries = list(os.scandir(current))
             except OSError as exc:
+                if current == directory:
+                    raise InvalidInput(
+                        f"Cannot list the folder {_display(directory)}: {exc.strerror or exc}. Check its permissions."
+                    ) from exc
                 logger.warning("cannot list %r: %s", current, exc)
+                unreadable[current] = f"cannot list this folder ({exc.strerror or exc}); its indexed images are kept"
                 continue
             for entry in entries:
                 if entry.name.startswith("."):
@@ -618,7 +635,8 @@ class ImageIndex:
                         found[entry.path] = entry.stat()
                 except OSError as exc:
                     logger.warning("cannot stat %r: %s", entry.path, exc)
-        return found
+                    unreadable[entry.path] = f"cannot stat this file ({exc.strerror or exc}); its index entry is kept"
+        return found, unreadable
 
     # ------------------------------------------------------------------ indexing
     @_maps_db_errors
@@ -650,7 +668,7 @@ class ImageIndex:
         model = self.retrieval_model
         with self._run_lock:
             conn = self._conn()
-            found = self._scan(root, recursive)
+            found, unreadable = self._scan(root, recursive)
             lo, hi = _dir_range(root)
             rows = {
                 row["path"]: row
@@ -664,7 +682,8 @@ class ImageIndex:
             }
             # Rows of vanished files are removed after the new files are done: a renamed or moved file
             # finds its old row by hash and reuses its vectors and caption.
-            gone = [p for p in rows if p not in found]
+            hidden = [_dir_range(p)[0] for p in unreadable]  # whatever is under these is unknown, not gone
+            gone = [p for p in rows if p not in found and p not in unreadable and not p.startswith(tuple(hidden))]
             report = IndexReport(
                 directory=root,
                 index_path=str(self.path),
@@ -679,6 +698,8 @@ class ImageIndex:
                 complete=True,
                 elapsed_s=0.0,
             )
+            for path, why in list(unreadable.items())[:_MAX_REPORTED_ERRORS]:
+                report.errors.append(IndexFailure(path=path, error=why))
             todo: list[_Todo] = []
             for path in sorted(found):
                 st = found[path]

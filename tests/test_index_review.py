@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,14 @@ import numpy as np
 import pytest
 
 from blip_tools import Blip2Service, BlipSettings
-from blip_tools.errors import IndexDamaged
+from blip_tools.errors import IndexDamaged, InvalidInput
 from blip_tools.index import ImageIndex
+
+
+@pytest.fixture
+def index_at(tmp_path: Path, service: Blip2Service) -> Iterator[ImageIndex]:
+    with ImageIndex(tmp_path / "index.sqlite", service=service) as index:
+        yield index
 
 
 def _embeds(service: Blip2Service) -> int:
@@ -88,3 +96,34 @@ def test_a_checkpoint_replaced_by_one_of_another_size_says_to_rebuild(
         assert [row[0] for row in index._conn().execute("SELECT DISTINCT dim FROM images")] == [8]
         with pytest.raises(IndexDamaged, match=r"replaced by another model"):
             index.search("a dog")
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_images(
+    index_at: ImageIndex, image_dir: Path, make_image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subfolder the run cannot list (permissions, a network drive's hiccup) is unknown, not empty: its rows stay
+    and the report names it. The folder itself unlistable is an error, not an empty folder whose rows all go."""
+    root = image_dir.resolve()
+    sub = root / "sub"
+    sub.mkdir()
+    make_image(50).save(sub / "deep.png")
+    assert index_at.index(root, captions=False).indexed == 7
+    refused: set[str] = set()
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) in refused:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    refused.add(str(sub))
+    report = index_at.index(root, captions=False)
+    assert (report.removed, report.indexed) == (0, 7)
+    assert [(f.path, "Permission denied" in f.error) for f in report.errors] == [(str(sub), True)]
+
+    refused.add(str(root))
+    with pytest.raises(InvalidInput, match=r"Cannot list the folder .*Permission denied"):
+        index_at.index(root, captions=False)
+    refused.clear()
+    assert len(index_at.paths()) == 7
