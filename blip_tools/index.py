@@ -39,7 +39,16 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field, field_serializer
 
-from .errors import BlipError, IndexBusy, IndexDamaged, InvalidImage, InvalidInput, PathNotAllowed
+from .errors import (
+    BlipError,
+    ImageTooLarge,
+    IndexBusy,
+    IndexDamaged,
+    InvalidImage,
+    InvalidInput,
+    PathNotAllowed,
+    PayloadTooLarge,
+)
 from .images import _check_allowed, _read_file, describe_ref
 from .results import CaptionResult, EmbeddingResult
 
@@ -394,6 +403,14 @@ def _check_top_k(top_k: object) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or int(top_k) < 1:
         raise InvalidInput(f"top_k must be an integer >= 1, got {top_k!r}")
     return int(top_k)
+
+
+def _refused_by_setting(exc: InvalidImage) -> bool:
+    """Whether a setting refused the file (`allowed_dirs`, `max_image_bytes`, `max_image_pixels`), not its content.
+
+    Such a failure is not remembered: the file is tried again next run, so widening the setting is enough.
+    """
+    return isinstance(exc, (PathNotAllowed, PayloadTooLarge, ImageTooLarge))
 
 
 def _short(exc: BaseException) -> str:
@@ -788,7 +805,7 @@ class ImageIndex:
             if len(report.errors) < _MAX_REPORTED_ERRORS:
                 report.errors.append(IndexFailure(path=item.path, error=message))
             writes[item.path] = {"error": message, "embedding": None, "query_vectors": None, "file_sha256": None}
-            if refused:  # a setting refused the path (allowed dirs, here or a daemon's), not the file: retry next run
+            if refused:  # a setting or the system refused the file, not its content (here or a daemon's): retry
                 writes[item.path]["mtime_ns"] = -1  # matches no file's mtime
 
         for item in part:
@@ -798,7 +815,9 @@ class ImageIndex:
             try:
                 data = _read_checked(item.path, self.settings)
             except InvalidImage as exc:  # outside the allowed dirs, too large, unreadable: as load_image says
-                fail(item, _short(exc), refused=isinstance(exc, PathNotAllowed))
+                # The system could not read it (permissions, an I/O error): fixing that changes no size or mtime.
+                unreadable = isinstance(exc.__cause__, OSError)  # `_read_file` does no decoding: never the content
+                fail(item, _short(exc), refused=_refused_by_setting(exc) or unreadable)
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if (
@@ -846,7 +865,7 @@ class ImageIndex:
             for item, result in zip(to_embed, results, strict=True):
                 if isinstance(result, InvalidImage):  # this file's fault: remembered until the file changes
                     message = _file_error(result, item.path, encoded.pop(item.path, None))
-                    fail(item, message, refused=isinstance(result, PathNotAllowed))
+                    fail(item, message, refused=_refused_by_setting(result))
                     continue
                 if isinstance(result, BlipError):  # the model or service failed: stop; finished chunks are kept
                     raise result

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from blip_tools import Blip2Service, BlipSettings
 from blip_tools.errors import IndexDamaged, InvalidInput
@@ -96,6 +97,54 @@ def test_a_checkpoint_replaced_by_one_of_another_size_says_to_rebuild(
         assert [row[0] for row in index._conn().execute("SELECT DISTINCT dim FROM images")] == [8]
         with pytest.raises(IndexDamaged, match=r"replaced by another model"):
             index.search("a dog")
+
+
+def test_a_file_refused_by_a_size_setting_is_tried_again_once_the_setting_allows_it(
+    tmp_path: Path, settings: BlipSettings, service: Blip2Service, make_image: Any
+) -> None:
+    """`max_image_bytes` and `max_image_pixels` are settings, like `allowed_dirs`: raising them is enough, the
+    refused files need no touch to be indexed on the next run."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    make_image(1).save(folder / "small.png")  # 48 x 40, about 6 KB
+    make_image(2, size=(200, 200)).save(folder / "heavy.png")  # about 120 KB of noise
+    Image.new("RGB", (200, 40), "red").save(folder / "wide.png")  # 8,000 pixels in a few hundred bytes
+    tight = settings.model_copy(update={"max_image_bytes": 50_000, "max_image_pixels": 5_000})
+    db = tmp_path / "index.sqlite"
+    with Blip2Service(tight) as svc, ImageIndex(db, service=svc) as index:
+        report = index.index(folder, captions=False)
+        assert (report.embedded, report.failed) == (1, 2)
+        assert {Path(f.path).name for f in report.errors} == {"heavy.png", "wide.png"}
+    with ImageIndex(db, service=service) as index:
+        report = index.index(folder, captions=False)
+        assert (report.embedded, report.unchanged, report.failed) == (2, 1, 0)
+        assert {Path(p).name for p in index.paths()} == {"small.png", "heavy.png", "wide.png"}
+
+
+def test_a_file_the_system_could_not_read_is_tried_again_without_changing(
+    index_at: ImageIndex, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Permission denied (or an I/O error) is not the file's content: once `chmod` fixes it (no new size or mtime),
+    the next run indexes the file. A corrupt file is still remembered until it changes."""
+    image_dir = image_dir.resolve()
+    locked = image_dir / "img3.png"
+    (image_dir / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    real_open = os.open
+
+    def refusing(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_open(path, flags, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", refusing)
+        report = index_at.index(image_dir, captions=False)
+    assert (report.embedded, report.failed) == (5, 2)
+    assert "Permission denied" in {Path(f.path).name: f.error for f in report.errors}["img3.png"]
+
+    report = index_at.index(image_dir, captions=False)
+    assert (report.embedded, report.unchanged, report.failed, report.errors) == (1, 5, 1, [])
+    assert str(locked) in index_at.paths()
 
 
 def test_a_folder_that_cannot_be_listed_keeps_its_images(
