@@ -151,8 +151,8 @@ class IndexReport(BaseModel):
     unchanged: int = Field(description="Files skipped because size and mtime were unchanged.")
     removed: int = Field(description="Rows removed because their file is gone.")
     failed: int = Field(
-        description="Files that could not be read or embedded (kept as failures until they change; a path a "
-        "setting refused is tried again next run)."
+        description="Files that could not be read or embedded (kept as failures until they change; a file a "
+        "setting refused, or the system could not read, is tried again next run)."
     )
     errors: list[IndexFailure] = Field(
         default_factory=list,
