@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BlipError, CapabilityUnavailable, InvalidInput, Overloaded
+from .errors import BlipError, CapabilityUnavailable, InvalidInput, ModelNotAvailable, Overloaded
 from .results import AnswerResult, CaptionResult, EmbeddingResult, ModelInfo, ScoreResult, ServiceStats
 from .settings import BlipSettings
 
@@ -82,6 +83,9 @@ class RayServeConfig:
     allowed_hosts: list[str] = field(default_factory=list)
     """Extra Host header values to accept (the head node's DNS name, a load balancer's name)."""
 
+    max_constructor_retries: int | None = None
+    """Replica starts Ray tries before the deployment fails (None: Ray's default, 3 per replica, at most 20)."""
+
     def check(self) -> None:
         """Readable errors for impossible values, before anything starts."""
         if self.num_replicas < 1:
@@ -92,6 +96,10 @@ class RayServeConfig:
             raise InvalidInput(f"max_ongoing_requests must be an integer >= 1, got {self.max_ongoing_requests}")
         if self.max_queued_requests < -1:
             raise InvalidInput(f"max_queued_requests must be -1 (unbounded) or >= 0, got {self.max_queued_requests}")
+        if self.max_constructor_retries is not None and self.max_constructor_retries < 1:
+            raise InvalidInput(
+                f"max_constructor_retries must be None or an integer >= 1, got {self.max_constructor_retries}"
+            )
         if not self.route_prefix.startswith("/"):
             raise InvalidInput(f"route_prefix must start with '/', got {self.route_prefix!r}")
 
@@ -203,6 +211,9 @@ def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> A
     actor_options: dict[str, Any] = {"num_cpus": config.num_cpus}
     if config.num_gpus:
         actor_options["num_gpus"] = config.num_gpus
+    options: dict[str, Any] = {}
+    if config.max_constructor_retries is not None:
+        options["max_constructor_retry_count"] = config.max_constructor_retries
     ingress_cls = serve.ingress()(Blip2Deployment)
     deployment = serve.deployment(
         ingress_cls,
@@ -212,6 +223,7 @@ def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> A
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         health_check_period_s=10,
+        **options,
     )
     config_dict = {
         "num_replicas": config.num_replicas,
@@ -226,17 +238,59 @@ def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> A
 
 
 def run(settings: BlipSettings, config: RayServeConfig | None = None, *, blocking: bool = False) -> Any:
-    """Deploy on the connected Ray cluster (`ray.init` first, or let Serve start a local one); return the handle."""
+    """Deploy on the connected Ray cluster (`ray.init` first, or let Serve start a local one); return the handle.
+
+    Raises:
+        BlipError: the replicas could not start (e.g. `ModelNotAvailable` for a checkpoint that does not load),
+            with the replica's own message, once Ray has given up retrying.
+    """
     _, serve = _require_ray()
     config = config or RayServeConfig()
     app = build_app(settings, config)
-    return serve.run(app, name=config.name, route_prefix=config.route_prefix, blocking=blocking)
+    try:
+        return serve.run(app, name=config.name, route_prefix=config.route_prefix, blocking=blocking)
+    except RuntimeError as exc:  # Serve's "Deploying application X failed": the replica's error is in its status
+        raise _deploy_error(serve, config.name) from exc
+
+
+# "blip_tools.errors.ModelNotAvailable: Could not load ..." as the last line of a replica's traceback
+_REPLICA_ERROR = re.compile(r"^blip_tools\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def _deploy_error(serve: Any, app_name: str) -> BlipError:
+    """The typed error for a failed deployment, from the message Serve keeps of the replica's last failure."""
+    from . import errors
+
+    messages: list[str] = []
+    try:
+        app = serve.status().applications.get(app_name)
+        if app is not None:
+            messages = [d.message for d in app.deployments.values() if d.message]
+            messages += [app.message] if app.message else []
+    except Exception:  # the status itself is unreadable: still say what failed
+        logger.debug("serve.status() failed after a failed deployment", exc_info=True)
+    for message in messages:
+        found = _REPLICA_ERROR.findall(message)
+        if found:
+            name, text = found[-1]
+            kind = getattr(errors, name, None)
+            if isinstance(kind, type) and issubclass(kind, BlipError):
+                try:
+                    return kind(f"The blip-tools replicas of Serve app {app_name!r} could not start: {text}")
+                except TypeError:  # a leaf with another constructor: keep the text
+                    break
+    why = messages[-1].strip().splitlines()[-1] if messages else "see the Ray Serve logs"
+    return ModelNotAvailable(
+        f"The blip-tools replicas of Serve app {app_name!r} could not start: {why}. "
+        "`serve status` and the replica logs say more."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- client side
 def map_ray_error(exc: BaseException) -> BlipError | None:
     """The `BlipError` for what a handle call raised: back-pressure → `Overloaded`, replica errors unwrapped."""
-    from ray.serve.exceptions import BackPressureError
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
     current: BaseException | None = exc
     seen = 0
@@ -248,8 +302,16 @@ def map_ray_error(exc: BaseException) -> BlipError | None:
                 "replicas (--replicas) / raise --max-queued-requests.",
                 retry_after_s=float(retry) if retry else 1.0,
             )
-        if isinstance(current, BlipError):
-            return current
+        if isinstance(current, RayActorError | ReplicaUnavailableError):
+            # killed (OOM killer, node lost, crash) while serving the call: Serve starts a replacement
+            return ModelNotAvailable(
+                f"The blip-tools replica serving this call died or became unreachable ({type(current).__name__}); "
+                "Ray Serve replaces it. Retry the call; if it keeps happening, check the replica logs (out of "
+                "memory?) and `serve status`."
+            )
+        if isinstance(current, BlipError):  # Ray's `RayTaskError(InvalidImage)` wrapper keeps the original as `cause`
+            original = getattr(current, "cause", None)
+            return original if isinstance(original, BlipError) else current
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else current.__cause__
         seen += 1
@@ -270,8 +332,6 @@ class RayServeClient:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             reply = await getattr(self.handle, method).remote(*args, **kwargs)
-        except BlipError:
-            raise
         except Exception as exc:
             mapped = map_ray_error(exc)
             if mapped is None:

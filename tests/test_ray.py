@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from blip_tools import BlipSettings  # noqa: E402
-from blip_tools.errors import Overloaded  # noqa: E402
+from blip_tools.errors import InvalidImage, ModelNotAvailable, Overloaded  # noqa: E402
 from blip_tools.ray_serve import RayServeClient, RayServeConfig, build_app, map_ray_error  # noqa: E402
 from blip_tools.remote import RemoteService  # noqa: E402
 
@@ -152,3 +152,112 @@ def test_a_session_based_mcp_client_works_across_replicas(ray_app: dict[str, Any
     assert caption.structured_content["caption"] == service.caption(image).caption
     assert batch.is_error is False and batch.structured_content["succeeded"] == 3
     assert progress and max(progress) <= 3  # progress still reaches a session-based client
+
+
+def test_a_checkpoint_that_does_not_load_fails_the_deploy_with_model_not_available(
+    ray_app: dict[str, Any], tmp_path: Path
+) -> None:
+    """A bad `--model` path: once Ray gives up on the replica, `run` raises the replica's `ModelNotAvailable`
+    (not Serve's bare "Deploying application ... failed" RuntimeError), with the path in its message."""
+    from blip_tools.ray_serve import run
+
+    config = RayServeConfig(num_cpus=0.25, name="broken", route_prefix="/broken", max_constructor_retries=1)
+    try:
+        with pytest.raises(ModelNotAvailable, match="nope") as caught:
+            run(BlipSettings(model=str(tmp_path / "nope")), config)
+        assert "broken" in str(caught.value) and "Could not load" in str(caught.value)
+    finally:
+        serve.delete("broken")
+
+
+def test_an_error_raised_in_a_replica_reaches_the_caller_as_itself(ray_app: dict[str, Any]) -> None:
+    client = RayServeClient(ray_app["handle"])
+    with pytest.raises(InvalidImage) as caught:
+        asyncio.run(asyncio.wait_for(client.acaption("/nonexistent/x.png"), timeout=60))
+    assert type(caught.value) is InvalidImage  # not Ray's RayTaskError(InvalidImage) wrapper
+    assert "ServeReplica" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_a_replica_killed_mid_call_gives_model_not_available(ray_app: dict[str, Any], image: Any) -> None:
+    """SIGKILL (the OOM killer, a crash) of a replica while it serves calls: those calls fail with a typed,
+    retryable error instead of Ray's ActorDiedError; the others are served. Runs last: it costs a replica."""
+    import os
+    import signal
+
+    import anyio
+
+    client = RayServeClient(ray_app["handle"])
+
+    async def scenario() -> tuple[list[Any], int]:
+        with anyio.fail_after(90):
+            calls = [
+                asyncio.ensure_future(client.acaption(image, max_new_tokens=200, min_new_tokens=200)) for _ in range(6)
+            ]
+            while True:  # until some replica reports calls in flight: that one is the victim
+                stats = await client.astats()
+                in_flight = stats.requests - stats.completed - stats.errors - stats.cancelled - stats.expired
+                if in_flight > 0 and client.last_replica is not None:
+                    victim = int(client.last_replica["pid"])
+                    break
+                await asyncio.sleep(0.05)
+            os.kill(victim, signal.SIGKILL)
+            return list(await asyncio.gather(*calls, return_exceptions=True)), victim
+
+    outcomes, victim = asyncio.run(scenario())
+    lost = [o for o in outcomes if isinstance(o, BaseException)]
+    assert lost, f"no call was in flight on the killed replica {victim}"
+    assert all(isinstance(o, ModelNotAvailable) for o in lost), [type(o) for o in lost]
+    assert "retry" in str(lost[0]).lower()
+
+
+def _fake_cluster(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ray and Serve calls of `serve-ray` recorded instead of made; signal handlers fire as they are installed."""
+    import signal
+
+    import blip_tools.ray_serve
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("ray.init"))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: calls.append("ray.shutdown"))
+    monkeypatch.setattr(serve, "start", lambda *a, **k: calls.append("serve.start"))
+    monkeypatch.setattr(serve, "shutdown", lambda *a, **k: calls.append("serve.shutdown"))
+    monkeypatch.setattr(serve, "delete", lambda name, *a, **k: calls.append(f"serve.delete:{name}"))
+    monkeypatch.setattr(blip_tools.ray_serve, "run", lambda *a, **k: calls.append("run"))
+
+    def instant_signal(signum: int, handler: Any) -> Any:  # as if Ctrl-C came right after the handler was set
+        if callable(handler):
+            handler(signum, None)
+        return signal.SIG_DFL
+
+    monkeypatch.setattr(signal, "signal", instant_signal)
+    return calls
+
+
+def test_ctrl_c_on_a_shared_cluster_removes_only_this_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --address, Ctrl-C deletes this app; `serve.shutdown()` would take every other team's Serve app down."""
+    from blip_tools.cli import main
+
+    calls = _fake_cluster(monkeypatch)
+    assert main(["serve-ray", "--address", "auto", "--model", "m", "--name", "blip-team"]) == 0
+    assert "serve.delete:blip-team" in calls and "serve.shutdown" not in calls
+    assert calls[-1] == "ray.shutdown"
+
+    calls.clear()  # a local instance (no --address) is ours: all of it goes
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve-ray", "--model", "m"]) == 0
+    assert "serve.shutdown" in calls and calls[-1] == "ray.shutdown"
+
+
+def test_a_failed_deploy_still_shuts_down_what_serve_ray_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    import blip_tools.ray_serve
+    from blip_tools.cli import main
+
+    calls = _fake_cluster(monkeypatch)
+
+    def failing_run(*args: Any, **kwargs: Any) -> None:
+        raise ModelNotAvailable("Could not load the BLIP-2 checkpoint 'm'")
+
+    monkeypatch.setattr(blip_tools.ray_serve, "run", failing_run)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve-ray", "--model", "m"]) == 2  # `error: ...`, no traceback
+    assert "serve.shutdown" in calls and calls[-1] == "ray.shutdown"

@@ -98,22 +98,37 @@ def _serve_ray(args: argparse.Namespace) -> int:
         print("error: --detach needs a running cluster (--address or RAY_ADDRESS)", file=sys.stderr)
         return 2
     ray.init(address=address, include_dashboard=False if not address else None, logging_level=logging.WARNING)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    run(settings, config)
-    prefix = args.route_prefix.rstrip("/")
-    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"blip-tools on Ray Serve: {args.replicas} replica(s) of {settings.model}", file=sys.stderr)
-    print(f"MCP endpoint: http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
-    print(f"connect with: blip-mcp --connect http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
-    if args.detach:
-        return 0
+    leave_running = False
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        run(settings, config)
+        prefix = args.route_prefix.rstrip("/")
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        print(f"blip-tools on Ray Serve: {args.replicas} replica(s) of {settings.model}", file=sys.stderr)
+        print(f"MCP endpoint: http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
+        print(f"connect with: blip-mcp --connect http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
+        if args.detach:
+            leave_running = True
+            return 0
+        _wait_for_signal()
+        print("shutting down the replicas", file=sys.stderr)
+    finally:  # also after a failed deploy or a Ctrl-C while deploying
+        if not leave_running:
+            if address:  # a shared cluster: remove only this app; other Serve apps (and Serve itself) keep running
+                serve.delete(args.name)
+            else:
+                serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    """Block until Ctrl-C, `kill` or a systemd stop; a second one during shutdown interrupts as usual."""
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())  # Ctrl-C, `kill`, systemd stop: shut down cleanly
+    previous = {signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         stop.wait()
     finally:
-        print("shutting down the replicas", file=sys.stderr)
-        serve.shutdown()
-        ray.shutdown()
-    return 0
+        for signum, handler in previous.items():
+            if handler is not None:  # None: not set from Python; leave ours (it only sets a finished event)
+                signal.signal(signum, handler)
