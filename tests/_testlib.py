@@ -41,6 +41,14 @@ def serving(server: Any) -> Iterator[int]:
         thread.join(timeout=30)
 
 
+def tiny_model_args(tiny_checkpoint: Path) -> list[str]:
+    """The command-line options that point `blip-mcp` / `blip-tools` at the tiny checkpoint, on the CPU."""
+    from blip_tools.testing import tiny_settings_kwargs
+
+    kw = tiny_settings_kwargs(tiny_checkpoint)
+    return ["--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
+
+
 def sigint_as_in_a_terminal() -> None:
     """`preexec_fn` that puts SIGINT back to its default, as a command started from a terminal has it.
 

@@ -15,9 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from _testlib import WAIT_S, poll, python_process
-
-from blip_tools.testing import tiny_settings_kwargs
+from _testlib import WAIT_S, poll, python_process, tiny_model_args
 
 #: Each command's entry point module (its console script calls `main()` there).
 ENTRY = {"blip-mcp": "mcp_server.cli", "blip-tools": "blip_tools.cli"}
@@ -32,8 +30,7 @@ CASES = [(command, module) for command, modules in LANDMARKS.items() for module 
 def _args(command: str, tiny_checkpoint: Path, image: Path) -> list[str]:
     """`python -X importtime -c <the console script> ARGS`: blip-mcp over stdio, or blip-tools captioning here."""
     script = f"import sys; from {ENTRY[command]} import main; sys.exit(main())"
-    kw = tiny_settings_kwargs(tiny_checkpoint)
-    model = ["--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
+    model = tiny_model_args(tiny_checkpoint)
     rest = model if command == "blip-mcp" else ["caption", "--local", str(image), *model]
     return ["-X", "importtime", "-c", script, *rest]
 

@@ -19,6 +19,7 @@ from _testlib import WAIT_S as WAIT_S  # shared; re-exported for the tests here
 from _testlib import poll as poll
 from _testlib import python_process as python_process
 from _testlib import serving as serving
+from _testlib import tiny_model_args
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
@@ -31,12 +32,8 @@ _READY = re.compile(rb"blip-mcp HTTP ready on \S+:(\d+)/mcp")
 
 def http_args(tiny_checkpoint: Path, *, port: int = 0, program: str | None = None) -> list[str]:
     """`python` arguments for `blip-mcp --transport http` on the tiny checkpoint (or `program`, a wrapper of it)."""
-    from blip_tools.testing import tiny_settings_kwargs
-
-    kw = tiny_settings_kwargs(tiny_checkpoint)
     start = ["-m", "mcp_server"] if program is None else [program]
-    model = ["--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
-    return [*start, "--transport", "http", "--port", str(port), *model]
+    return [*start, "--transport", "http", "--port", str(port), *tiny_model_args(tiny_checkpoint)]
 
 
 def ready_port(proc: subprocess.Popen[bytes], stderr: Path) -> int:

@@ -17,9 +17,7 @@ from typing import IO
 
 import pytest
 from _mcp_testlib import poll, write_image
-from _testlib import python_process
-
-from blip_tools.testing import tiny_settings_kwargs
+from _testlib import python_process, tiny_model_args
 
 EXIT_WAIT_S = 60.0
 INITIALIZE = {
@@ -38,9 +36,8 @@ def _command(kind: str, tiny_checkpoint: Path) -> list[str]:
     """The arguments after `python`: the proxy, the server, or the server with a slow model load."""
     if kind == "proxy":  # loads no model: nothing listens on port 9, and nothing here needs the daemon
         return ["-m", "mcp_server", "--connect", "http://127.0.0.1:9/mcp"]
-    kw = tiny_settings_kwargs(tiny_checkpoint)
     program = ["-m", "mcp_server"] if kind == "server" else [str(Path(__file__).with_name("_slow_load_server.py"))]
-    return [*program, "--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
+    return [*program, *tiny_model_args(tiny_checkpoint)]
 
 
 def _readline(stream: IO[bytes], stderr: Path) -> bytes:
