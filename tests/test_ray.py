@@ -190,10 +190,13 @@ def test_a_replica_killed_mid_call_gives_model_not_available(ray_app: dict[str, 
 
     async def scenario() -> tuple[list[Any], int]:
         with anyio.fail_after(90):
-            calls = [
-                asyncio.ensure_future(client.acaption(image, max_new_tokens=200, min_new_tokens=200)) for _ in range(6)
-            ]
+            calls: list[asyncio.Future[Any]] = []
             while True:  # until some replica reports calls in flight: that one is the victim
+                if all(call.done() for call in calls):  # a round can end before a stats call reaches its replica
+                    calls += [
+                        asyncio.ensure_future(client.acaption(image, max_new_tokens=200, min_new_tokens=200))
+                        for _ in range(6)
+                    ]
                 stats = await client.astats()
                 in_flight = stats.requests - stats.completed - stats.errors - stats.cancelled - stats.expired
                 if in_flight > 0 and client.last_replica is not None:
