@@ -1,13 +1,14 @@
 """Real-size BLIP-2 (blip2-opt-2.7b architecture, random weights) on a GPU: captions/s against the H100 roofline.
 
     python benchmarks/gpu_real.py                      # cuda, bfloat16, B = 32, 1, 8, 128
-    python benchmarks/gpu_real.py --options default static+compile --budget-s 480 --out bench-results
+    python benchmarks/gpu_real.py --options graphs default --budget-s 480 --out bench-results
     python benchmarks/gpu_real.py --device cpu --size tiny --batches 1 8   # smoke test of the script
 
 Builds the model on the device, saves it once with `save_pretrained` and serves it through `Blip2Service`'s
 runtime (so the measured path is the production one), with fixed-length captions (`min_new_tokens =
-max_new_tokens`). Options: `default` (blip-tools' settings: cuDNN attention off), `cudnn` (PyTorch's own
-attention choice), `static` (static KV cache), `static+compile`. For each option it prints captions/s per batch
+max_new_tokens`). Options: `graphs` (`BLIP_CUDA_GRAPHS`: the decoding step replayed as a CUDA graph per
+batch-size bucket), `default` (blip-tools' settings: cuDNN attention off), `cudnn` (PyTorch's own attention
+choice), `static` (static KV cache), `static+compile`. For each option it prints captions/s per batch
 size, the share of the H100 roofline (31 / 219 / 580 / 978 captions/s at B = 1 / 8 / 32 / 128), per-stage times
 (vision, Q-Former, prefill, one decode step) and captions/s of 32 closed-loop callers through the service.
 Target: >= 50 % of the roofline at B = 32.
@@ -33,6 +34,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "cudnn": {"cudnn_attention": True},  # PyTorch's own choice of attention kernel (cuDNN on Hopper)
     "static": {"static_cache": True},
     "static+compile": {"static_cache": True, "compile": True},
+    "graphs": {"cuda_graphs": True},  # blip-tools' static-cache decode loop, each step a CUDA graph replay
 }
 
 
@@ -143,6 +145,8 @@ def measure(
             if b in ROOFLINE and device.startswith("cuda"):
                 row["roofline_pct"] = 100.0 * row["captions_per_s"] / ROOFLINE[b]
             row.update(_stages(rt, model, batch, prompt, device, reps))
+            if settings.cuda_graphs:
+                row.update(_graph_step(rt, b, device, reps))
             if device.startswith("cuda"):
                 import torch
 
@@ -211,6 +215,27 @@ def _stages(rt: Any, model: Any, batch: list[Any], prompt: list[int], device: st
     return out
 
 
+def _graph_step(rt: Any, rows: int, device: str, reps: int) -> dict[str, Any]:
+    """Seconds of one decoding step of the `cuda_graphs` decoder for `rows` rows (a replay on CUDA), as it ran."""
+    import torch
+
+    decoder = rt._decoder
+    buffers = decoder._buffers if decoder is not None else None
+    if buffers is None:
+        return {}
+
+    def step() -> None:
+        with torch.inference_mode():  # the buffers were made under it
+            buffers.slot.fill_(0)  # any slot: the timing does not depend on which one is written
+            decoder._step(buffers, rows)
+
+    return {
+        "graph_step_s": _time(step, device, max(reps, 5)),
+        "graphs_captured": decoder.captured,
+        "graphs_used": decoder.use_graphs,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -219,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 1, 8, 128], help="run in this order")
     parser.add_argument("--tokens", type=int, default=20, help="fixed caption length in tokens (default 20)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--options", nargs="+", default=["default", "static", "static+compile"], choices=list(OPTIONS))
+    parser.add_argument("--options", nargs="+", default=["graphs", "default", "static+compile"], choices=list(OPTIONS))
     parser.add_argument("--service-callers", type=int, default=32, help="closed-loop callers through the service")
     parser.add_argument("--service-rounds", type=int, default=4, help="captions per caller in that run")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new measurement after this long")
@@ -305,6 +330,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"| {r['option']} | {r['batch']} | {r['captions_per_s']:.1f} | {pct} | {r['first_call_s']:.1f} | "
             f"{r['vision_s']:.4f} | {r['qformer_s']:.4f} | {r['prefill_s']:.4f} | {r['decode_step_s']:.4f} |"
+            + (f" graph step {r['graph_step_s']:.4f} s" if "graph_step_s" in r else "")
         )
     for r in rows:
         if "service_callers" in r:

@@ -6,6 +6,7 @@ single worker thread; preprocessing (`preprocess_*`, `encode_prompt`) is called 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -14,7 +15,7 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ from .settings import BlipSettings
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+    from .decode import GraphDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +222,20 @@ class _Loaded:
         self.pixels = processor_pixels(self.processor.image_processor)
 
 
+@contextlib.contextmanager
+def _seeded(params: GenerationParams, device: str) -> Iterator[None]:
+    """Sampling from `params.seed` when one is given, without touching the process's own random state."""
+    import torch
+
+    if not (params.do_sample and params.seed is not None):
+        yield
+        return
+    devices = [torch.device(device)] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(params.seed)
+        yield
+
+
 def _set_cudnn_attention(enabled: bool) -> None:
     """Let (or stop) PyTorch's SDPA pick cuDNN attention; the switch is PyTorch's own, so it is process-wide.
 
@@ -249,6 +266,7 @@ class Blip2Runtime:
         self.prefix_cache = _LRU(0 if settings.static_cache else settings.prefix_cache_size)
         self.models_loaded = 0
         self.model_load_s = 0.0
+        self._decoder: GraphDecoder | None = None
 
     @functools.cached_property
     def _placement(self) -> tuple[str, torch.dtype, ModelNotAvailable | None]:
@@ -458,6 +476,8 @@ class Blip2Runtime:
         self.feature_cache.clear()
         self.retrieval_cache.clear()
         self.prefix_cache.clear()
+        if self._decoder is not None:
+            self._decoder.release()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -554,10 +574,21 @@ class Blip2Runtime:
             self.feature_cache, images, lambda pixels: model.get_image_features(pixel_values=pixels).pooler_output
         )
 
+    def _graph_decoder(self, params: GenerationParams) -> GraphDecoder | None:
+        """The static-cache decoder (`BLIP_CUDA_GRAPHS`) when it can decode `params`, else None (`generate()`)."""
+        if not self.settings.cuda_graphs:
+            return None
+        if self._decoder is None:
+            from .decode import GraphDecoder
+
+            self._decoder = GraphDecoder(self.load_captioner().model, self.device, use_graphs=True)
+        return None if self._decoder.unsupported(params) else self._decoder
+
     def generate(
         self, items: Sequence[GenerationItem], params: GenerationParams
     ) -> list[list[GeneratedText] | BaseException]:
-        """Caption or answer a batch (prompts may differ): left-padded prompts, one `generate` call."""
+        """Caption or answer a batch (prompts may differ): left-padded prompts, one `generate()` call (or, with
+        `cuda_graphs`, one run of the static-cache decoding loop in `decode.py`)."""
         import torch
 
         cap = self.load_captioner()
@@ -578,36 +609,45 @@ class Blip2Runtime:
             lm_inputs = lm_inputs.to(embeds.device, embeds.dtype)
             embeds = embeds.masked_scatter(mask, lm_inputs)
 
-            kwargs = params.generate_kwargs()
             beams = params.num_beams > 1
-            gen_kwargs: dict[str, Any] = dict(
-                inputs_embeds=embeds,
-                attention_mask=attention,
-                input_ids=input_ids,
-                eos_token_id=eos_ids,
-                pad_token_id=pad_id,
-                return_dict_in_generate=True,
-                output_logits=True,  # raw logits (and, for beam search, `beam_indices`): see `_token_logprobs`
-                **kwargs,
-            )
-            if use_prefix:
-                # generate() repeats inputs per beam / returned sequence, but not a cache passed in: repeat it here.
-                repeat = params.num_beams if beams else params.num_return_sequences
-                gen_kwargs[_cache_kwarg()] = self._prefix_kv(items, lm_inputs, repeat)
-            elif self.settings.static_cache:
-                gen_kwargs["cache_implementation"] = "static"
-            if self.settings.static_cache and not self.settings.compile:
-                gen_kwargs["disable_compile"] = True
-            if params.do_sample and params.seed is not None:
-                devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(params.seed)
+            # generate() repeats inputs per beam / returned sequence, but not a cache passed in: repeat it here.
+            repeat = params.num_beams if beams else params.num_return_sequences
+            decoder = self._graph_decoder(params)
+            with _seeded(params, self.device):
+                if decoder is not None:
+                    if repeat > 1:
+                        embeds, attention, input_ids = (
+                            t.repeat_interleave(repeat, dim=0) for t in (embeds, attention, input_ids)
+                        )
+                    new_tokens, logprobs = decoder.run(
+                        params,
+                        embeds=embeds,
+                        attention=attention,
+                        input_ids=input_ids,
+                        past=self._prefix_kv(items, lm_inputs, repeat) if use_prefix else None,
+                        eos_ids=eos_ids,
+                        pad_id=pad_id,
+                    )
+                else:
+                    gen_kwargs: dict[str, Any] = dict(
+                        inputs_embeds=embeds,
+                        attention_mask=attention,
+                        input_ids=input_ids,
+                        eos_token_id=eos_ids,
+                        pad_token_id=pad_id,
+                        return_dict_in_generate=True,
+                        output_logits=True,  # raw logits (and, for beam search, `beam_indices`): `_token_logprobs`
+                        **params.generate_kwargs(),
+                    )
+                    if use_prefix:
+                        gen_kwargs[_cache_kwarg()] = self._prefix_kv(items, lm_inputs, repeat)
+                    elif self.settings.static_cache:
+                        gen_kwargs["cache_implementation"] = "static"
+                    if self.settings.static_cache and not self.settings.compile:
+                        gen_kwargs["disable_compile"] = True
                     out = model.language_model.generate(**gen_kwargs)
-            else:
-                out = model.language_model.generate(**gen_kwargs)
-
-            new_tokens = out.sequences[:, width:]
-            logprobs = self._token_logprobs(model.language_model, out, new_tokens, beams)
+                    new_tokens = out.sequences[:, width:]
+                    logprobs = self._token_logprobs(model.language_model, out, new_tokens, beams)
             eos_t = torch.tensor(eos_ids, device=new_tokens.device)
             is_eos = torch.isin(new_tokens, eos_t)
             after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0

@@ -83,6 +83,11 @@ class BlipSettings(BaseSettings):
     compile: bool = False
     """`torch.compile` the vision encoder and the decoding step (GPU; the first calls of each shape are slow)."""
 
+    cuda_graphs: bool = False
+    """Decode greedy and sampled batches with blip-tools' own static-KV-cache loop, each step replayed as a CUDA
+    graph captured once per batch-size bucket (GPU; batches are padded up to 1, 2, 4, ... rows). Off a GPU the same
+    loop runs without graphs. Beam search keeps `generate()`. Turns nothing else off (the prefix cache feeds it)."""
+
     cudnn_attention: bool = False
     """Let PyTorch's attention (SDPA) use cuDNN on GPU, a process-wide PyTorch switch. Off by default: cuDNN plans
     each new attention shape (~1 ms per attention call), and dynamic batching keeps making new shapes."""
