@@ -7,6 +7,7 @@ for them when idle, so requests from different clients that arrive together dete
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -219,6 +220,25 @@ def _stalled_model(daemon: Daemon, let_through: int = 0) -> Iterator[threading.E
         del runtime.generate  # the class's method again
 
 
+@contextmanager
+def _submitted(daemon: Daemon) -> Iterator[list[concurrent.futures.Future[Any]]]:
+    """Record the future of every request the daemon's service queues on its batcher until the block ends."""
+    service = daemon.service
+    original = service._submit
+    futures: list[concurrent.futures.Future[Any]] = []
+
+    def recording(key: Any, payload: Any) -> concurrent.futures.Future[Any]:
+        future = original(key, payload)
+        futures.append(future)  # from the service's preparation threads: list.append is atomic
+        return future
+
+    service._submit = recording  # type: ignore[method-assign]
+    try:
+        yield futures
+    finally:
+        del service._submit  # the class's method again
+
+
 def _proxy_params(url: str, *extra: str) -> Any:
     from mcp.client.stdio import StdioServerParameters
 
@@ -417,21 +437,42 @@ async def test_proxy_relays_structured_content_progress_and_cancellation(daemon:
         stats = await proxy.read_resource("blip://stats")
         assert '"models_loaded": 1' in stats.contents[0].text or '"models_loaded": 2' in stats.contents[0].text
 
-        # Cancel as soon as the first image is done: the rest are still queued on the daemon and must be dropped.
-        before = daemon.service.stats().cancelled
-        with anyio.CancelScope() as scope:
+        # Cancel at the first progress while requests wait in the daemon's queue: they must be dropped there and the
+        # rest of the 48 never sent. The daemon's second batch is held on the model so that what is queued stays
+        # queued until the cancellation arrives. Unheld, the test raced: the daemon keeps 8 requests of a call in
+        # flight, takes the 4 queued ones into its next batch the moment one ends, and queues the next ones only once
+        # their images are decoded; on a loaded machine the cancellation could arrive while all of them were still
+        # decoding, so the call stopped with nothing queued and `cancelled` never rose.
+        before = daemon.service.stats()
+        dropped: list[concurrent.futures.Future[Any]] = []
+        with _submitted(daemon) as futures, _stalled_model(daemon, let_through=1) as held:
 
-            async def cancel_on_progress(value: float, total: float | None, message: str | None) -> None:
-                scope.cancel()
+            def queued() -> list[concurrent.futures.Future[Any]]:
+                return [f for f in list(futures) if not f.running() and not f.done()]
 
-            await proxy.call_tool(
-                "caption_images", {"images": images, "max_new_tokens": 30}, progress_callback=cancel_on_progress
-            )
-        assert scope.cancelled_caught
-        with anyio.fail_after(30):
-            while daemon.service.stats().cancelled == before:
-                await anyio.sleep(0.05)
-        assert daemon.service.stats().cancelled > before
+            with anyio.CancelScope() as scope:
+
+                async def cancel_on_progress(value: float, total: float | None, message: str | None) -> None:
+                    if scope.cancel_called:
+                        return
+                    with anyio.fail_after(30):
+                        while not (held.is_set() and queued()):  # the worker blocked: the queue can only grow
+                            await anyio.sleep(0.01)
+                    dropped[:] = queued()
+                    scope.cancel()
+
+                with anyio.fail_after(60):
+                    await proxy.call_tool(
+                        "caption_images", {"images": images, "max_new_tokens": 30}, progress_callback=cancel_on_progress
+                    )
+            assert scope.cancelled_caught and dropped
+            with anyio.fail_after(30):  # through the proxy to the daemon, which cancels what its call queued
+                while not all(f.cancelled() for f in dropped):
+                    await anyio.sleep(0.02)
+        with anyio.fail_after(30):  # released: the worker drops the cancelled requests instead of running them
+            while daemon.service.stats().cancelled < before.cancelled + len(dropped):
+                await anyio.sleep(0.02)
+        assert daemon.service.stats().requests - before.requests < len(images)
 
 
 async def test_daemon_down_gives_a_clear_error_and_the_proxy_recovers(
