@@ -302,7 +302,8 @@ class GraphDecoder:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: another thread's CUDA work (a second model, an embedding call) must not break capture.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._forward(buffers, size)
         finally:
             # Put the batch's state back after the warm-up steps (the keys they wrote sit in the last slot, which a

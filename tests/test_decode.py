@@ -309,7 +309,7 @@ def test_capture_and_replay_protocol(
     from blip_tools.decode import GraphDecoder
 
     @contextlib.contextmanager
-    def graph(g: _FakeGraph, pool: Any = None) -> Iterator[None]:
+    def graph(g: _FakeGraph, pool: Any = None, capture_error_mode: str = "global") -> Iterator[None]:
         def record(self: GraphDecoder, *args: Any) -> None:
             g.calls.append((self, args))
 
