@@ -259,6 +259,26 @@ def test_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert BlipSettings().cuda_graphs is False
 
 
+def test_gpu_check_script_runs_on_cpu(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`benchmarks/gpu_check.py` (the first thing a GPU session runs) compares both paths in its smoke mode."""
+    import json
+
+    sys.path.insert(0, str(REPO))
+    import benchmarks.sizes
+    from benchmarks import gpu_check
+
+    root = tmp_path / "bench-root"
+    root.mkdir()
+    (root / "tiny").symlink_to(tiny_checkpoint, target_is_directory=True)
+    monkeypatch.setattr(benchmarks.sizes, "bench_root", lambda: root)
+    out = tmp_path / "out"
+    assert gpu_check.main(["--device", "cpu", "--sizes", "tiny", "--batches", "3", "--out", str(out)]) == 0
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert data["ok"] is True and data["errors"] == []
+    assert [r["params"] for r in data["rows"]] == ["greedy", "min-tokens+repetition", "sampled-2-per-image"]
+    assert all(r["rows_equal"] == 3 and r["loop_batches"] > 0 and not r["graphs_used"] for r in data["rows"])
+
+
 def test_gpu_benchmark_script_runs_on_cpu(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
