@@ -9,6 +9,8 @@ import json
 import re
 from pathlib import Path
 
+from .writes import STAGING_PREFIX
+
 CHECKPOINT_DIR = "checkpoints"
 """Resumable checkpoints live in `out_dir/checkpoints/step-N/state.pt`."""
 METRICS_FILE = "metrics.json"
@@ -33,7 +35,7 @@ def is_run_folder(out_dir: Path) -> bool:
     """Whether `out_dir` holds what a fine-tuning run writes, so `resume` may write there.
 
     True with a checkpoint, with a `metrics.json` of ours (a finished run), or when the folder holds nothing but
-    a `checkpoints/` folder and temporary files of a run stopped before its first checkpoint completed.
+    a `checkpoints/` folder and temporary files of a run stopped before its first checkpoint or export completed.
     """
     if find_checkpoints(out_dir):
         return True
@@ -44,7 +46,7 @@ def is_run_folder(out_dir: Path) -> bool:
     if isinstance(metrics, dict) and {"base_model", "config", "steps"} <= metrics.keys():
         return True
     leftovers = {CHECKPOINT_DIR, METRICS_FILE + ".tmp"}
-    return all(child.name in leftovers for child in out_dir.iterdir())
+    return all(child.name in leftovers or child.name.startswith(STAGING_PREFIX) for child in out_dir.iterdir())
 
 
 __all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "find_checkpoints", "is_run_folder"]

@@ -10,7 +10,9 @@ exactly the batches an uninterrupted run would have seen.
 
 The output folder is written by `save_pretrained` from a fresh copy of the base checkpoint with only the
 trained tensors replaced (and LoRA deltas merged into the decoder weights), so every frozen weight — the
-vision encoder above all — is bit-identical to the base, and the folder loads like any checkpoint.
+vision encoder above all — is bit-identical to the base, and the folder loads like any checkpoint. Checkpoints,
+the export and metrics.json are written under temporary names and moved into place when complete (`writes.py`),
+and a failed write (a full disk above all) ends the run with an `InvalidInput` saying what, where and what to do.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..settings import BlipSettings
 from .config import FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog
 from .layout import CHECKPOINT_DIR, METRICS_FILE, find_checkpoints
+from .writes import install, replace_text, staged_folder, writing
 
 logger = logging.getLogger(__name__)
 
@@ -429,16 +432,21 @@ class Trainer:
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         path = self.out_dir / CHECKPOINT_DIR / f"step-{step:07d}"
         tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / "state.pt")
-        (tmp / "trainer_state.json").write_text(
-            json.dumps({"step": step, "fingerprint": state["fingerprint"]}, indent=2) + "\n"
-        )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint that resume would pick
+        with writing(f"the checkpoint of step {step}", path, "to continue from the last complete checkpoint"):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            try:
+                torch.save(state, tmp / "state.pt")
+                (tmp / "trainer_state.json").write_text(
+                    json.dumps({"step": step, "fingerprint": state["fingerprint"]}, indent=2) + "\n"
+                )
+                if path.exists():
+                    shutil.rmtree(path)
+                os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint that resume would pick
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # a half-written state.pt only takes the space a retry needs
+                raise
         for _, old in self._checkpoints()[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint %s", path)
@@ -669,13 +677,19 @@ class Trainer:
                 weight = base.language_model.get_submodule(name).weight
                 delta = module.get_delta_weight("default").detach().float().cpu()
                 weight.copy_((weight.float() + delta).to(weight.dtype))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        base.save_pretrained(self.out_dir)
-        self.processor.save_pretrained(self.out_dir)
+        # Staged, then moved into place: a full disk, crash or Ctrl-C mid-write leaves the folder's previous
+        # contents (an earlier export of this run, its checkpoints and metrics.json) as they were.
+        resume = (
+            "to continue from its last checkpoint and write the model again (writing it needs room for a whole "
+            "copy: the previous model in the folder stays until the new one is complete)"
+        )
+        with writing("the fine-tuned checkpoint", self.out_dir, resume), staged_folder(self.out_dir) as stage:
+            base.save_pretrained(stage)
+            self.processor.save_pretrained(stage)
+            install(stage, self.out_dir)
         logger.info("saved the fine-tuned checkpoint to %s", self.out_dir)
 
     def _write_metrics(self, history: _History, report: FinetuneReport | None) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         payload = {
             "base_model": self.model_name,
             "data_file": str(self.data_file),
@@ -686,9 +700,12 @@ class Trainer:
             "best_val_loss": history.best_val,
             "report": report.model_dump(mode="json") if report is not None else None,
         }
-        tmp = self.out_dir / (METRICS_FILE + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        os.replace(tmp, self.out_dir / METRICS_FILE)
+        # Rewritten whole at every checkpoint (its format is one JSON object); the temporary file and os.replace
+        # mean a crash or full disk leaves the previous complete metrics.json, never a truncated one.
+        path = self.out_dir / METRICS_FILE
+        with writing("the metrics", path, "to continue from the last complete checkpoint"):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            replace_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 class _NoBar:

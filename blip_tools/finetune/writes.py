@@ -1,0 +1,135 @@
+"""Crash-safe writes into a run's output folder, and the one place where a failed write becomes `InvalidInput`.
+
+Every file or folder is first written under a temporary name in the folder it belongs in and moved into place
+with `os.replace` (atomic within one filesystem) only once complete. A crash, Ctrl-C or full disk mid-write
+leaves the previous version as it was, never a half-written one, and the temporary is removed on the way out;
+only a hard kill leaves a dot-named temporary behind, which the next write of the same kind removes.
+
+A full disk does not always surface as an `OSError`: `torch.save` raises `RuntimeError("... unexpected pos N
+vs M")` and safetensors a `SafetensorError("... No space left on device (os error 28)")`. `writing()` maps
+those too, so a full disk ends a run with one actionable line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from ..errors import BlipError, InvalidInput
+
+STAGING_PREFIX = ".export-"
+"""The export is staged in `out_dir/.export-XXXX/` and its files are moved into `out_dir` once all are written."""
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+# torch.save reports a short write as "unexpected pos N vs M" (or "file write failed"): a full disk or quota.
+_FULL_HINTS = ("no space left", "os error 28", "disk quota", "os error 122", "unexpected pos", "file write failed")
+_IO_HINTS = (*_FULL_HINTS, "os error", "i/o error")
+_LOW_SPACE = 16 * 2**20
+"""Free bytes below which a non-`OSError` failure of a write is taken for a full disk."""
+
+
+def _looks_like_io(exc: BaseException, where: Path) -> bool:
+    """Whether `exc`, raised while writing under `where`, is a failed write (full disk, I/O error), not a bug."""
+    if isinstance(exc, OSError):
+        return True
+    if isinstance(exc, BlipError) or not isinstance(exc, Exception):
+        return False
+    if any(hint in str(exc).lower() for hint in _IO_HINTS):
+        return True
+    return _free_bytes(where) < _LOW_SPACE
+
+
+def _free_bytes(where: Path) -> int:
+    for folder in (where, *where.parents):
+        with suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return 1 << 62
+
+
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return any(hint in str(exc).lower() for hint in _FULL_HINTS) or _free_bytes(where) < _LOW_SPACE
+
+
+def write_error(what: str, where: Path, exc: BaseException, resume: str) -> InvalidInput:
+    """The one-line error for a failed write of `what` under `where`: why, and what to do (`resume` says what a
+    `--resume` then does)."""
+    if _disk_full(exc, where):
+        reason, fix = "the disk is full", "Free disk space on that drive"
+    else:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        filename = getattr(exc, "filename", None)
+        reason, fix = " ".join(detail.split())[:200] + (f" ({filename})" if filename else ""), "Fix that"
+    return InvalidInput(
+        f"Could not write {what} to {where}: {reason}. {fix} and run the same command with --resume (resume=True) "
+        f"{resume}, or start again with another output folder (--out)."
+    )
+
+
+@contextmanager
+def writing(what: str, where: Path, resume: str) -> Iterator[None]:
+    """Map a failed write inside the block to `write_error(...)`; anything else (and Ctrl-C) passes through."""
+    try:
+        yield
+    except Exception as exc:
+        if not _looks_like_io(exc, where):
+            raise
+        raise write_error(what, where, exc, resume) from exc
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through `path.tmp` and `os.replace`: readers see the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # a small file: durable before it replaces the old one
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A fresh staging folder inside `out_dir`; removed on the way out, whether the block finished or failed.
+
+    Inside, not beside, `out_dir`: it is then on the same filesystem however `out_dir` is mounted (a Docker
+    volume, a network share), so `install()` can rename; and it needs no write permission on the parent.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(STAGING_PREFIX + "*"):  # left by a hard kill during an earlier export of this run
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def install(stage: Path, out_dir: Path) -> None:
+    """Move every file of the complete `stage` into `out_dir` (renames: no data is copied, nothing can fill up).
+
+    Weight files of an earlier export that this one did not write (another sharding) are removed afterwards,
+    as `save_pretrained` does when it writes over a folder; nothing else in `out_dir` is touched.
+    """
+    names = {child.name for child in stage.iterdir()}
+    for name in sorted(names, key=lambda n: (not n.endswith(_WEIGHT_SUFFIXES), n)):  # weights first
+        target = out_dir / name
+        if target.is_dir():  # os.replace cannot put anything over a non-empty folder
+            shutil.rmtree(target)
+        os.replace(stage / name, target)
+    for child in out_dir.iterdir():
+        stale = child.name not in names and child.name.startswith(("model", "pytorch_model"))
+        if stale and child.is_file() and child.name.endswith(_WEIGHT_SUFFIXES):
+            child.unlink()
+
+
+__all__ = ["STAGING_PREFIX", "install", "replace_text", "staged_folder", "write_error", "writing"]
