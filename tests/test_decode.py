@@ -172,6 +172,49 @@ def test_beam_search_and_unknown_generation_options_keep_generate(
     assert "no_repeat_ngram_size" in (other._decoder.unsupported(GenerationParams()) or "")
 
 
+@pytest.mark.parametrize(
+    ("layer_norm_before", "projected"), [(True, False), (False, True)], ids=["opt-2.7b-style", "opt-350m-style"]
+)
+def test_other_opt_layouts(tiny_checkpoint: Path, layer_norm_before: bool, projected: bool) -> None:
+    """The step's other OPT branches (layer norm after each block, word-embedding projections) match too."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from blip_tools.decode import GraphDecoder
+
+    config = Blip2Config.from_pretrained(tiny_checkpoint / "captioner")
+    config.text_config.do_layer_norm_before = layer_norm_before
+    config.text_config.word_embed_proj_dim = 16 if projected else config.text_config.hidden_size
+    torch.manual_seed(3)
+    model = Blip2ForConditionalGeneration(config).eval()
+    lm = model.language_model
+    dec = lm.get_decoder()
+    assert (dec.project_in is not None) is projected and (dec.final_layer_norm is not None) is layer_norm_before
+
+    rows, width = 3, 7
+    input_ids = torch.randint(3, 100, (rows, width))
+    attention = torch.ones(rows, width, dtype=torch.long)
+    attention[1, :3] = 0  # left padding
+    input_ids[1, :3] = 1
+    params = GenerationParams(max_new_tokens=9, min_new_tokens=9)
+    with torch.inference_mode():
+        embeds = dec.embed_tokens(input_ids)
+        want = lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention,
+            input_ids=input_ids,
+            eos_token_id=[2],
+            pad_token_id=1,
+            max_new_tokens=9,
+            min_new_tokens=9,
+            do_sample=False,
+        )[:, width:]
+        got, _ = GraphDecoder(model, "cpu", use_graphs=True).run(
+            params, embeds=embeds, attention=attention, input_ids=input_ids, past=None, eos_ids=[2], pad_id=1
+        )
+    assert torch.equal(got, want)
+
+
 def test_step_reads_nothing_back_to_the_host(runtimes: dict[bool, Blip2Runtime]) -> None:
     """CUDA graph capture fails on a host sync (`.item()`, a branch on a tensor, a data-dependent shape, `.cpu()`).
 
