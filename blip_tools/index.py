@@ -7,7 +7,9 @@ and re-embedded only if its bytes changed (or reuses the vectors of an identical
 files gone from disk are removed. A run reads each file once: the bytes it hashes are the bytes the model embeds
 and captions (held for one chunk at a time), so the stored hash always describes what was embedded. Every chunk
 of work is committed, so a run can be interrupted and resumed, and the database is in WAL mode, so searches (from
-any thread or process) see committed rows while a run goes on.
+any thread or process) see committed rows while a run goes on. An index file this process may not write (a
+read-only mount, another user's file, a folder where SQLite cannot create its -wal/-shm files) is opened read-only:
+it is searched as usual, and writing to it raises `IndexReadOnly`.
 
 Search is brute force over normalised vectors with numpy: the pooled vectors pick candidates, then the exact
 ITC score (max over query tokens, as `Blip2Service.score`) ranks them; an optional ITM re-rank scores the top k
@@ -72,6 +74,8 @@ _BUSY_TIMEOUT_S: Final = 30.0
 """How long a connection waits for another writer's lock before the call fails with `IndexBusy`."""
 _BUSY_RETRY_S: Final = 5.0
 """The `retry_after_s` an `IndexBusy` gives."""
+_IMMUTABLE: Final = "&immutable=1"
+"""Appended to a read-only connection's URI while no -wal file exists: SQLite then creates no files, takes no locks."""
 
 ProgressFn = Callable[[int, int], Any]
 _P = ParamSpec("_P")
@@ -341,7 +345,9 @@ def _db_failure(path: Path, exc: sqlite3.Error) -> BlipError:
             f"{_BUSY_TIMEOUT_S:g} s. Retry after {_BUSY_RETRY_S:g} s, or when it is done.",
             retry_after_s=_BUSY_RETRY_S,
         )
-    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL")):
+    if name.startswith("SQLITE_READONLY"):
+        return _read_only(path, str(exc))
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR", "SQLITE_FULL")):
         return BlipError(
             f"Cannot read or write the image index {path} ({exc}). Check the file's permissions and the free disk "
             "space, or set BLIP_INDEX_PATH (--index) to a writable location."
@@ -356,11 +362,55 @@ def _damaged(path: Path, reason: str) -> IndexDamaged:
     )
 
 
+class IndexReadOnly(BlipError):
+    """The image index file, or its folder, is read-only here: it can be searched, not written."""
+
+    code = "index_read_only"
+
+
+def _read_only(path: Path, why: str) -> IndexReadOnly:
+    return IndexReadOnly(
+        f"The image index {path} is read-only ({why}): it can be searched, but not written (indexing folders, "
+        "removing entries). To index, copy it (with its -wal file, if any) to a writable folder and point "
+        "BLIP_INDEX_PATH (--index) at the copy, or give this process write permission on the file and its folder."
+    )
+
+
+def _read_only_reason(path: Path) -> str | None:
+    """Why this process cannot write the existing index file `path`, or None when it can.
+
+    SQLite in WAL mode also writes a `-wal` and a `-shm` file next to the database, so the folder must take new
+    files unless both already exist and are writable. (`os.access` answers for this process: root may write a
+    0444 file, nobody may write on a read-only mount.)
+    """
+    if not os.access(path, os.W_OK):
+        return "the file is not writable"
+    sidecars = (Path(f"{path}-wal"), Path(f"{path}-shm"))
+    if not os.access(path.parent, os.W_OK) and not all(os.access(p, os.W_OK) for p in sidecars):
+        return "its folder is not writable, and SQLite needs to create the -wal and -shm files there"
+    return None
+
+
+def _sqlite_cause(exc: BaseException) -> sqlite3.Error | None:
+    """The SQLite error behind `exc`: itself, or the cause a `BlipError` was raised from."""
+    for candidate in (exc, exc.__cause__):
+        if isinstance(candidate, sqlite3.Error):
+            return candidate
+    return None
+
+
+def _refused_write(exc: BaseException) -> bool:
+    """Whether SQLite failed because it may not write (or create) the database, its folder or its -wal/-shm."""
+    cause = _sqlite_cause(exc)
+    name = str(getattr(cause, "sqlite_errorname", "") or "")
+    return name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM"))
+
+
 def _maps_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """Turn any SQLite error raised inside an `ImageIndex` method into a `BlipError` that says what to do.
 
-    A damaged or foreign file gives `IndexDamaged`, a busy one `IndexBusy`, a read-only or full one a plain
-    `BlipError`.
+    A damaged or foreign file gives `IndexDamaged`, a busy one `IndexBusy`, a write to a read-only one
+    `IndexReadOnly`, an unreadable or full one a plain `BlipError`.
     """
 
     @functools.wraps(method)
@@ -452,6 +502,10 @@ class ImageIndex:
         service: the model service (default `Blip2Service.shared()`). Its settings' `allowed_dirs` apply to
             every directory indexed or searched and every file read.
 
+    A file this process may not write (read-only permissions or mount, or a folder where SQLite cannot create
+    the `-wal`/`-shm` files) is opened read-only (`read_only`): searching, listing and stats work; indexing
+    raises `IndexReadOnly`.
+
     Thread-safe: each thread gets its own connection; index runs are serialised; searches run concurrently.
     """
 
@@ -480,28 +534,96 @@ class ImageIndex:
         self._run_lock = threading.Lock()
         self._matrix: _Matrix | None = None
         self._closed = False
+        self.read_only = False
+        """True when this process may not write the file: searches work, `index` raises `IndexReadOnly`."""
+        self._read_only_why = ""
+        self._uri: str | None = None
+        """The `file:` URI read-only connections open (None: connections open the path read-write)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BlipError(f"Cannot create the folder for the image index {self.path}: {exc}") from exc
         try:
-            self._open_schema()
+            self._open()
         except BaseException:
             self.close()
             raise
 
+    def _open(self) -> None:
+        """Open the file read-write (creating the tables), or read-only when this process may not write it."""
+        why = _read_only_reason(self.path) if self.path.is_file() else None
+        if why is None:
+            try:
+                self._open_schema()
+                return
+            except (sqlite3.Error, BlipError) as exc:
+                # Permissions `os.access` did not foresee (an ACL, a network file system): read it if we can.
+                if not (self.path.is_file() and _refused_write(exc)):
+                    raise
+                why = f"SQLite may not write it: {_sqlite_cause(exc)}"
+                self._drop_connections()
+        self.read_only = True
+        self._read_only_why = why
+        base = Path(os.path.abspath(self.path)).as_uri() + "?mode=ro"
+        wal = Path(f"{self.path}-wal")
+        if wal.exists():
+            # A writer may have changes in the -wal file: read them through SQLite's shared memory (-shm file).
+            self._uri = base
+            try:
+                self._open_schema()
+                return
+            except (sqlite3.Error, BlipError) as exc:
+                if not _refused_write(exc):
+                    raise
+                if wal.stat().st_size > 0:  # SQLite cannot create the -shm file there, and needs it to read these
+                    raise IndexReadOnly(
+                        f"The image index {self.path} is read-only ({why}) and its -wal file holds changes that "
+                        "SQLite cannot read without creating a -shm file there. Copy the index with its -wal file to "
+                        "a writable folder and point BLIP_INDEX_PATH (--index) at the copy."
+                    ) from exc
+                self._drop_connections()
+        # No changes outside the file itself: read it as immutable, so SQLite creates no -wal and -shm files (it
+        # cannot in a read-only folder, and in a shared one would leave them behind, owned by this user, in the
+        # way of the index's owner) and takes no locks. `_follow_writer` switches when a writer comes.
+        self._uri = base + _IMMUTABLE
+        self._open_schema()
+        logger.info("the image index %s is read-only (%s): opened as immutable", self.path, why)
+
+    def _follow_writer(self) -> None:
+        """Keep a read-only index's view current: read through SQLite's -wal and -shm files while they exist.
+
+        An immutable read sees only the database file: once another process (the index's owner) writes, its
+        changes sit in the -wal file, and its checkpoints rewrite the file under an immutable reader. So while both
+        files exist, connections read through them (`mode=ro`); once the -wal file is gone, immutable again. Each
+        thread reopens its connection at its next `_conn()`.
+        """
+        if self._uri is None:
+            return
+        base = self._uri.removesuffix(_IMMUTABLE)
+        wal, shm = Path(f"{self.path}-wal"), Path(f"{self.path}-shm")
+        if not wal.exists():
+            self._uri = base + _IMMUTABLE
+        elif shm.exists():
+            self._uri = base
+
     def _open_schema(self) -> None:
-        """Create the tables if new; refuse a file whose tables or version are not this blip-tools' index."""
+        """Create the tables if new (read-write only); refuse a file that is not a blip-tools index of this version."""
         conn = self._conn()
-        with self._write(conn):
-            # Statement by statement: executescript() would commit outside our transaction.
-            for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
-                conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-            missing = _COLUMNS - {row[1] for row in conn.execute("PRAGMA table_info(images)")}
+        if not self.read_only:
+            with self._write(conn):
+                # Statement by statement: executescript() would commit outside our transaction.
+                for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+        missing = _COLUMNS - {row[1] for row in conn.execute("PRAGMA table_info(images)")}
         if missing:
             raise _damaged(self.path, f"its images table lacks the columns {', '.join(sorted(missing))}")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            raise _damaged(self.path, "it records no schema version")
+        version = row[0]
         if not isinstance(version, str) or not version.isdigit():
             raise _damaged(self.path, f"schema version {version!r} is not a number")
         if int(version) != SCHEMA_VERSION:
@@ -529,21 +651,35 @@ class ImageIndex:
         if self._closed:
             raise BlipError(f"The image index {self.path} is closed; open a new ImageIndex.")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and getattr(self._local, "uri", None) != self._uri:
+            # A read-only index switched how it reads (`_follow_writer`): this thread's connection reopens.
+            with self._lock:
+                self._connections = [(t, c) for t, c in self._connections if c is not conn]
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            conn = None
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                if self._uri is None:
+                    conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                else:
+                    conn = sqlite3.connect(
+                        self._uri, timeout=30.0, isolation_level=None, check_same_thread=False, uri=True
+                    )
             except sqlite3.Error as exc:
                 raise _db_failure(self.path, exc) from exc
             try:
                 conn.row_factory = sqlite3.Row
                 conn.text_factory = _read_text
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                if self._uri is None:  # a read-only connection reads the file in whatever mode it was left
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
             except sqlite3.Error as exc:
                 conn.close()
                 raise _db_failure(self.path, exc) from exc
             self._local.conn = conn
+            self._local.uri = self._uri
             with self._lock:
                 # Threads come and go (asyncio.run's executors, short-lived workers): close the connections of
                 # those that ended, so an index searched from many threads does not hold a file per thread.
@@ -558,6 +694,8 @@ class ImageIndex:
     @contextlib.contextmanager
     def _write(self, conn: sqlite3.Connection) -> Iterator[None]:
         """One write transaction that bumps the generation counter, so searchers reload their vectors."""
+        if self.read_only:
+            raise _read_only(self.path, self._read_only_why)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -574,15 +712,20 @@ class ImageIndex:
                 conn.execute("ROLLBACK")
             raise
 
-    def close(self) -> None:
-        """Close every connection this object opened (the file stays)."""
+    def _drop_connections(self) -> None:
+        """Close every connection; the next `_conn()` opens a new one (with the current `_uri`)."""
         with self._lock:
-            self._closed = True
             for _, conn in self._connections:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._connections.clear()
+            self._local = threading.local()
             self._matrix = None
+
+    def close(self) -> None:
+        """Close every connection this object opened (the file stays)."""
+        self._closed = True
+        self._drop_connections()
 
     def __enter__(self) -> ImageIndex:
         return self
@@ -680,6 +823,8 @@ class ImageIndex:
             chunk_size: files per committed chunk (default 4 × `max_batch_size`).
         """
         began = time.monotonic()
+        if self.read_only:
+            raise _read_only(self.path, self._read_only_why)
         root = self._resolve_dir(directory)
         chunk = max(1, chunk_size if chunk_size is not None else 4 * self.settings.max_batch_size)
         model = self.retrieval_model
@@ -1022,6 +1167,7 @@ class ImageIndex:
     # ------------------------------------------------------------------ search
     def _load_matrix(self) -> _Matrix:
         """The cached vectors, reloaded when another write (from any connection) bumped the generation."""
+        self._follow_writer()
         conn = self._conn()
         model = self.retrieval_model
         row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
@@ -1350,6 +1496,7 @@ __all__ = [
     "DuplicateGroup",
     "ImageIndex",
     "IndexFailure",
+    "IndexReadOnly",
     "IndexReport",
     "IndexStats",
     "SearchHit",
