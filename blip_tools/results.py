@@ -109,6 +109,9 @@ class ServiceStats(BaseModel):
     cache_hits: int = Field(description="Image-feature cache hits.")
     cache_misses: int
     prefix_cache_hits: int = 0
+    graph_batches: int = Field(default=0, description="Batches decoded by the CUDA-graph loop (BLIP_CUDA_GRAPHS).")
+    graphs_captured: int = Field(default=0, description="Decoding steps captured as CUDA graphs (one per bucket).")
+    graph_error: str | None = Field(default=None, description="Why a capture failed (decoding then runs without).")
     per_task: dict[str, TaskStats] = Field(default_factory=dict)
     models_loaded: int = Field(default=0, description="Checkpoints this process has loaded.")
     model_load_s: float = 0.0

@@ -574,6 +574,11 @@ class Blip2Runtime:
             self.feature_cache, images, lambda pixels: model.get_image_features(pixel_values=pixels).pooler_output
         )
 
+    @property
+    def decoder(self) -> GraphDecoder | None:
+        """The `cuda_graphs` decoding loop, once a batch has asked for it (its counters feed the service's stats)."""
+        return self._decoder
+
     def _graph_decoder(self, params: GenerationParams) -> GraphDecoder | None:
         """The static-cache decoder (`BLIP_CUDA_GRAPHS`) when it can decode `params`, else None (`generate()`)."""
         if not self.settings.cuda_graphs:

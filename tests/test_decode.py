@@ -287,8 +287,10 @@ def test_service_batches_through_the_loop(settings: BlipSettings, make_image: Ca
         with ThreadPoolExecutor(6) as pool:
             together = list(pool.map(lambda im: svc.caption(im, max_new_tokens=8).caption, images))
         answer = svc.answer(images[0], "what is it?", max_new_tokens=5).answer
-        decoder = svc.runtime._decoder
+        decoder = svc.runtime.decoder
         assert decoder is not None and decoder.batches >= 8
+        stats = svc.stats()
+        assert stats.graph_batches == decoder.batches and stats.graphs_captured == 0 and stats.graph_error is None
     assert together == alone
     with Blip2Service(settings).start() as plain:
         assert [plain.caption(im, max_new_tokens=8).caption for im in images] == alone
