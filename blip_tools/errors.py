@@ -91,6 +91,12 @@ class IndexBusy(Overloaded):
     code = "index_busy"
 
 
+class IndexReadOnly(BlipError):
+    """The image index file, or its folder, is read-only here: it can be searched, not written."""
+
+    code = "index_read_only"
+
+
 class ServiceClosed(BlipError):
     """The service is shut down and accepts no more requests."""
 
@@ -103,6 +109,7 @@ __all__ = [
     "ImageTooLarge",
     "IndexBusy",
     "IndexDamaged",
+    "IndexReadOnly",
     "InferenceError",
     "InvalidImage",
     "InvalidInput",

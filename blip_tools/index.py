@@ -46,6 +46,7 @@ from .errors import (
     ImageTooLarge,
     IndexBusy,
     IndexDamaged,
+    IndexReadOnly,
     InvalidImage,
     InvalidInput,
     PathNotAllowed,
@@ -360,12 +361,6 @@ def _damaged(path: Path, reason: str) -> IndexDamaged:
         f"The image index {path} is damaged or is not a blip-tools index ({reason}). Delete it (with its -wal and "
         "-shm files) or point BLIP_INDEX_PATH (--index) at a new file, then index your folders again to rebuild it."
     )
-
-
-class IndexReadOnly(BlipError):
-    """The image index file, or its folder, is read-only here: it can be searched, not written."""
-
-    code = "index_read_only"
 
 
 def _read_only(path: Path, why: str) -> IndexReadOnly:

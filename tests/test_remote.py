@@ -27,6 +27,7 @@ import pytest
 from blip_tools import BlipSettings
 from blip_tools.errors import (
     BlipError,
+    IndexReadOnly,
     InvalidImage,
     InvalidInput,
     ModelNotAvailable,
@@ -507,6 +508,7 @@ async def test_daemon_down_gives_a_clear_error_and_the_proxy_recovers(
         ("Error executing tool caption_image: [invalid_image] Image file not found: /x.png.", InvalidImage),
         ("[path_not_allowed] outside the allowed directories", PathNotAllowed),
         ("[model_not_available] no checkpoint", ModelNotAvailable),
+        ("[index_read_only] The image index /x.sqlite is read-only", IndexReadOnly),
         ("Error executing tool answer_question: 1 validation error for answer_questionArguments", InvalidInput),
         ("[something_new] a future error", BlipError),
         ("plain text", BlipError),

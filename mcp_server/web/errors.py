@@ -8,9 +8,10 @@ Every `blip_tools.errors` code has a deliberate entry (a test checks that none f
   `Retry-After`, `service_closed`, `model_not_available`), 504 (`request_timeout`: it waited in the queue past
   its deadline);
 - the server cannot do it at all: 501 (`capability_unavailable`);
-- the request is fine but the image index's state conflicts with it: 409 (`index_damaged`). Retrying unchanged
-  cannot help and no automatic retry should (as clients and proxies do on 5xx); the body says how to rebuild the
-  index, and the console's user can then send the same request again;
+- the request is fine but the image index's state conflicts with it: 409 (`index_damaged`; `index_read_only`,
+  indexing into an index this server may only read). Retrying unchanged cannot help and no automatic retry should
+  (as clients and proxies do on 5xx); the body says how to rebuild the index (or where to copy it), and the
+  console's user can then send the same request again;
 - the model failed on this request, or anything else: 500.
 
 A subclass without an entry of its own answers as its nearest listed base class (e.g. `RemoteService`'s
@@ -40,6 +41,7 @@ STATUS_BY_CODE = MappingProxyType(
         "request_timeout": 504,
         "capability_unavailable": 501,
         "index_damaged": 409,
+        "index_read_only": 409,
         "inference_error": 500,
         "blip_error": 500,
     }
