@@ -227,7 +227,7 @@ def _graph_step(rt: Any, rows: int, device: str, reps: int) -> dict[str, Any]:
     def step() -> None:
         with torch.inference_mode():  # the buffers were made under it
             buffers.slot.fill_(0)  # any slot: the timing does not depend on which one is written
-            decoder._step(buffers, rows)
+            decoder._step(buffers, rows, decoder.last_length)
 
     return {
         "graph_step_s": _time(step, device, max(reps, 5)),

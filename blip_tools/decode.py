@@ -92,16 +92,18 @@ class GraphDecoder:
         self.device = device
         self.use_graphs = use_graphs and device.startswith("cuda")
         self._buffers: _Buffers | None = None
-        self._graphs: dict[int, Any] = {}
+        self._graphs: dict[tuple[int, int], Any] = {}  # (rows, cache positions) -> graph
         self._pool: Any = None
         self._lock = threading.Lock()
         self.captured = 0
-        """Graphs captured so far (one per batch-size bucket and cache length)."""
+        """Graphs captured so far (one per batch-size bucket and cache-length bucket)."""
         self.batches = 0
         """Batches decoded by this loop."""
         self.graph_error: str | None = None
         """Why capturing a graph failed, if it did; the step then runs without graphs (still correct, slower)."""
         self._checked_config: str | None = None
+        self.last_length = 0
+        """Cache slots the last batch's steps attended over (its bucket)."""
 
     def release(self) -> None:
         """Drop the static buffers and graphs (after an out-of-memory error); the next batch rebuilds them."""
@@ -167,6 +169,10 @@ class GraphDecoder:
         unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
         eos = torch.tensor(list(eos_ids), device=input_ids.device)
         done = 0
+        # Steps attend over this many cache slots: the batch's own need, bucketed (not the buffers' length, which
+        # an earlier long batch may have grown: that would make every later step read its unused slots).
+        length = _bucket(width + steps - 1, _MIN_CACHE_LEN)
+        self.last_length = length
         buffers: _Buffers | None = None
         with self._lock:
             for step in range(steps):
@@ -174,12 +180,12 @@ class GraphDecoder:
                     logits = first_logits
                 else:
                     if buffers is None:
-                        buffers = self._load_prefill(cache, attention, rows, width + steps - 1)
+                        buffers = self._load_prefill(cache, attention, rows, length)
                         # The prefill's own cache is copied: free it now (1.7 GB at 128 rows of the real model).
                         cache = out = past = None
                         kwargs.clear()
                     buffers.ids[:rows].copy_(seq[:, width + step - 1 : width + step])
-                    self._step(buffers, rows)
+                    self._step(buffers, rows, length)
                     logits = buffers.logits[:rows]
                 # A copy for the processors: `logits` also gives the token's log-probability under the model.
                 scores = processors(seq[:, : width + step], logits.clone()) if processors else logits
@@ -225,7 +231,7 @@ class GraphDecoder:
         buffers = self._buffers
         if buffers is None or buffers.rows < rows or buffers.length < needed:
             old = (buffers.rows, buffers.length) if buffers is not None else (0, 0)
-            buffers = self._allocate(max(_bucket(rows), old[0]), max(_bucket(needed, _MIN_CACHE_LEN), old[1]))
+            buffers = self._allocate(max(_bucket(rows), old[0]), max(needed, old[1]))
         for (k, v), bk, bv in zip(layers, buffers.keys, buffers.values, strict=True):
             bk[:rows, :, :width].copy_(k)
             bv[:rows, :, :width].copy_(v)
@@ -266,18 +272,19 @@ class GraphDecoder:
         return self._buffers
 
     # ------------------------------------------------------------------ the step
-    def _step(self, buffers: _Buffers, rows: int) -> None:
-        """One decoding step for the first `rows` rows: a graph replay on CUDA, the eager step elsewhere."""
+    def _step(self, buffers: _Buffers, rows: int, length: int) -> None:
+        """One decoding step for the first `rows` rows over the first `length` cache slots: a graph replay on
+        CUDA, the eager step elsewhere."""
         size = _bucket(rows)
         if not self.use_graphs:
-            self._forward(buffers, size)
+            self._forward(buffers, size, length)
             return
-        graph = self._graphs.get(size)
+        graph = self._graphs.get((size, length))
         if graph is None:
             import torch
 
             try:
-                graph = self._capture(buffers, size)
+                graph = self._capture(buffers, size, length)
             except torch.cuda.OutOfMemoryError:
                 raise  # the service frees its caches and fails this batch; the next one captures again
             except Exception as exc:  # an operation capture does not allow: serve on without graphs
@@ -285,11 +292,11 @@ class GraphDecoder:
                 self._graphs.clear()
                 self.graph_error = f"{type(exc).__name__}: {exc}"[:500]
                 logger.warning("could not capture the decoding step as a CUDA graph; decoding without graphs: %s", exc)
-                self._forward(buffers, size)
+                self._forward(buffers, size, length)
                 return
         graph.replay()
 
-    def _capture(self, buffers: _Buffers, size: int) -> Any:
+    def _capture(self, buffers: _Buffers, size: int, length: int) -> Any:
         """Record the step for `size` rows as a CUDA graph (warm-up runs first, on a side stream, as PyTorch asks)."""
         import torch
 
@@ -299,36 +306,37 @@ class GraphDecoder:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    buffers.slot.fill_(buffers.length - 1)  # a slot no row has reached: nothing real is overwritten
-                    self._forward(buffers, size)
+                    buffers.slot.fill_(length - 1)  # a slot no row has reached: nothing real is overwritten
+                    self._forward(buffers, size, length)
             torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             # thread_local: another thread's CUDA work (a second model, an embedding call) must not break capture.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._forward(buffers, size)
+                self._forward(buffers, size, length)
         finally:
             # Put the batch's state back after the warm-up steps (the keys they wrote sit in the last slot, which a
             # real step overwrites before reading it).
             buffers.slot.copy_(saved[0])
             buffers.pos.copy_(saved[1])
             buffers.valid.copy_(saved[2])
-        self._graphs[size] = graph
+        self._graphs[size, length] = graph
         self.captured += 1
-        logger.info("captured the decoding step for %d rows (%d positions) as a CUDA graph", size, buffers.length)
+        logger.info("captured the decoding step for %d rows (%d positions) as a CUDA graph", size, length)
         return graph
 
-    def _forward(self, b: _Buffers, rows: int) -> None:
+    def _forward(self, b: _Buffers, rows: int, length: int) -> None:
         """OPT's decoder for one token per row, reading and writing only `b` (so it can be replayed as a graph).
 
         The same computation as transformers' `OPTDecoder` in eval mode (pre- or post-layer-norm, optional
-        projections), with the new token's key and value written to cache slot `b.slot` and the slot marked valid.
+        projections), with the new token's key and value written to cache slot `b.slot` and the slot marked valid;
+        attention reads the first `length` slots (views of the buffers: their strides stay those of the buffers).
         """
         import torch.nn.functional as F
 
         dec = self.decoder
-        ids, pos, valid = b.ids[:rows], b.pos[:rows], b.valid[:rows]
+        ids, pos, valid = b.ids[:rows], b.pos[:rows], b.valid[:rows, :length]
         hidden = dec.embed_tokens(ids)
         if dec.project_in is not None:
             hidden = dec.project_in(hidden)
@@ -344,9 +352,10 @@ class GraphDecoder:
             q = (attn.q_proj(x) * attn.scaling).view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
             k = attn.k_proj(x).view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
             v = attn.v_proj(x).view(rows, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            keys[:rows].index_copy_(2, b.slot, k.to(keys.dtype))
-            values[:rows].index_copy_(2, b.slot, v.to(values.dtype))
-            o = F.scaled_dot_product_attention(q, keys[:rows], values[:rows], attn_mask=mask, scale=1.0)
+            cached_k, cached_v = keys[:rows, :, :length], values[:rows, :, :length]
+            cached_k.index_copy_(2, b.slot, k.to(keys.dtype))
+            cached_v.index_copy_(2, b.slot, v.to(values.dtype))
+            o = F.scaled_dot_product_attention(q, cached_k, cached_v, attn_mask=mask, scale=1.0)
             hidden = residual + attn.out_proj(o.transpose(1, 2).reshape(rows, 1, -1))
             if not pre:
                 hidden = layer.self_attn_layer_norm(hidden)

@@ -239,7 +239,7 @@ def test_step_reads_nothing_back_to_the_host(runtimes: dict[bool, Blip2Runtime])
     assert decoder.use_graphs is False  # graphs are for CUDA only
     b = decoder._allocate(4, 64)
     with torch.inference_mode():
-        decoder._forward(b, 4)
+        decoder._forward(b, 4, 64)
     assert b.logits.shape == (4, model.config.text_config.vocab_size) and b.logits.device.type == "meta"
 
 
@@ -254,11 +254,13 @@ def test_step_traces_as_one_graph(runtimes: dict[bool, Blip2Runtime]) -> None:
         torch.compile(lambda x: x * 2 if x.sum() > 0 else x, backend="eager", fullgraph=True)(torch.ones(3))
 
     results = []
-    for traced in (False, True):
-        b = decoder._allocate(4, 64)
+    # Eager, traced, and eager over the first 64 slots of longer buffers (as after an earlier long batch).
+    for traced, allocated in ((False, 64), (True, 64), (False, 128)):
+        b = decoder._allocate(4, allocated)
         torch.manual_seed(0)
         for k in b.keys + b.values:
-            k.normal_()
+            k.fill_(1e4)  # slots past the 64 read must not matter
+            k[:, :, :64] = torch.randn(k[:, :, :64].shape)
         b.ids.copy_(torch.tensor([[5], [9], [13], [2]]))
         b.pos.copy_(torch.tensor([[7], [3], [7], [0]]))
         b.valid[:, :7] = True
@@ -266,10 +268,11 @@ def test_step_traces_as_one_graph(runtimes: dict[bool, Blip2Runtime]) -> None:
         b.slot.fill_(7)
         step = torch.compile(decoder._forward, backend="eager", fullgraph=True) if traced else decoder._forward
         with torch.inference_mode():
-            step(b, 4)
+            step(b, 4, 64)
         results.append((b.logits.clone(), b.keys[0][:, :, 7].clone(), b.slot.clone(), b.pos.clone(), b.valid.clone()))
-    for eager, traced_out in zip(results[0], results[1], strict=True):
+    for eager, traced_out, longer in zip(*results, strict=True):
         assert torch.allclose(eager, traced_out, atol=1e-5)
+        assert torch.allclose(eager, longer[..., : eager.shape[-1]], atol=1e-5)
     assert int(results[0][2]) == 8 and results[0][3].flatten().tolist() == [8, 4, 8, 1]
     assert bool(results[0][4][:, 7].all())
     decoder.release()
@@ -407,13 +410,17 @@ def test_capture_and_replay_protocol(
     assert queries + len(rt.encode_prompt(full)) == 63
     _compare(runtimes, make_image, [full, full, full], GenerationParams(max_new_tokens=2))
     assert decoder._buffers is not None and decoder._buffers.length == 64
-    assert decoder.captured == captured + 1 and set(decoder._graphs) == {4}
+    assert decoder.captured == captured + 1 and set(decoder._graphs) == {(4, 64)}
     _compare(runtimes, make_image, [None, PROMPTS[0], None], GenerationParams(max_new_tokens=12))
     _compare(runtimes, make_image, [PROMPTS[1]], GenerationParams(max_new_tokens=12))
-    assert decoder.captured == captured + 2 and set(decoder._graphs) == {1, 4}
+    assert decoder.captured == captured + 2 and set(decoder._graphs) == {(1, 64), (4, 64)}
     # Longer captions need a longer cache: new buffers, so every graph is captured anew.
     _compare(runtimes, make_image, [PROMPTS[2]] * 3, GenerationParams(max_new_tokens=90, min_new_tokens=90))
-    assert decoder.captured == captured + 3 and set(decoder._graphs) == {4}
+    assert decoder.captured == captured + 3 and set(decoder._graphs) == {(4, 128)}
+    # Short captions after it attend over 64 slots again (their own graph over the grown buffers), not 128.
+    _compare(runtimes, make_image, [None, None], GenerationParams(max_new_tokens=12))
+    assert decoder.captured == captured + 4 and set(decoder._graphs) == {(4, 128), (2, 64)}
+    assert decoder._buffers.length == 128 and decoder.last_length == 64
     assert decoder.graph_error is None
 
 
@@ -428,7 +435,7 @@ def test_a_failed_capture_falls_back_to_the_plain_step(
     decoder = rt._graph_decoder(GenerationParams())
     assert decoder is not None
 
-    def out_of_memory(buffers: Any, size: int) -> Any:
+    def out_of_memory(buffers: Any, size: int, length: int) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(decoder, "use_graphs", True)
@@ -438,7 +445,7 @@ def test_a_failed_capture_falls_back_to_the_plain_step(
         rt.generate(items, GenerationParams(max_new_tokens=5))
     assert decoder.use_graphs is True and decoder.graph_error is None
 
-    def not_capturable(buffers: Any, size: int) -> Any:
+    def not_capturable(buffers: Any, size: int, length: int) -> Any:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(decoder, "_capture", not_capturable)
