@@ -230,8 +230,13 @@ class GraphDecoder:
         width = layers[0][0].shape[2]
         buffers = self._buffers
         if buffers is None or buffers.rows < rows or buffers.length < needed:
-            old = (buffers.rows, buffers.length) if buffers is not None else (0, 0)
-            buffers = self._allocate(max(_bucket(rows), old[0]), max(needed, old[1]))
+            want = (_bucket(rows), needed)
+            size = (max(want[0], buffers.rows), max(want[1], buffers.length)) if buffers is not None else want
+            if size[0] * size[1] > 2 * want[0] * want[1]:
+                # Growing both ways would keep the most rows ever seen times the longest cache ever seen (a batch
+                # of 128 short captions, then one long answer: 21 GB at the real size): take this batch's size.
+                size = want
+            buffers = self._allocate(*size)
         for (k, v), bk, bv in zip(layers, buffers.keys, buffers.values, strict=True):
             bk[:rows, :, :width].copy_(k)
             bv[:rows, :, :width].copy_(v)

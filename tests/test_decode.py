@@ -94,20 +94,32 @@ def test_without_the_prefix_cache(settings: BlipSettings, make_image: Callable[.
 
 
 def test_buffers_grow_and_are_reused(runtimes: dict[bool, Blip2Runtime], make_image: Callable[..., Any]) -> None:
-    """One batch, a larger one, a longer one (more cache positions), then a small one in the grown buffers."""
+    """Buffers grow to cover a batch (rows to a power of two, cache slots to a power of two >= 64), are reused by
+    batches they cover, and never hold most-rows-ever x longest-cache-ever beyond twice what a batch needs."""
+
+    def size() -> tuple[int, int]:
+        decoder = runtimes[True]._decoder
+        assert decoder is not None and decoder._buffers is not None
+        return decoder._buffers.rows, decoder._buffers.length
+
+    runtimes[True].empty_cache()  # start from no buffers, whatever ran before
     _compare(runtimes, make_image, [None], GenerationParams(max_new_tokens=5))
+    assert size() == (1, 64)
     _compare(runtimes, make_image, [None] * 9, GenerationParams(max_new_tokens=5))
-    decoder = runtimes[True]._decoder
-    assert decoder is not None and decoder._buffers is not None
-    rows = decoder._buffers.rows
-    assert rows >= 16
+    assert size() == (16, 64)
+    _compare(runtimes, make_image, [None] * 3, GenerationParams(max_new_tokens=5))
+    assert size() == (16, 64)  # covered: reused
+    # Two long rows: 16 x 128 would be 8x what they need, so the buffers take their size.
     _compare(runtimes, make_image, [PROMPTS[0]] * 2, GenerationParams(max_new_tokens=100, min_new_tokens=100))
-    assert decoder._buffers.length >= 128 and decoder._buffers.rows == rows
+    assert size() == (2, 128)
     _compare(runtimes, make_image, [PROMPTS[1]], GenerationParams(max_new_tokens=6))
-    assert decoder._buffers.length >= 128 and decoder._buffers.rows == rows
+    assert size() == (2, 128)
+    # Three short rows need 4 x 64; growing to 4 x 128 stays within twice that, so it grows.
+    _compare(runtimes, make_image, [None] * 3, GenerationParams(max_new_tokens=6))
+    assert size() == (4, 128)
 
     runtimes[True].empty_cache()  # after an out-of-memory error: the buffers go, the next batch rebuilds them
-    assert decoder._buffers is None
+    assert runtimes[True]._decoder is not None and runtimes[True]._decoder._buffers is None
     _compare(runtimes, make_image, [None, None], GenerationParams(max_new_tokens=4))
 
 
