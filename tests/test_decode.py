@@ -319,18 +319,25 @@ def test_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert BlipSettings().cuda_graphs is False
 
 
-def test_gpu_check_script_runs_on_cpu(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`benchmarks/gpu_check.py` (the first thing a GPU session runs) compares both paths in its smoke mode."""
-    import json
-
+@pytest.fixture
+def bench_scripts(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`benchmarks` importable, its checkpoint root holding the session's tiny checkpoint (nothing rebuilt)."""
     sys.path.insert(0, str(REPO))
     import benchmarks.sizes
-    from benchmarks import gpu_check
 
     root = tmp_path / "bench-root"
     root.mkdir()
     (root / "tiny").symlink_to(tiny_checkpoint, target_is_directory=True)
     monkeypatch.setattr(benchmarks.sizes, "bench_root", lambda: root)
+
+
+@pytest.mark.usefixtures("bench_scripts")
+def test_gpu_check_script_runs_on_cpu(tmp_path: Path) -> None:
+    """`benchmarks/gpu_check.py` (the first thing a GPU session runs) compares both paths in its smoke mode."""
+    import json
+
+    from benchmarks import gpu_check
+
     out = tmp_path / "out"
     assert gpu_check.main(["--device", "cpu", "--sizes", "tiny", "--batches", "3", "--out", str(out)]) == 0
     data = json.loads((out / "gpu_check.json").read_text())
@@ -339,20 +346,13 @@ def test_gpu_check_script_runs_on_cpu(tiny_checkpoint: Path, tmp_path: Path, mon
     assert all(r["rows_equal"] == 3 and r["loop_batches"] > 0 and not r["graphs_used"] for r in data["rows"])
 
 
-def test_gpu_benchmark_script_runs_on_cpu(
-    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("bench_scripts")
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path: Path) -> None:
     """`benchmarks/gpu_real.py` (run in GPU sessions only) still runs end to end: its smoke mode on the tiny model."""
     import json
 
-    sys.path.insert(0, str(REPO))
-    import benchmarks.sizes
     from benchmarks import gpu_real
 
-    root = tmp_path / "bench-root"
-    root.mkdir()
-    (root / "tiny").symlink_to(tiny_checkpoint, target_is_directory=True)
-    monkeypatch.setattr(benchmarks.sizes, "bench_root", lambda: root)
     out = tmp_path / "out"
     args = ["--device", "cpu", "--size", "tiny", "--batches", "3", "--tokens", "4", "--reps", "1"]
     args += ["--options", "graphs", "default", "--service-callers", "3", "--service-rounds", "1", "--out", str(out)]
