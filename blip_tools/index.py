@@ -2,12 +2,15 @@
 
 Each image row holds its path, size, mtime, a SHA-256 of the file bytes, a hash of the decoded pixels, the
 pooled embedding (float32), the per-query-token embeddings (float16, for exact ITC scores) and an optional
-caption. Runs are incremental: a file whose size and mtime are unchanged is skipped; a changed one is hashed
-and re-embedded only if its bytes changed (or reuses the vectors of an identical file already indexed);
-files gone from disk are removed. A run reads each file once: the bytes it hashes are the bytes the model embeds
-and captions (held for one chunk at a time), so the stored hash always describes what was embedded. Every chunk
-of work is committed, so a run can be interrupted and resumed, and the database is in WAL mode, so searches (from
-any thread or process) see committed rows while a run goes on. An index file this process may not write (a
+caption. Runs are incremental: a file whose size, mtime and ctime are unchanged is skipped; a changed one is
+hashed and re-embedded only if its bytes changed (or reuses the vectors of an identical file already indexed);
+files gone from disk are removed. Vectors are recorded under the retrieval model's name (a local checkpoint folder
+as its real path); for a local folder, a fingerprint of its weights is recorded too, so vectors made by weights
+since replaced in that folder count as another model's: search leaves them out, the next run re-embeds them.
+A run reads each file once: the bytes it hashes are the bytes the model embeds and captions (held for one chunk
+at a time), so the stored hash always describes what was embedded. Every chunk of work is committed, so a run
+can be interrupted and resumed, and the database is in WAL mode, so searches (from any thread or process) see
+committed rows while a run goes on. An index file this process may not write (a
 read-only mount, another user's file, a folder where SQLite cannot create its -wal/-shm files) is opened read-only:
 it is searched as usual, and writing to it raises `IndexReadOnly`.
 
@@ -89,6 +92,7 @@ CREATE TABLE IF NOT EXISTS images (
     dir TEXT NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER,
     file_sha256 TEXT,
     pixel_sha256 TEXT,
     width INTEGER,
@@ -112,6 +116,18 @@ _COLUMNS: Final = frozenset(
         "embedding", "query_vectors", "caption", "caption_confidence", "caption_model", "error", "indexed_at",
     }
 )  # fmt: skip
+_ADDED_COLUMNS: Final = {"ctime_ns": "INTEGER"}
+"""Columns added since schema version 1 (NULL in rows an older blip-tools wrote), added to an older file on open.
+
+Additive, so the schema version stays 1: an older blip-tools still reads and writes the file (leaving these NULL,
+which only makes the next run of this version hash those files once more)."""
+_WEIGHTS_KEY: Final = "weights:"
+"""Meta key prefix: `weights:<model name>` holds the fingerprint of the local checkpoint that made its vectors."""
+_WEIGHT_SUFFIXES: Final = frozenset({".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model"})
+"""The files of a checkpoint folder that make its model (weights, configs, tokenizer files)."""
+_WHOLE_FILE_MAX: Final = 1 << 20
+_SAMPLES: Final = 16
+_SAMPLE_BYTES: Final = 4096
 
 
 def _display(text: str) -> str:
@@ -270,6 +286,7 @@ class _Todo:
     path: str
     size: int
     mtime_ns: int
+    ctime_ns: int
     row: sqlite3.Row | None
     caption_only: bool = False
 
@@ -418,6 +435,60 @@ def _maps_db_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def _unchanged(row: sqlite3.Row | None, st: os.stat_result) -> bool:
+    """Whether a file's stat matches its row: size, mtime, and ctime (a file replaced by one of the same size and
+    mtime, by `cp -p`, `rsync -t`, a restore or an app that keeps timestamps, has a new ctime, which no tool can set
+    back). A row without a ctime (written by an older blip-tools) does not match: the file is hashed once."""
+    return (
+        row is not None
+        and row["size"] == st.st_size
+        and row["mtime_ns"] == st.st_mtime_ns
+        and row["ctime_ns"] == st.st_ctime_ns
+    )
+
+
+def _file_sample(path: str, size: int) -> bytes:
+    """A digest of a checkpoint file: all of a small one; the start and evenly spaced pieces of a large one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if size <= _WHOLE_FILE_MAX:
+            digest.update(file.read())
+        else:
+            digest.update(file.read(16 * _SAMPLE_BYTES))  # a safetensors header and the first tensors
+            for i in range(_SAMPLES):
+                file.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+                digest.update(file.read(_SAMPLE_BYTES))
+    return digest.digest()
+
+
+def _weights_fingerprint(key: str) -> str | None:
+    """A cheap identity of a local checkpoint folder's model, or None for a hub id (or a folder that cannot be read).
+
+    Every weight, config and tokenizer file at the folder's top level counts by name, size, mtime and a sample of
+    its bytes (all of a small file, 17 pieces of a large one: kilobytes, not the gigabytes of the weights), so
+    writing a fine-tuned or another model into the folder, or copying one over it with its timestamps kept, changes
+    it. The same files written again (a new mtime) change it too: their images are embedded once more.
+    """
+    folder = Path(key)
+    if not folder.is_absolute() or not folder.is_dir():  # `_model_key` gives local folders as real paths
+        return None
+    digest = hashlib.sha256()
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        for entry in entries:
+            if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in _WEIGHT_SUFFIXES:
+                continue
+            if not entry.is_file():  # follows links: a hub cache snapshot links its files to blobs
+                continue
+            st = entry.stat()
+            digest.update(os.fsencode(entry.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            digest.update(_file_sample(entry.path, st.st_size))
+    except OSError as exc:  # the model cannot load from it either; the service says why
+        logger.warning("cannot fingerprint the checkpoint %r: %s", key, exc)
+        return None
+    return digest.hexdigest()
+
+
 def _model_key(name: str) -> str:
     """The name an index records vectors (or captions) under: a local checkpoint folder as its real path.
 
@@ -521,6 +592,8 @@ class ImageIndex:
         self.retrieval_model = self.settings.retrieval_model if remote else _model_key(self.settings.retrieval_model)
         """The name this index records its vectors under (a local checkpoint folder as its real path)."""
         self._caption_model = self.settings.model if remote else _model_key(self.settings.model)
+        self._weights = None if remote else _weights_fingerprint(self.retrieval_model)
+        """The fingerprint of a local retrieval checkpoint, taken once (as the service loads it once); else None."""
         self.path = Path(path).expanduser() if path is not None else self.settings.resolved_index_path()
         self._local = threading.local()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -609,6 +682,10 @@ class ImageIndex:
                 # Statement by statement: executescript() would commit outside our transaction.
                 for statement in filter(None, (s.strip() for s in _SCHEMA.split(";"))):
                     conn.execute(statement)
+                have = {row[1] for row in conn.execute("PRAGMA table_info(images)")}
+                for name, kind in _ADDED_COLUMNS.items():
+                    if name not in have:  # a file an older blip-tools made: its rows get NULL
+                        conn.execute(f"ALTER TABLE images ADD COLUMN {name} {kind}")
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
@@ -825,12 +902,15 @@ class ImageIndex:
         model = self.retrieval_model
         with self._run_lock:
             conn = self._conn()
+            if not self._weights_current(conn, claimed=True):
+                with self._write(conn):
+                    self._claim_weights(conn)
             found, unreadable = self._scan(root, recursive)
             lo, hi = _dir_range(root)
             rows = {
                 row["path"]: row
                 for row in conn.execute(
-                    "SELECT path, dir, size, mtime_ns, file_sha256, model, embedding IS NOT NULL AS has_vec, "
+                    "SELECT path, dir, size, mtime_ns, ctime_ns, file_sha256, model, embedding IS NOT NULL AS has_vec, "
                     "caption IS NOT NULL AS has_caption, caption_model, error FROM images "
                     "WHERE path >= CAST(? AS TEXT) AND path < CAST(? AS TEXT)",
                     (_db_text(lo), _db_text(hi)),
@@ -861,16 +941,16 @@ class ImageIndex:
             for path in sorted(found):
                 st = found[path]
                 row = rows.get(path)
-                same_stat = row is not None and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns
+                same_stat = _unchanged(row, st)
                 if same_stat and row is not None and row["error"] is not None:
                     report.failed += 1  # unchanged file that failed before: not retried until it changes
                 elif same_stat and row is not None and row["has_vec"] and row["model"] == model:
                     if captions and (not row["has_caption"] or row["caption_model"] != self._caption_model):
-                        todo.append(_Todo(path, st.st_size, st.st_mtime_ns, row, caption_only=True))
+                        todo.append(_Todo(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, row, caption_only=True))
                     else:
                         report.unchanged += 1
                 else:
-                    todo.append(_Todo(path, st.st_size, st.st_mtime_ns, row))
+                    todo.append(_Todo(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, row))
             progress = _DeferredProgress(on_progress, len(todo))
             done = 0
             dims_checked: set[int] = set()
@@ -1051,9 +1131,51 @@ class ImageIndex:
 
         by_path = {item.path: item for item in part}
         with self._write(conn):
+            self._claim_weights(conn)  # another process with other weights under this name may have run meanwhile
             for path, columns in writes.items():
                 item = by_path[path]
                 self._upsert(conn, root, item, columns, now)
+
+    def _weights_current(self, conn: sqlite3.Connection, *, claimed: bool = False) -> bool:
+        """False when the vectors under this model's name were made by other weights (its folder was replaced).
+
+        With `claimed`, also False when no fingerprint is recorded yet (an index run then records it).
+        An index made before fingerprints were recorded has none: its vectors count as this model's.
+        """
+        if self._weights is None:
+            return True
+        row = conn.execute(
+            "SELECT value FROM meta WHERE key = CAST(? AS TEXT)", (_db_text(_WEIGHTS_KEY + self.retrieval_model),)
+        ).fetchone()
+        return row[0] == self._weights if row is not None else not claimed
+
+    def _claim_weights(self, conn: sqlite3.Connection) -> None:
+        """Inside a write: record this model's fingerprint; vectors of other weights under its name become stale.
+
+        They are relabelled as another model's, so they take the path of a model change: search leaves them out,
+        `stats().stale` counts them, an index run re-embeds them (and neither reuses them for an identical file).
+        """
+        if self._weights is None:
+            return
+        key = _db_text(_WEIGHTS_KEY + self.retrieval_model)
+        row = conn.execute("SELECT value FROM meta WHERE key = CAST(? AS TEXT)", (key,)).fetchone()
+        if row is not None and row[0] == self._weights:
+            return
+        if row is not None:
+            logger.info("the checkpoint %r was replaced: its images will be embedded again", self.retrieval_model)
+            conn.execute(
+                "UPDATE images SET model = CAST(? AS TEXT) WHERE model = CAST(? AS TEXT)",
+                (_db_text(f"{self.retrieval_model} (weights {row[0][:16]})"), _db_text(self.retrieval_model)),
+            )
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (CAST(? AS TEXT), ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, self._weights),
+        )
+
+    def _current_model(self, conn: sqlite3.Connection) -> str | None:
+        """The model name whose vectors search uses: None (no row) when they were made by replaced weights."""
+        return self.retrieval_model if self._weights_current(conn) else None
 
     def _check_dim(self, conn: sqlite3.Connection, dim: int) -> None:
         """Refuse vectors whose size differs from those already stored under the same model name.
@@ -1098,7 +1220,13 @@ class ImageIndex:
 
     @staticmethod
     def _upsert(conn: sqlite3.Connection, root: str, item: _Todo, columns: dict[str, Any], now: float) -> None:
-        base = {"path": item.path, "dir": os.path.dirname(item.path), "size": item.size, "mtime_ns": item.mtime_ns}
+        base = {
+            "path": item.path,
+            "dir": os.path.dirname(item.path),
+            "size": item.size,
+            "mtime_ns": item.mtime_ns,
+            "ctime_ns": item.ctime_ns,
+        }
         values = {**base, **columns, "indexed_at": now}
         names = list(values)
         bound = [_db_text(v) if isinstance(v, str) else v for v in values.values()]
@@ -1165,14 +1293,15 @@ class ImageIndex:
         self._follow_writer()
         conn = self._conn()
         model = self.retrieval_model
+        current = self._current_model(conn)  # a fingerprint changes only in a write, which bumps the generation
         row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         generation = row[0] if row is not None else "0"
         cached = self._matrix
         if cached is not None and cached.generation == generation and cached.model == model:
             return cached
         rows = conn.execute(
-            "SELECT rowid, path, dim, embedding FROM images WHERE embedding IS NOT NULL AND model = ? ORDER BY path",
-            (model,),
+            "SELECT rowid, path, dim, embedding FROM images WHERE embedding IS NOT NULL AND model IS ? ORDER BY path",
+            (current,),
         ).fetchall()
         dims = {r["dim"] for r in rows}
         if not all(isinstance(d, int) and d > 0 for d in dims):
@@ -1462,11 +1591,11 @@ class ImageIndex:
     def stats(self) -> IndexStats:
         """How many images the index holds, captioned, failed and stale."""
         conn = self._conn()
-        model = self.retrieval_model
+        model = self._current_model(conn)
         row = conn.execute(
-            "SELECT SUM(embedding IS NOT NULL AND model = ?) AS images, "
-            "SUM(embedding IS NOT NULL AND model = ? AND caption IS NOT NULL) AS captioned, "
-            "SUM(error IS NOT NULL) AS failed, SUM(embedding IS NOT NULL AND model != ?) AS stale FROM images",
+            "SELECT SUM(embedding IS NOT NULL AND model IS ?) AS images, "
+            "SUM(embedding IS NOT NULL AND model IS ? AND caption IS NOT NULL) AS captioned, "
+            "SUM(error IS NOT NULL) AS failed, SUM(embedding IS NOT NULL AND model IS NOT ?) AS stale FROM images",
             (model, model, model),
         ).fetchone()
         size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
