@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput
 from ..settings import BlipSettings
+from .clock import RunClock
 from .config import FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog, read_examples
 from .layout import CHECKPOINT_DIR, is_run_folder
@@ -76,7 +77,9 @@ def finetune(
         model: the checkpoint to start from (default `BlipSettings().model`).
         settings: image limits and device defaults (default `BlipSettings()` from the environment).
         config: a `FinetuneConfig`; `options` (its field names, e.g. `epochs=5, lr=1e-4, lora=True`) override it.
-        resume: continue from the latest checkpoint in `out_dir/checkpoints` (same data and options).
+        resume: continue from the latest checkpoint in `out_dir/checkpoints` (same data and options). With no
+            checkpoint left (a finished run, `keep_checkpoints` pruned or deleted them), train the run saved there
+            again from step 0, if its `metrics.json` records the same data and options.
         on_step: called with a `StepInfo` after every optimizer step (metrics, custom logging).
 
     Raises:
@@ -85,6 +88,7 @@ def finetune(
             does not match the saved run.
         ModelNotAvailable: the base checkpoint cannot be loaded, or is not a captioner (e.g. a retrieval checkpoint).
     """
+    clock = RunClock()  # the report's seconds: from here to the end, less the imports of torch and transformers
     settings = settings if settings is not None else BlipSettings()
     cfg = FinetuneConfig.from_options(config, **options)
     model_name = model or settings.model
@@ -106,8 +110,10 @@ def finetune(
                 "nothing there was changed."
             )
     _check_writable(out)
-    from ..runtime import resolve_device
+    with clock.importing():
+        import torch  # noqa: F401  (resolve_device needs it; importing it takes seconds that are not the run's)
 
+        from ..runtime import resolve_device
     resolve_device(cfg.device or str(settings.device))  # a device this machine lacks fails before the data check
 
     log = IssueLog(cfg.on_error)
@@ -133,7 +139,8 @@ def finetune(
             + (f" ({len(log.issues)} bad lines skipped)." if log.issues else ".")
         )
 
-    from .trainer import Trainer
+    with clock.importing():
+        from .trainer import Trainer
 
     trainer = Trainer(
         model_name=model_name,
@@ -146,6 +153,7 @@ def finetune(
         data_file=dataset.file,
         resume=resume,
         on_step=on_step,
+        clock=clock,
     )
     report = trainer.run()
     logger.info(

@@ -163,6 +163,10 @@ class FinetuneReport(BaseModel):
     device: str
     precision: str
     seconds: float
+    """Wall time of this call: reading and checking the data, loading the model, training, validation and export.
+    The imports of torch and transformers are left out (`import_seconds`); a resumed run counts only its own part."""
+    import_seconds: float = 0.0
+    """Time this call spent importing torch and transformers (not in `seconds`; 0 when they were loaded already)."""
     metrics_path: Path
     """JSON with per-step loss, lr and time, and every validation loss."""
 

@@ -37,6 +37,7 @@ from ..errors import InvalidInput, ModelNotAvailable
 from ..images import load_image
 from ..runtime import MAX_PROMPT_TOKENS, Blip2Runtime, resolve_device
 from ..settings import BlipSettings
+from .clock import RunClock
 from .config import FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog
 from .layout import CHECKPOINT_DIR, METRICS_FILE, find_checkpoints
@@ -106,6 +107,43 @@ def _damaged_checkpoint(path: Path, exc: BaseException) -> InvalidInput:
     )
 
 
+def _refuse_another_run(where: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse a resume whose data or training options differ from the saved run's, listing every difference.
+
+    A key `saved` lacks was not recorded by the version that wrote it: it is not compared.
+    """
+    diff = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    if diff:
+        raise InvalidInput(
+            f"Cannot resume {where}: the run differs in {diff} (saved, now). Use the same data and options, or a "
+            "new output folder."
+        )
+
+
+def _fingerprint_from_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a metrics.json written before it kept the fingerprint says about the run: its options and step count.
+
+    The data digests were not recorded there, so they are not compared; everything else a resume checks is.
+    """
+    config, report = metrics.get("config"), metrics.get("report")
+    if not isinstance(config, dict):
+        return {}
+    saved: dict[str, Any] = {k: metrics[k] for k in ("base_model",) if k in metrics}
+    options = ("batch_size", "grad_accum", "seed", "lr", "weight_decay", "max_grad_norm", "lora")
+    saved |= {k: config[k] for k in options if k in config}
+    lora = bool(config.get("lora"))
+    for key in ("lora_r", "lora_alpha", "lora_dropout"):
+        saved[key] = config.get(key) if lora else None
+    saved["lora_targets"] = sorted(config.get("lora_targets") or ()) if lora else None
+    if isinstance(report, dict) and isinstance(report.get("total_steps"), int):
+        total = report["total_steps"]
+        saved["total_steps"] = total
+        saved["train_examples"] = report.get("train_examples")
+        warmup = config.get("warmup_steps")
+        saved["warmup_steps"] = warmup if warmup is not None else int(config.get("warmup_ratio", 0.0) * total)
+    return saved
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
@@ -138,6 +176,7 @@ class Trainer:
         data_file: Path,
         resume: bool = False,
         on_step: Callable[[StepInfo], None] | None = None,
+        clock: RunClock | None = None,
     ) -> None:
         self.model_name = model_name
         self.out_dir = out_dir
@@ -149,6 +188,8 @@ class Trainer:
         self.data_file = data_file
         self.resume = resume
         self.on_step = on_step
+        self.clock = clock
+        self.fingerprint: dict[str, Any] | None = None
         self.device = resolve_device(config.device or str(settings.device))
         self.frozen_dtype, self.autocast = _precision(config, self.device)
         self.model: Any = None
@@ -426,6 +467,37 @@ class Trainer:
             items.append([name, r.input_ids, r.labels])
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
+    def _check_saved_run(self, fingerprint: dict[str, Any]) -> None:
+        """A resume with no checkpoint left: refuse other data or options than the metrics.json there records.
+
+        Such a run trains again from step 0 (its optimizer state is gone); with the same data and options that is the
+        saved run again, as a resume from a checkpoint continues it.
+        """
+        path = self.out_dir / METRICS_FILE
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none (a run stopped before its first checkpoint), or not ours: nothing to match
+            metrics = None
+        if not isinstance(metrics, dict):
+            logger.info("no checkpoint in %s: starting from step 0", self.out_dir / CHECKPOINT_DIR)
+            return
+        saved = metrics.get("fingerprint")
+        if not isinstance(saved, dict):
+            try:
+                saved = _fingerprint_from_metrics(metrics)
+            except (TypeError, ValueError):  # a hand-edited file: what cannot be read is not compared
+                saved = {}
+        _refuse_another_run(f"the run in {self.out_dir} (as its {METRICS_FILE} records it)", saved, fingerprint)
+        report = metrics.get("report")
+        if isinstance(report, dict):
+            logger.warning(
+                "%s holds a finished run (%s steps) and no checkpoint to continue from: training it again from step 0 "
+                "with the same data and options; its model is replaced when the new one is complete.",
+                self.out_dir, report.get("steps"),
+            )  # fmt: skip
+        else:
+            logger.warning("no checkpoint left in %s: training the saved run again from step 0", self.out_dir)
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self._trainable()}
 
@@ -454,7 +526,9 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> FinetuneReport:
         """Train, write the servable checkpoint and the metrics JSON, and return the report."""
-        began = time.perf_counter()
+        clock = self.clock if self.clock is not None else RunClock()
+        with clock.importing():
+            _import_model_libraries()
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
         self._load()
@@ -482,7 +556,7 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine_with_warmup(warmup, total_steps))
         scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and self.frozen_dtype == torch.float16)
-        fingerprint = self._fingerprint(total_steps, warmup)
+        fingerprint = self.fingerprint = self._fingerprint(total_steps, warmup)
         # Default: at epoch ends, but at least MIN_SAVE_INTERVAL steps apart (tiny data sets have 1-step epochs).
         save_every = cfg.save_every or steps_per_epoch * math.ceil(MIN_SAVE_INTERVAL / steps_per_epoch)
 
@@ -500,13 +574,7 @@ class Trainer:
                     raise TypeError(f"its fingerprint is a {type(saved).__name__}, not a dict")
             except Exception as exc:  # truncated zip, unpickling refused, not a dict, ...: all mean a broken file
                 raise _damaged_checkpoint(path, exc) from exc
-            # A key the saved fingerprint lacks was not recorded by the version that wrote it: not compared.
-            diff = {k: (saved[k], v) for k, v in fingerprint.items() if k in saved and saved[k] != v}
-            if diff:
-                raise InvalidInput(
-                    f"Cannot resume from {path}: the run differs in {diff} (saved, now). Use the same data and "
-                    "options, or a new output folder."
-                )
+            _refuse_another_run(f"from {path}", saved, fingerprint)
             params = dict(self._trainable())
             try:
                 with torch.no_grad():
@@ -526,7 +594,7 @@ class Trainer:
                 raise _damaged_checkpoint(path, exc) from exc
             logger.info("resumed from %s at step %d", path, step)
         elif self.resume:
-            logger.info("no checkpoint in %s: starting from step 0", self.out_dir / CHECKPOINT_DIR)
+            self._check_saved_run(fingerprint)
 
         n_trainable = sum(p.numel() for _, p in trainable)
         n_total = sum(p.numel() for p in self.model.parameters())
@@ -629,7 +697,8 @@ class Trainer:
             lora=cfg.lora,
             device=self.device,
             precision=_dtype_name(self.frozen_dtype) + (" autocast" if self.autocast else ""),
-            seconds=time.perf_counter() - began,
+            seconds=clock.seconds(),
+            import_seconds=clock.import_seconds,
             metrics_path=self.out_dir / METRICS_FILE,
         )
         self._write_metrics(history, report)
@@ -694,6 +763,7 @@ class Trainer:
             "base_model": self.model_name,
             "data_file": str(self.data_file),
             "config": self.config.model_dump(mode="json"),
+            "fingerprint": self.fingerprint,
             "steps": history.steps,
             "eval": history.evals,
             "best_step": history.best_step,
@@ -706,6 +776,11 @@ class Trainer:
         with writing("the metrics", path, "to continue from the last complete checkpoint"):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             replace_text(path, json.dumps(payload, indent=1) + "\n")
+
+
+def _import_model_libraries() -> None:
+    """Import what loading and saving the model needs, so the run's clock can leave the seconds it takes out."""
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration  # noqa: F401
 
 
 class _NoBar:

@@ -201,3 +201,44 @@ def test_resume_refuses_other_options_or_data_and_says_which(
         caption_data, out, settings=settings, resume=True, on_step=record, **(options | {"cache_features": False})
     )
     assert report.resumed_from_step == 1 and steps == [2]
+
+
+def test_a_finished_run_with_no_checkpoint_left_is_resumed_only_with_the_same_data_and_options(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    settings = _settings(tiny_checkpoint / "captioner")
+    options = FAST | {"max_steps": 2, "batch_size": 3}
+    out = tmp_path / "run"
+    done = finetune(caption_data, out, settings=settings, **options)
+    assert not (out / "checkpoints").exists()  # 2 steps: no checkpoint (as after pruning or deleting them)
+    metrics = out / "metrics.json"
+    before = metrics.read_text()
+    # As a resume from a checkpoint does, a resume from what metrics.json records refuses other options or data.
+    changes: list[tuple[dict[str, Any], str]] = [
+        ({"lr": 1e-3}, "lr"),
+        ({"max_steps": 3}, "total_steps"),
+        ({"seed": 1}, "seed"),
+        ({"batch_size": 2}, "batch_size"),
+    ]
+    for change, key in changes:
+        with pytest.raises(InvalidInput, match=rf"Cannot resume the run in .*metrics\.json.*differs in \{{'{key}'"):
+            finetune(caption_data, out, settings=settings, resume=True, **(options | change))
+    other = tmp_path / "other"
+    shutil.copytree(caption_data, other)
+    (other / "captions.jsonl").write_text((other / "captions.jsonl").read_text().replace("dog", "cat"))
+    with pytest.raises(InvalidInput, match=r"differs in \{'train_data'"):
+        finetune(other, out, settings=settings, resume=True, **options)
+    assert metrics.read_text() == before  # refused before anything was written
+
+    # A metrics.json written before it kept the fingerprint: the options and step count it records still count.
+    old = json.loads(before)
+    del old["fingerprint"]
+    metrics.write_text(json.dumps(old))
+    with pytest.raises(InvalidInput, match=r"differs in \{'lr'"):
+        finetune(caption_data, out, settings=settings, resume=True, **(options | {"lr": 1e-3}))
+
+    # The same data and options: the run is trained again from step 0 — the saved run again, step for step.
+    again = finetune(caption_data, out, settings=settings, resume=True, **options)
+    assert again.resumed_from_step is None and again.steps == 2
+    assert _losses(again) == pytest.approx([s["loss"] for s in json.loads(before)["steps"]], rel=1e-5)
+    assert done.final_loss == pytest.approx(again.final_loss, rel=1e-5)
