@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidInput
 from ..settings import BlipSettings
 from .clock import RunClock
-from .config import FinetuneConfig, FinetuneReport, SkippedLine
+from .config import LORA_NEEDS_PEFT, FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog, read_examples
 from .layout import CHECKPOINT_DIR, is_run_folder
 
@@ -115,6 +115,12 @@ def finetune(
 
         from ..runtime import resolve_device
     resolve_device(cfg.device or str(settings.device))  # a device this machine lacks fails before the data check
+    if cfg.lora:  # a missing extra is told now, not after every image is checked and the base model is loaded
+        with clock.importing():
+            try:
+                import peft  # noqa: F401
+            except ImportError as exc:
+                raise InvalidInput(LORA_NEEDS_PEFT) from exc
 
     log = IssueLog(cfg.on_error)
     dataset = read_examples(data, settings, log)

@@ -12,6 +12,8 @@ from ..params import format_validation_error
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
+LORA_NEEDS_PEFT = "lora=True needs the peft package: pip install 'blip-tools[lora]' (or pip install peft)."
+
 
 class FinetuneConfig(BaseModel):
     """Hyper-parameters and switches of one fine-tuning run; every field has a safe default."""
@@ -171,4 +173,4 @@ class FinetuneReport(BaseModel):
     """JSON with per-step loss, lr and time, and every validation loss."""
 
 
-__all__ = ["FinetuneConfig", "FinetuneReport", "Precision", "SkippedLine"]
+__all__ = ["LORA_NEEDS_PEFT", "FinetuneConfig", "FinetuneReport", "Precision", "SkippedLine"]

@@ -38,7 +38,7 @@ from ..images import load_image
 from ..runtime import MAX_PROMPT_TOKENS, Blip2Runtime, resolve_device
 from ..settings import BlipSettings
 from .clock import RunClock
-from .config import FinetuneConfig, FinetuneReport, SkippedLine
+from .config import LORA_NEEDS_PEFT, FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog
 from .layout import CHECKPOINT_DIR, METRICS_FILE, find_checkpoints
 from .writes import install, replace_text, staged_folder, writing
@@ -253,9 +253,7 @@ class Trainer:
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as exc:
-            raise InvalidInput(
-                "lora=True needs the peft package: pip install 'blip-tools[lora]' (or pip install peft)."
-            ) from exc
+            raise InvalidInput(LORA_NEEDS_PEFT) from exc
         cfg = LoraConfig(
             r=self.config.lora_r,
             lora_alpha=self.config.lora_alpha,

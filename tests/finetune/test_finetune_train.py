@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -456,3 +457,29 @@ def test_bad_lines_in_the_validation_data_are_reported_under_that_file(
         finetune(caption_data, tmp_path / "out", settings=settings, val_data=str(val), max_steps=1, progress=False)
     message = str(info.value)
     assert f"the validation data {val}" in message and f"{val}:1:" in message  # not "in the data of <train file>"
+
+
+def test_lora_without_peft_is_refused_before_the_data_check_and_the_model_load(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import blip_tools.finetune as ft
+    from blip_tools.finetune.trainer import Trainer
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError, as without the [lora] extra
+    read: list[Path] = []
+    real_read = ft.read_examples
+
+    def read_examples(data: Path, *args: Any, **kwargs: Any) -> Any:
+        read.append(data)
+        return real_read(data, *args, **kwargs)
+
+    def load(self: Trainer) -> None:
+        raise AssertionError("the base model was loaded before the missing peft was reported")
+
+    monkeypatch.setattr(ft, "read_examples", read_examples)
+    monkeypatch.setattr(Trainer, "_load", load)
+    out = tmp_path / "out"
+    options: dict[str, Any] = {"lora": True, "max_steps": 1, "val_fraction": 0, "progress": False}
+    with pytest.raises(InvalidInput, match=r"needs the peft package: pip install 'blip-tools\[lora\]'"):
+        finetune(caption_data, out, settings=_settings(tiny_checkpoint / "captioner"), **options)
+    assert read == [] and not out.exists()  # told at once: no image decoded, no model loaded, nothing written
