@@ -1144,10 +1144,15 @@ class ImageIndex:
         """
         if self._weights is None:
             return True
+        recorded = self._recorded_weights(conn)
+        return recorded == self._weights if recorded is not None else not claimed
+
+    def _recorded_weights(self, conn: sqlite3.Connection) -> str | None:
+        """The fingerprint recorded for this model's name (None: none yet)."""
         row = conn.execute(
             "SELECT value FROM meta WHERE key = CAST(? AS TEXT)", (_db_text(_WEIGHTS_KEY + self.retrieval_model),)
         ).fetchone()
-        return row[0] == self._weights if row is not None else not claimed
+        return None if row is None else str(row[0])
 
     def _claim_weights(self, conn: sqlite3.Connection) -> None:
         """Inside a write: record this model's fingerprint; vectors of other weights under its name become stale.
@@ -1157,20 +1162,19 @@ class ImageIndex:
         """
         if self._weights is None:
             return
-        key = _db_text(_WEIGHTS_KEY + self.retrieval_model)
-        row = conn.execute("SELECT value FROM meta WHERE key = CAST(? AS TEXT)", (key,)).fetchone()
-        if row is not None and row[0] == self._weights:
+        recorded = self._recorded_weights(conn)
+        if recorded == self._weights:
             return
-        if row is not None:
+        if recorded is not None:
             logger.info("the checkpoint %r was replaced: its images will be embedded again", self.retrieval_model)
             conn.execute(
                 "UPDATE images SET model = CAST(? AS TEXT) WHERE model = CAST(? AS TEXT)",
-                (_db_text(f"{self.retrieval_model} (weights {row[0][:16]})"), _db_text(self.retrieval_model)),
+                (_db_text(f"{self.retrieval_model} (weights {recorded[:16]})"), _db_text(self.retrieval_model)),
             )
         conn.execute(
             "INSERT INTO meta (key, value) VALUES (CAST(? AS TEXT), ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (key, self._weights),
+            (_db_text(_WEIGHTS_KEY + self.retrieval_model), self._weights),
         )
 
     def _current_model(self, conn: sqlite3.Connection) -> str | None:
