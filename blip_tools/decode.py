@@ -86,11 +86,12 @@ class _Buffers:
 class GraphDecoder:
     """Decodes one batch at a time for one loaded captioner (used only by the model worker thread)."""
 
-    def __init__(self, model: Any, device: str, *, use_graphs: bool) -> None:
+    def __init__(self, model: Any, device: str) -> None:
         self.lm = model.language_model
         self.decoder = self.lm.get_decoder()
         self.device = device
-        self.use_graphs = use_graphs and device.startswith("cuda")
+        self.use_graphs = device.startswith("cuda")
+        """Capture and replay the step (CUDA only); False elsewhere, or after a capture failed."""
         self._buffers: _Buffers | None = None
         self._graphs: dict[tuple[int, int], Any] = {}  # (rows, cache positions) -> graph
         self._pool: Any = None
@@ -150,6 +151,8 @@ class GraphDecoder:
         `pad_id` after their end token, as `generate()` pads them.
         """
         import torch
+
+        from .runtime import _cache_kwarg  # the runtime imports this module lazily, so no import cycle at load
 
         lm = self.lm
         rows, width = input_ids.shape
@@ -376,9 +379,3 @@ class GraphDecoder:
         b.logits[:rows].copy_(self.lm.lm_head(hidden)[:, 0])
         b.slot.add_(1)
         pos.add_(1)
-
-
-def _cache_kwarg() -> str:
-    from .runtime import _cache_kwarg as kwarg
-
-    return kwarg()

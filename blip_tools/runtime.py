@@ -586,7 +586,7 @@ class Blip2Runtime:
         if self._decoder is None:
             from .decode import GraphDecoder
 
-            self._decoder = GraphDecoder(self.load_captioner().model, self.device, use_graphs=True)
+            self._decoder = GraphDecoder(self.load_captioner().model, self.device)
         return None if self._decoder.unsupported(params) else self._decoder
 
     def generate(

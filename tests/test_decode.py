@@ -221,7 +221,7 @@ def test_other_opt_layouts(tiny_checkpoint: Path, layer_norm_before: bool, proje
             min_new_tokens=9,
             do_sample=False,
         )[:, width:]
-        got, _ = GraphDecoder(model, "cpu", use_graphs=True).run(
+        got, _ = GraphDecoder(model, "cpu").run(
             params, embeds=embeds, attention=attention, input_ids=input_ids, past=None, eos_ids=[2], pad_id=1
         )
     assert torch.equal(got, want)
@@ -247,7 +247,7 @@ def test_step_reads_nothing_back_to_the_host(runtimes: dict[bool, Blip2Runtime])
         with pytest.raises((RuntimeError, NotImplementedError)):
             sync(torch.ones(3, device="meta"))
     model = copy.deepcopy(runtimes[True].load_captioner().model).to("meta")
-    decoder = GraphDecoder(model, "meta", use_graphs=True)
+    decoder = GraphDecoder(model, "meta")
     assert decoder.use_graphs is False  # graphs are for CUDA only
     b = decoder._allocate(4, 64)
     with torch.inference_mode():
