@@ -132,6 +132,12 @@ def finetune(
     else:
         train, val = _split(dataset.examples, cfg.val_fraction, cfg.seed)
     log.check(what)
+    if cfg.val_data is not None and not val:  # asked for: training without it would save the last, not the best
+        raise InvalidInput(
+            f"No usable validation examples in {val_set.file}"
+            + (" (all its lines were bad and skipped)" if val_set.issues else "")
+            + ": fix that file, or leave out val_data (--val-data) to hold out val_fraction of the training images."
+        )
     if not val and cfg.patience is not None:
         why = "val_fraction is 0" if cfg.val_data is None and cfg.val_fraction == 0 else "none could be held out"
         logger.warning(

@@ -116,7 +116,10 @@ def find_data_file(data: str | Path) -> Path:
     for name in DATA_FILE_NAMES:
         if (path / name).is_file():
             return path / name
-    candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".jsonl", ".csv"))
+    # Hidden files are not data: macOS leaves `._name.csv` resource forks beside every file copied to another disk.
+    candidates = sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".jsonl", ".csv") and p.name[0] != "."
+    )
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -320,7 +323,8 @@ def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, ch
         if not isinstance(item, str) and check_images:
             image = item[0].image
             if image not in checked:
-                checked[image] = _image_problem(image, settings)
+                given = str(row.get("image", "")).strip() if isinstance(row, dict) else ""
+                checked[image] = _image_problem(image, settings, given, base)
             problem = checked[image]
             if problem is not None:
                 item = problem
@@ -333,15 +337,31 @@ def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, ch
     return dataset
 
 
-def _image_problem(path: Path, settings: BlipSettings) -> str | None:
-    """None if the image decodes, else why not (missing file, unreadable image, over a limit)."""
+def _image_problem(path: Path, settings: BlipSettings, given: str, base: Path) -> str | None:
+    """None if the image decodes, else why not (missing file, unreadable image, over a limit).
+
+    `given` is the path as the line wrote it and `base` the data file's folder, for the hint of a missing image.
+    """
     if not path.exists():
-        return f"missing image: {path} does not exist"
+        return f"missing image: {path} does not exist{_missing_hint(given, base)}"
     try:
         load_image(path, settings)
     except BlipError as exc:
         return f"unreadable image {path}: {exc}"
     return None
+
+
+def _missing_hint(given: str, base: Path) -> str:
+    """What most likely went wrong when the image `given` (as written in the data file) is not found."""
+    if "://" in given:
+        return " (images are read from files only: download them and give their paths)"
+    as_written = Path(given).expanduser()
+    if not as_written.is_absolute() and as_written.exists():
+        return (
+            f" ({given} is relative to the current folder, but image paths are relative to the data file's folder "
+            f"{base}: write them relative to it, or absolute)"
+        )
+    return ""
 
 
 __all__ = [

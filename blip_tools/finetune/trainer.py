@@ -476,8 +476,11 @@ class Trainer:
             metrics = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):  # none (a run stopped before its first checkpoint), or not ours: nothing to match
             metrics = None
-        if not isinstance(metrics, dict):
-            logger.info("no checkpoint in %s: starting from step 0", self.out_dir / CHECKPOINT_DIR)
+        if not isinstance(metrics, dict):  # a missing or empty folder (a mistyped --out?), or a run stopped early
+            logger.warning(
+                "nothing to resume in %s (no checkpoint, no %s of a run): starting from step 0",
+                self.out_dir, METRICS_FILE,
+            )  # fmt: skip
             return
         saved = metrics.get("fingerprint")
         if not isinstance(saved, dict):
@@ -535,6 +538,17 @@ class Trainer:
         self.log.check(f"the data of {self.data_file}")
         if not self.train_rows:
             raise InvalidInput(f"No usable training examples in {self.data_file}.")
+        if self.val_examples and not self.val_rows:
+            if self.config.val_data is not None:
+                raise InvalidInput(
+                    f"No usable validation examples in {self.config.val_data}: every one was skipped as too long. "
+                    "Fix that file, or leave out val_data (--val-data) to hold out val_fraction of the training images."
+                )
+            logger.warning(
+                "no validation: the %d held-out examples were all skipped as too long, so the last weights are saved "
+                "and patience does not apply",
+                len(self.val_examples),
+            )
         if self.config.cache_features:
             self._cache_features([ex.image for ex in self.train_examples + self.val_examples])
             if self.device.startswith("cuda"):

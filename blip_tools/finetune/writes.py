@@ -13,6 +13,7 @@ those too, so a full disk ends a run with one actionable line, not a traceback.
 from __future__ import annotations
 
 import errno
+import filecmp
 import os
 import shutil
 import tempfile
@@ -117,19 +118,33 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
 def install(stage: Path, out_dir: Path) -> None:
     """Move every file of the complete `stage` into `out_dir` (renames: no data is copied, nothing can fill up).
 
-    Weight files of an earlier export that this one did not write (another sharding) are removed afterwards,
-    as `save_pretrained` does when it writes over a folder; nothing else in `out_dir` is touched.
+    A file identical to the one `out_dir` already holds (the configs and tokenizer of an earlier export of the
+    same run, which a resume requires to start from the same base) stays as it is, and the weights go last: a
+    run exported again then changes its folder with one atomic rename of the weights, so a crash or Ctrl-C
+    between two renames cannot leave new weights beside an older config. Weight files of an earlier export that
+    this one did not write (another sharding) are removed afterwards, as `save_pretrained` does when it writes
+    over a folder; nothing else in `out_dir` is touched.
     """
     names = {child.name for child in stage.iterdir()}
-    for name in sorted(names, key=lambda n: (not n.endswith(_WEIGHT_SUFFIXES), n)):  # weights first
-        target = out_dir / name
+    for name in sorted(names, key=lambda n: (n.endswith(_WEIGHT_SUFFIXES), n.endswith(".index.json"), n)):
+        source, target = stage / name, out_dir / name
+        if not name.endswith(_WEIGHT_SUFFIXES) and _same_file(source, target):
+            continue
         if target.is_dir():  # os.replace cannot put anything over a non-empty folder
             shutil.rmtree(target)
-        os.replace(stage / name, target)
+        os.replace(source, target)
     for child in out_dir.iterdir():
         stale = child.name not in names and child.name.startswith(("model", "pytorch_model"))
         if stale and child.is_file() and child.name.endswith(_WEIGHT_SUFFIXES):
             child.unlink()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are files with the same bytes (small ones: configs, tokenizers)."""
+    try:
+        return a.is_file() and b.is_file() and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 __all__ = ["STAGING_PREFIX", "install", "replace_text", "staged_folder", "write_error", "writing"]

@@ -236,3 +236,35 @@ def test_caption_and_vqa_rows_mix_in_one_csv_and_a_row_with_both_gives_both(tmp_
         ("", "a boot"),
         (vqa(question="what?"), "a boot"),
     ]
+
+
+def test_a_missing_image_says_when_its_path_was_written_relative_to_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_image(tmp_path / "data" / "img" / "a.png", 1)
+    data = _jsonl(
+        tmp_path / "data",
+        [
+            json.dumps({"image": "data/img/a.png", "caption": "a dog"}),  # relative to the cwd, not the data file
+            json.dumps({"image": "https://example.com/a.png", "caption": "a cat"}),
+            json.dumps({"image": "img/nowhere.png", "caption": "a cow"}),
+        ],
+    )
+    monkeypatch.chdir(tmp_path)
+    log = IssueLog("skip")
+    read_examples(Path("data") / data.name, SETTINGS, log)
+    reasons = [issue.reason for issue in log.issues]
+    assert len(reasons) == 3 and all(reason.startswith("missing image: ") for reason in reasons)
+    assert reasons[0].endswith(
+        "(data/img/a.png is relative to the current folder, but image paths are relative to the data file's folder "
+        "data: write them relative to it, or absolute)"
+    )
+    assert reasons[1].endswith("(images are read from files only: download them and give their paths)")
+    assert reasons[2] == "missing image: data/img/nowhere.png does not exist"
+
+
+def test_hidden_files_beside_the_data_file_are_not_data(tmp_path: Path) -> None:
+    data = tmp_path / "labels.csv"
+    data.write_text("image,caption\na.png,a dog\n")
+    (tmp_path / "._labels.csv").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork of labels.csv
+    assert find_data_file(tmp_path) == data

@@ -483,3 +483,32 @@ def test_lora_without_peft_is_refused_before_the_data_check_and_the_model_load(
     with pytest.raises(InvalidInput, match=r"needs the peft package: pip install 'blip-tools\[lora\]'"):
         finetune(caption_data, out, settings=_settings(tiny_checkpoint / "captioner"), **options)
     assert read == [] and not out.exists()  # told at once: no image decoded, no model loaded, nothing written
+
+
+def test_validation_data_with_no_usable_example_is_refused(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"image": "missing.png", "caption": "a dog"}\n')
+    out = tmp_path / "out"
+    settings = _settings(tiny_checkpoint / "captioner")
+    with pytest.raises(InvalidInput) as info:  # skipping its only line would silently train with no validation
+        finetune(caption_data, out, settings=settings, val_data=str(val), on_error="skip", max_steps=1, progress=False)
+    assert str(info.value).startswith(f"No usable validation examples in {val} (all its lines were bad and skipped)")
+    assert not out.exists()
+    val.write_text("")
+    with pytest.raises(InvalidInput, match=f"No usable validation examples in {val}: fix that file"):
+        finetune(caption_data, out, settings=settings, val_data=str(val), max_steps=1, progress=False)
+
+
+def test_resume_with_nothing_to_resume_warns_that_it_starts_from_step_0(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "mistyped"  # e.g. --out my_blip2 for my-blip2: a new run, not the saved one
+    settings = _settings(tiny_checkpoint / "captioner")
+    with caplog.at_level("WARNING", logger="blip_tools.finetune"):
+        report = finetune(
+            caption_data, out, settings=settings, resume=True, max_steps=1, val_fraction=0, progress=False
+        )
+    assert report.steps == 1 and report.resumed_from_step is None
+    assert f"nothing to resume in {out} (no checkpoint, no metrics.json of a run): starting from step 0" in caplog.text

@@ -222,3 +222,32 @@ def test_replace_text_leaves_the_old_file_and_no_temporary_on_a_full_disk(
         writes.replace_text(path, '{"new": true}\n' * 1000)
     assert path.read_text() == '{"old": true}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_exporting_a_run_again_is_one_rename_of_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between two renames of an export cannot leave new weights beside an older config."""
+    import os
+
+    from blip_tools.finetune import writes
+
+    out, stage = tmp_path / "run", tmp_path / "run" / ".export-x"
+    stage.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json"):  # the same run exported again: the same configs
+        (out / name).write_text(f"{name} of the base\n")
+        (stage / name).write_text(f"{name} of the base\n")
+    (out / "model.safetensors").write_text("old weights")
+    (stage / "model.safetensors").write_text("new weights")
+    (stage / "generation_config.json").write_text("new\n")  # a file the previous export did not write
+    config = (out / "config.json").stat().st_ino
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        renamed.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    writes.install(stage, out)
+    assert renamed == ["generation_config.json", "model.safetensors"]  # identical files stay; the weights go last
+    assert (out / "config.json").stat().st_ino == config
+    assert (out / "model.safetensors").read_text() == "new weights"
