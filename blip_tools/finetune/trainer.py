@@ -506,8 +506,10 @@ class Trainer:
         path = self.out_dir / CHECKPOINT_DIR / f"step-{step:07d}"
         tmp = path.with_name(path.name + ".tmp")
         with writing(f"the checkpoint of step {step}", path, "to continue from the last complete checkpoint"):
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            # A hard kill (the OOM killer, SIGTERM) mid-save leaves its `step-N.tmp`, as big as a checkpoint, which
+            # no later save of another step would overwrite: remove every one before this save needs the space.
+            for stale in path.parent.glob("step-*.tmp"):
+                shutil.rmtree(stale)
             tmp.mkdir(parents=True)
             try:
                 torch.save(state, tmp / "state.pt")

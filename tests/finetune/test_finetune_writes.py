@@ -251,3 +251,16 @@ def test_exporting_a_run_again_is_one_rename_of_the_weights(tmp_path: Path, monk
     assert renamed == ["generation_config.json", "model.safetensors"]  # identical files stay; the weights go last
     assert (out / "config.json").stat().st_ino == config
     assert (out / "model.safetensors").read_text() == "new weights"
+
+
+def test_a_checkpoint_left_half_written_by_a_hard_kill_is_removed_by_the_next_save(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    killed = out / "checkpoints" / "step-0000007.tmp"  # killed (OOM, SIGTERM) while it wrote step 7
+    killed.mkdir(parents=True)
+    (killed / "state.pt").write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    options = ONE_STEP | {"max_steps": 2, "save_every": 1}
+    report = finetune(caption_data, out, settings=_settings(tiny_checkpoint / "captioner"), resume=True, **options)
+    assert report.steps == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
