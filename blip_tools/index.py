@@ -5,8 +5,9 @@ pooled embedding (float32), the per-query-token embeddings (float16, for exact I
 caption. Runs are incremental: a file whose size, mtime and ctime are unchanged is skipped; a changed one is
 hashed and re-embedded only if its bytes changed (or reuses the vectors of an identical file already indexed);
 files gone from disk are removed. Vectors are recorded under the retrieval model's name (a local checkpoint folder
-as its real path); for a local folder, a fingerprint of its weights is recorded too, so vectors made by weights
-since replaced in that folder count as another model's: search leaves them out, the next run re-embeds them.
+as its real path); for a local folder, a fingerprint of the weights the runtime loaded from it is recorded too
+(`Blip2Runtime.retrieval_fingerprint`), so vectors made by weights since replaced in that folder count as another
+model's: search leaves them out, the next run re-embeds them.
 A run reads each file once: the bytes it hashes are the bytes the model embeds and captions (held for one chunk
 at a time), so the stored hash always describes what was embedded. Every chunk of work is committed, so a run
 can be interrupted and resumed, and the database is in WAL mode, so searches (from any thread or process) see
@@ -123,11 +124,6 @@ Additive, so the schema version stays 1: an older blip-tools still reads and wri
 which only makes the next run of this version hash those files once more)."""
 _WEIGHTS_KEY: Final = "weights:"
 """Meta key prefix: `weights:<model name>` holds the fingerprint of the local checkpoint that made its vectors."""
-_WEIGHT_SUFFIXES: Final = frozenset({".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model"})
-"""The files of a checkpoint folder that make its model (weights, configs, tokenizer files)."""
-_WHOLE_FILE_MAX: Final = 1 << 20
-_SAMPLES: Final = 16
-_SAMPLE_BYTES: Final = 4096
 
 
 def _display(text: str) -> str:
@@ -275,7 +271,8 @@ class _Matrix:
     """The searchable vectors, sorted by path so a folder is one contiguous slice."""
 
     generation: str
-    model: str
+    model: str | None
+    """The model name whose vectors these are (None: none, its weights were replaced)."""
     rowids: npt.NDArray[np.int64]
     paths: list[str]
     vectors: npt.NDArray[np.float32]
@@ -447,48 +444,6 @@ def _unchanged(row: sqlite3.Row | None, st: os.stat_result) -> bool:
     )
 
 
-def _file_sample(path: str, size: int) -> bytes:
-    """A digest of a checkpoint file: all of a small one; the start and evenly spaced pieces of a large one."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        if size <= _WHOLE_FILE_MAX:
-            digest.update(file.read())
-        else:
-            digest.update(file.read(16 * _SAMPLE_BYTES))  # a safetensors header and the first tensors
-            for i in range(_SAMPLES):
-                file.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
-                digest.update(file.read(_SAMPLE_BYTES))
-    return digest.digest()
-
-
-def _weights_fingerprint(key: str) -> str | None:
-    """A cheap identity of a local checkpoint folder's model, or None for a hub id (or a folder that cannot be read).
-
-    Every weight, config and tokenizer file at the folder's top level counts by name, size, mtime and a sample of
-    its bytes (all of a small file, 17 pieces of a large one: kilobytes, not the gigabytes of the weights), so
-    writing a fine-tuned or another model into the folder, or copying one over it with its timestamps kept, changes
-    it. The same files written again (a new mtime) change it too: their images are embedded once more.
-    """
-    folder = Path(key)
-    if not folder.is_absolute() or not folder.is_dir():  # `_model_key` gives local folders as real paths
-        return None
-    digest = hashlib.sha256()
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        for entry in entries:
-            if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in _WEIGHT_SUFFIXES:
-                continue
-            if not entry.is_file():  # follows links: a hub cache snapshot links its files to blobs
-                continue
-            st = entry.stat()
-            digest.update(os.fsencode(entry.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-            digest.update(_file_sample(entry.path, st.st_size))
-    except OSError as exc:  # the model cannot load from it either; the service says why
-        logger.warning("cannot fingerprint the checkpoint %r: %s", key, exc)
-        return None
-    return digest.hexdigest()
-
-
 def _model_key(name: str) -> str:
     """The name an index records vectors (or captions) under: a local checkpoint folder as its real path.
 
@@ -592,8 +547,8 @@ class ImageIndex:
         self.retrieval_model = self.settings.retrieval_model if remote else _model_key(self.settings.retrieval_model)
         """The name this index records its vectors under (a local checkpoint folder as its real path)."""
         self._caption_model = self.settings.model if remote else _model_key(self.settings.model)
-        self._weights = None if remote else _weights_fingerprint(self.retrieval_model)
-        """The fingerprint of a local retrieval checkpoint, taken once (as the service loads it once); else None."""
+        self._runtime = None if remote else service.runtime
+        """Where the fingerprint of the retrieval weights comes from (None: a daemon's, which records none)."""
         self.path = Path(path).expanduser() if path is not None else self.settings.resolved_index_path()
         self._local = threading.local()
         self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -1008,6 +963,7 @@ class ImageIndex:
         to_caption: list[str] = []
         pending: dict[str, _Todo] = {}
         aliases: list[tuple[_Todo, _Todo]] = []
+        copied: list[str] = []  # files given the vectors of an identical file indexed before (by the weights then)
         # The bytes read for hashing, of the files the model still has to see; dropped with the chunk.
         encoded: dict[str, bytes] = {}
         keep_bytes = not _sends_paths(self.service)
@@ -1060,6 +1016,7 @@ class ImageIndex:
             ).fetchone()
             if twin is not None:
                 writes[item.path] = {**dict(twin), "file_sha256": digest, "model": model, "error": None}
+                copied.append(item.path)
                 report.reused += 1
                 if captions and (twin["caption"] is None or twin["caption_model"] != self._caption_model):
                     to_caption.append(item.path)
@@ -1131,10 +1088,25 @@ class ImageIndex:
 
         by_path = {item.path: item for item in part}
         with self._write(conn):
-            self._claim_weights(conn)  # another process with other weights under this name may have run meanwhile
+            # Another process with other weights under this name may have run meanwhile, or the model loaded (for
+            # this chunk) other weights than its folder held when the run began: vectors copied from a file indexed
+            # by the weights recorded before are then those weights', so they are stale too.
+            stale = self._claim_weights(conn)
+            if stale is not None:
+                for path in copied:
+                    writes[path]["model"] = stale
             for path, columns in writes.items():
                 item = by_path[path]
                 self._upsert(conn, root, item, columns, now)
+
+    def _weights(self) -> str | None:
+        """The fingerprint of the local retrieval checkpoint that embeds here (None: a hub id or a daemon's model).
+
+        The runtime's: that of the weights it loaded, as their folder was then (however it was rewritten since),
+        or, before it loads them, the folder's as it is now. Asked for anew at each use, since the model may load
+        (or, not loaded yet, its folder change) while the index is open.
+        """
+        return self._runtime.retrieval_fingerprint() if self._runtime is not None else None
 
     def _weights_current(self, conn: sqlite3.Connection, *, claimed: bool = False) -> bool:
         """False when the vectors under this model's name were made by other weights (its folder was replaced).
@@ -1142,10 +1114,11 @@ class ImageIndex:
         With `claimed`, also False when no fingerprint is recorded yet (an index run then records it).
         An index made before fingerprints were recorded has none: its vectors count as this model's.
         """
-        if self._weights is None:
+        weights = self._weights()
+        if weights is None:
             return True
         recorded = self._recorded_weights(conn)
-        return recorded == self._weights if recorded is not None else not claimed
+        return recorded == weights if recorded is not None else not claimed
 
     def _recorded_weights(self, conn: sqlite3.Connection) -> str | None:
         """The fingerprint recorded for this model's name (None: none yet)."""
@@ -1154,28 +1127,33 @@ class ImageIndex:
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def _claim_weights(self, conn: sqlite3.Connection) -> None:
+    def _claim_weights(self, conn: sqlite3.Connection) -> str | None:
         """Inside a write: record this model's fingerprint; vectors of other weights under its name become stale.
 
         They are relabelled as another model's, so they take the path of a model change: search leaves them out,
         `stats().stale` counts them, an index run re-embeds them (and neither reuses them for an identical file).
+        Returns the name they were relabelled with (None: nothing was).
         """
-        if self._weights is None:
-            return
+        weights = self._weights()
+        if weights is None:
+            return None
         recorded = self._recorded_weights(conn)
-        if recorded == self._weights:
-            return
+        if recorded == weights:
+            return None
+        stale = None
         if recorded is not None:
             logger.info("the checkpoint %r was replaced: its images will be embedded again", self.retrieval_model)
+            stale = f"{self.retrieval_model} (weights {recorded[:16]})"
             conn.execute(
                 "UPDATE images SET model = CAST(? AS TEXT) WHERE model = CAST(? AS TEXT)",
-                (_db_text(f"{self.retrieval_model} (weights {recorded[:16]})"), _db_text(self.retrieval_model)),
+                (_db_text(stale), _db_text(self.retrieval_model)),
             )
         conn.execute(
             "INSERT INTO meta (key, value) VALUES (CAST(? AS TEXT), ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (_db_text(_WEIGHTS_KEY + self.retrieval_model), self._weights),
+            (_db_text(_WEIGHTS_KEY + self.retrieval_model), weights),
         )
+        return stale
 
     def _current_model(self, conn: sqlite3.Connection) -> str | None:
         """The model name whose vectors search uses: None (no row) when they were made by replaced weights."""
@@ -1296,12 +1274,13 @@ class ImageIndex:
         """The cached vectors, reloaded when another write (from any connection) bumped the generation."""
         self._follow_writer()
         conn = self._conn()
-        model = self.retrieval_model
-        current = self._current_model(conn)  # a fingerprint changes only in a write, which bumps the generation
+        # The recorded fingerprint changes only in a write, which bumps the generation; the runtime's changes when
+        # it loads the model (or, not loaded yet, when its folder is rewritten), which the model name tells.
+        current = self._current_model(conn)
         row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         generation = row[0] if row is not None else "0"
         cached = self._matrix
-        if cached is not None and cached.generation == generation and cached.model == model:
+        if cached is not None and cached.generation == generation and cached.model == current:
             return cached
         rows = conn.execute(
             "SELECT rowid, path, dim, embedding FROM images WHERE embedding IS NOT NULL AND model IS ? ORDER BY path",
@@ -1324,7 +1303,7 @@ class ImageIndex:
         )
         matrix = _Matrix(
             generation=generation,
-            model=model,
+            model=current,
             rowids=np.fromiter((r["rowid"] for r in rows), dtype=np.int64, count=len(rows)),
             paths=[r["path"] for r in rows],
             vectors=vectors,
@@ -1359,7 +1338,17 @@ class ImageIndex:
         """
         top_k = _check_top_k(top_k)
         root = self._resolve_dir(directory) if directory is not None else None
-        matrix = self._load_matrix()
+        return self._search_matrix(self._load_matrix(), vector, top_k, root, text_query)
+
+    def _search_matrix(
+        self,
+        matrix: _Matrix,
+        vector: Sequence[float] | npt.NDArray[np.float32],
+        top_k: int,
+        root: str | None,
+        text_query: bool,
+    ) -> tuple[list[SearchHit], int]:
+        """`search_vector` over vectors already loaded, with checked arguments (`root`: a resolved folder)."""
         positions = self._candidates(matrix, self._allowed_ranges(root))
         if positions.size == 0:
             return [], 0
@@ -1471,10 +1460,11 @@ class ImageIndex:
             first = self.service.embed_images([image])[0]
             assert isinstance(first, EmbeddingResult)
             vector = first.vector
-        stored = self._load_matrix().vectors
+        matrix = self._load_matrix()  # once, after the model is loaded for the query: its weights pick the vectors
+        stored = matrix.vectors
         if stored.shape[0] and stored.shape[1] != len(vector):  # not the caller's input: the model changed
             raise self._model_changed(stored.shape[1], len(vector))
-        hits, searched = self.search_vector(vector, top_k=top_k, directory=root, text_query=query is not None)
+        hits, searched = self._search_matrix(matrix, vector, top_k, root, query is not None)
         reranked = False
         if rerank and query is not None and hits:
             hits = self._rerank(query, hits)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -18,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from .errors import BlipError, CapabilityUnavailable, InvalidInput, ModelNotAvailable
 from .params import GenerationParams
@@ -43,6 +45,11 @@ MAX_TEXT_CHARS = 4096
 """Texts to embed or score are cut here before tokenising; the retrieval model reads only 64 tokens of them."""
 _IMAGE_TOKEN = "<image>"
 _CONTROL_RE = re.compile(r"\s+")
+_WEIGHT_SUFFIXES: Final = frozenset({".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model"})
+"""The files of a checkpoint folder that make its model (weights, configs, tokenizer files)."""
+_WHOLE_FILE_MAX: Final = 1 << 20
+_SAMPLES: Final = 16
+_SAMPLE_BYTES: Final = 4096
 
 
 @functools.cache
@@ -86,6 +93,52 @@ def _check_weights(model: Any, missing: Iterable[str], name: str, parts: Sequenc
         "checkpoint %r lacks %d weight(s) (%s%s); they start random", name, len(missing), shown,
         ", ..." if len(missing) > 5 else "",
     )  # fmt: skip
+
+
+def _file_sample(path: str, size: int) -> bytes:
+    """A digest of a checkpoint file: all of a small one; the start and evenly spaced pieces of a large one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if size <= _WHOLE_FILE_MAX:
+            digest.update(file.read())
+        else:
+            digest.update(file.read(16 * _SAMPLE_BYTES))  # a safetensors header and the first tensors
+            for i in range(_SAMPLES):
+                file.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+                digest.update(file.read(_SAMPLE_BYTES))
+    return digest.digest()
+
+
+def _weights_fingerprint(name: str) -> str | None:
+    """A cheap identity of a local checkpoint folder's model, or None for a hub id (or a folder that cannot be read).
+
+    `name` is the model as the settings name it (a folder may be relative or start with `~`). Every weight, config
+    and tokenizer file at the folder's top level counts by name, size, mtime and a sample of its bytes (all of a
+    small file, 17 pieces of a large one: kilobytes, not the gigabytes of the weights), so writing a fine-tuned or
+    another model into the folder, or copying one over it with its timestamps kept, changes it. The same files
+    written again (a new mtime) change it too: their images are embedded once more.
+    """
+    try:
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            return None
+    except (OSError, ValueError):  # a name no file system can hold (a NUL): not a folder
+        return None
+    digest = hashlib.sha256()
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        for entry in entries:
+            if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in _WEIGHT_SUFFIXES:
+                continue
+            if not entry.is_file():  # follows links: a hub cache snapshot links its files to blobs
+                continue
+            st = entry.stat()
+            digest.update(os.fsencode(entry.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            digest.update(_file_sample(entry.path, st.st_size))
+    except OSError as exc:  # the model cannot load from it either; loading says why
+        logger.warning("cannot fingerprint the checkpoint %r: %s", name, exc)
+        return None
+    return digest.hexdigest()
 
 
 def resolve_device(name: str) -> str:
@@ -215,6 +268,8 @@ class _Loaded:
     processor: Any
     load_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
+    """`_weights_fingerprint` of a local checkpoint folder as it was when these weights were read from it."""
     pixels: PixelFn = field(init=False)
     """Image → pixel values, exactly as the processor computes them (see `pixels.py`)."""
 
@@ -436,9 +491,14 @@ class Blip2Runtime:
             from transformers import Blip2ForImageTextRetrieval
 
             start = time.perf_counter()
-            model, processor = self._from_pretrained(
-                Blip2ForImageTextRetrieval, self.settings.retrieval_model, ("vision_model", "qformer")
-            )
+            name = self.settings.retrieval_model
+            # Taken around the load, so it describes the weights in memory even if the folder is rewritten later.
+            fingerprint = _weights_fingerprint(name)
+            model, processor = self._from_pretrained(Blip2ForImageTextRetrieval, name, ("vision_model", "qformer"))
+            if _weights_fingerprint(name) != fingerprint:
+                # Rewritten while it loaded: which files were read is unknown, so its vectors must match no others.
+                logger.warning("the checkpoint %r changed while it loaded; its vectors count as a new model's", name)
+                fingerprint = f"{os.urandom(16).hex()} (changed while it loaded)"
             if not getattr(model.config.qformer_config, "use_qformer_text_input", False):
                 raise CapabilityUnavailable(
                     f"'{self.settings.retrieval_model}' has no Q-Former text layers, so it cannot embed text or "
@@ -446,11 +506,22 @@ class Blip2Runtime:
                     "Salesforce/blip2-itm-vit-g."
                 )
             elapsed = time.perf_counter() - start
-            self._retrieval = _Loaded(model, processor, elapsed)
+            self._retrieval = _Loaded(model, processor, elapsed, fingerprint=fingerprint)
             self.models_loaded += 1
             self.model_load_s += elapsed
             logger.info("loaded retrieval model %s in %.2fs", self.settings.retrieval_model, elapsed)
             return self._retrieval
+
+    def retrieval_fingerprint(self) -> str | None:
+        """A fingerprint of the local retrieval checkpoint whose weights make the embeddings; None for a hub id.
+
+        Once the model is loaded, the folder's fingerprint as it was when the weights were read: a model in memory
+        stays what it is when its folder is rewritten, and so does this. Before that, the folder's fingerprint as
+        it is now, which is what a load would read; nothing is loaded for it. An `ImageIndex` records it with its
+        vectors, so that vectors of other weights under the same folder name are not mixed with these.
+        """
+        loaded = self._retrieval
+        return loaded.fingerprint if loaded is not None else _weights_fingerprint(self.settings.retrieval_model)
 
     @property
     def captioner_loaded(self) -> bool:

@@ -135,7 +135,7 @@ def test_a_checkpoint_rewritten_in_place_is_another_model(
 
 def test_a_large_weights_file_is_sampled_not_read_whole(tmp_path: Path) -> None:
     """A change anywhere in the sampled pieces changes the fingerprint; a hub id has none."""
-    from blip_tools.index import _weights_fingerprint
+    from blip_tools.runtime import _weights_fingerprint
 
     folder = tmp_path / "model"
     folder.mkdir()
