@@ -25,14 +25,15 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..batching import is_out_of_memory
 from ..errors import InvalidInput, ModelNotAvailable
 from ..images import load_image
 from ..runtime import MAX_PROMPT_TOKENS, Blip2Runtime, resolve_device
@@ -552,7 +553,8 @@ class Trainer:
                 len(self.val_examples),
             )
         if self.config.cache_features:
-            self._cache_features([ex.image for ex in self.train_examples + self.val_examples])
+            with self._memory("caching the vision features"):
+                self._cache_features([ex.image for ex in self.train_examples + self.val_examples])
             if self.device.startswith("cuda"):
                 self.model.vision_model.to("cpu")  # never run again: give its ~2 GB (ViT-g, bf16) back
 
@@ -630,7 +632,8 @@ class Trainer:
                 groups = self._groups(len(self.train_rows), epoch)
                 for group in groups[step % steps_per_epoch :]:
                     lr = float(scheduler.get_last_lr()[0])  # the rate this step applies (the scheduler moves after it)
-                    loss_value = self._train_step(group, optimizer, scheduler, scaler)
+                    with self._memory(f"training step {step + 1}"):
+                        loss_value = self._train_step(group, optimizer, scheduler, scaler)
                     step += 1
                     history.steps.append(
                         {"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr}
@@ -640,7 +643,8 @@ class Trainer:
                     epoch_end = step % steps_per_epoch == 0
                     due_eval = step % cfg.eval_every == 0 if cfg.eval_every else epoch_end
                     if self.val_rows and (due_eval or step == total_steps):
-                        val_loss = self.evaluate(self.val_rows, self.val_examples)
+                        with self._memory(f"the validation at step {step}"):
+                            val_loss = self.evaluate(self.val_rows, self.val_examples)
                         history.evals.append({"step": step, "val_loss": val_loss, "time_s": elapsed()})
                         if history.best_val is None or val_loss < history.best_val - cfg.min_delta:
                             history.best_val, history.best_step, history.bad_evals = val_loss, step, 0
@@ -717,6 +721,30 @@ class Trainer:
         )
         self._write_metrics(history, report)
         return report
+
+    @contextmanager
+    def _memory(self, what: str) -> Iterator[None]:
+        """Turn running out of memory inside the block into a one-line `InvalidInput` saying what to change."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+            where = "CPU" if isinstance(exc, MemoryError) else self.device
+            if what.startswith("caching"):
+                fix = "Use a smaller --batch-size: the vision encoder runs that many images at once"
+                if isinstance(exc, MemoryError):
+                    fix = "Pass --no-cache-features (cache_features=False) to keep no features in memory"
+            else:
+                fix = (
+                    "Run the same command with --resume and --gradient-checkpointing (it may change on a resume), "
+                    "or start again in a new output folder (--out) with a smaller --batch-size and a larger "
+                    "--grad-accum (the same effective batch size)"
+                )
+            raise InvalidInput(
+                f"Out of memory on {where} during {what} with batch size {self.config.batch_size} ({detail}). {fix}."
+            ) from exc
 
     def _train_step(
         self, group: list[list[int]], optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any

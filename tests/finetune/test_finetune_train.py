@@ -512,3 +512,24 @@ def test_resume_with_nothing_to_resume_warns_that_it_starts_from_step_0(
         )
     assert report.steps == 1 and report.resumed_from_step is None
     assert f"nothing to resume in {out} (no checkpoint, no metrics.json of a run): starting from step 0" in caplog.text
+
+
+def test_running_out_of_gpu_memory_is_one_line_saying_what_to_change(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from blip_tools.finetune.trainer import Trainer
+
+    def out_of_memory(self: Trainer, *args: Any) -> float:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_train_step", out_of_memory)
+    options: dict[str, Any] = {"max_steps": 2, "val_fraction": 0, "progress": False, "batch_size": 4}
+    with pytest.raises(InvalidInput) as info:
+        finetune(caption_data, tmp_path / "out", settings=_settings(tiny_checkpoint / "captioner"), **options)
+    message = str(info.value)
+    assert message.startswith(
+        "Out of memory on cpu during training step 1 with batch size 4 (CUDA out of memory. Tried to allocate 2.00 GiB)."
+    )
+    assert "--gradient-checkpointing" in message and "--grad-accum" in message and "\n" not in message
