@@ -269,7 +269,7 @@ def _examples(row: dict[str, Any], base: Path, source: str) -> list[Example] | s
 
     image = row.get("image")
     if not isinstance(image, str) or not image.strip():
-        return "malformed line: missing 'image' (a path relative to the data file)"
+        return "malformed line: missing 'image' (a path relative to the data file)" + _keys(row)
     pairs: list[tuple[str | None, str]] = []  # (prompt, target)
     question, answer = _text(row, "question"), _text(row, "answer")
     # A CSV with caption, question and answer columns leaves the unused ones empty on each row: an empty
@@ -289,13 +289,22 @@ def _examples(row: dict[str, Any], base: Path, source: str) -> list[Example] | s
         prompt = _text(row, "prompt") or None
         pairs.extend((prompt, caption) for caption in captions)  # with a question too: one example of each
     if not pairs:
-        return "malformed line: needs 'caption', or 'question' and 'answer'"
+        return "malformed line: needs 'caption', or 'question' and 'answer'" + _keys(row)
     if any("<image>" in target or (prompt and "<image>" in prompt) for prompt, target in pairs):
         return "malformed line: text contains the reserved token '<image>'"
     path = Path(image.strip()).expanduser()
     if not path.is_absolute():
         path = base / path
     return [Example(image=path, target=target, prompt=prompt, source=source) for prompt, target in pairs]
+
+
+def _keys(row: dict[str, Any]) -> str:
+    """The row's field names, for a row whose fields are named otherwise (e.g. `file_name`/`text` of HF datasets)."""
+    names = [str(key) for key in row if key not in ("image", "caption", "question", "answer", "prompt")]
+    if not names:
+        return ""
+    shown = ", ".join(repr(name[:40]) for name in names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"; it has {shown}: rename the fields"
 
 
 def _blank(value: object) -> bool:
@@ -353,8 +362,12 @@ def _image_problem(path: Path, settings: BlipSettings, given: str, base: Path) -
 
 def _missing_hint(given: str, base: Path) -> str:
     """What most likely went wrong when the image `given` (as written in the data file) is not found."""
-    if "://" in given:
+    if given.lower().startswith(("http://", "https://")):
         return " (images are read from files only: download them and give their paths)"
+    if given.lower().startswith("file:"):
+        return " (give the file's path itself, without file://)"
+    if "\\" in given and not (base / given).exists() and (base / given.replace("\\", "/")).exists():
+        return " (write paths with /, not \\)"
     as_written = Path(given).expanduser()
     if not as_written.is_absolute() and as_written.exists():
         return (

@@ -248,19 +248,26 @@ def test_a_missing_image_says_when_its_path_was_written_relative_to_the_current_
             json.dumps({"image": "data/img/a.png", "caption": "a dog"}),  # relative to the cwd, not the data file
             json.dumps({"image": "https://example.com/a.png", "caption": "a cat"}),
             json.dumps({"image": "img/nowhere.png", "caption": "a cow"}),
+            json.dumps({"image": "img\\a.png", "caption": "a hen"}),  # a Windows path
+            json.dumps({"file_name": "img/a.png", "text": "a pig"}),  # a Hugging Face metadata.jsonl row
+            json.dumps({"image": "img/a.png", "text": "a pig"}),
         ],
     )
     monkeypatch.chdir(tmp_path)
     log = IssueLog("skip")
     read_examples(Path("data") / data.name, SETTINGS, log)
     reasons = [issue.reason for issue in log.issues]
-    assert len(reasons) == 3 and all(reason.startswith("missing image: ") for reason in reasons)
+    assert len(reasons) == 6 and all(reason.startswith("missing image: ") for reason in reasons[:4])
     assert reasons[0].endswith(
         "(data/img/a.png is relative to the current folder, but image paths are relative to the data file's folder "
         "data: write them relative to it, or absolute)"
     )
     assert reasons[1].endswith("(images are read from files only: download them and give their paths)")
     assert reasons[2] == "missing image: data/img/nowhere.png does not exist"
+    assert reasons[3].endswith("does not exist (write paths with /, not \\)")
+    missing_image = "malformed line: missing 'image' (a path relative to the data file)"
+    assert reasons[4] == f"{missing_image}; it has 'file_name', 'text': rename the fields"
+    assert reasons[5] == "malformed line: needs 'caption', or 'question' and 'answer'; it has 'text': rename the fields"
 
 
 def test_hidden_files_beside_the_data_file_are_not_data(tmp_path: Path) -> None:

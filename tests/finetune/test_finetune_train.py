@@ -530,6 +530,7 @@ def test_running_out_of_gpu_memory_is_one_line_saying_what_to_change(
         finetune(caption_data, tmp_path / "out", settings=_settings(tiny_checkpoint / "captioner"), **options)
     message = str(info.value)
     assert message.startswith(
-        "Out of memory on cpu during training step 1 with batch size 4 (CUDA out of memory. Tried to allocate 2.00 GiB)."
+        "Out of memory on cpu during training step 1 with batch size 4 (CUDA out of memory. Tried to allocate 2.00 "
+        "GiB)."
     )
     assert "--gradient-checkpointing" in message and "--grad-accum" in message and "\n" not in message
