@@ -240,17 +240,56 @@ def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> A
 def run(settings: BlipSettings, config: RayServeConfig | None = None, *, blocking: bool = False) -> Any:
     """Deploy on the connected Ray cluster (`ray.init` first, or let Serve start a local one); return the handle.
 
+    A deploy that fails (or is interrupted) removes the application it created, so `serve status` shows no
+    `DEPLOY_FAILED` app left behind. Serve itself and every other application keep running; an application of
+    the same name that was already serving before this call is left for its owner to see.
+
     Raises:
         BlipError: the replicas could not start (e.g. `ModelNotAvailable` for a checkpoint that does not load),
             with the replica's own message, once Ray has given up retrying.
     """
-    _, serve = _require_ray()
+    ray, serve = _require_ray()
     config = config or RayServeConfig()
     app = build_app(settings, config)
+    replaces = _serving_app_named(ray, serve, config.name)
     try:
         return serve.run(app, name=config.name, route_prefix=config.route_prefix, blocking=blocking)
     except RuntimeError as exc:  # Serve's "Deploying application X failed": the replica's error is in its status
-        raise _deploy_error(serve, config.name) from exc
+        error = _deploy_error(serve, config.name)  # read before the app (and its status) is deleted
+        if not replaces:
+            _delete_app(serve, config.name)
+        raise error from exc
+    except BaseException:  # Ctrl-C or a lost cluster while deploying: no half-deployed app left behind
+        if not replaces:
+            _delete_app(serve, config.name)
+        raise
+
+
+_NOT_SERVING = {"DEPLOY_FAILED", "DELETING", "NOT_STARTED"}
+"""Application states with nothing to lose: a failed deploy over such an app deletes it."""
+
+
+def _serving_app_named(ray: Any, serve: Any, name: str) -> bool:
+    """Whether an application called `name` was already deployed (and not failed) before this deploy.
+
+    Unknown counts as yes: a failed deploy then leaves the app in place rather than risk deleting someone else's.
+    """
+    if not ray.is_initialized():  # `serve.run` starts a fresh local instance: nothing can be there yet
+        return False
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:
+        logger.debug("serve.status() failed before deploying %r", name, exc_info=True)
+        return True
+    return app is not None and getattr(app.status, "value", app.status) not in _NOT_SERVING
+
+
+def _delete_app(serve: Any, name: str) -> None:
+    """Remove this call's failed application; a failure to do so is logged, never raised over the real error."""
+    try:
+        serve.delete(name)
+    except Exception:
+        logger.warning("Could not delete the failed Serve app %r; serve status may list it", name, exc_info=True)
 
 
 # "blip_tools.errors.ModelNotAvailable: Could not load ..." as the last line of a replica's traceback

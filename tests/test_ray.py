@@ -158,7 +158,8 @@ def test_a_checkpoint_that_does_not_load_fails_the_deploy_with_model_not_availab
     ray_app: dict[str, Any], tmp_path: Path
 ) -> None:
     """A bad `--model` path: once Ray gives up on the replica, `run` raises the replica's `ModelNotAvailable`
-    (not Serve's bare "Deploying application ... failed" RuntimeError), with the path in its message."""
+    (not Serve's bare "Deploying application ... failed" RuntimeError), with the path in its message, and removes
+    the failed app it created (no `DEPLOY_FAILED` left in `serve status`); the other app keeps running."""
     from blip_tools.ray_serve import run
 
     config = RayServeConfig(num_cpus=0.25, name="broken", route_prefix="/broken", max_constructor_retries=1)
@@ -166,8 +167,52 @@ def test_a_checkpoint_that_does_not_load_fails_the_deploy_with_model_not_availab
         with pytest.raises(ModelNotAvailable, match="nope") as caught:
             run(BlipSettings(model=str(tmp_path / "nope")), config)
         assert "broken" in str(caught.value) and "Could not load" in str(caught.value)
+        applications = serve.status().applications
+        assert "broken" not in applications, applications["broken"].status
+        assert applications["blip"].status == "RUNNING"
     finally:
-        serve.delete("broken")
+        if "broken" in serve.status().applications:
+            serve.delete("broken")
+
+
+def _fake_serve(monkeypatch: pytest.MonkeyPatch, before: dict[str, str], error: BaseException) -> list[str]:
+    """`run` against a Serve whose `serve.run` raises `error`, with apps `before` (name → status) already there."""
+    from types import SimpleNamespace
+
+    calls: list[str] = []
+
+    def failing_run(*args: Any, **kwargs: Any) -> None:
+        calls.append(f"serve.run:{kwargs['name']}")
+        raise error
+
+    apps = {name: SimpleNamespace(status=status, deployments={}, message="") for name, status in before.items()}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "run", failing_run)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=apps))
+    monkeypatch.setattr(serve, "delete", lambda name, *a, **k: calls.append(f"serve.delete:{name}"))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("before", "error", "deleted"),
+    [
+        ({"other": "RUNNING"}, RuntimeError("Deploying application blip failed"), True),
+        ({"blip": "DEPLOY_FAILED"}, RuntimeError("Deploying application blip failed"), True),
+        ({}, KeyboardInterrupt(), True),  # Ctrl-C while the replicas start
+        ({"blip": "RUNNING"}, RuntimeError("Deploying application blip failed"), False),  # someone's serving app
+    ],
+)
+def test_a_failed_deploy_removes_only_the_app_it_created(
+    monkeypatch: pytest.MonkeyPatch, before: dict[str, str], error: BaseException, deleted: bool
+) -> None:
+    """`run` deletes the app its failed deploy left behind, never another app, and never an app of the same name
+    that was serving before it (a failed upgrade of someone's app stays for its owner to see)."""
+    from blip_tools.ray_serve import run
+
+    calls = _fake_serve(monkeypatch, before, error)
+    with pytest.raises(ModelNotAvailable if isinstance(error, RuntimeError) else KeyboardInterrupt):
+        run(BlipSettings(model="m"), RayServeConfig())
+    assert calls == ["serve.run:blip", "serve.delete:blip"] if deleted else ["serve.run:blip"]
 
 
 def test_an_error_raised_in_a_replica_reaches_the_caller_as_itself(ray_app: dict[str, Any]) -> None:
@@ -213,8 +258,11 @@ def test_a_replica_killed_mid_call_gives_model_not_available(ray_app: dict[str, 
     assert "retry" in str(lost[0]).lower()
 
 
-def _fake_cluster(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Ray and Serve calls of `serve-ray` recorded instead of made; signal handlers fire as they are installed."""
+def _fake_cluster(monkeypatch: pytest.MonkeyPatch, proxy: tuple[str, int] | None = ("127.0.0.1", 8000)) -> list[str]:
+    """Ray and Serve calls of `serve-ray` recorded instead of made; signal handlers fire as they are installed.
+
+    `proxy` is where Serve says its HTTP proxy listens; `run` records the `RayServeConfig` it was given as
+    `run:<host>:<port>`."""
     import signal
 
     import blip_tools.ray_serve
@@ -225,7 +273,9 @@ def _fake_cluster(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(serve, "start", lambda *a, **k: calls.append("serve.start"))
     monkeypatch.setattr(serve, "shutdown", lambda *a, **k: calls.append("serve.shutdown"))
     monkeypatch.setattr(serve, "delete", lambda name, *a, **k: calls.append(f"serve.delete:{name}"))
-    monkeypatch.setattr(blip_tools.ray_serve, "run", lambda *a, **k: calls.append("run"))
+    monkeypatch.setattr(
+        blip_tools.ray_serve, "run", lambda s, config: calls.append(f"run:{config.http_host}:{config.http_port}")
+    )
 
     def instant_signal(signum: int, handler: Any) -> Any:  # as if Ctrl-C came right after the handler was set
         if callable(handler):
@@ -264,3 +314,8 @@ def test_a_failed_deploy_still_shuts_down_what_serve_ray_started(monkeypatch: py
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["serve-ray", "--model", "m"]) == 2  # `error: ...`, no traceback
     assert "serve.shutdown" in calls and calls[-1] == "ray.shutdown"
+
+    calls.clear()  # on a shared cluster `run` removed its failed app; an app of that name it did not deploy stays
+    assert main(["serve-ray", "--address", "auto", "--model", "m"]) == 2
+    assert not [c for c in calls if c.startswith(("serve.delete", "serve.shutdown"))]
+    assert calls[-1] == "ray.shutdown"

@@ -99,9 +99,11 @@ def _serve_ray(args: argparse.Namespace) -> int:
         return 2
     ray.init(address=address, include_dashboard=False if not address else None, logging_level=logging.WARNING)
     leave_running = False
+    deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         run(settings, config)
+        deployed = True
         prefix = args.route_prefix.rstrip("/")
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         print(f"blip-tools on Ray Serve: {args.replicas} replica(s) of {settings.model}", file=sys.stderr)
@@ -114,10 +116,11 @@ def _serve_ray(args: argparse.Namespace) -> int:
         print("shutting down the replicas", file=sys.stderr)
     finally:  # also after a failed deploy or a Ctrl-C while deploying
         if not leave_running:
-            if address:  # a shared cluster: remove only this app; other Serve apps (and Serve itself) keep running
-                serve.delete(args.name)
-            else:
+            if not address:
                 serve.shutdown()
+            elif deployed:  # a shared cluster: remove only this app; other Serve apps (and Serve itself) keep running
+                serve.delete(args.name)
+            # a deploy that failed or was interrupted: `run` removed what it created, and nothing else is ours
         ray.shutdown()
     return 0
 
