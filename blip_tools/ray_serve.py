@@ -292,6 +292,28 @@ def _delete_app(serve: Any, name: str) -> None:
         logger.warning("Could not delete the failed Serve app %r; serve status may list it", name, exc_info=True)
 
 
+def proxy_address() -> tuple[str, int] | None:
+    """Where the running Serve instance's HTTP proxy listens, `(host, port)`, as Serve itself records it.
+
+    `serve.start(http_options=...)` applies its host and port only when it starts Serve: attached to an instance
+    that was already running, it ignores them (Serve logs a warning), and this is the address really in use.
+    None when no Serve instance is reachable from this process.
+    """
+    try:
+        # No public API returns the HTTP options in-process (`serve.status()` leaves them out); the client that
+        # `serve.start` and `serve.status` use holds them, read once from the controller.
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return None
+        options = client.http_config
+        return str(options.host), int(options.port)
+    except Exception:
+        logger.debug("could not read the HTTP options of the running Serve instance", exc_info=True)
+        return None
+
+
 # "blip_tools.errors.ModelNotAvailable: Could not load ..." as the last line of a replica's traceback
 _REPLICA_ERROR = re.compile(r"^blip_tools\.errors\.(\w+): (.+)$", re.MULTILINE)
 
@@ -422,5 +444,6 @@ __all__ = [
     "RayServeConfig",
     "build_app",
     "map_ray_error",
+    "proxy_address",
     "run",
 ]

@@ -273,6 +273,7 @@ def _fake_cluster(monkeypatch: pytest.MonkeyPatch, proxy: tuple[str, int] | None
     monkeypatch.setattr(serve, "start", lambda *a, **k: calls.append("serve.start"))
     monkeypatch.setattr(serve, "shutdown", lambda *a, **k: calls.append("serve.shutdown"))
     monkeypatch.setattr(serve, "delete", lambda name, *a, **k: calls.append(f"serve.delete:{name}"))
+    monkeypatch.setattr(blip_tools.ray_serve, "proxy_address", lambda: proxy)
     monkeypatch.setattr(
         blip_tools.ray_serve, "run", lambda s, config: calls.append(f"run:{config.http_host}:{config.http_port}")
     )
@@ -319,3 +320,54 @@ def test_a_failed_deploy_still_shuts_down_what_serve_ray_started(monkeypatch: py
     assert main(["serve-ray", "--address", "auto", "--model", "m"]) == 2
     assert not [c for c in calls if c.startswith(("serve.delete", "serve.shutdown"))]
     assert calls[-1] == "ray.shutdown"
+
+
+def test_serve_ray_prints_the_port_serve_really_uses(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attached to a Serve instance already running on another port, `--port` is ignored by Serve: the endpoint
+    printed (and the replicas' config) carry the port really in use, and a note says why."""
+    from blip_tools.cli import main
+
+    calls = _fake_cluster(monkeypatch, proxy=("127.0.0.1", 8123))
+    assert main(["serve-ray", "--address", "auto", "--model", "m", "--port", "8000", "--detach"]) == 0
+    err = capsys.readouterr().err
+    assert "MCP endpoint: http://127.0.0.1:8123/mcp" in err and ":8000" not in err.replace("--port", "")
+    assert "already running" in err and "127.0.0.1:8123" in err
+    assert "run:127.0.0.1:8123" in calls
+
+
+def test_serve_ray_refuses_an_existing_open_proxy_without_a_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--host 127.0.0.1` passes the token rule, but the running Serve listens on every interface: the app would
+    be open to the network without a token, so serve-ray refuses before deploying."""
+    from blip_tools.cli import main
+
+    monkeypatch.delenv("BLIP_TOKEN", raising=False)
+    calls = _fake_cluster(monkeypatch, proxy=("0.0.0.0", 8000))
+    assert main(["serve-ray", "--address", "auto", "--model", "m"]) == 2
+    assert "0.0.0.0:8000" in capsys.readouterr().err
+    assert not [c for c in calls if c.startswith(("run", "serve.delete"))]
+
+
+def test_serve_ray_brackets_an_ipv6_host_in_its_endpoint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from blip_tools.cli import main
+
+    _fake_cluster(monkeypatch, proxy=("::1", 8000))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve-ray", "--model", "m", "--host", "::1", "--route-prefix", "/blip"]) == 0
+    err = capsys.readouterr().err
+    assert "MCP endpoint: http://[::1]:8000/blip/mcp" in err
+    assert "blip-mcp --connect http://[::1]:8000/blip/mcp" in err
+    assert "already running" not in err
+
+
+def test_proxy_address_reads_the_running_serve_instance(ray_app: dict[str, Any]) -> None:
+    from urllib.parse import urlsplit
+
+    from blip_tools.ray_serve import proxy_address
+
+    assert proxy_address() == ("127.0.0.1", urlsplit(ray_app["url"]).port)

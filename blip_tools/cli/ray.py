@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -90,7 +91,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         allowed_hosts=list(args.allowed_hosts),
     )
     config.check()
-    from mcp_server.http import HttpConfig
+    from mcp_server.http import HttpConfig, _authority  # IPv6 in brackets ([::1]:8000), as blip-mcp prints it
 
     HttpConfig(host=args.host, token=token).check()  # same rule as blip-mcp: no open non-loopback server
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -102,13 +103,15 @@ def _serve_ray(args: argparse.Namespace) -> int:
     deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        host, port = _proxy_in_use(args.host, args.port, token)
+        config = dataclasses.replace(config, http_host=host, http_port=port)
         run(settings, config)
         deployed = True
         prefix = args.route_prefix.rstrip("/")
-        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{_authority('127.0.0.1' if host in ('0.0.0.0', '::', '') else host, port)}{prefix}/mcp"
         print(f"blip-tools on Ray Serve: {args.replicas} replica(s) of {settings.model}", file=sys.stderr)
-        print(f"MCP endpoint: http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
-        print(f"connect with: blip-mcp --connect http://{shown}:{args.port}{prefix}/mcp", file=sys.stderr)
+        print(f"MCP endpoint: {url}", file=sys.stderr)
+        print(f"connect with: blip-mcp --connect {url}", file=sys.stderr)
         if args.detach:
             leave_running = True
             return 0
@@ -123,6 +126,36 @@ def _serve_ray(args: argparse.Namespace) -> int:
             # a deploy that failed or was interrupted: `run` removed what it created, and nothing else is ours
         ray.shutdown()
     return 0
+
+
+def _proxy_in_use(host: str, port: int, token: str | None) -> tuple[str, int]:
+    """The host and port Ray's HTTP proxy really uses: `--host`/`--port` apply only where serve-ray starts Serve.
+
+    Attached to a Serve instance that was already running, its own address counts, for the printed endpoint, for
+    the replicas' Host checks and for the token rule (an instance open to the network needs a token).
+    """
+    from mcp_server.http import HttpConfig, _authority
+
+    from ..errors import InvalidInput
+    from ..ray_serve import proxy_address
+
+    actual = proxy_address()
+    if actual is None:
+        logger.warning("could not read the HTTP address from Serve; assuming --host %s --port %d", host, port)
+        return host, port
+    if actual == (host, port):
+        return actual
+    where = _authority(*actual)
+    print(
+        f"note: Serve was already running on this cluster, with its HTTP proxy on {where}; --host and --port "
+        "apply only where serve-ray starts Serve",
+        file=sys.stderr,
+    )
+    try:
+        HttpConfig(host=actual[0], token=token).check()
+    except InvalidInput as exc:
+        raise InvalidInput(f"The running Serve instance's HTTP proxy listens on {where}: {exc}") from exc
+    return actual
 
 
 def _wait_for_signal() -> None:
