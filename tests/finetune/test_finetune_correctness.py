@@ -242,3 +242,20 @@ def test_a_finished_run_with_no_checkpoint_left_is_resumed_only_with_the_same_da
     assert again.resumed_from_step is None and again.steps == 2
     assert _losses(again) == pytest.approx([s["loss"] for s in json.loads(before)["steps"]], rel=1e-5)
     assert done.final_loss == pytest.approx(again.final_loss, rel=1e-5)
+
+
+def test_resume_from_another_folder_with_the_base_written_another_way(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(tiny_checkpoint / "captioner", tmp_path / "base")
+    (tmp_path / "jobs").mkdir()
+    options = FAST | {"max_steps": 2, "save_every": 1}
+    monkeypatch.chdir(tmp_path)
+    finetune(caption_data, "run", settings=_settings(Path("base")), **options)  # leaves checkpoints/step-0000001
+    monkeypatch.chdir(tmp_path / "jobs")  # the same command from another folder, as a job script would run it
+    report = finetune(caption_data, "../run", settings=_settings(tmp_path / "base"), resume=True, **options)
+    assert report.resumed_from_step == 1 and report.steps == 2
+
+    shutil.copytree(tmp_path / "base", tmp_path / "other")  # another base (even with the same weights) is refused
+    with pytest.raises(InvalidInput, match=r"differs in \{'base_model'"):
+        finetune(caption_data, "../run", settings=_settings(Path("../other")), resume=True, **options)
