@@ -163,7 +163,10 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 yield number, problem
                 continue
             try:
-                row = json.loads(line.rstrip("\r\n"))  # else an unclosed object is reported at column 1 of line+1
+                # rstrip: else an unclosed object is reported at column 1 of line+1. lstrip: files joined with
+                # `cat a.jsonl b.jsonl` keep b's BOM at the start of its first line, where it is no more data than
+                # at the start of the file.
+                row = json.loads(line.rstrip("\r\n").lstrip("\ufeff"))
             except json.JSONDecodeError as exc:
                 yield number, f"malformed line: not valid JSON ({exc.msg} at column {exc.colno})"
                 continue

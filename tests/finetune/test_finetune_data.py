@@ -194,6 +194,11 @@ def test_a_bom_is_not_data_and_bytes_that_are_not_utf8_are_bad_lines(tmp_path: P
     for name in ("bom.csv", "bom.jsonl"):
         ds = read_examples(tmp_path / name, SETTINGS, IssueLog("stop"))
         assert [e.target for e in ds.examples] == ["a red shoe"] and ds.issues == [], name
+    # Two such JSONL files joined with `cat`: the second BOM starts a line in the middle.
+    bom = (tmp_path / "bom.jsonl").read_bytes()
+    (tmp_path / "joined.jsonl").write_bytes(bom + b"\n" + bom)
+    ds = read_examples(tmp_path / "joined.jsonl", SETTINGS, IssueLog("stop"))
+    assert [e.target for e in ds.examples] == ["a red shoe"] * 2
     # A Latin-1 "é" is reported (with the line), not trained as "caf\ufffd".
     (tmp_path / "latin1.csv").write_bytes("image,caption\na.png,a café chair\na.png,a plain chair\n".encode("latin-1"))
     row = json.dumps({"image": "a.png", "caption": "a café chair"}, ensure_ascii=False)
