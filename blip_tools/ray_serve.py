@@ -11,8 +11,16 @@ Each replica builds one `Blip2Service` (its own model copy and dynamic batcher) 
   callers in the cluster; `RayServeClient` wraps a handle and returns the typed results, mapping Ray's
   `BackPressureError` (more than `max_queued_requests` waiting) to `Overloaded`.
 
-`max_ongoing_requests` bounds the requests one replica works on at once (they batch inside it);
-`max_queued_requests` bounds those waiting for a replica; beyond that callers get `Overloaded` (HTTP 503).
+Capacity (Ray's limits count HTTP requests and handle calls, not tool calls): `max_ongoing_requests` bounds the
+requests one replica works on at once (they batch inside it); `max_queued_requests` bounds those waiting for a
+replica *at each caller*, that is at each HTTP proxy (one per node that runs replicas) and at each handle. Beyond
+that the caller answers `Overloaded` (HTTP 503) at once; a refused request never reached a replica. So one proxy
+takes about `num_replicas * max_ongoing_requests + max_queued_requests` requests before refusing (260 at once
+against 2 x 32 + 64: 131 served over HTTP at one request per call, 141-152 through a handle, every refusal
+before the first result).
+Ray counts a request as queued until its router has picked a replica, so a burst that arrives all at once can be
+refused a little before that; the first `max_queued_requests` always get in. Every MCP message is a request
+(`tools/list` too), so a client that needs two requests for one tool call can have the second refused.
 Start it with `blip-tools serve-ray` (needs the `ray` extra: `pip install "blip-tools[ray]"`).
 """
 
@@ -63,7 +71,8 @@ class RayServeConfig:
     """Requests one replica works on at once (they batch together); twice `max_batch_size` keeps it busy."""
 
     max_queued_requests: int = 64
-    """Requests waiting for a replica; one more gets `Overloaded` (HTTP 503). -1 means unbounded."""
+    """Requests waiting for a replica at each caller (each HTTP proxy, each handle); one more gets `Overloaded`
+    (HTTP 503) at once. -1 means unbounded."""
 
     route_prefix: str = "/"
     """HTTP route of the app on Ray's proxy: the MCP endpoint is `<route_prefix>/mcp`."""

@@ -97,7 +97,7 @@ def test_overload_beyond_the_queue_gives_overloaded(ray_app: dict[str, Any], ima
     rejected = [o for o in outcomes if isinstance(o, Overloaded)]
     served = [o for o in outcomes if not isinstance(o, BaseException)]
     assert rejected, "no request was refused beyond the queue"
-    assert served, "nothing was served"
+    assert len(served) >= MAX_QUEUED, f"only {len(served)} served: the first max_queued_requests always get in"
     assert len(rejected) + len(served) == total  # nothing else went wrong
     assert "retry" in str(rejected[0]).lower() and rejected[0].retry_after_s > 0
 
@@ -107,6 +107,34 @@ def test_remote_service_speaks_mcp_to_the_ray_deployment(ray_app: dict[str, Any]
         assert remote.model_info().model == service.settings.model
         assert remote.caption(image, max_new_tokens=8).caption == service.caption(image, max_new_tokens=8).caption
         assert remote.stats().models_loaded >= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RemoteService opens a fresh MCP session per call, and the SDK re-lists the tools in it to validate the "
+    "result: tools/call + tools/list. Under overload Ray refuses the tools/list after the replica ran the call, "
+    "so the result is thrown away and the caller gets Overloaded (blip_tools/remote.py, not the deployment).",
+)
+def test_over_http_a_tool_call_is_one_request(
+    ray_app: dict[str, Any], image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's limits count HTTP requests: a call that needs two can be refused after its work is done."""
+    import json
+
+    import httpx2
+
+    sent: list[str] = []
+    original = httpx2.AsyncClient.send
+
+    async def counting(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(json.loads(request.content).get("method", "?") if request.content else request.method)
+        return await original(self, request, *args, **kwargs)
+
+    with RemoteService(ray_app["url"]) as remote:
+        remote.caption(image, max_new_tokens=4)  # the first call may negotiate and list the tools' parameters
+        monkeypatch.setattr(httpx2.AsyncClient, "send", counting)
+        remote.caption(image, max_new_tokens=4)
+    assert sent == ["tools/call"]
 
 
 def test_back_pressure_maps_to_overloaded() -> None:

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-queued-requests",
         type=int,
         default=64,
-        help="requests waiting for a replica before callers get Overloaded / HTTP 503 (default 64; -1 unbounded)",
+        help="requests waiting for a replica at each HTTP proxy (one per node with replicas) before callers get "
+        "Overloaded / HTTP 503 (default 64; -1 unbounded)",
     )
     g = p.add_argument_group("cluster and HTTP")
     g.add_argument(
