@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, ModelNotAvailable
 from ..settings import BlipSettings
 from .clock import RunClock
 from .config import LORA_NEEDS_PEFT, FinetuneConfig, FinetuneReport, SkippedLine
@@ -97,6 +97,14 @@ def finetune(
         raise InvalidInput(f"Output {out} exists and is not a folder.")
     if Path(model_name).expanduser().exists() and Path(model_name).expanduser().resolve() == out.resolve():
         raise InvalidInput(f"The output folder {out} is the base model's folder: choose a new one.")
+    base = Path(model_name).expanduser()
+    if model_name.startswith(("/", "./", "../", "~")) and not base.is_dir():  # a path, not a hub id: say so now,
+        # not after every image of the data set has been decoded
+        raise ModelNotAvailable(
+            f"The base model folder {model_name} "
+            + ("is not a folder" if base.exists() else "does not exist")
+            + ": point --model (BLIP_MODEL) at a checkpoint folder written by save_pretrained, or at a hub id."
+        )
     if out.is_dir() and any(out.iterdir()):
         if not resume:
             raise InvalidInput(

@@ -534,3 +534,19 @@ def test_running_out_of_gpu_memory_is_one_line_saying_what_to_change(
         "GiB)."
     )
     assert "--gradient-checkpointing" in message and "--grad-accum" in message and "\n" not in message
+
+
+def test_a_base_model_path_that_does_not_exist_is_refused_before_the_data_check(
+    caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import blip_tools.finetune as ft
+    from blip_tools import ModelNotAvailable
+
+    def read_examples(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("every image was checked before the missing base model was reported")
+
+    monkeypatch.setattr(ft, "read_examples", read_examples)
+    missing = tmp_path / "modles" / "blip2-ft"  # a typo: minutes of image checks on a large data set, then this
+    with pytest.raises(ModelNotAvailable, match=f"The base model folder {missing} does not exist: point --model"):
+        finetune(caption_data, tmp_path / "out", settings=_settings(missing), max_steps=1, progress=False)
+    assert not (tmp_path / "out").exists()
