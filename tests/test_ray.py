@@ -394,8 +394,12 @@ def test_serve_ray_brackets_an_ipv6_host_in_its_endpoint(
 
 
 def test_proxy_address_reads_the_running_serve_instance(ray_app: dict[str, Any]) -> None:
+    """The address Serve really uses, also after a `serve.start` asking for another port (serve-ray attached)."""
     from urllib.parse import urlsplit
 
     from blip_tools.ray_serve import proxy_address
 
-    assert proxy_address() == ("127.0.0.1", urlsplit(ray_app["url"]).port)
+    port = urlsplit(ray_app["url"]).port
+    assert proxy_address() == ("127.0.0.1", port)
+    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # attached: Serve ignores the new port
+    assert proxy_address() == ("127.0.0.1", port)
