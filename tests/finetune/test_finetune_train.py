@@ -499,6 +499,10 @@ def test_validation_data_with_no_usable_example_is_refused(
     val.write_text("")
     with pytest.raises(InvalidInput, match=f"No usable validation examples in {val}: fix that file"):
         finetune(caption_data, out, settings=settings, val_data=str(val), max_steps=1, progress=False)
+    long = {"image": str(caption_data / "img" / "0.png"), "caption": "a dog " * 50}  # found once tokenized
+    val.write_text(json.dumps(long) + "\n")
+    with pytest.raises(InvalidInput, match=f"No usable validation examples in {val}: every one was skipped as too"):
+        finetune(caption_data, out, settings=settings, val_data=str(val), on_error="skip", max_steps=1, progress=False)
 
 
 def test_resume_with_nothing_to_resume_warns_that_it_starts_from_step_0(
