@@ -354,8 +354,12 @@ def _image_problem(path: Path, settings: BlipSettings, given: str, base: Path) -
 
     `given` is the path as the line wrote it and `base` the data file's folder, for the hint of a missing image.
     """
-    if not path.exists():
-        return f"missing image: {path} does not exist{_missing_hint(given, base)}"
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name no filesystem takes: an inline base64 image, a caption in the image column
+        return f"unreadable image path {_shown(given)}: {exc.strerror or exc}{_missing_hint(given, base)}"
+    if not exists:
+        return f"missing image: {_shown(path)} does not exist{_missing_hint(given, base)}"
     try:
         load_image(path, settings)
     except BlipError as exc:
@@ -363,16 +367,31 @@ def _image_problem(path: Path, settings: BlipSettings, given: str, base: Path) -
     return None
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _shown(path: str | Path, limit: int = 120) -> str:
+    """`path` for a message: a long one (an inline base64 image) cut to its start and its length."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _missing_hint(given: str, base: Path) -> str:
     """What most likely went wrong when the image `given` (as written in the data file) is not found."""
     if given.lower().startswith(("http://", "https://")):
         return " (images are read from files only: download them and give their paths)"
+    if given.lower().startswith("data:") or len(given) > 1000:
+        return " (images are read from files only: save each as a file and give its path)"
     if given.lower().startswith("file:"):
         return " (give the file's path itself, without file://)"
-    if "\\" in given and not (base / given).exists() and (base / given.replace("\\", "/")).exists():
+    if "\\" in given and not _exists(base / given) and _exists(base / given.replace("\\", "/")):
         return " (write paths with /, not \\)"
     as_written = Path(given).expanduser()
-    if not as_written.is_absolute() and as_written.exists():
+    if not as_written.is_absolute() and _exists(as_written):
         return (
             f" ({given} is relative to the current folder, but image paths are relative to the data file's folder "
             f"{base}: write them relative to it, or absolute)"

@@ -280,3 +280,23 @@ def test_hidden_files_beside_the_data_file_are_not_data(tmp_path: Path) -> None:
     data.write_text("image,caption\na.png,a dog\n")
     (tmp_path / "._labels.csv").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork of labels.csv
     assert find_data_file(tmp_path) == data
+
+
+def test_an_image_path_too_long_for_the_filesystem_is_a_bad_line_not_a_crash(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png", 1)
+    inline = "data:image/png;base64," + "A" * 5000  # an image embedded in the data file
+    data = _jsonl(
+        tmp_path,
+        [
+            json.dumps({"image": "a.png", "caption": "a dog"}),
+            json.dumps({"image": inline, "caption": "a cat"}),
+            json.dumps({"image": "x" * 300 + ".png", "caption": "a cow"}),  # over the 255-byte name limit
+        ],
+    )
+    log = IssueLog("skip")
+    ds = read_examples(data, SETTINGS, log)
+    assert [e.target for e in ds.examples] == ["a dog"]
+    first, second = (issue.reason for issue in log.issues)
+    assert first.startswith(f"unreadable image path {inline[:120]}... (5022 characters): File name too long")
+    assert first.endswith("(images are read from files only: save each as a file and give its path)")
+    assert len(first) < 400 and second.startswith("unreadable image path xxx")
