@@ -324,6 +324,13 @@ def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, ch
         check_images: decode every image once (catches missing, truncated and non-image files up front).
     """
     file = find_data_file(data)
+    try:
+        return _read(file, settings, log, check_images)
+    except OSError as exc:  # the data file itself (images map theirs): permission denied, a share gone, I/O error
+        raise InvalidInput(f"Cannot read the data file {file}: {exc.strerror or exc}.") from exc
+
+
+def _read(file: Path, settings: BlipSettings, log: IssueLog, check_images: bool) -> Dataset:
     _check_not_utf16(file)
     rows = _csv_rows(file) if file.suffix.lower() == ".csv" else _jsonl_rows(file)
     dataset = Dataset(file=file)

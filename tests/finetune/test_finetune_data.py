@@ -300,3 +300,17 @@ def test_an_image_path_too_long_for_the_filesystem_is_a_bad_line_not_a_crash(tmp
     assert first.startswith(f"unreadable image path {inline[:120]}... (5022 characters): File name too long")
     assert first.endswith("(images are read from files only: save each as a file and give its path)")
     assert len(first) < 400 and second.startswith("unreadable image path xxx")
+
+
+def test_a_data_file_that_cannot_be_read_is_one_typed_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _jsonl(tmp_path, [json.dumps({"image": "a.png", "caption": "a dog"})])
+    real_open = Path.open
+
+    def open_(self: Path, *args: object, **kwargs: object) -> object:
+        if self == data:  # as for a file of another user (chmod 600), or on a network share that went away
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(InvalidInput, match=f"^Cannot read the data file {data}: Permission denied.$"):
+        read_examples(tmp_path, SETTINGS, IssueLog("stop"))
