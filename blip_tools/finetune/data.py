@@ -323,7 +323,10 @@ def read_examples(data: str | Path, settings: BlipSettings, log: IssueLog, *, ch
         log: where bad lines go; the caller decides when to `check()` it.
         check_images: decode every image once (catches missing, truncated and non-image files up front).
     """
-    file = find_data_file(data)
+    try:
+        file = find_data_file(data)
+    except OSError as exc:  # a folder that cannot be listed
+        raise InvalidInput(f"Cannot read the data {data}: {exc.strerror or exc}.") from exc
     try:
         return _read(file, settings, log, check_images)
     except OSError as exc:  # the data file itself (images map theirs): permission denied, a share gone, I/O error

@@ -314,3 +314,11 @@ def test_a_data_file_that_cannot_be_read_is_one_typed_line(tmp_path: Path, monke
     monkeypatch.setattr(Path, "open", open_)
     with pytest.raises(InvalidInput, match=f"^Cannot read the data file {data}: Permission denied.$"):
         read_examples(tmp_path, SETTINGS, IssueLog("stop"))
+
+    def iterdir(self: Path) -> object:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    data.unlink()  # a folder without captions.jsonl is listed to find its data file
+    with pytest.raises(InvalidInput, match=f"^Cannot read the data {tmp_path}: Permission denied.$"):
+        read_examples(tmp_path, SETTINGS, IssueLog("stop"))
