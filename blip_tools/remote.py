@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     import mcp_types
     from mcp import Client
     from PIL import Image
+    from pydantic import BaseModel
 
     from .grounding import LocateResult
     from .images import ImageInput
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R", bound="BaseModel")
 SendFiles = Literal["auto", "always", "never"]
 ProgressFn = Callable[[int, int], Any]
 ProgressCallback = Callable[[float, float | None, str | None], Awaitable[None]]
@@ -590,7 +592,27 @@ class DaemonClient:
                 # A modern daemon: later connections adopt this result and skip the discovery round trip.
                 self._discover = client.session.discover_result
                 self._version = client.protocol_version
+            self._seed_tools(client)
             yield client
+
+    def _seed_tools(self, client: Client) -> None:
+        """Give a fresh connection the tools already listed, so a tool call is one HTTP request, not two.
+
+        The SDK checks a tool's result against its output schema and, in a session that has not listed the tools,
+        lists them first: every call on a fresh connection was `tools/call` then `tools/list`. Behind a server that
+        refuses requests under load (Ray Serve's queue limits) the second could be refused after the daemon had
+        done the work, and the caller got `Overloaded` for a result that was thrown away. The tools are given
+        without their output schemas: `RemoteService` parses each result into its pydantic model (a stricter check
+        than the SDK's), and the stdio proxy's own host validates what it relays. `_absorb_tool_listing` is the
+        SDK's private hook for a cached listing; without it (another SDK version) the SDK lists as before.
+        """
+        absorb = getattr(client.session, "_absorb_tool_listing", None)
+        if self._tools is None or absorb is None:
+            return
+        from mcp_types import ListToolsResult
+
+        tools = [tool.model_copy(update={"output_schema": None}) for tool in self._tools.values()]
+        absorb(ListToolsResult(tools=tools), complete=True)
 
     async def run(self, operation: Callable[[Client], Awaitable[T]], *, timeout_s: float | None = None) -> T:
         """Run `operation(client)` on a fresh connection, mapping every transport failure to a `BlipError`."""
@@ -627,9 +649,16 @@ class DaemonClient:
         timeout_s: float | None = None,
     ) -> mcp_types.CallToolResult:
         """Call one tool and return its result as the daemon sent it (`is_error` results are returned, not raised)."""
+        if self._tools is None:
+            await self._listed()  # on its own connection first, so the call's connection sends only the call
+
+        relay = _ProgressRelay(progress) if progress is not None else None
 
         async def op(client: Client) -> mcp_types.CallToolResult:
-            return await client.call_tool(name, dict(arguments or {}), progress_callback=progress)  # type: ignore[arg-type]
+            result = await client.call_tool(name, dict(arguments or {}), progress_callback=relay)  # type: ignore[arg-type]
+            if relay is not None:
+                await relay.drain()
+            return result
 
         return await self.run(op, timeout_s=timeout_s)
 
@@ -651,15 +680,19 @@ class DaemonClient:
         self._tools = {t.name: t for t in tools}
         return tools
 
+    async def _listed(self) -> None:
+        """List the daemon's tools, sharing a listing already in flight on this event loop."""
+        loop = asyncio.get_running_loop()
+        listing = self._listing.get(loop)
+        if listing is None or listing.done():
+            listing = self._listing[loop] = loop.create_task(self.list_tools())
+            listing.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen, even if unawaited
+        await asyncio.shield(listing)  # a caller cancelled meanwhile leaves the listing to the others
+
     async def tool_parameters(self, name: str) -> set[str]:
         """The argument names the daemon's tool accepts (listed once, then remembered)."""
         if self._tools is None or name not in self._tools:
-            loop = asyncio.get_running_loop()
-            listing = self._listing.get(loop)
-            if listing is None or listing.done():
-                listing = self._listing[loop] = loop.create_task(self.list_tools())
-                listing.add_done_callback(lambda task: task.cancelled() or task.exception())  # seen, even if unawaited
-            await asyncio.shield(listing)  # a caller cancelled meanwhile leaves the listing to the others
+            await self._listed()
         assert self._tools is not None
         tool = self._tools.get(name)
         if tool is None:
@@ -674,6 +707,58 @@ class DaemonClient:
             return "".join(getattr(c, "text", "") or "" for c in result.contents)
 
         return await self.run(op, timeout_s=self.timeout_s)
+
+
+def _read(model: type[R], content: Any, tool: str) -> R:
+    """The daemon's result for `tool` as `model`; a result of another shape (another blip-tools version) is typed."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(content)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(part) for part in errors[0]["loc"]) if errors else ""
+        what = errors[0]["msg"] if errors else str(exc)
+        raise BlipError(
+            f"The daemon's {tool} tool returned a result this client cannot read ({where or 'result'}: {what}); "
+            "is the daemon running another version of blip-tools? Use the same version on both sides."
+        ) from None
+
+
+class _ProgressRelay:
+    """A progress callback whose calls still running can be waited for before the connection closes.
+
+    The SDK runs each progress callback as a task of the connection, and a call returns as soon as its result
+    arrives: closing the connection then cancelled callbacks for progress the daemon sent just before the result
+    (the stdio proxy lost the last counts it relays to its host). `drain()` lets them finish, for a few seconds at
+    most, so a host that stops reading cannot hold the call.
+    """
+
+    DRAIN_S = 5.0
+
+    def __init__(self, fn: ProgressCallback) -> None:
+        self._fn = fn
+        self._running = 0
+        self._idle: Any = None
+
+    async def __call__(self, value: float, total: float | None, message: str | None) -> None:
+        self._running += 1
+        try:
+            await self._fn(value, total, message)
+        finally:
+            self._running -= 1
+            if not self._running and self._idle is not None:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait for the callbacks of progress that arrived before the result (they start before this resumes)."""
+        import anyio
+
+        await anyio.sleep(0)
+        if self._running:
+            self._idle = anyio.Event()
+            with anyio.move_on_after(self.DRAIN_S):
+                await self._idle.wait()
 
 
 def _daemon_message(exc: BaseException) -> str | None:
@@ -1049,7 +1134,7 @@ class RemoteService(Blip2Service):
         gen_args = await self._gen_args("caption_image", params, gen)
         ref, label = await self._image_arg(image)
         content = await self._call("caption_image", {"image": ref, "prompt": prompt, **gen_args})
-        return self._relabel(CaptionResult.model_validate(content), label)
+        return self._relabel(_read(CaptionResult, content, "caption_image"), label)
 
     def caption(
         self, image: ImageInput, prompt: str | None = None, *, params: GenerationParams | None = None, **gen: Any
@@ -1066,7 +1151,7 @@ class RemoteService(Blip2Service):
         gen_args = await self._gen_args("answer_question", params, gen)
         ref, label = await self._image_arg(image)
         content = await self._call("answer_question", {"image": ref, "question": question, **gen_args})
-        return self._relabel(AnswerResult.model_validate(content), label)
+        return self._relabel(_read(AnswerResult, content, "answer_question"), label)
 
     def answer(
         self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
@@ -1157,7 +1242,7 @@ class RemoteService(Blip2Service):
             if isinstance(item, BlipError):
                 error = item
             elif item.get("ok") and item.get("result") is not None:
-                results[index] = self._relabel(CaptionResult.model_validate(item["result"]), label)
+                results[index] = self._relabel(_read(CaptionResult, item["result"], "caption_images"), label)
                 continue
             else:
                 error = self._daemon_error(str(item.get("error") or "unknown error"))
@@ -1233,7 +1318,7 @@ class RemoteService(Blip2Service):
             raise InvalidInput("score needs at least one text to compare with the image")
         ref, label = await self._image_arg(image)
         content = await self._call("score_image_text", {"image": ref, "texts": texts})
-        return self._relabel(ScoreResult.model_validate(content), label)
+        return self._relabel(_read(ScoreResult, content, "score_image_text"), label)
 
     def score(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
         """How well each text matches the image."""
@@ -1245,7 +1330,7 @@ class RemoteService(Blip2Service):
         if include_query_vectors:
             arguments["include_query_vectors"] = True
         content = await self._call("embed_image", arguments)
-        return self._relabel(self._same_model(EmbeddingResult.model_validate(content)), label)
+        return self._relabel(self._same_model(_read(EmbeddingResult, content, "embed_image")), label)
 
     async def aembed_images(
         self,
@@ -1286,7 +1371,8 @@ class RemoteService(Blip2Service):
             raise InvalidInput("embed_texts takes a list of strings, not a single string")
 
         async def one(text: str) -> EmbeddingResult:
-            return self._same_model(EmbeddingResult.model_validate(await self._call("embed_text", {"text": text})))
+            content = await self._call("embed_text", {"text": text})
+            return self._same_model(_read(EmbeddingResult, content, "embed_text"))
 
         results = await self._gather([lambda t=t: one(t) for t in texts], False, None)  # type: ignore[misc]
         return [r for r in results if isinstance(r, EmbeddingResult)]
@@ -1306,7 +1392,7 @@ class RemoteService(Blip2Service):
 
         ref, label = await self._image_arg(image)
         content = await self._call("locate_in_image", {"image": ref, "text": text})
-        result = self._relabel(LocateResult.model_validate(content), label)
+        result = self._relabel(_read(LocateResult, content, "locate_in_image"), label)
         source: ImageInput = ref if isinstance(image, str | Path) else image
         size = (result.image.width, result.image.height)
         result._image_source = functools.partial(_overlay_image, source, size, self.settings, self.url)

@@ -88,3 +88,20 @@ def python_process(
             if stream is not None:
                 with suppress(BrokenPipeError):  # unsent input to a process that is gone
                     stream.close()
+
+
+def record_mcp_requests(monkeypatch: Any) -> list[str]:
+    """From now on, the JSON-RPC method of every HTTP request an MCP client sends (the HTTP verb for a bodiless one)."""
+    import json
+
+    import httpx2
+
+    sent: list[str] = []
+    original = httpx2.AsyncClient.send
+
+    async def recording(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(json.loads(request.content).get("method", "?") if request.content else request.method)
+        return await original(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(httpx2.AsyncClient, "send", recording)
+    return sent

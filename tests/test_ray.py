@@ -18,6 +18,8 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from _testlib import record_mcp_requests  # noqa: E402
+
 from blip_tools import BlipSettings  # noqa: E402
 from blip_tools.errors import InvalidImage, ModelNotAvailable, Overloaded  # noqa: E402
 from blip_tools.ray_serve import RayServeClient, RayServeConfig, build_app, map_ray_error  # noqa: E402
@@ -109,30 +111,13 @@ def test_remote_service_speaks_mcp_to_the_ray_deployment(ray_app: dict[str, Any]
         assert remote.stats().models_loaded >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RemoteService opens a fresh MCP session per call, and the SDK re-lists the tools in it to validate the "
-    "result: tools/call + tools/list. Under overload Ray refuses the tools/list after the replica ran the call, "
-    "so the result is thrown away and the caller gets Overloaded (blip_tools/remote.py, not the deployment).",
-)
 def test_over_http_a_tool_call_is_one_request(
     ray_app: dict[str, Any], image: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ray's limits count HTTP requests: a call that needs two can be refused after its work is done."""
-    import json
-
-    import httpx2
-
-    sent: list[str] = []
-    original = httpx2.AsyncClient.send
-
-    async def counting(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(json.loads(request.content).get("method", "?") if request.content else request.method)
-        return await original(self, request, *args, **kwargs)
-
     with RemoteService(ray_app["url"]) as remote:
         remote.caption(image, max_new_tokens=4)  # the first call may negotiate and list the tools' parameters
-        monkeypatch.setattr(httpx2.AsyncClient, "send", counting)
+        sent = record_mcp_requests(monkeypatch)
         remote.caption(image, max_new_tokens=4)
     assert sent == ["tools/call"]
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _testlib import record_mcp_requests
 
 from blip_tools import BlipSettings
 from blip_tools.errors import (
@@ -953,6 +954,38 @@ def test_concurrent_first_calls_list_the_daemons_tools_once(daemon: Daemon, shar
         results = asyncio.run(wave())
         assert len(results) == 8 and all(r.caption is not None for r in results)
         assert listings == 1
+
+
+def test_a_tool_call_is_one_http_request(daemon: Daemon, shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the tools are listed, a call sends only `tools/call`: the SDK no longer lists the tools again in each
+    fresh connection to check the result (behind Ray Serve's queue limits that second request could be refused
+    after the daemon had done the work, losing the result)."""
+    sent = record_mcp_requests(monkeypatch)
+    path = str(shared_dir / "img0.png")
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings()) as client:
+        assert client.caption(path).caption is not None  # a first call lists the tools, on its own connection
+        assert sent.count("tools/list") == 1 and sent[-1] == "tools/call"
+        sent.clear()
+        client.caption(path, max_new_tokens=3)
+        client.answer(path, "what is it?")
+        assert len(client.caption_batch([path, path])) == 2
+        client.embed_texts(["a dog"])
+    assert sent == ["tools/call"] * 4
+
+
+def test_a_result_of_another_shape_is_a_typed_error(remote: RemoteService, shared_dir: Path, monkeypatch: Any) -> None:
+    """A daemon whose results this client cannot parse (another blip-tools version) gives a `BlipError` naming the
+    tool and the field, not pydantic's ValidationError (the SDK no longer checks results against the schema)."""
+    original = remote._call
+
+    async def renamed(tool: str, arguments: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        content = await original(tool, arguments, progress)
+        content["text_of_caption"] = content.pop("caption")
+        return content
+
+    monkeypatch.setattr(remote, "_call", renamed)
+    with pytest.raises(BlipError, match=r"caption_image tool returned a result this client cannot read \(caption"):
+        remote.caption(str(shared_dir / "img0.png"))
 
 
 # ---------------------------------------------------------------------------------------------- close and restarts
