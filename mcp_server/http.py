@@ -104,7 +104,7 @@ def _host_forms(host: str) -> list[str]:
     return [bare]
 
 
-def _authority(host: str, port: int) -> str:
+def authority(host: str, port: int) -> str:
     """`host:port` as a URL writes it (`[::1]:8765` for IPv6), for log lines a user may paste."""
     return f"{_host_forms(host)[0]}:{port}"
 
@@ -425,7 +425,7 @@ def build_http_app(
                 await hooks.enter_async_context(hook(server))
             logger.info(
                 "blip-mcp HTTP ready on %s%s (token %s, body limit %d bytes, %s)",
-                _authority(config.host, config.port),
+                authority(config.host, config.port),
                 MCP_PATH,
                 "required" if config.token else "off",
                 limit,
@@ -531,7 +531,7 @@ def listen_sockets(host: str, port: int, backlog: int = 2048) -> list[socket.soc
 
 
 def _cannot_listen(config: HttpConfig, exc: OSError) -> str:
-    where = _authority(config.host, config.port)
+    where = authority(config.host, config.port)
     if exc.errno == errno.EADDRINUSE:
         reach = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else _host_forms(config.host)[0]
         health = f"http://{reach}:{config.port}{HEALTH_PATH}"

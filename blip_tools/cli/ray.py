@@ -92,7 +92,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         allowed_hosts=list(args.allowed_hosts),
     )
     config.check()
-    from mcp_server.http import HttpConfig, _authority  # IPv6 in brackets ([::1]:8000), as blip-mcp prints it
+    from mcp_server.http import HttpConfig, authority
 
     HttpConfig(host=args.host, token=token).check()  # same rule as blip-mcp: no open non-loopback server
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -109,7 +109,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         run(settings, config)
         deployed = True
         prefix = args.route_prefix.rstrip("/")
-        url = f"http://{_authority('127.0.0.1' if host in ('0.0.0.0', '::', '') else host, port)}{prefix}/mcp"
+        url = f"http://{authority('127.0.0.1' if host in ('0.0.0.0', '::', '') else host, port)}{prefix}/mcp"
         print(f"blip-tools on Ray Serve: {args.replicas} replica(s) of {settings.model}", file=sys.stderr)
         print(f"MCP endpoint: {url}", file=sys.stderr)
         print(f"connect with: blip-mcp --connect {url}", file=sys.stderr)
@@ -135,7 +135,7 @@ def _proxy_in_use(host: str, port: int, token: str | None) -> tuple[str, int]:
     Attached to a Serve instance that was already running, its own address counts, for the printed endpoint, for
     the replicas' Host checks and for the token rule (an instance open to the network needs a token).
     """
-    from mcp_server.http import HttpConfig, _authority
+    from mcp_server.http import HttpConfig, authority
 
     from ..errors import InvalidInput
     from ..ray_serve import proxy_address
@@ -146,7 +146,7 @@ def _proxy_in_use(host: str, port: int, token: str | None) -> tuple[str, int]:
         return host, port
     if actual == (host, port):
         return actual
-    where = _authority(*actual)
+    where = authority(*actual)
     print(
         f"note: Serve was already running on this cluster, with its HTTP proxy on {where}; --host and --port "
         "apply only where serve-ray starts Serve",

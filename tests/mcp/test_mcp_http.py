@@ -301,11 +301,11 @@ def test_addresses_in_log_lines_are_written_as_urls_write_them() -> None:
     """An IPv6 host is bracketed where blip-mcp prints host:port, so the line can be pasted into a URL."""
     import errno
 
-    from mcp_server.http import HttpConfig, _authority, _cannot_listen
+    from mcp_server.http import HttpConfig, _cannot_listen, authority
 
-    assert _authority("::1", 8765) == "[::1]:8765"
-    assert _authority("[::1]", 8765) == "[::1]:8765"
-    assert _authority("127.0.0.1", 8765) == "127.0.0.1:8765"
+    assert authority("::1", 8765) == "[::1]:8765"
+    assert authority("[::1]", 8765) == "[::1]:8765"
+    assert authority("127.0.0.1", 8765) == "127.0.0.1:8765"
     text = _cannot_listen(HttpConfig(host="::1", port=8765), OSError(errno.EADDRINUSE, "Address in use"))
     assert text.startswith("cannot listen on [::1]:8765: address already in use")
     assert "curl http://[::1]:8765/" in text
