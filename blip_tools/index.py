@@ -58,6 +58,7 @@ from .errors import (
 )
 from .images import _check_allowed, _read_file, describe_ref
 from .results import CaptionResult, EmbeddingResult
+from .runtime import model_key
 
 if TYPE_CHECKING:
     from .images import ImageInput
@@ -444,21 +445,6 @@ def _unchanged(row: sqlite3.Row | None, st: os.stat_result) -> bool:
     )
 
 
-def _model_key(name: str) -> str:
-    """The name an index records vectors (or captions) under: a local checkpoint folder as its real path.
-
-    The same folder named relatively, from another working directory, with `~` or a trailing slash is one model,
-    and a relative name that means another folder elsewhere is another model. A hub id stays as it is.
-    """
-    try:
-        local = Path(name).expanduser()
-        if local.is_dir():
-            return os.path.realpath(local)
-    except (OSError, ValueError):
-        pass
-    return name
-
-
 def folder_without_nul(path: str | None) -> str | None:
     """A tool's folder argument, refused (ValueError, for a pydantic validator) when it holds a NUL character.
 
@@ -544,9 +530,9 @@ class ImageIndex:
         self.settings = service.settings
         # A daemon names its checkpoints as paths on its own machine: those are not resolved here.
         remote = isinstance(service, RemoteService)
-        self.retrieval_model = self.settings.retrieval_model if remote else _model_key(self.settings.retrieval_model)
+        self.retrieval_model = self.settings.retrieval_model if remote else model_key(self.settings.retrieval_model)
         """The name this index records its vectors under (a local checkpoint folder as its real path)."""
-        self._caption_model = self.settings.model if remote else _model_key(self.settings.model)
+        self._caption_model = self.settings.model if remote else model_key(self.settings.model)
         self._runtime = None if remote else service.runtime
         """Where the fingerprint of the retrieval weights comes from (None: a daemon's, which records none)."""
         self.path = Path(path).expanduser() if path is not None else self.settings.resolved_index_path()

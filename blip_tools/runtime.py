@@ -109,6 +109,22 @@ def _file_sample(path: str, size: int) -> bytes:
     return digest.digest()
 
 
+def model_key(name: str) -> str:
+    """A model's identity across spellings: a local checkpoint folder as its real path, a hub id as it is.
+
+    The same folder named relatively, from another working directory, with `~` or a trailing slash is one model,
+    and a relative name that means another folder elsewhere is another model. An index records its vectors under
+    it, and a fine-tuning resume compares its base model by it.
+    """
+    try:
+        local = Path(name).expanduser()
+        if local.is_dir():
+            return os.path.realpath(local)
+    except (OSError, ValueError):
+        pass
+    return name
+
+
 def _weights_fingerprint(name: str) -> str | None:
     """A cheap identity of a local checkpoint folder's model, or None for a hub id (or a folder that cannot be read).
 

@@ -36,7 +36,7 @@ import torch
 from ..batching import is_out_of_memory
 from ..errors import InvalidInput, ModelNotAvailable
 from ..images import load_image
-from ..runtime import MAX_PROMPT_TOKENS, Blip2Runtime, resolve_device
+from ..runtime import MAX_PROMPT_TOKENS, Blip2Runtime, model_key, resolve_device
 from ..settings import BlipSettings
 from .clock import RunClock
 from .config import LORA_NEEDS_PEFT, FinetuneConfig, FinetuneReport, SkippedLine
@@ -114,20 +114,13 @@ def _refuse_another_run(where: str, saved: dict[str, Any], now: dict[str, Any]) 
     A key `saved` lacks was not recorded by the version that wrote it: it is not compared.
     """
     if isinstance(saved.get("base_model"), str):  # recorded as written by a version that kept the spelling
-        saved = saved | {"base_model": _model_key(saved["base_model"])}
+        saved = saved | {"base_model": model_key(saved["base_model"])}
     diff = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
     if diff:
         raise InvalidInput(
             f"Cannot resume {where}: the run differs in {diff} (saved, now). Use the same data and options, or a "
             "new output folder."
         )
-
-
-def _model_key(name: str) -> str:
-    """The base model as a resume compares it: a local folder by its absolute path, however it was written and from
-    whichever folder the command runs (`ck`, `./ck`, `/home/me/ck`), a hub id as it is."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else name
 
 
 def _fingerprint_from_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +437,7 @@ class Trainer:
         """
         c = self.config
         return {
-            "base_model": _model_key(self.model_name),
+            "base_model": model_key(self.model_name),
             "train_examples": len(self.train_rows),
             "train_data": self._data_digest(self.train_rows, self.train_examples),
             "val_data": self._data_digest(self.val_rows, self.val_examples),
