@@ -11,7 +11,7 @@ annotations would be compiled again each time.
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackManagerForToolRun
 from langchain_core.tools import BaseTool, ToolException
@@ -50,12 +50,55 @@ def map_blip_errors() -> Iterator[None]:
         raise to_tool_exception(exc) from exc
 
 
+class KeepsService(BaseModel):
+    """Copy and pickle rules for a LangChain object that holds a `Blip2Service` (tools, toolkit, embeddings).
+
+    A service owns a loaded model and its worker thread, so it is never copied: `copy.deepcopy` gives an object
+    that calls the same service. Pickling (multiprocessing, Ray, caches) stores the process-wide service as
+    "the shared service" (None), so the copy uses `Blip2Service.shared()` of the process it is loaded in, as an
+    object built without a service does; a private service cannot leave its process, and pickling an object
+    bound to one raises a `TypeError` that says so, instead of pickle's "cannot pickle '_thread.RLock' object".
+    """
+
+    _model_owners: ClassVar[tuple[str, ...]] = ("service",)
+    """Fields holding a service (or an object owning one, like an `ImageIndex`): shared by copies, never pickled."""
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        memo = {} if memo is None else memo
+        for name in self._model_owners:
+            owner = self.__dict__.get(name)
+            if owner is not None:
+                memo.setdefault(id(owner), owner)  # deepcopy returns what the memo holds: the same object
+        return super().__deepcopy__(memo)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        fields = dict(state["__dict__"])
+        for name in self._model_owners:
+            owner = fields.get(name)
+            if owner is None:
+                continue
+            # Read, not `Blip2Service.shared()`: that would build a service while pickling an unrelated object.
+            if name == "service" and owner is Blip2Service._shared:
+                fields[name] = None
+                continue
+            label = getattr(self, "name", None) or type(self).__name__
+            kind = "a private Blip2Service" if name == "service" else f"its own {type(owner).__name__}"
+            without = " or ".join(f"{n}=" for n in ("service", "settings", "index") if n in type(self).model_fields)
+            raise TypeError(
+                f"{label} is bound to {kind}, which cannot be pickled (it owns a loaded model and a worker thread). "
+                f"Pickle a {type(self).__name__}() built without {without} instead: it uses the process-wide "
+                "service, and once loaded, Blip2Service.shared() of the process that loads it."
+            )
+        return {**state, "__dict__": fields}
+
+
 def format_tool_validation_error(exc: Exception) -> str:
     """Readable text for bad tool arguments: one line per field with the bad value, and what to do next."""
     return f"{format_validation_error(exc)}. Fix these arguments and call the tool again."
 
 
-class Blip2BaseTool(BaseTool):
+class Blip2BaseTool(KeepsService, BaseTool):
     """Base of every blip-tools LangChain tool: holds the shared service and maps errors once.
 
     Subclasses set `name`, `description` and `args_schema` (a pydantic model), and implement

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from typing import ClassVar
 
 from langchain_core.messages.content import create_image_block
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -77,6 +78,8 @@ class _IndexTool(Blip2BaseTool):
 
     index: ImageIndex | None = Field(default=None, exclude=True)
     """The index to use; None means `ImageIndex.for_service(service)`."""
+
+    _model_owners: ClassVar[tuple[str, ...]] = ("service", "index")  # an index holds a service and a database
 
     def _index(self, service: Blip2Service) -> ImageIndex:
         return self.index if self.index is not None else ImageIndex.for_service(service)

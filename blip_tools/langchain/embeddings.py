@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.embeddings import Embeddings
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from ..errors import BlipError
 from ..results import EmbeddingResult
 from ..service import Blip2Service
 from ..settings import BlipSettings
+from ._base import KeepsService
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def _vectors(results: Sequence[EmbeddingResult | BlipError]) -> list[list[float]
     return out
 
 
-class Blip2Embeddings(BaseModel, Embeddings):
+class Blip2Embeddings(KeepsService, Embeddings):
     """LangChain embeddings over `Blip2Service`: L2-normalised vectors in BLIP-2's shared image/text space.
 
     Args:
@@ -42,6 +43,9 @@ class Blip2Embeddings(BaseModel, Embeddings):
         image_documents: Treat the texts passed to `embed_documents` as image references (paths, file://
             URIs, data: URIs, base64), for text→image search with any vector store.
         chunk_size: Most items sent to the service per call, to bound its queue.
+
+    Copies share the service; embeddings on the process-wide service pickle (loaded again, they use that
+    process's shared service), ones on a private service do not.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)

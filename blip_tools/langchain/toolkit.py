@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from ..service import Blip2Service
 from ..settings import BlipSettings
-from ._base import Blip2BaseTool
+from ._base import Blip2BaseTool, KeepsService
 from .collection_tools import COLLECTION_TOOLS
 from .tools import CORE_TOOLS
 
@@ -20,12 +20,13 @@ TOOL_CLASSES: list[type[Blip2BaseTool]] = [*CORE_TOOLS, *COLLECTION_TOOLS]
 """The tool classes `get_tools()` instantiates, in order; adding a tool is one more entry here."""
 
 
-class Blip2Toolkit(BaseToolkit):
+class Blip2Toolkit(KeepsService, BaseToolkit):
     """All blip-tools LangChain tools over one shared service.
 
     `Blip2Toolkit()` uses `Blip2Service.shared()`; `Blip2Toolkit(settings=...)` builds a private service
     from those settings (close it with `toolkit.service.close()` when done); `Blip2Toolkit(service=...)`
-    uses the given one (e.g. in tests).
+    uses the given one (e.g. in tests). Copies share the service; a toolkit on the process-wide service pickles
+    (loaded again, it uses that process's shared service), one on a private service does not.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -45,6 +46,11 @@ class Blip2Toolkit(BaseToolkit):
             settings = data.get("settings")
             data = {**data, "service": Blip2Service(settings) if settings is not None else Blip2Service.shared()}
         return data
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        if self.service is None:  # pickled on the process-wide service: use this process's
+            object.__setattr__(self, "service", Blip2Service.shared())
 
     def get_tools(self) -> list[BaseTool]:
         """One instance of every tool class, all bound to this toolkit's service."""
