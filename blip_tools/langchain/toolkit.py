@@ -52,6 +52,11 @@ class Blip2Toolkit(KeepsService, BaseToolkit):
         if self.service is None:  # pickled on the process-wide service: use this process's
             object.__setattr__(self, "service", Blip2Service.shared())
 
+    def __repr_args__(self) -> Any:
+        # Settings can hold a secret (`token`, from BLIP_TOKEN) and the service holds a model: keep both out of
+        # reprs, which end up in logs, tracebacks and notebooks.
+        return [(k, v) for k, v in super().__repr_args__() if k not in ("service", "settings")]
+
     def get_tools(self) -> list[BaseTool]:
         """One instance of every tool class, all bound to this toolkit's service."""
         tools: list[BaseTool] = []

@@ -1,4 +1,4 @@
-"""Copying and pickling the LangChain objects: copies share the model; the shared service pickles, a private one not."""
+"""Copying, pickling and printing the LangChain objects: copies share the model, a private service stays private."""
 
 from __future__ import annotations
 
@@ -63,3 +63,10 @@ def test_a_private_service_refuses_to_pickle_with_a_message_that_says_why(servic
     ]:
         with pytest.raises(TypeError, match=f"{name} is bound to a private Blip2Service, which cannot be pickled"):
             pickle.dumps(obj)
+
+
+def test_reprs_leave_out_the_settings_and_their_token(service: Blip2Service) -> None:
+    settings = service.settings.model_copy(update={"token": "s3cret-token"})
+    for obj in (Blip2Toolkit(service=service, settings=settings), Blip2Embeddings(service=service, settings=settings)):
+        assert "s3cret-token" not in repr(obj) and "s3cret-token" not in str(obj)
+    assert "image_outputs=True" in repr(Blip2Toolkit(service=service))
