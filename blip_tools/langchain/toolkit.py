@@ -39,13 +39,13 @@ class Blip2Toolkit(KeepsService, BaseToolkit):
     """Whether tools may return images to the model (`locate_in_image`'s overlay). Set False for chat models or
     endpoints that take only text in tool results; artifacts are the same either way."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _resolve_service(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("service") is None:
-            settings = data.get("settings")
-            data = {**data, "service": Blip2Service(settings) if settings is not None else Blip2Service.shared()}
-        return data
+    @model_validator(mode="after")
+    def _resolve_service(self) -> Blip2Toolkit:
+        # After validation: `settings` is a BlipSettings by now (a dict works too), and a call with a bad field
+        # builds no service (and starts no worker threads) before it fails.
+        if self.service is None:
+            self.service = Blip2Service(self.settings) if self.settings is not None else Blip2Service.shared()
+        return self
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
