@@ -2,7 +2,8 @@
 
 Tool modules (ours and `collection_tools.py`) subclass `Blip2BaseTool` and implement `_call_service` and
 `_acall_service`; the base class validates arguments into the tool's `args_schema`, maps `BlipError` to
-`ToolException` once, and sets the response format and error handling every tool shares.
+`ToolException` once, and sets the response format and error handling every tool shares. `KeepsService` holds the
+copy and pickle rules of everything here that holds a service (tools, toolkit, embeddings).
 
 No `from __future__ import annotations` here: LangChain resolves `_run`'s type hints on every call, and string
 annotations would be compiled again each time.
