@@ -50,7 +50,7 @@ class _DecodingArgs(_Args):
         default=None,
         ge=1,
         le=512,
-        description="Longest text to generate, in tokens (default 30; the service caps it, 256 unless configured).",
+        description="Longest text to generate, in tokens (default 30; at most 256 unless the service allows more).",
     )
     num_beams: int | None = Field(
         default=None, ge=1, le=16, description="Beam-search width; more beams can give better text (default 1)."
