@@ -7,8 +7,10 @@ default that takes the parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,12 +41,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `blip-tools` console script."""
     try:
-        return _run(argv)
+        code = _run(argv)
+        sys.stdout.flush()  # here, not at exit, so a reader that went away is noticed below
+        return code
+    except BrokenPipeError:
+        return _output_closed()
     except (KeyboardInterrupt, Exception) as exc:  # also in the imports before a command runs (Ctrl-C at startup)
         if not caused_by_ctrl_c(exc):
             raise
         print("interrupted", file=sys.stderr)
         return 130
+
+
+_SIGPIPE_STATUS = 141
+"""128 + SIGPIPE: what a shell reports for a command whose reader went away (`... | head -1`)."""
+
+
+def _output_closed() -> int:
+    """The reader of stdout (or stderr) went away: stop quietly, as command-line tools do.
+
+    What is still buffered for the closed pipe would fail again when Python flushes it at exit, with an
+    "Exception ignored" message, so both streams are pointed at /dev/null first.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # not a real file: nothing to flush there
+                os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+    return _SIGPIPE_STATUS
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -9,9 +9,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..errors import InvalidInput
+from ..images import ImageInput
 from ..params import format_validation_error
 from ..service import Blip2Service
 from ..settings import BlipSettings
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an epilog starting with `examples:` keeps its lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -20,10 +30,22 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="captioning checkpoint: hub id or local folder (BLIP_MODEL)")
     g.add_argument("--retrieval-model", help="retrieval checkpoint for embeddings/search (BLIP_RETRIEVAL_MODEL)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (BLIP_DEVICE)")
-    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="(BLIP_DTYPE)")
-    g.add_argument("--max-batch-size", type=int, help="(BLIP_MAX_BATCH_SIZE)")
-    g.add_argument("--allowed-dir", action="append", dest="allowed_dirs", help="restrict image paths (repeatable)")
-    g.add_argument("--allow-urls", action="store_true", default=None, help="allow public http(s) image URLs")
+    g.add_argument(
+        "--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="weights' precision (BLIP_DTYPE)"
+    )
+    g.add_argument(
+        "--max-batch-size", type=int, metavar="N", help="most requests in one forward pass (BLIP_MAX_BATCH_SIZE)"
+    )
+    g.add_argument(
+        "--allowed-dir",
+        action="append",
+        dest="allowed_dirs",
+        metavar="DIR",
+        help="image paths must lie inside DIR (repeatable; BLIP_ALLOWED_DIRS)",
+    )
+    g.add_argument(
+        "--allow-urls", action="store_true", default=None, help="allow public http(s) image URLs (BLIP_ALLOW_URLS)"
+    )
     g.add_argument(
         "--demo",
         action="store_true",
@@ -120,3 +142,37 @@ def service_from_args(args: argparse.Namespace, *, remote: bool = False, files_r
     service = Blip2Service(settings)
     Blip2Service.set_shared(service)
     return service
+
+
+def as_cli_image(ref: str) -> str:
+    """An image argument as the loader should read it: a bare name that exists here is that file or folder.
+
+    The loader reads a bare name without `/` or an extension (`cat`, `photos`) as base64; on a command line a
+    name that exists in the working directory means that file, so it becomes `./name` (and a folder then gets
+    the loader's "is a directory" message instead of "not a recognised image").
+    """
+    from ..images import _classify
+
+    if _classify(ref) != "base64" or len(ref) > 255 or "\0" in ref:
+        return ref
+    try:
+        return os.path.join(os.curdir, ref) if os.path.lexists(ref) else ref
+    except (OSError, ValueError):
+        return ref
+
+
+def check_image_first(service: Blip2Service, image: ImageInput) -> None:
+    """Load one image argument before a local model loads, so a mistyped path fails at once.
+
+    The model loads before the first image is read, which takes a while even for a small checkpoint (and starts
+    a download of several GB for a hub model not cached yet). A daemon's model is already loaded, and with
+    `BLIP_REMOTE_SEND_FILES=never` a path is the daemon's to read, so a daemon's client checks nothing here.
+    """
+    if service.settings.remote_url:
+        from ..remote import RemoteService
+
+        if isinstance(service, RemoteService):
+            return
+    from ..images import load_image
+
+    load_image(image, service.settings)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InvalidInput
 from ..index import _display
-from ._common import add_model_options, add_remote_option, service_from_args
+from ._common import add_model_options, add_remote_option, as_cli_image, check_image_first, service_from_args
 
 if TYPE_CHECKING:
     from ..index import ImageIndex
@@ -146,9 +146,12 @@ def _search(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         print("error: give a text QUERY or --image IMAGE (one of them)", file=sys.stderr)
         return 2
+    image = None if args.image is None else as_cli_image(args.image)
     service, index = _open(args)
     with service, index:
-        result = index.search(args.query, image=args.image, top_k=args.top_k, directory=args.dir, rerank=args.rerank)
+        if image is not None:
+            check_image_first(service, image)  # before the retrieval model loads
+        result = index.search(args.query, image=image, top_k=args.top_k, directory=args.dir, rerank=args.rerank)
         _note_stale(index)
     if args.json:
         print(result.model_dump_json(indent=2))
@@ -189,8 +192,10 @@ def _check_output(path: Path) -> None:
 def _locate(args: argparse.Namespace) -> int:
     if args.output is not None:
         _check_output(args.output)
+    image = as_cli_image(args.image)
     with service_from_args(args, remote=True) as service:
-        result = service.locate(args.image, args.text)
+        check_image_first(service, image)  # before the retrieval model loads
+        result = service.locate(image, args.text)
     if args.output is not None:
         try:
             args.output.write_bytes(result.overlay_png(max_side=None))

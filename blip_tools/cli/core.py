@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BlipError, InvalidInput
-from ._common import add_model_options, add_remote_option, service_from_args
+from ..params import GenerationParams
+from ._common import (
+    HelpFormatter,
+    add_model_options,
+    add_remote_option,
+    as_cli_image,
+    check_image_first,
+    service_from_args,
+)
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _GLOB_MAGIC = re.compile(r"[*?[]")
@@ -22,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `tiny-checkpoint`, `caption` and `ask`."""
     p = sub.add_parser("tiny-checkpoint", help="write a tiny random BLIP-2 checkpoint (tests, demos)")
     p.add_argument("dir", type=Path, help="output folder (gets captioner/ and retrieval/)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.set_defaults(handler=_tiny_checkpoint)
 
     p = sub.add_parser(
@@ -30,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="caption one or more images (files, folders or globs)",
         description="Caption images. With BLIP_REMOTE_URL set, the shared blip-mcp daemon there does the work "
         "(no model is loaded here) unless --local is given.",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+        "  blip-tools caption photo.jpg\n"
+        "  blip-tools caption photos/ --json                 # a folder, recursively; JSON list\n"
+        "  blip-tools caption 'photos/*.jpg' --prompt 'a photo of'\n"
+        "  blip-tools caption photo.jpg --num-beams 5 --num-captions 3\n"
+        "  blip-tools caption photo.jpg --sample --temperature 0.8 --top-p 0.9 --seed 1 --num-captions 3\n"
+        "  blip-tools caption --demo photo.jpg               # tiny random model: no download, gibberish\n"
+        "exit status: 0 all captioned; 1 some images failed (each named on stderr);\n"
+        "  2 bad arguments, settings or model; 130 Ctrl-C",
     )
     p.add_argument(
         "images",
@@ -50,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="answer a question about an image",
         description="Answer a question about an image. With BLIP_REMOTE_URL set, the shared blip-mcp daemon "
         "there answers (no model is loaded here) unless --local is given.",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+        "  blip-tools ask photo.jpg 'What color is the car?'\n"
+        "  blip-tools ask photo.jpg 'How many people are there?' --json\n"
+        "exit status: 0 answered; 2 a bad image, arguments, settings or model; 130 Ctrl-C",
     )
     p.add_argument("image", help="image file, file:// or data: URI")
     p.add_argument("question", help="the question, e.g. 'What color is the car?'")
@@ -61,35 +84,56 @@ def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     add_model_options(p)
     add_remote_option(p)
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--min-new-tokens", type=int)
-    g.add_argument("--num-beams", type=int)
-    g.add_argument("--sample", action="store_true", default=None, dest="do_sample", help="sample instead of greedy")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--length-penalty", type=float)
-    g.add_argument("--num-captions", type=int, dest="num_return_sequences", help="texts per image")
-    g.add_argument("--seed", type=int)
+    for name, flag in _GEN_FLAGS.items():
+        field = GenerationParams.model_fields[name]
+        text = (field.description or "").rstrip(".")
+        text = text[:1].lower() + text[1:]
+        if field.default is not None and name != "do_sample":
+            text = (
+                text[:-1] + f"; default {field.default})" if text.endswith(")") else f"{text} (default {field.default})"
+            )
+        if name == "do_sample":
+            g.add_argument(flag, action="store_true", default=None, dest=name, help=text)
+        else:
+            kind = int if field.annotation in (int, int | None) else float
+            g.add_argument(flag, type=kind, dest=name, metavar="N" if kind is int else "X", help=text)
     p.add_argument("--json", action="store_true", help=json_help)
 
 
+_GEN_FLAGS = {
+    "max_new_tokens": "--max-new-tokens",
+    "min_new_tokens": "--min-new-tokens",
+    "num_beams": "--num-beams",
+    "do_sample": "--sample",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "repetition_penalty": "--repetition-penalty",
+    "length_penalty": "--length-penalty",
+    "num_return_sequences": "--num-captions",
+    "seed": "--seed",
+}
+"""`GenerationParams` fields and the flags that set them."""
+
+_GEN_NAME = re.compile(r"\b(" + "|".join(_GEN_FLAGS) + r")\b(?:=(\w+))?")
+
+
 def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = (
-        "max_new_tokens",
-        "min_new_tokens",
-        "num_beams",
-        "do_sample",
-        "temperature",
-        "top_p",
-        "top_k",
-        "repetition_penalty",
-        "length_penalty",
-        "num_return_sequences",
-        "seed",
-    )
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The generation flags given, checked before any model work; errors name the flags, not the API fields."""
+    gen = {n: getattr(args, n) for n in _GEN_FLAGS if getattr(args, n, None) is not None}
+    try:
+        GenerationParams.from_kwargs(**gen)
+    except InvalidInput as exc:
+        raise InvalidInput(_GEN_NAME.sub(_flag_for, str(exc))) from None
+    return gen
+
+
+def _flag_for(match: re.Match[str]) -> str:
+    """`num_return_sequences` -> `--num-captions`, `do_sample=true` -> `--sample`, `num_beams=1` -> `--num-beams 1`."""
+    name, value = match.group(1), match.group(2)
+    if name == "do_sample" or value is None:
+        return _GEN_FLAGS[name]
+    return f"{_GEN_FLAGS[name]} {value}"
 
 
 def _expand(refs: list[str]) -> tuple[list[str], bool]:
@@ -110,7 +154,7 @@ def _expand(refs: list[str]) -> tuple[list[str], bool]:
             collection = True
             out.extend(matches or [ref])  # nothing matched: the loader reports the pattern as not found
         else:
-            out.append(ref)
+            out.append(as_cli_image(ref))
     return out, collection
 
 
@@ -153,6 +197,7 @@ def _label(ref: str) -> str:
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported: no warnings on stderr
     from ..testing import build_tiny_checkpoint
 
     try:
@@ -171,20 +216,31 @@ def _tiny_checkpoint(args: argparse.Namespace) -> int:
 def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    gen = _gen_kwargs(args)
     images, collection = _expand(args.images)
     if not images:
-        print("error: no images found", file=sys.stderr)
+        suffixes = ", ".join(sorted(_IMAGE_SUFFIXES))
+        print(f"error: no image files ({suffixes}) in {', '.join(args.images)}", file=sys.stderr)
         return 2
     with service_from_args(args, remote=True) as service:
-        bar = tqdm(total=len(images), unit="img", file=sys.stderr, disable=len(images) < 2 or not sys.stderr.isatty())
-        results = service.caption_batch(
-            images,
-            args.prompt,
-            return_exceptions=True,
-            on_progress=lambda done, total: bar.update(done - bar.n),
-            **_gen_kwargs(args),
-        )
-        bar.close()
+        results: list[Any]
+        try:
+            if len(images) == 1:
+                check_image_first(service, images[0])
+        except BlipError as exc:  # reported like any failed image, without loading the model first
+            results = [exc]
+        else:
+            bar = tqdm(
+                total=len(images), unit="img", file=sys.stderr, disable=len(images) < 2 or not sys.stderr.isatty()
+            )
+            results = service.caption_batch(
+                images,
+                args.prompt,
+                return_exceptions=True,
+                on_progress=lambda done, total: bar.update(done - bar.n),
+                **gen,
+            )
+            bar.close()
     failed = 0
     rows: list[dict[str, Any]] = []
     for ref, result in zip(map(_label, images), results, strict=True):
@@ -204,8 +260,9 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    gen = _gen_kwargs(args)
     with service_from_args(args, remote=True) as service:
-        result = service.answer(args.image, args.question, **_gen_kwargs(args))
+        result = service.answer(as_cli_image(args.image), args.question, **gen)
     if args.json:
         print(result.model_dump_json(indent=2))
     else:

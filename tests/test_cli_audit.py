@@ -1,0 +1,184 @@
+"""`blip-tools` as a user meets it: a closed pipe, a mistyped path, a bare name, bad generation flags, `--help`.
+
+Most commands run in this process through `blip_tools.cli.main` on the tiny checkpoint; what only a real process
+shows (a reader that goes away, warnings written before logging is set up) runs as `python -m blip_tools`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blip_tools import Blip2Service
+from blip_tools.cli import main
+from blip_tools.runtime import Blip2Runtime
+
+
+@pytest.fixture
+def tiny_env(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """`BLIP_*` variables pointing at the tiny checkpoint (also returned, for a child process)."""
+    from blip_tools.testing import tiny_settings_kwargs
+
+    for name in ("BLIP_REMOTE_URL", "BLIP_ALLOWED_DIRS", "BLIP_MAX_BATCH_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    env = {f"BLIP_{name.upper()}": value for name, value in tiny_settings_kwargs(tiny_checkpoint).items()}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    previous = Blip2Service._shared
+    yield env
+    Blip2Service.set_shared(previous)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment a user's shell has: no `BLIP_*` but `extra`, and no TRANSFORMERS_VERBOSITY (conftest sets
+    it for this process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_") and k != "TRANSFORMERS_VERBOSITY"}
+    return {**env, **extra}
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_env: dict[str, str], tmp_path: Path) -> None:
+    """`blip-tools ... | head -1`: no BrokenPipeError traceback, the shell's status for a closed pipe (141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes anything
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "blip_tools", "duplicates", "--index", str(tmp_path / "empty.sqlite")],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_child_env(tiny_env),
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == 141
+
+
+def test_tiny_checkpoint_writes_nothing_on_stderr(tmp_path: Path) -> None:
+    """transformers' warnings (e.g. "requires torchvision ... falling back") stay off a fresh process's stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "blip_tools", "tiny-checkpoint", str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        env=_child_env({}),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: Blip2Runtime) -> None:
+        raise AssertionError("a model was loaded for a command whose only image does not exist")
+
+    monkeypatch.setattr(Blip2Runtime, "load_captioner", refuse)
+    monkeypatch.setattr(Blip2Runtime, "load_retrieval", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        (["caption", "{missing}"], 1),
+        (["caption", "{missing}", "--json"], 1),
+        (["locate", "{missing}", "the dog"], 2),
+        (["search", "--image", "{missing}"], 2),
+        (["ask", "{missing}", "what is it?"], 2),
+    ],
+)
+def test_a_missing_image_fails_before_any_model_loads(
+    tiny_env: dict[str, str],
+    no_model_loads: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    status: int,
+) -> None:
+    """A mistyped path fails in a second, not after the model loads (or a hub model starts downloading)."""
+    missing = str(tmp_path / "typo.png")
+    argv = [a.replace("{missing}", missing) for a in argv] + ["--index", str(tmp_path / "i.sqlite")] * (
+        argv[0] == "search"
+    )
+    code, out, err = _run(capsys, *argv)
+    assert code == status
+    assert "Image file not found" in (out if "--json" in argv else err)
+
+
+def test_a_bare_name_that_exists_is_read_as_that_file_or_folder(
+    tiny_env: dict[str, str],
+    tmp_path: Path,
+    make_image: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`ask photos ...` says photos is a folder, not "base64 (4 bytes) is not a recognised image"; `caption cat`
+    captions the file `cat`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    make_image(31).save(tmp_path / "cat", format="PNG")
+    code, _, err = _run(capsys, "ask", "photos", "what is it?")
+    assert code == 2 and "is a directory" in err and "base64" not in err
+    code, out, err = _run(capsys, "caption", "cat", "--max-new-tokens", "2")
+    assert code == 0, err
+    assert out.startswith(os.path.join(os.curdir, "cat") + ": ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flags", "fields"),
+    [
+        (["--num-captions", "3"], ["--num-captions", "--num-beams", "--sample"], ["num_return_sequences", "do_sample"]),
+        (["--min-new-tokens", "5", "--max-new-tokens", "2"], ["--min-new-tokens", "--max-new-tokens"], ["_new_"]),
+        (["--num-beams", "0"], ["--num-beams", "got 0"], ["num_beams"]),
+    ],
+)
+def test_generation_errors_name_the_flags(
+    tiny_env: dict[str, str],
+    no_model_loads: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    flags: list[str],
+    fields: list[str],
+) -> None:
+    """The user typed --num-captions, not num_return_sequences; and the flags are checked before anything loads."""
+    for command in (["caption", str(tmp_path / "x.png")], ["ask", str(tmp_path / "x.png"), "what?"]):
+        code, _, err = _run(capsys, *command, *argv)
+        assert code == 2 and err.startswith("error: Invalid arguments: ") and err.count("\n") == 1, err
+        assert all(flag in err for flag in flags), err
+        assert not any(field in err for field in fields), err
+
+
+def test_an_empty_folder_is_named_in_the_error(
+    tiny_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    code, out, err = _run(capsys, "caption", str(empty), "--json")
+    assert code == 2 and out == ""
+    assert err.startswith("error: no image files (") and err.rstrip().endswith(f"in {empty}")
+
+
+@pytest.mark.parametrize("command", ["caption", "ask"])
+def test_help_shows_the_generation_defaults_and_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--max-new-tokens N" in out and "(default 30)" in out and "--num-captions N" in out
+    assert "NUM_RETURN_SEQUENCES" not in out
+    assert f"examples:\n  blip-tools {command} photo.jpg" in out
