@@ -182,3 +182,22 @@ def test_help_shows_the_generation_defaults_and_examples(command: str, capsys: p
     assert "--max-new-tokens N" in out and "(default 30)" in out and "--num-captions N" in out
     assert "NUM_RETURN_SEQUENCES" not in out
     assert f"examples:\n  blip-tools {command} photo.jpg" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--scenario", "B9"], ["argument --scenario: unknown scenario 'B9'", "REAL or all"]),
+        (["--threads", "-1"], ["argument --threads: expected a whole number >= 1, got -1"]),
+    ],
+)
+def test_bench_refuses_bad_arguments_as_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], words: list[str]
+) -> None:
+    """Not a ValueError traceback from the suite after it started (or from torch.set_num_threads)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert all(word in err for word in words), err
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,28 @@ import os
 import sys
 from pathlib import Path
 
+_SCENARIOS = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "REAL")
+"""The scenarios `benchmarks.run` knows (`all` runs B0–B7)."""
+
+
+def _scenario(text: str) -> str:
+    """A `--scenario` value, any case; an unknown name is a usage error (exit 2), not a traceback from the suite."""
+    if text.lower() == "all":
+        return "all"
+    if text.upper() not in _SCENARIOS:
+        raise argparse.ArgumentTypeError(f"unknown scenario {text!r}; choose from {', '.join(_SCENARIOS)} or all")
+    return text.upper()
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `bench`."""
@@ -18,12 +40,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "loop, B5 burst, B6 cancellations, B7 poisoned input, REAL real-size CPU comparison with plain "
         "transformers. Checks from the performance issue print as PASS/FAIL lines.",
     )
-    p.add_argument("--scenario", action="append", default=None, help="B0..B7, REAL or all (repeatable; default: all)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        default=None,
+        type=_scenario,
+        help="B0..B7, REAL or all (repeatable; default: all, which is B0..B7)",
+    )
     p.add_argument("--size", choices=["tiny", "small", "real"], default="tiny", help="model size (default tiny)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     p.add_argument("--quick", action="store_true", help="smaller workloads (smoke test)")
-    p.add_argument("--tokens", type=int, help="fixed tokens per caption (default 16; 20 for real)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: 1 for tiny, all cores otherwise)")
+    p.add_argument("--tokens", type=_positive, metavar="N", help="fixed tokens per caption (default 16; 20 for real)")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        metavar="N",
+        help="torch intra-op threads (default: 1 for tiny, all cores otherwise)",
+    )
     p.set_defaults(handler=_bench)
 
 
