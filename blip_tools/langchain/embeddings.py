@@ -9,13 +9,13 @@ so any vector store that only calls `embed_documents` (InMemoryVectorStore, FAIS
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from langchain_core.embeddings import Embeddings
 from pydantic import ConfigDict, Field, model_validator
 
-from ..errors import BlipError
+from ..errors import BlipError, InvalidInput
 from ..results import EmbeddingResult
 from ..service import Blip2Service
 from ..settings import BlipSettings
@@ -68,19 +68,24 @@ class Blip2Embeddings(KeepsService, Embeddings):
     def _service(self) -> Blip2Service:
         return self.service if self.service is not None else Blip2Service.shared()
 
-    def _chunks(self, items: Sequence[str]) -> list[list[str]]:
-        return [list(items[i : i + self.chunk_size]) for i in range(0, len(items), self.chunk_size)]
+    def _chunks(self, items: Sequence[str], what: str) -> list[list[str]]:
+        # A lone string is a sequence too: sliced into chunks it would embed one vector per character.
+        if isinstance(items, str | bytes | bytearray) or not isinstance(items, Iterable):
+            one = "embed_query embeds one text" if what == "texts" else "pass [uri] for one image"
+            raise InvalidInput(f"{what} must be a list of strings, got {type(items).__name__} ({one})")
+        items = list(items)
+        return [items[i : i + self.chunk_size] for i in range(0, len(items), self.chunk_size)]
 
     # ---------------------------------------------------------------- text side
     def embed_texts(self, texts: list[str]) -> list[list[float]]:
         """Embed texts (always the text side, whatever `image_documents` says)."""
         service = self._service()
-        return [v for chunk in self._chunks(texts) for v in _vectors(service.embed_texts(chunk))]
+        return [v for chunk in self._chunks(texts, "texts") for v in _vectors(service.embed_texts(chunk))]
 
     async def aembed_texts(self, texts: list[str]) -> list[list[float]]:
         """Async `embed_texts`."""
         service = self._service()
-        return [v for chunk in self._chunks(texts) for v in _vectors(await service.aembed_texts(chunk))]
+        return [v for chunk in self._chunks(texts, "texts") for v in _vectors(await service.aembed_texts(chunk))]
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed documents: their text, or with `image_documents=True` the images they name."""
@@ -102,12 +107,12 @@ class Blip2Embeddings(KeepsService, Embeddings):
     def embed_image(self, uris: list[str]) -> list[list[float]]:
         """Embed images given as paths, file:// URIs, data: URIs or base64 (the image-store convention)."""
         service = self._service()
-        return [v for chunk in self._chunks(uris) for v in _vectors(service.embed_images(chunk))]
+        return [v for chunk in self._chunks(uris, "uris") for v in _vectors(service.embed_images(chunk))]
 
     async def aembed_image(self, uris: list[str]) -> list[list[float]]:
         """Async `embed_image`."""
         service = self._service()
-        return [v for chunk in self._chunks(uris) for v in _vectors(await service.aembed_images(chunk))]
+        return [v for chunk in self._chunks(uris, "uris") for v in _vectors(await service.aembed_images(chunk))]
 
     def __repr_args__(self) -> Any:
         # The service holds a model; keep reprs short.

@@ -10,7 +10,7 @@ import pytest
 from langchain_core.documents import Document
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from blip_tools.errors import InvalidImage
+from blip_tools.errors import InvalidImage, InvalidInput
 from blip_tools.langchain import Blip2Embeddings
 
 
@@ -63,3 +63,16 @@ def test_unreadable_image_raises_the_project_error(service: Any, tmp_path: Path)
     bad.write_bytes(b"nope")
     with pytest.raises(InvalidImage):
         Blip2Embeddings(service=service).embed_image([str(bad)])
+
+
+async def test_one_string_for_a_list_is_an_error_not_a_vector_per_character(service: Any, image_dir: Path) -> None:
+    emb = Blip2Embeddings(service=service)
+    as_images = Blip2Embeddings(service=service, image_documents=True)
+    for call in (emb.embed_documents, emb.embed_texts):
+        with pytest.raises(InvalidInput, match=r"texts must be a list of strings, got str \(embed_query embeds one"):
+            call("a red house")  # type: ignore[arg-type]  # was: 11 vectors, one per character
+    with pytest.raises(InvalidInput, match="uris must be a list of strings, got str"):
+        as_images.embed_documents(_images(image_dir)[0])  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="texts must be a list of strings, got str"):
+        await emb.aembed_documents("a red house")  # type: ignore[arg-type]
+    assert len(emb.embed_documents(t for t in ["a", "b"])) == 2  # type: ignore[arg-type]  # any iterable of strings
