@@ -111,7 +111,7 @@ class BlipSettings(BaseSettings):
     """How a client of a remote daemon passes image paths: `auto` sends file bytes unless the daemon is on
     loopback (same machine, same files), `always` sends bytes, `never` sends paths."""
 
-    token: str | None = None
+    token: str | None = Field(default=None, repr=False)
     """Bearer token for the HTTP server (required for a non-loopback bind)."""
 
     @field_validator("allowed_dirs", mode="before")

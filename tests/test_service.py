@@ -938,3 +938,11 @@ def test_the_tiny_checkpoint_has_room_for_the_longest_request(service: Blip2Serv
     from blip_tools.runtime import MAX_PROMPT_TOKENS
 
     service.runtime.check_length([0] * MAX_PROMPT_TOKENS, service.settings.max_new_tokens_limit)
+
+
+def test_the_token_stays_out_of_reprs_and_logs_of_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`repr(BlipSettings())` (in a traceback, a log line, a toolkit's repr) does not show `BLIP_TOKEN`."""
+    monkeypatch.setenv("BLIP_TOKEN", "s3cret-token-0123456789")
+    settings = BlipSettings()
+    assert settings.token == "s3cret-token-0123456789"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
