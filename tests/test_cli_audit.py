@@ -173,15 +173,16 @@ def test_an_empty_folder_is_named_in_the_error(
     assert err.startswith("error: no image files (") and err.rstrip().endswith(f"in {empty}")
 
 
-@pytest.mark.parametrize("command", ["caption", "ask"])
-def test_help_shows_the_generation_defaults_and_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["caption", "ask", "index", "search", "duplicates", "locate"])
+def test_help_shows_examples_and_the_generation_defaults(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         main([command, "--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "--max-new-tokens N" in out and "(default 30)" in out and "--num-captions N" in out
-    assert "NUM_RETURN_SEQUENCES" not in out
-    assert f"examples:\n  blip-tools {command} photo.jpg" in out
+    assert f"examples:\n  blip-tools {command} " in out  # kept as written, one example a line
+    if command in ("caption", "ask"):
+        assert "--max-new-tokens N" in out and "(default 30)" in out and "--num-captions N" in out
+        assert "NUM_RETURN_SEQUENCES" not in out
 
 
 @pytest.mark.parametrize(

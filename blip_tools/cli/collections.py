@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 
 from ..errors import InvalidInput
 from ..index import _display
-from ._common import add_model_options, add_remote_option, as_cli_image, check_image_first, service_from_args
+from ._common import (
+    HelpFormatter,
+    add_model_options,
+    add_remote_option,
+    as_cli_image,
+    check_image_first,
+    service_from_args,
+)
 
 if TYPE_CHECKING:
     from ..index import ImageIndex
@@ -36,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="index a folder of images for search (incremental; safe to interrupt)",
         description="Index a folder of images for search (incremental; safe to interrupt)." + _DAEMON + " The files "
         "are read here and sent to the daemon as data (BLIP_REMOTE_SEND_FILES=never sends their paths instead).",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+        "  blip-tools index ~/Pictures                # run it again any time; Ctrl-C is safe, the next run resumes\n"
+        "  blip-tools index ~/Pictures --no-captions  # embeddings only (faster)\n"
+        "exit status: 0 done (images that failed are listed on stderr); 1 stopped early (run it again to\n"
+        "  resume); 2 bad arguments, settings, model or index; 130 Ctrl-C",
     )
     p.add_argument("dir", type=Path, help="folder of images")
     p.add_argument("--no-recursive", dest="recursive", action="store_false", help="only the folder itself")
@@ -48,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="search indexed images by text, or by an example image with --image",
         description="Search indexed images by text, or by an example image with --image." + _DAEMON + " Only images "
         "indexed with the same retrieval model are searched.",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+        "  blip-tools search 'a dog on a beach'\n"
+        "  blip-tools search --image ~/Pictures/dog.jpg -k 5\n"
+        "  blip-tools search 'a red car' --dir ~/Pictures/2024 --rerank",
     )
     p.add_argument("query", nargs="?", help="what to look for, e.g. 'a dog on a beach'")
     p.add_argument("--image", help="find images similar to this one instead of a text query")
@@ -63,6 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Groups of near-identical indexed images, from the stored vectors (no model call). With "
         "BLIP_REMOTE_URL set, the images compared are those indexed with the daemon's retrieval model (asked of the "
         "daemon), unless --local is given.",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+        "  blip-tools duplicates --threshold 0.95\n"
+        "  blip-tools duplicates --dir ~/Pictures/2024 --json",
     )
     p.add_argument("--dir", type=Path, help="only images under this folder")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default 0.95)")
@@ -75,6 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Heatmap of where a text matches in an image (ITM Grad-CAM). With BLIP_REMOTE_URL set, the "
         "shared blip-mcp daemon there computes it (no model is loaded here) unless --local is given; --output then "
         "draws the overlay here, on the image as this side reads it.",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n  blip-tools locate photo.jpg 'the dog' -o heatmap.png",
     )
     p.add_argument("image", help="image file, file:// or data: URI")
     p.add_argument("text", help="what to find, e.g. 'the red car'")
