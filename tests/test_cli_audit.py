@@ -6,6 +6,7 @@ shows (a reader that goes away, warnings written before logging is set up) runs 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,7 +116,11 @@ def test_a_missing_image_fails_before_any_model_loads(
     )
     code, out, err = _run(capsys, *argv)
     assert code == status
-    assert "Image file not found" in (out if "--json" in argv else err)
+    if "--json" in argv:  # still one valid JSON object, the failure in it
+        row = json.loads(out)
+        assert row["type"] == "InvalidImage" and "Image file not found" in row["error"]
+    else:
+        assert "Image file not found" in err and err.count("\n") == 1
 
 
 def test_a_bare_name_that_exists_is_read_as_that_file_or_folder(

@@ -85,19 +85,25 @@ def _add_common(p: argparse.ArgumentParser, *, json_help: str) -> None:
     add_remote_option(p)
     g = p.add_argument_group("generation")
     for name, flag in _GEN_FLAGS.items():
-        field = GenerationParams.model_fields[name]
-        text = (field.description or "").rstrip(".")
-        text = text[:1].lower() + text[1:]
-        if field.default is not None and name != "do_sample":
-            text = (
-                text[:-1] + f"; default {field.default})" if text.endswith(")") else f"{text} (default {field.default})"
-            )
-        if name == "do_sample":
-            g.add_argument(flag, action="store_true", default=None, dest=name, help=text)
+        annotation = GenerationParams.model_fields[name].annotation
+        if annotation is bool:
+            g.add_argument(flag, action="store_true", default=None, dest=name, help=_gen_help(name))
         else:
-            kind = int if field.annotation in (int, int | None) else float
-            g.add_argument(flag, type=kind, dest=name, metavar="N" if kind is int else "X", help=text)
+            kind = int if annotation in (int, int | None) else float
+            g.add_argument(flag, type=kind, dest=name, metavar="N" if kind is int else "X", help=_gen_help(name))
     p.add_argument("--json", action="store_true", help=json_help)
+
+
+def _gen_help(name: str) -> str:
+    """A generation flag's help: its `GenerationParams` field's description, with the default."""
+    field = GenerationParams.model_fields[name]
+    text = (field.description or "").rstrip(".")
+    text = text[:1].lower() + text[1:]
+    if field.default is None or isinstance(field.default, bool):
+        return text
+    if text.endswith(")"):  # "beam-search width (1 = greedy or sampling; default 1)"
+        return f"{text[:-1]}; default {field.default})"
+    return f"{text} (default {field.default})"
 
 
 _GEN_FLAGS = {
