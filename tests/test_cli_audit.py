@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -67,6 +68,18 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_env: dict[str, st
         os.close(write_end)
     assert proc.stderr == ""
     assert proc.returncode == 141
+
+
+def test_a_closed_stdout_is_no_error(tiny_env: dict[str, str], tmp_path: Path) -> None:
+    """`blip-tools ... >&-`: Python has no sys.stdout then, and print() writes nowhere; that is not a crash."""
+    command = (
+        f"exec {shlex.quote(sys.executable)} -m blip_tools duplicates --index {shlex.quote(str(tmp_path / 'i'))} >&-"
+    )
+    proc = subprocess.run(
+        ["/bin/sh", "-c", command], stderr=subprocess.PIPE, text=True, env=_child_env(tiny_env), timeout=120
+    )
+    assert proc.stderr == ""
+    assert proc.returncode == 0
 
 
 def test_tiny_checkpoint_writes_nothing_on_stderr(tmp_path: Path) -> None:

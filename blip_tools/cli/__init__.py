@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `blip-tools` console script."""
     try:
         code = _run(argv)
-        sys.stdout.flush()  # here, not at exit, so a reader that went away is noticed below
+        if sys.stdout is not None:  # None when started with stdout closed (`>&-`): print() writes nowhere then
+            sys.stdout.flush()  # here, not at exit, so a reader that went away is noticed below
         return code
     except BrokenPipeError:
         return _output_closed()
