@@ -6,6 +6,7 @@ service is always reached through the lifespan context, never through a global.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import anyio
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
@@ -24,6 +26,10 @@ from blip_tools.service import Blip2Service
 from blip_tools.settings import BlipSettings
 
 logger = logging.getLogger(__name__)
+
+
+_LOAD_POLL_S = 0.02
+"""How often a call waiting for the background model load checks whether it has ended."""
 
 
 @dataclass
@@ -63,6 +69,21 @@ class AppContext:
 
         threading.Thread(target=load, name="blip-model-loader", daemon=True).start()
 
+    async def captioner_loaded(self) -> None:
+        """Wait (cancellably) for the background load; if it failed while this call waited, raise its error.
+
+        Without this a call that arrives during a load that fails waits for it on the runtime's load lock and then
+        starts a second load of its own, so the host gets the error only after two failed loads: for a hub id with
+        the hub unreachable that is about 5 minutes instead of 2.5, far past a host's request timeout. A call that
+        arrives after the failure still retries the load (a checkpoint fixed meanwhile is picked up).
+        """
+        if self.ready.is_set():
+            return
+        while not self.ready.is_set():  # a thread sets it: poll, so the wait stays cancellable and needs no thread
+            await anyio.sleep(_LOAD_POLL_S)
+        if isinstance(self.load_error, BlipError):
+            raise copy.copy(self.load_error)  # a copy each: concurrent callers must not share one traceback
+
     @property
     def status(self) -> str:
         """`ok` (model loaded), `loading`, `error` (the load failed) or `closed`."""
@@ -87,6 +108,14 @@ def app_context(ctx: Context) -> AppContext:
 def get_service(ctx: Context) -> Blip2Service:
     """The shared `Blip2Service` for this request."""
     return app_context(ctx).service
+
+
+async def captioner_service(ctx: Context) -> Blip2Service:
+    """The shared service once the background load of its captioner has ended (raises the error of a failed load
+    this call waited for: see `AppContext.captioner_loaded`). For the tools that caption or answer."""
+    context = app_context(ctx)
+    await context.captioner_loaded()
+    return context.service
 
 
 class ToolFailed(BlipError):

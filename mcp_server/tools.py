@@ -16,7 +16,7 @@ from blip_tools.errors import BlipError
 from blip_tools.params import MINIMUM_ZERO
 from blip_tools.results import AnswerResult, CaptionResult, EmbeddingResult, ScoreResult
 
-from ._common import ImageArg, ImagesArg, get_service, read_only, report_error, tool_errors
+from ._common import ImageArg, ImagesArg, captioner_service, get_service, read_only, report_error, tool_errors
 
 if TYPE_CHECKING:
     from .server import BlipMCPServer
@@ -120,7 +120,7 @@ async def caption_image(
         seed=seed,
     )
     with tool_errors():
-        result = await get_service(ctx).acaption(image, prompt, **gen)
+        result = await (await captioner_service(ctx)).acaption(image, prompt, **gen)
     return _result(_texts("Caption", [(c.text, c.confidence) for c in result.captions]), result)
 
 
@@ -137,13 +137,13 @@ async def caption_images(
 
     A bad image fails alone: its entry carries the error and the others are captioned.
     """
-    service = get_service(ctx)
     total = len(images)
 
     async def progress(done: int, count: int) -> None:
         await ctx.report_progress(done, count, f"captioned {done}/{count} images")
 
     with tool_errors():
+        service = await captioner_service(ctx)
         outcomes = await service.acaption_batch(
             images,
             prompt,
@@ -192,7 +192,7 @@ async def answer_question(
         seed=seed,
     )
     with tool_errors():
-        result = await get_service(ctx).aanswer(image, question, **gen)
+        result = await (await captioner_service(ctx)).aanswer(image, question, **gen)
     return _result(_texts("Answer", [(a.text, a.confidence) for a in result.answers]), result)
 
 

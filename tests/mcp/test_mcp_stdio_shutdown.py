@@ -98,13 +98,15 @@ def test_a_client_that_stops_reading_ends_the_session_quietly(tiny_checkpoint: P
         assert "Traceback" not in text, text[-3000:]
 
 
-def test_ctrl_c_while_a_call_waits_for_the_model_to_load(tiny_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tool", ["caption_image", "embed_image"])
+def test_ctrl_c_while_a_call_waits_for_the_model_to_load(tiny_checkpoint: Path, tmp_path: Path, tool: str) -> None:
     """A real checkpoint can take minutes to load (more to download). Ctrl-C then ends the process at once, with
-    a call waiting for the load: the thread that waits must not keep the process alive until the load is done."""
+    a call waiting for the load: neither the wait (in the event loop for a caption, on the runtime's load lock in a
+    thread for an embedding) nor the load keeps the process alive until the load is done."""
     stderr = tmp_path / "stderr.txt"
     with _stdio(_command("slow-load", tiny_checkpoint), stderr) as proc:
         assert proc.stdin is not None
-        call = {"name": "caption_image", "arguments": {"image": str(write_image(tmp_path / "a.png", 1))}}
+        call = {"name": tool, "arguments": {"image": str(write_image(tmp_path / "a.png", 1))}}
         proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": call}).encode())
         proc.stdin.write(b"\n")
         proc.stdin.flush()
