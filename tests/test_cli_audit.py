@@ -220,3 +220,14 @@ def test_bench_refuses_bad_arguments_as_a_usage_error(
     assert stop.value.code == 2 and "Traceback" not in err
     assert all(word in err for word in words), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_glob_that_matches_nothing_says_so_without_loading_the_model(
+    tiny_env: dict[str, str], no_model_loads: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pattern = str(tmp_path / "nothing" / "*.jpg")
+    code, out, _ = _run(capsys, "caption", pattern, "--json")
+    assert code == 1
+    (row,) = json.loads(out)  # a glob gives a list, however many images it held
+    assert row["image"] == pattern and row["type"] == "InvalidImage"
+    assert row["error"].startswith(f"No files match the pattern {pattern}")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import BlipError, InvalidInput
+from ..errors import BlipError, InvalidImage, InvalidInput
 from ..params import GenerationParams
 from ._common import (
     HelpFormatter,
@@ -142,13 +142,15 @@ def _flag_for(match: re.Match[str]) -> str:
     return f"{_GEN_FLAGS[name]} {value}"
 
 
-def _expand(refs: list[str]) -> tuple[list[str], bool]:
+def _expand(refs: list[str]) -> tuple[list[str], bool, set[int]]:
     """Folders become their image files (sorted) and globs their matching files; the rest is passed through.
 
     Also says whether the arguments name a collection (several, a folder or a glob), so the JSON output is a list
-    however many images it turned out to hold.
+    however many images it turned out to hold, and which entries are globs that matched nothing (kept in place,
+    so the output names them).
     """
     out: list[str] = []
+    unmatched: set[int] = set()
     collection = len(refs) > 1
     for ref in refs:
         folder = _folder(ref)
@@ -158,10 +160,18 @@ def _expand(refs: list[str]) -> tuple[list[str], bool]:
             out.extend(str(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in _IMAGE_SUFFIXES)
         elif matches is not None:
             collection = True
-            out.extend(matches or [ref])  # nothing matched: the loader reports the pattern as not found
+            if not matches:
+                unmatched.add(len(out))
+            out.extend(matches or [ref])
         else:
             out.append(as_cli_image(ref))
-    return out, collection
+    return out, collection, unmatched
+
+
+def _no_match(pattern: str) -> InvalidImage:
+    where = os.path.abspath(os.path.expanduser(pattern))
+    shown = "" if where == pattern else f" (resolved to {where})"
+    return InvalidImage(f"No files match the pattern {pattern}{shown}; check the folder and the pattern.")
 
 
 def _folder(ref: str) -> Path | None:
@@ -223,30 +233,32 @@ def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     gen = _gen_kwargs(args)
-    images, collection = _expand(args.images)
+    images, collection, unmatched = _expand(args.images)
     if not images:
         suffixes = ", ".join(sorted(_IMAGE_SUFFIXES))
         print(f"error: no image files ({suffixes}) in {', '.join(args.images)}", file=sys.stderr)
         return 2
+    results: list[Any] = [_no_match(ref) if i in unmatched else None for i, ref in enumerate(images)]
+    todo = [i for i, result in enumerate(results) if result is None]
     with service_from_args(args, remote=True) as service:
-        results: list[Any]
         try:
-            if len(images) == 1:
-                check_image_first(service, images[0])
+            if len(todo) == 1:
+                check_image_first(service, images[todo[0]])
         except BlipError as exc:  # reported like any failed image, without loading the model first
-            results = [exc]
-        else:
-            bar = tqdm(
-                total=len(images), unit="img", file=sys.stderr, disable=len(images) < 2 or not sys.stderr.isatty()
-            )
-            results = service.caption_batch(
-                images,
+            results[todo[0]] = exc
+            todo = []
+        if todo:
+            bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=len(todo) < 2 or not sys.stderr.isatty())
+            captioned = service.caption_batch(
+                [images[i] for i in todo],
                 args.prompt,
                 return_exceptions=True,
                 on_progress=lambda done, total: bar.update(done - bar.n),
                 **gen,
             )
             bar.close()
+            for i, result in zip(todo, captioned, strict=True):
+                results[i] = result
     failed = 0
     rows: list[dict[str, Any]] = []
     for ref, result in zip(map(_label, images), results, strict=True):
