@@ -431,7 +431,8 @@ def _check_file_type(mode: int, source: str) -> None:
         return
     if stat.S_ISDIR(mode):
         raise InvalidImage(
-            f"{source} is a directory, not an image file; pass one image file (index_images handles folders)."
+            f"{source} is a directory, not an image file; pass one image file (for a folder: the index_images or "
+            "caption_images tool, or `blip-tools caption DIR` / `blip-tools index DIR`)."
         )
     kind = "FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device or special file"
     raise PathNotAllowed(f"{source} is a {kind}, not a regular file; only regular image files are read.")
