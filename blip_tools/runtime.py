@@ -331,6 +331,10 @@ class Blip2Runtime:
         self._prompt_ids = functools.lru_cache(maxsize=4096)(self._tokenize_prompt)
         self._captioner: _Loaded | None = None
         self._retrieval: _Loaded | None = None
+        self._attempts: dict[str, list[int]] = {"captioner": [0, 0], "retrieval": [0, 0]}
+        """Per model: load attempts started, and ended (a call arriving between the two waits for one)."""
+        self._failed: dict[str, tuple[int, BlipError]] = {}
+        """Per model: the number of the last attempt that failed, and its error."""
         self.feature_cache = _LRU(settings.feature_cache_size)
         self.retrieval_cache = _LRU(settings.feature_cache_size)
         # Language-model KV of the image-token prefix per image: a follow-up question skips that prefill.
@@ -418,8 +422,41 @@ class Blip2Runtime:
         """Whether the captioner (or the retrieval model) is loaded already."""
         return (self._retrieval if retrieval else self._captioner) is not None
 
+    def _load_once(self, kind: str, current: Callable[[], _Loaded | None], load: Callable[[], _Loaded]) -> _Loaded:
+        """`load()` unless the model is loaded; a call that waited for another call's attempt gets its error.
+
+        Without that, every call queued behind a load that fails (a hub id with no network takes minutes of
+        retries to fail) would try once more in turn, and the last caller would wait for all of them. A call
+        that arrives after a failure tries again, so a checkpoint fixed meanwhile loads without a restart.
+        """
+        started, ended = self._attempts[kind]
+        waited_for = started if started > ended else None  # an attempt in progress, which holds the lock
+        with self._lock:
+            loaded = current()
+            if loaded is not None:
+                return loaded
+            failed = self._failed.get(kind)
+            if waited_for is not None and failed is not None and failed[0] >= waited_for:
+                raise failed[1]
+            counts = self._attempts[kind]
+            counts[0] += 1
+            try:
+                return load()
+            except BlipError as exc:
+                self._failed[kind] = (counts[0], exc)
+                raise
+            finally:
+                counts[1] += 1
+
     def load_captioner(self) -> _Loaded:
         """Load the captioning/VQA checkpoint once (thread-safe)."""
+        return self._load_once("captioner", lambda: self._captioner, self._load_captioner)
+
+    def load_retrieval(self) -> _Loaded:
+        """Load the retrieval checkpoint (aligned embeddings + ITM head) once, on first use."""
+        return self._load_once("retrieval", lambda: self._retrieval, self._load_retrieval)
+
+    def _load_captioner(self) -> _Loaded:
         with self._lock:
             if self._captioner is not None:
                 return self._captioner
@@ -499,8 +536,7 @@ class Blip2Runtime:
             model.vision_model.compile(dynamic=True)
             logger.info("vision encoder compiled; the decoding step compiles on first use with static_cache")
 
-    def load_retrieval(self) -> _Loaded:
-        """Load the retrieval checkpoint (aligned embeddings + ITM head) once, on first use."""
+    def _load_retrieval(self) -> _Loaded:
         with self._lock:
             if self._retrieval is not None:
                 return self._retrieval

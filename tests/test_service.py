@@ -946,3 +946,49 @@ def test_the_token_stays_out_of_reprs_and_logs_of_the_settings(monkeypatch: pyte
     settings = BlipSettings()
     assert settings.token == "s3cret-token-0123456789"
     assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+
+
+@pytest.mark.parametrize("retrieval", [False, True])
+def test_calls_queued_behind_a_failing_load_get_its_error_and_later_calls_try_again(
+    retrieval: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A load that fails slowly (a hub id with no network: minutes of retries) is not tried again by every call
+    that waited for it; they all get its error when it fails. A call after the failure loads again."""
+    from blip_tools.errors import ModelNotAvailable
+    from blip_tools.runtime import Blip2Runtime
+
+    attempts: list[int] = []
+    release = threading.Event()
+
+    def failing(runtime: Any, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        assert release.wait(60), "the test never released the load"
+        raise ModelNotAvailable("Could not load the BLIP-2 checkpoint: the hub is unreachable.")
+
+    monkeypatch.setattr(Blip2Runtime, "_from_pretrained", failing)
+    runtime = Blip2Runtime(BlipSettings(model=str(tmp_path / "a"), retrieval_model=str(tmp_path / "b"), device="cpu"))
+    load = runtime.load_retrieval if retrieval else runtime.load_captioner
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            load()
+        except ModelNotAvailable as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=call)
+    first.start()
+    deadline = time.monotonic() + 30
+    while not attempts and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = [threading.Thread(target=call) for _ in range(3)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.2)  # the three are now blocked on the load in progress
+    release.set()
+    for t in [first, *waiting]:
+        t.join(30)
+    assert len(errors) == 4 and len(attempts) == 1
+    with pytest.raises(ModelNotAvailable):
+        load()  # arrives after the failure: tries again (a checkpoint fixed meanwhile would load)
+    assert len(attempts) == 2
