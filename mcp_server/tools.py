@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 # Decoding arguments: bounds mirror `blip_tools.params.GenerationParams`; None keeps the service default.
 MaxNewTokens = Annotated[
-    int | None, Field(description="Most tokens to generate (default 30; the server caps it).", ge=1, le=512)
+    int | None,
+    Field(description="Most tokens to generate (default 30; at most 256 unless the server allows more).", ge=1, le=512),
 ]
 MinNewTokens = Annotated[int | None, Field(description="Fewest tokens to generate (default 0).", ge=0, le=512)]
 NumBeams = Annotated[int | None, Field(description="Beam-search width; 1 = greedy (default).", ge=1, le=16)]
