@@ -100,7 +100,10 @@ class ServiceStats(BaseModel):
     batches: int = Field(description="Forward passes (batches) run.")
     batch_size_histogram: dict[int, int] = Field(description="Batch size -> number of batches of that size.")
     queue_depth: int
-    rejected: int = Field(description="Requests refused with Overloaded.")
+    rejected: int = Field(
+        description="Requests refused with Overloaded at submit (a batch call that backs off and submits again counts "
+        "each refusal)."
+    )
     cancelled: int
     expired: int = Field(description="Requests dropped after their deadline.")
     errors: int = Field(description="Requests that failed.")
