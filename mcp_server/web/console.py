@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from ..server import BlipMCPServer
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 UI_PATH = "/ui"
 API_PREFIX = "/ui/api"
@@ -156,6 +159,37 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+class _ClientGone(Exception):
+    """The client closed the connection while its request waited for the model (nobody to answer)."""
+
+
+async def _unless_gone(request: Request, work: Awaitable[_T]) -> _T:
+    """Await `work`, cancelling it if the client disconnects first (then `_ClientGone`).
+
+    A browser tab closed, a script's timeout: the request must leave the queue (counted as cancelled) rather than
+    spend the model's time on an answer nobody reads. Only call it once the body has been read: the watcher takes
+    over `receive`, where the server reports `http.disconnect`.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass  # an empty body's `http.request` (GET): keep listening
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client went away, or this handler itself was cancelled
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
 # ---------------------------------------------------------------------------------------------- the console
 @dataclass
 class _Running:
@@ -237,6 +271,8 @@ class Console:
                 return await handler(request)
             except BlipError as exc:
                 return self._error_response(exc, request.url.path)
+            except _ClientGone:  # no one to answer (499: nginx's "client closed request"), no error to count
+                return Response(status_code=499)
 
         return guarded
 
@@ -339,7 +375,7 @@ class Console:
         prompt = _text(request.query_params.get("prompt"), "prompt", required=False)
         gen = _gen_params(request)
         image = await self._image_or_path(request, state)
-        result = await state.service.acaption(image, prompt, **gen)
+        result = await _unless_gone(request, state.service.acaption(image, prompt, **gen))
         return JSONResponse(result.model_dump(mode="json"))
 
     async def answer(self, request: Request) -> Response:
@@ -349,7 +385,7 @@ class Console:
         assert question is not None
         gen = _gen_params(request)
         image = await self._image_or_path(request, state)
-        result = await state.service.aanswer(image, question, **gen)
+        result = await _unless_gone(request, state.service.aanswer(image, question, **gen))
         return JSONResponse(result.model_dump(mode="json"))
 
     async def score(self, request: Request) -> Response:
@@ -361,7 +397,7 @@ class Console:
         if len(texts) > MAX_SCORE_TEXTS:
             raise InvalidInput(f"score at most {MAX_SCORE_TEXTS} texts at once, got {len(texts)}")
         image = await self._image_or_path(request, state)
-        result = await state.service.ascore(image, texts)
+        result = await _unless_gone(request, state.service.ascore(image, texts))
         return JSONResponse(result.model_dump(mode="json"))
 
     async def locate(self, request: Request) -> Response:
@@ -370,7 +406,7 @@ class Console:
         text = _text(request.query_params.get("text"), "text")
         assert text is not None
         image = await self._image_or_path(request, state)
-        result = await state.service.alocate(image, text)
+        result = await _unless_gone(request, state.service.alocate(image, text))
         png = await asyncio.to_thread(result.overlay_png, max_side=768)
         body = result.model_dump(mode="json", exclude={"grid"})
         body["summary"] = result.summary()
@@ -386,7 +422,7 @@ class Console:
         rerank = _bool(request, "rerank")
         directory = request.query_params.get("directory") or None
         index = await asyncio.to_thread(state.gallery.index)
-        result = await index.asearch(query, top_k=top_k, directory=directory, rerank=rerank)
+        result = await _unless_gone(request, index.asearch(query, top_k=top_k, directory=directory, rerank=rerank))
         return JSONResponse(result.model_dump(mode="json"))
 
     async def index_folder(self, request: Request) -> Response:
