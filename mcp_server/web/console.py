@@ -358,6 +358,11 @@ class Console:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(too_large.format(limit=limit))
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):  # `curl -F`, an HTML <form>
+            raise InvalidImage(
+                "Send the image file itself as the request body, not a multipart form: "
+                "curl --data-binary @photo.jpg URL, or fetch(url, {method: 'POST', body: file})."
+            )
         chunks: list[bytes] = []
         total = 0
         async for chunk in request.stream():

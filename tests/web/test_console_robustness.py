@@ -1,5 +1,5 @@
-"""The console API as a real client meets it: a client that gives up leaves the queue, and calls the API does not
-have answer in its JSON error form, like an upload sent as a form, still say what to do."""
+"""The console API as a real client meets it: a client that gives up leaves the queue, and an upload sent the
+wrong way (a multipart form) is told how to send it."""
 
 from __future__ import annotations
 
@@ -42,3 +42,20 @@ def test_a_client_that_goes_away_leaves_the_queue_and_is_counted_as_cancelled(we
     with srv.client() as http:  # and the server serves on
         ok = http.post("/ui/api/answer?question=what", content=png_bytes(shape_image(2)), headers=srv.headers())
     assert ok.status_code == 200, ok.text
+
+
+def test_an_image_sent_as_a_form_is_told_to_go_as_the_raw_body(web_server: WebServer) -> None:
+    """`curl -F file=@photo.jpg` (multipart) is the usual first try; the answer says what to send instead."""
+    srv = web_server
+    labels = {"interface": "ui", "type": "invalid_image"}
+    before = srv.sample("blip_errors_total", labels)
+    with srv.client() as http:
+        form = http.post(
+            "/ui/api/caption", files={"file": ("a.png", png_bytes(shape_image(4)), "image/png")}, headers=srv.headers()
+        )
+        raw = http.post("/ui/api/caption?max_new_tokens=4", content=png_bytes(shape_image(4)), headers=srv.headers())
+    assert form.status_code == 422, form.text
+    assert form.json()["error"] == "invalid_image"
+    assert "--data-binary" in form.json()["message"] and "multipart" in form.json()["message"]
+    assert srv.sample("blip_errors_total", labels) == before + 1
+    assert raw.status_code == 200, raw.text
