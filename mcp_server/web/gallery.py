@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from blip_tools.errors import PathNotAllowed
+from blip_tools.errors import InvalidImage, PathNotAllowed
 from blip_tools.images import load_image
 from blip_tools.index import ImageIndex
 from blip_tools.service import Blip2Service
@@ -85,9 +85,9 @@ class Gallery:
         real = self.check_indexed(path)
         try:
             st = os.stat(real)
-        except OSError as exc:
-            message = f"The indexed file is gone or unreadable: {exc.strerror}. Re-index its folder."
-            raise PathNotAllowed(message) from exc
+        except OSError as exc:  # allowed, but stale: not a refusal (403) but a missing image, as the service says
+            message = f"The indexed file {path} is gone or unreadable ({exc.strerror}); re-index its folder."
+            raise InvalidImage(message) from exc
         key = (path, st.st_mtime_ns, st.st_size, side)
         with self._thumbs_lock:
             cached = self._thumbs.get(key)

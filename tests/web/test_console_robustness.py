@@ -59,3 +59,27 @@ def test_an_image_sent_as_a_form_is_told_to_go_as_the_raw_body(web_server: WebSe
     assert "--data-binary" in form.json()["message"] and "multipart" in form.json()["message"]
     assert srv.sample("blip_errors_total", labels) == before + 1
     assert raw.status_code == 200, raw.text
+
+
+def test_a_thumbnail_of_an_indexed_file_that_is_gone_is_a_missing_image_not_a_refusal(
+    web_server: WebServer,
+) -> None:
+    """403 `path_not_allowed` is for paths the console must not serve; a stale index entry is a 422 that says to
+    re-index (as `?path=` on the playground answers for the same file)."""
+    srv = web_server
+    folder = srv.outside_file.parent / "soon-gone"
+    folder.mkdir()
+    picture = folder / "gone.png"
+    shape_image(7).save(picture)
+    with srv.client() as http:
+        indexed = http.post("/ui/api/index", json={"directory": str(folder), "captions": False}, headers=srv.headers())
+        assert indexed.status_code == 200, indexed.text
+        picture.unlink()
+        try:
+            thumb = http.get("/ui/api/thumb", params={"path": str(picture)}, headers=srv.headers())
+            caption = http.post("/ui/api/caption", params={"path": str(picture)}, headers=srv.headers())
+        finally:  # drop the stale entry: other tests count the index's hits
+            http.post("/ui/api/index", json={"directory": str(folder)}, headers=srv.headers())
+    assert thumb.status_code == 422, thumb.text
+    assert thumb.json()["error"] == "invalid_image" and "re-index" in thumb.json()["message"]
+    assert caption.status_code == 422 and caption.json()["error"] == "invalid_image"
