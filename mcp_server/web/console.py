@@ -190,6 +190,14 @@ async def _unless_gone(request: Request, work: Awaitable[_T]) -> _T:
     return task.result()
 
 
+def _json_flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
+    """A JSON true/false (absent: `default`); anything else, even the text "false", is refused, not read as true."""
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be true or false (a JSON boolean), got {json.dumps(value)}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- the console
 @dataclass
 class _Running:
@@ -436,8 +444,8 @@ class Console:
         body = await _json_body(request)
         directory = _text(body.get("directory"), "directory")
         assert directory is not None
-        recursive = bool(body.get("recursive", True))
-        captions = bool(body.get("captions", True))
+        recursive = _json_flag(body, "recursive", default=True)
+        captions = _json_flag(body, "captions", default=True)
         index = await asyncio.to_thread(state.gallery.index)
         report = await index.aindex(directory, recursive=recursive, captions=captions)
         state.gallery.changed()

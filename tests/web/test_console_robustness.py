@@ -83,3 +83,17 @@ def test_a_thumbnail_of_an_indexed_file_that_is_gone_is_a_missing_image_not_a_re
     assert thumb.status_code == 422, thumb.text
     assert thumb.json()["error"] == "invalid_image" and "re-index" in thumb.json()["message"]
     assert caption.status_code == 422 and caption.json()["error"] == "invalid_image"
+
+
+def test_index_flags_must_be_json_booleans(web_server: WebServer) -> None:
+    """`"captions": "false"` must not quietly caption every image (a non-empty text is truthy in Python)."""
+    srv = web_server
+    with srv.client() as http:
+        answers = [
+            http.post("/ui/api/index", json={"directory": str(srv.gallery_dir), name: value}, headers=srv.headers())
+            for name, value in (("captions", "false"), ("recursive", "no"), ("captions", None))
+        ]
+    for response in answers:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == "invalid_input" and "true or false" in response.json()["message"]
+    assert '"false"' in answers[0].json()["message"]
