@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -279,8 +279,14 @@ class Console:
                 return await handler(request)
             except BlipError as exc:
                 return self._error_response(exc, request.url.path)
-            except _ClientGone:  # no one to answer (499: nginx's "client closed request"), no error to count
+            except (_ClientGone, ClientDisconnect):  # no one to answer (499: nginx's "client closed request")
                 return Response(status_code=499)
+            except Exception as exc:  # a bug below us: still the API's JSON error (counted), not a plain-text 500
+                logger.exception("console %s failed unexpectedly", request.url.path)
+                error = BlipError(
+                    f"Internal error ({type(exc).__name__}) in {request.url.path}; the server log has the details."
+                )
+                return self._error_response(error, request.url.path)
 
         return guarded
 

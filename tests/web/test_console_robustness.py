@@ -9,6 +9,8 @@ import httpx
 import pytest
 from _web_testlib import WebServer, png_bytes, poll, shape_image
 
+from mcp_server.web.errors import STATUS_BY_CODE
+
 
 def test_a_client_that_goes_away_leaves_the_queue_and_is_counted_as_cancelled(web_server: WebServer) -> None:
     """A closed tab or a script's timeout must not cost the model an answer nobody reads."""
@@ -97,3 +99,32 @@ def test_index_flags_must_be_json_booleans(web_server: WebServer) -> None:
         assert response.status_code == 400, response.text
         assert response.json()["error"] == "invalid_input" and "true or false" in response.json()["message"]
     assert '"false"' in answers[0].json()["message"]
+
+
+def test_an_unexpected_failure_is_still_a_json_error_and_the_server_serves_on(
+    web_server: WebServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug below the console (here: the index failing with a plain RuntimeError) answers the API's JSON error,
+    500 `blip_error`, counted; the connection and the server keep serving."""
+    srv = web_server
+    labels = {"interface": "ui", "type": "blip_error"}
+    before = srv.sample("blip_errors_total", labels)
+
+    def broken() -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(srv.app.state.console._running.gallery, "index", broken)
+    with srv.client() as http:
+        failed = http.get("/ui/api/search", params={"q": "a dog"}, headers=srv.headers())
+        monkeypatch.undo()
+        again = http.get("/ui/api/search", params={"q": "a dog"}, headers=srv.headers())  # same connection
+        # A real one: `~user` of a user that does not exist made pathlib raise RuntimeError in the index.
+        no_user = http.post("/ui/api/index", json={"directory": "~no-such-user-h51/pictures"}, headers=srv.headers())
+    assert failed.status_code == 500, failed.text
+    assert failed.headers["content-type"].startswith("application/json")
+    assert failed.json()["error"] == "blip_error" and "RuntimeError" in failed.json()["message"]
+    assert "simulated bug" not in failed.json()["message"]  # details go to the log, not to the caller
+    assert again.status_code == 200, again.text
+    assert no_user.headers["content-type"].startswith("application/json"), no_user.text
+    assert no_user.status_code == STATUS_BY_CODE[no_user.json()["error"]]
+    assert srv.sample("blip_errors_total", labels) >= before + 1
