@@ -755,7 +755,7 @@ class ImageIndex:
             os.fsencode(directory)  # a NUL, or a lone surrogate no file name can hold (non-UTF-8 names round-trip)
             raw = Path(directory).expanduser()
             real = Path(os.path.realpath(raw))
-        except (ValueError, UnicodeError) as exc:
+        except (ValueError, UnicodeError, RuntimeError) as exc:  # RuntimeError: `~user` of no such user
             raise InvalidInput(
                 f"directory is not a usable path ({type(exc).__name__}: {exc}); pass the folder that holds the images."
             ) from exc

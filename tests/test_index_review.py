@@ -176,3 +176,12 @@ def test_a_folder_that_cannot_be_listed_keeps_its_images(
         index_at.index(root, captions=False)
     refused.clear()
     assert len(index_at.paths()) == 7
+
+
+def test_a_home_folder_of_no_such_user_is_invalid_input(index_at: ImageIndex) -> None:
+    """`~nouser/photos` (expanduser raises RuntimeError) is a typed error, on every interface that indexes or
+    searches a folder (the console answered a plain-text 500 and dropped the connection)."""
+    with pytest.raises(InvalidInput, match="not a usable path"):
+        index_at.index("~no-such-user-blip-tools/photos")
+    with pytest.raises(InvalidInput, match="not a usable path"):
+        index_at.search("a dog", directory="~no-such-user-blip-tools/photos")
