@@ -16,6 +16,8 @@ from .scenarios import SCENARIOS, BenchContext
 logger = logging.getLogger(__name__)
 
 ALL = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7")
+NAMES = (*ALL, "REAL")
+"""Every scenario `run` takes by name (besides `all`, which is `ALL`)."""
 DEFAULT_TOKENS = {"tiny": 16, "small": 16, "real": 20}
 
 

@@ -8,16 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-_SCENARIOS = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "REAL")
-"""The scenarios `benchmarks.run` knows (`all` runs B0–B7)."""
-
 
 def _scenario(text: str) -> str:
     """A `--scenario` value, any case; an unknown name is a usage error (exit 2), not a traceback from the suite."""
     if text.lower() == "all":
         return "all"
-    if text.upper() not in _SCENARIOS:
-        raise argparse.ArgumentTypeError(f"unknown scenario {text!r}; choose from {', '.join(_SCENARIOS)} or all")
+    names: tuple[str, ...] = _import_suite().NAMES  # type: ignore[attr-defined]
+    if text.upper() not in names:
+        raise argparse.ArgumentTypeError(f"unknown scenario {text!r}; choose from {', '.join(names)} or all")
     return text.upper()
 
 
