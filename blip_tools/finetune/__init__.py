@@ -95,9 +95,9 @@ def finetune(
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"Output {out} exists and is not a folder.")
-    if Path(model_name).expanduser().exists() and Path(model_name).expanduser().resolve() == out.resolve():
-        raise InvalidInput(f"The output folder {out} is the base model's folder: choose a new one.")
     base = Path(model_name).expanduser()
+    if base.exists() and base.resolve() == out.resolve():
+        raise InvalidInput(f"The output folder {out} is the base model's folder: choose a new one.")
     if model_name.startswith(("/", "./", "../", "~")) and not base.is_dir():  # a path, not a hub id: say so now,
         # not after every image of the data set has been decoded
         raise ModelNotAvailable(
