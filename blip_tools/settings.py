@@ -112,7 +112,16 @@ class BlipSettings(BaseSettings):
     loopback (same machine, same files), `always` sends bytes, `never` sends paths."""
 
     token: str | None = Field(default=None, repr=False)
-    """Bearer token for the HTTP server (required for a non-loopback bind)."""
+    """Bearer token for the HTTP server (required for a non-loopback bind). Empty or only whitespace (`BLIP_TOKEN=`)
+    is no token, as if unset."""
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, value: Any) -> Any:
+        """`BLIP_TOKEN=` (set but empty, e.g. by a template) means no token, not a token too short to use."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("allowed_dirs", mode="before")
     @classmethod
