@@ -12,7 +12,8 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import __version__
 from .._ctrl_c import caused_by_ctrl_c
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `blip-tools` console script."""
+    restore = _tolerant_output()
     try:
         code = _run(argv)
         if sys.stdout is not None:  # None when started with stdout closed (`>&-`): print() writes nowhere then
@@ -52,6 +54,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
+
+
+def _tolerant_output() -> Callable[[], None]:
+    """Let stdout and stderr write any text: what their encoding cannot hold becomes a `\\xe9`-style escape.
+
+    Under `PYTHONIOENCODING=ascii` or a Latin-1 locale a file name like `café.jpg` would otherwise end the command
+    with a UnicodeEncodeError (stderr already escapes; stdout does not). Only this process's own streams change,
+    and only while the command runs (returns the undo); a stream that cannot be reconfigured (not a text file)
+    is left as it is. JSON output escapes such characters itself (`_common.print_json`), so it stays valid.
+    """
+    undo: list[tuple[Any, str | None]] = []
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None or getattr(stream, "errors", None) == "backslashreplace":
+            continue
+        with contextlib.suppress(Exception):  # closed, not a TextIOWrapper after all: keep it as it is
+            previous = stream.errors
+            reconfigure(errors="backslashreplace")
+            undo.append((stream, previous))
+
+    def restore() -> None:
+        for stream, previous in undo:
+            with contextlib.suppress(Exception):  # a reader gone away: nothing to put back that matters
+                stream.reconfigure(errors=previous)
+
+    return restore
 
 
 _SIGPIPE_STATUS = 141
