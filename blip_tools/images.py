@@ -36,7 +36,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import numpy as np
@@ -156,6 +156,38 @@ def load_image(ref: ImageInput, settings: BlipSettings) -> LoadedImage:
         raise
     info = ImageInfo(source=source, width=image.width, height=image.height, sha256=pixel_hash(image))
     return LoadedImage(image=image, info=info)
+
+
+def read_stream(stream: BinaryIO, settings: BlipSettings, source: str) -> bytes:
+    """The encoded image bytes of a binary stream (a pipe on stdin), read to its end but never past the cap.
+
+    At most `max_image_bytes` + 1 bytes are read, so an endless or oversized stream costs no more memory than
+    the largest image accepted. Pass the bytes to `load_image` (or the service) to decode them.
+
+    Raises:
+        PayloadTooLarge: more than `max_image_bytes` bytes.
+        InvalidImage: nothing to read (0 bytes), or the stream could not be read.
+    """
+    limit = settings.max_image_bytes
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while total <= limit:
+            chunk = stream.read(min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise InvalidImage(f"Cannot read {source}: {exc.strerror or exc}.") from exc
+    if total > limit:
+        raise PayloadTooLarge(
+            f"The image {source} is over the {limit}-byte limit (BLIP_MAX_IMAGE_BYTES); "
+            "send a smaller or re-compressed image."
+        )
+    if not total:
+        raise InvalidImage(f"The image {source} is empty (0 bytes).")
+    return b"".join(chunks)
 
 
 def describe_ref(ref: ImageInput) -> str:
@@ -652,4 +684,5 @@ __all__ = [
     "has_image_signature",
     "load_image",
     "pixel_hash",
+    "read_stream",
 ]

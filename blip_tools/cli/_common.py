@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from typing import Any
+import re
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ..errors import InvalidInput
+from ..errors import BlipError, InvalidInput
 from ..images import ImageInput
 from ..params import format_validation_error
 from ..service import Blip2Service
 from ..settings import BlipSettings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..images import LoadedImage
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -161,18 +170,142 @@ def as_cli_image(ref: str) -> str:
         return ref
 
 
-def check_image_first(service: Blip2Service, image: ImageInput) -> None:
+STDIN = "-"
+"""The image argument that means "the image bytes piped to stdin"."""
+
+STDIN_LABEL = "<stdin>"
+"""How the output names the image read from stdin."""
+
+
+def check_stdin(refs: Sequence[str]) -> bool:
+    """Whether the image arguments read stdin (`-`); a usage error when `-` is given twice or stdin is a terminal.
+
+    Checked before anything loads, so `blip-tools caption -` typed without a pipe fails at once instead of
+    waiting for input that is not coming.
+    """
+    count = sum(ref == STDIN for ref in refs)
+    if count > 1:
+        raise InvalidInput(
+            f"`-` (the image on stdin) was given {count} times; stdin holds one image. For a file named -, write ./-."
+        )
+    if not count:
+        return False
+    stdin = sys.stdin
+    try:
+        interactive = stdin is None or stdin.isatty()
+    except (OSError, ValueError):  # closed
+        interactive = True
+    if interactive:
+        raise InvalidInput(
+            "`-` reads the image from stdin, but stdin is a terminal (or closed): pipe the image in, e.g. "
+            "`cat photo.jpg | blip-tools caption -`. For a file named -, write ./-."
+        )
+    return True
+
+
+def read_stdin_image(settings: BlipSettings) -> bytes:
+    """The image bytes piped to stdin, read in binary and capped like any image (`BLIP_MAX_IMAGE_BYTES`)."""
+    from ..images import read_stream
+
+    return read_stream(sys.stdin.buffer, settings, STDIN_LABEL)
+
+
+def check_image_first(service: Blip2Service, image: ImageInput) -> LoadedImage | None:
     """Load one image argument before a local model loads, so a mistyped path fails at once.
 
     The model loads before the first image is read, which takes a while even for a small checkpoint (and starts
     a download of several GB for a hub model not cached yet). A daemon's model is already loaded, and with
-    `BLIP_REMOTE_SEND_FILES=never` a path is the daemon's to read, so a daemon's client checks nothing here.
+    `BLIP_REMOTE_SEND_FILES=never` a path is the daemon's to read, so a daemon's client checks nothing here
+    (None).
+
+    Returns the loaded image: give the service `handed_on(loaded)` instead of the argument, so a file is read
+    and decoded (a URL fetched) once, and put `loaded.info.source` back into the result (`relabel`).
     """
+    if _daemon_client(service):
+        return None
+    from ..images import load_image
+
+    return load_image(image, service.settings)
+
+
+def check_images_first(service: Blip2Service, images: Sequence[ImageInput]) -> list[LoadedImage | BlipError | None]:
+    """`check_image_first` for the image arguments of one command, each one's loaded image or error (None: the
+    service reads it).
+
+    One image is loaded. Of several, none is read here, unless every one is a local file that does not exist
+    (one stat each): then each is checked, so a command whose images are all mistyped fails without loading
+    the model, and a normal run reads each image once, in the service.
+    """
+    if len(images) > 1 and not all(_missing_file(image) for image in images):
+        return [None] * len(images)
+    checked: list[LoadedImage | BlipError | None] = []
+    for image in images:
+        try:
+            checked.append(check_image_first(service, image))
+        except BlipError as exc:
+            checked.append(exc)
+    return checked
+
+
+def handed_on(loaded: LoadedImage) -> Image.Image:
+    """The checked image as the service takes it again, without decoding (or fetching) it a second time.
+
+    Its orientation is applied already and its alpha composited, so its metadata goes: the service would apply
+    the EXIF orientation a PIL image carries once more.
+    """
+    loaded.image.info.clear()
+    return loaded.image
+
+
+def relabel(result: Any, source: str) -> Any:
+    """`result` (caption, answer, locate: it has an `image: ImageInfo`) with the image's `source` set to how the
+    command line named the image, not `PIL image` or `bytes (N)`."""
+    return result.model_copy(update={"image": result.image.model_copy(update={"source": source})})
+
+
+def print_json(text: str) -> None:
+    """Print JSON text on stdout so that it stays valid JSON whatever the terminal's encoding.
+
+    Outside strings JSON is ASCII, so on a stdout that cannot write all of Unicode (`PYTHONIOENCODING=ascii`,
+    a Latin-1 locale) every non-ASCII character is written as its `\\uXXXX` escape, not `?` or `\\xe9`.
+    """
+    if not _stdout_is_utf(sys.stdout):
+        text = _NON_ASCII.sub(lambda m: json.dumps(m.group())[1:-1], text)
+    print(text)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+def _stdout_is_utf(stream: Any) -> bool:
+    import codecs
+
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "ascii").name.startswith("utf")
+    except LookupError:
+        return False
+
+
+def _daemon_client(service: Blip2Service) -> bool:
     if service.settings.remote_url:
         from ..remote import RemoteService
 
-        if isinstance(service, RemoteService):
-            return
-    from ..images import load_image
+        return isinstance(service, RemoteService)
+    return False
 
-    load_image(image, service.settings)
+
+def _missing_file(image: ImageInput) -> bool:
+    """Whether `image` is a local path (or file:// URI) naming nothing: one stat, no read. URLs, data URIs and
+    base64 are never missing files."""
+    from ..images import _classify, _file_uri_path
+
+    if not isinstance(image, str):
+        return False
+    kind = _classify(image)
+    if kind not in ("path", "file-uri"):
+        return False
+    try:
+        path = _file_uri_path(image.strip(), strict=True) if kind == "file-uri" else image
+        return not os.path.exists(os.path.expanduser(path))
+    except (BlipError, OSError, ValueError):  # a bad URI, a NUL, a name too long: the check says what is wrong
+        return True

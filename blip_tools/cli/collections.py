@@ -18,15 +18,22 @@ from typing import TYPE_CHECKING
 from ..errors import InvalidInput
 from ..index import _display
 from ._common import (
+    STDIN_LABEL,
     HelpFormatter,
     add_model_options,
     add_remote_option,
     as_cli_image,
     check_image_first,
+    check_stdin,
+    handed_on,
+    print_json,
+    read_stdin_image,
+    relabel,
     service_from_args,
 )
 
 if TYPE_CHECKING:
+    from ..images import ImageInput
     from ..index import ImageIndex
     from ..service import Blip2Service
 
@@ -47,8 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  blip-tools index ~/Pictures                # run it again any time; Ctrl-C is safe, the next run resumes\n"
         "  blip-tools index ~/Pictures --no-captions  # embeddings only (faster)\n"
-        "exit status: 0 done (images that failed are listed on stderr); 1 stopped early (run it again to\n"
-        "  resume); 2 bad arguments, settings, model or index; 130 Ctrl-C",
+        "exit status: 0 done, every image indexed; 1 some images failed (this run's failures listed on\n"
+        "  stderr; files that failed before and are unchanged are counted, not retried) or the run stopped\n"
+        "  early (run it again to resume); 2 bad arguments, settings, model or index; 130 Ctrl-C",
     )
     p.add_argument("dir", type=Path, help="folder of images")
     p.add_argument("--no-recursive", dest="recursive", action="store_false", help="only the folder itself")
@@ -68,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  blip-tools search 'a red car' --dir ~/Pictures/2024 --rerank",
     )
     p.add_argument("query", nargs="?", help="what to look for, e.g. 'a dog on a beach'")
-    p.add_argument("--image", help="find images similar to this one instead of a text query")
+    p.add_argument("--image", help="find images similar to this one instead of a text query (- reads it from stdin)")
     p.add_argument("-k", "--top-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--dir", type=Path, help="only images under this folder")
     p.add_argument("--rerank", action="store_true", help="re-score the top k with the ITM head (text queries)")
@@ -100,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
         epilog="examples:\n  blip-tools locate photo.jpg 'the dog' -o heatmap.png",
     )
-    p.add_argument("image", help="image file, file:// or data: URI")
+    p.add_argument("image", help="image file, file:// or data: URI, or - for an image piped to stdin")
     p.add_argument("text", help="what to find, e.g. 'the red car'")
     p.add_argument("-o", "--output", type=Path, help="write the heatmap overlay PNG here")
     add_model_options(p)
@@ -158,27 +166,35 @@ def _index(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     if args.json:
-        print(report.model_dump_json(indent=2))
+        print_json(report.model_dump_json(indent=2))
     else:
         print(report.summary())
         for failure in report.errors:
             print(f"  {_display(failure.path)}: {_display(failure.error)}", file=sys.stderr)
-    return 0 if report.complete else 1
+    return 0 if report.complete and not report.failed and not report.errors else 1
 
 
 def _search(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         print("error: give a text QUERY or --image IMAGE (one of them)", file=sys.stderr)
         return 2
-    image = None if args.image is None else as_cli_image(args.image)
+    stdin = args.image is not None and check_stdin([args.image])
+    image: ImageInput | None = None if args.image is None or stdin else as_cli_image(args.image)
+    source = STDIN_LABEL if stdin else None
     service, index = _open(args)
     with service, index:
+        if stdin:
+            image = read_stdin_image(service.settings)
         if image is not None:
-            check_image_first(service, image)  # before the retrieval model loads
+            loaded = check_image_first(service, image)  # before the retrieval model loads
+            if loaded is not None:  # handed on: read (or fetched) and decoded once
+                image, source = handed_on(loaded), source or loaded.info.source
         result = index.search(args.query, image=image, top_k=args.top_k, directory=args.dir, rerank=args.rerank)
         _note_stale(index)
+    if source is not None:
+        result = result.model_copy(update={"image": source})
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print_json(result.model_dump_json(indent=2))
     else:
         print(result.summary())
     return 0
@@ -190,7 +206,7 @@ def _duplicates(args: argparse.Namespace) -> int:
         groups = index.duplicates(threshold=args.threshold, directory=args.dir)
         _note_stale(index)
     if args.json:
-        print(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
+        print_json(json.dumps([g.model_dump(mode="json") for g in groups], indent=2))
         return 0
     if not groups:
         print("no near-duplicates found")
@@ -216,17 +232,23 @@ def _check_output(path: Path) -> None:
 def _locate(args: argparse.Namespace) -> int:
     if args.output is not None:
         _check_output(args.output)
-    image = as_cli_image(args.image)
+    stdin = check_stdin([args.image])
+    source = STDIN_LABEL if stdin else None
     with service_from_args(args, remote=True) as service:
-        check_image_first(service, image)  # before the retrieval model loads
+        image: ImageInput = read_stdin_image(service.settings) if stdin else as_cli_image(args.image)
+        loaded = check_image_first(service, image)  # before the retrieval model loads
+        if loaded is not None:  # handed on: read (or fetched) and decoded once
+            image, source = handed_on(loaded), source or loaded.info.source
         result = service.locate(image, args.text)
+    if source is not None:
+        result = relabel(result, source)
     if args.output is not None:
         try:
             args.output.write_bytes(result.overlay_png(max_side=None))
         except OSError as exc:
             raise InvalidInput(f"Cannot write the overlay to {args.output}: {exc.strerror or exc}.") from exc
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print_json(result.model_dump_json(indent=2))
     else:
         print(result.summary())
         if args.output is not None:

@@ -12,13 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BlipError, InvalidImage, InvalidInput
+from ..images import ImageInput
 from ..params import GenerationParams
 from ._common import (
+    STDIN,
+    STDIN_LABEL,
     HelpFormatter,
     add_model_options,
     add_remote_option,
     as_cli_image,
-    check_image_first,
+    check_images_first,
+    check_stdin,
+    handed_on,
+    print_json,
+    read_stdin_image,
+    relabel,
     service_from_args,
 )
 
@@ -46,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  blip-tools caption photo.jpg --num-beams 5 --num-captions 3\n"
         "  blip-tools caption photo.jpg --sample --temperature 0.8 --top-p 0.9 --seed 1 --num-captions 3\n"
         "  blip-tools caption --demo photo.jpg               # tiny random model: no download, gibberish\n"
+        "  cat photo.jpg | blip-tools caption -              # the image on stdin (shown as <stdin>)\n"
         "exit status: 0 all captioned; 1 some images failed (each named on stderr);\n"
         "  2 bad arguments, settings or model; 130 Ctrl-C",
     )
@@ -53,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "images",
         nargs="+",
         help="image files, folders (their image files, recursively), quoted globs ('photos/*.jpg'), "
-        "file:// or data: URIs",
+        "file:// or data: URIs, or - for an image piped to stdin",
     )
     p.add_argument("--prompt", help="text the caption should continue, e.g. 'a photo of'")
     _add_common(
@@ -74,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  blip-tools ask photo.jpg 'How many people are there?' --json\n"
         "exit status: 0 answered; 2 a bad image, arguments, settings or model; 130 Ctrl-C",
     )
-    p.add_argument("image", help="image file, file:// or data: URI")
+    p.add_argument("image", help="image file, file:// or data: URI, or - for an image piped to stdin")
     p.add_argument("question", help="the question, e.g. 'What color is the car?'")
     _add_common(p, json_help="print the result as one JSON object")
     p.set_defaults(handler=_ask)
@@ -153,6 +162,9 @@ def _expand(refs: list[str]) -> tuple[list[str], bool, set[int]]:
     unmatched: set[int] = set()
     collection = len(refs) > 1
     for ref in refs:
+        if ref == STDIN:  # always stdin, even if a file or folder is named `-` (that is ./-)
+            out.append(ref)
+            continue
         folder = _folder(ref)
         matches = _glob(ref) if folder is None else None
         if folder is not None:
@@ -209,6 +221,8 @@ def _label(ref: str) -> str:
     """How an image argument is shown in the output: a path as given; data URIs, base64 and URLs described."""
     from ..images import _classify, describe_ref
 
+    if ref == STDIN:
+        return STDIN_LABEL
     return ref if _classify(ref) in ("path", "file-uri") else describe_ref(ref)
 
 
@@ -233,24 +247,36 @@ def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     gen = _gen_kwargs(args)
+    check_stdin(args.images)
     images, collection, unmatched = _expand(args.images)
     if not images:
         suffixes = ", ".join(sorted(_IMAGE_SUFFIXES))
         print(f"error: no image files ({suffixes}) in {', '.join(args.images)}", file=sys.stderr)
         return 2
     results: list[Any] = [_no_match(ref) if i in unmatched else None for i, ref in enumerate(images)]
-    todo = [i for i, result in enumerate(results) if result is None]
+    inputs: list[ImageInput] = list(images)
+    sources: dict[int, str] = {}  # the result's image source where the service is handed something else
     with service_from_args(args, remote=True) as service:
-        try:
-            if len(todo) == 1:
-                check_image_first(service, images[todo[0]])
-        except BlipError as exc:  # reported like any failed image, without loading the model first
-            results[todo[0]] = exc
-            todo = []
+        if STDIN in images:
+            i = images.index(STDIN)
+            sources[i] = STDIN_LABEL
+            try:
+                inputs[i] = read_stdin_image(service.settings)
+            except BlipError as exc:
+                results[i] = exc
+        todo = [i for i, result in enumerate(results) if result is None]
+        # Reported like any failed image, without loading the model first; an image checked is handed on.
+        for i, checked in zip(todo, check_images_first(service, [inputs[i] for i in todo]), strict=True):
+            if isinstance(checked, BlipError):
+                results[i] = checked
+            elif checked is not None:
+                inputs[i] = handed_on(checked)
+                sources.setdefault(i, checked.info.source)
+        todo = [i for i in todo if results[i] is None]
         if todo:
             bar = tqdm(total=len(todo), unit="img", file=sys.stderr, disable=len(todo) < 2 or not sys.stderr.isatty())
             captioned = service.caption_batch(
-                [images[i] for i in todo],
+                [inputs[i] for i in todo],
                 args.prompt,
                 return_exceptions=True,
                 on_progress=lambda done, total: bar.update(done - bar.n),
@@ -258,7 +284,8 @@ def _caption(args: argparse.Namespace) -> int:
             )
             bar.close()
             for i, result in zip(todo, captioned, strict=True):
-                results[i] = result
+                labelled = i in sources and not isinstance(result, BlipError)
+                results[i] = relabel(result, sources[i]) if labelled else result
     failed = 0
     rows: list[dict[str, Any]] = []
     for ref, result in zip(map(_label, images), results, strict=True):
@@ -273,16 +300,20 @@ def _caption(args: argparse.Namespace) -> int:
             texts = [c.text for c in result.captions]
             print(f"{ref}: {texts[0]}" if len(texts) == 1 else f"{ref}:\n  " + "\n  ".join(texts))
     if args.json:
-        print(json.dumps(rows if collection else rows[0], indent=2))
+        print_json(json.dumps(rows if collection else rows[0], indent=2))
     return 1 if failed else 0
 
 
 def _ask(args: argparse.Namespace) -> int:
     gen = _gen_kwargs(args)
+    stdin = check_stdin([args.image])
     with service_from_args(args, remote=True) as service:
-        result = service.answer(as_cli_image(args.image), args.question, **gen)
+        image = read_stdin_image(service.settings) if stdin else as_cli_image(args.image)
+        result = service.answer(image, args.question, **gen)
+    if stdin:
+        result = relabel(result, STDIN_LABEL)
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print_json(result.model_dump_json(indent=2))
     else:
         print(result.answer)
     return 0
