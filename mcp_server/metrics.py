@@ -106,7 +106,15 @@ class LiveWindow:
         return self._buckets[-1]
 
     def record_batch(self, size: int, latencies_s: Iterable[float], failed: int, final: bool) -> None:
-        """Count one batch; `final` batches (not split for a retry) also count their requests and latencies."""
+        """Count one batch; `final` batches (not split for a retry) also count their requests and latencies.
+
+        `latencies_s` has one value per request of the batch, `failed` of which failed. The dashboard's latency
+        percentiles are those of successful requests: when every request of the call failed (a lone request
+        that raised, often at once, or a handler returning the wrong number of results) none of its latencies is
+        kept. A batch where only some failed keeps them all: the event does not say which ones failed, and they
+        all took the batch's full forward pass, so they do not pull the percentiles down.
+        """
+        values = list(latencies_s)
         with self._lock:
             b = self._bucket(self._clock())
             b.batches += 1
@@ -115,7 +123,9 @@ class LiveWindow:
             if not final:
                 return
             b.failed += failed
-            for value in latencies_s:
+            if failed >= len(values):
+                return  # nothing succeeded: no latency sample, no completed request
+            for value in values:
                 b.completed += 1
                 b.seen += 1
                 if len(b.latencies) < _SAMPLES_PER_BUCKET:
@@ -135,7 +145,9 @@ class LiveWindow:
     def snapshot(self, window_s: int = 120, recent_s: int = 10) -> dict[str, Any]:
         """Per-second series over the last `window_s` seconds (gaps filled with zeros) and window percentiles.
 
-        Latencies are model-side (queue wait + batch execution) in milliseconds; `null` where a second had none.
+        Latencies are model-side (queue wait + batch execution) in milliseconds, of successful requests only (see
+        `record_batch`; refusals before the queue, such as `Overloaded` or invalid input, never have one); `null`
+        where a second had none. The summary's `failed` counts the requests that failed on the model.
         The summary also gives the throughput over the last `recent_s` seconds (the current one included).
         """
         window_s = max(5, min(int(window_s), self.window_s))
@@ -146,7 +158,7 @@ class LiveWindow:
             by_t = {b.t: b for b in self._buckets if b.t >= start}
             series: list[dict[str, Any]] = []
             all_latencies: list[float] = []
-            completed = 0
+            completed = failed = 0
             recent = sum(b.completed for t, b in by_t.items() if t > end - recent_s)
             for t in range(start, end + 1):
                 b = by_t.get(t)
@@ -159,6 +171,7 @@ class LiveWindow:
                 lat = sorted(b.latencies)
                 all_latencies.extend(lat)
                 completed += b.completed
+                failed += b.failed
                 series.append(
                     {
                         "t": t,
@@ -178,6 +191,8 @@ class LiveWindow:
             "series": series,
             "summary": {
                 "completed": completed,
+                "failed": failed,
+                "latency_of": "successful requests",
                 "throughput_per_s": round(completed / window_s, 3),
                 "recent_s": recent_s,
                 "recent_per_s": round(recent / recent_s, 3),
