@@ -7,7 +7,9 @@ to the service as bytes, so the service's own limits and decoding rules apply un
 The page and static files carry no data and are reachable without the token (a browser cannot add a header to
 a page load); the page asks for the token once and sends it as `Authorization: Bearer` on every API call.
 Host/Origin checks, the token and the body limit come from `mcp_server.http.build_http_app`. No CORS headers
-are ever sent: the API serves the console's own origin only.
+are ever sent: the API serves the console's own origin only. Every answer of the API that is not a result is its
+JSON error (`.errors`), also for a path under `/ui/api/` that names no endpoint (404 `not_found`) and an endpoint
+called with another method (405 `method_not_allowed`, with `Allow`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from blip_tools import __version__
 from blip_tools.errors import BlipError, IndexDamaged, InvalidImage, InvalidInput, PayloadTooLarge, ServiceClosed
 from blip_tools.service import Blip2Service
 
-from .errors import error_response, status_for
+from .errors import MethodNotAllowed, NotFound, error_response, status_for
 from .gallery import THUMB_SIDES, Gallery
 
 if TYPE_CHECKING:
@@ -198,6 +201,17 @@ def _json_flag(body: dict[str, Any], name: str, *, default: bool) -> bool:
     return value
 
 
+class _AnyMethod:
+    """A request handler as an ASGI app, so that a `Route` without `methods` takes every method (Starlette's
+    default for a plain function is GET only, and any other method got its plain-text 405)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._app = request_response(handler)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------- the console
 @dataclass
 class _Running:
@@ -226,6 +240,8 @@ class Console:
         self.max_image_bytes = server.blip_settings.max_image_bytes
         self._files = _static_files()
         self._running: _Running | None = None
+        self._methods: dict[str, list[str]] = {}
+        """API path → the methods its endpoint takes (filled by `routes`)."""
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -251,7 +267,14 @@ class Console:
             Route(f"{UI_PATH}/", self.page, methods=["GET"]),
         ]
         out += [Route(f"{STATIC_PREFIX}/{name}", self.static, methods=["GET"]) for name in sorted(self._files)]
-        out += [Route(f"{API_PREFIX}{path}", self._guard(handler), methods=[method]) for path, handler, method in api]
+        endpoints = [
+            Route(f"{API_PREFIX}{path}", self._guard(handler), methods=[method]) for path, handler, method in api
+        ]
+        self._methods = {route.path: sorted(route.methods or ()) for route in endpoints}
+        # Last: any other path or method under the API answers the API's JSON error, not Starlette's plain text.
+        # (A route that matches the path but not the method only half-matches, so this catch-all gets those too.)
+        unrouted = _AnyMethod(self._guard(self.unrouted))
+        out += [*endpoints, Route(API_PREFIX, unrouted), Route(f"{API_PREFIX}/{{rest:path}}", unrouted)]
         return out
 
     @asynccontextmanager
@@ -306,6 +329,17 @@ class Console:
             "send a smaller or re-encoded image."
         )
         return self._error_response(error, API_PREFIX)
+
+    async def unrouted(self, request: Request) -> Response:
+        """Any other path or method under `/ui/api`: `not_found` (404), or `method_not_allowed` (405, `Allow`)."""
+        path = f"{API_PREFIX}/{request.path_params['rest']}" if "rest" in request.path_params else API_PREFIX
+        allowed = self._methods.get(path)
+        if allowed is not None:
+            raise MethodNotAllowed(f"{path} takes {' or '.join(allowed)}, not {request.method}.", allowed)
+        known = ", ".join(sorted(self._methods))
+        near = self._methods.get(path.rstrip("/"))
+        hint = f" (without the trailing slash: {path.rstrip('/')})" if near is not None else f"; the API has {known}"
+        raise NotFound(f"No console API endpoint at {path}{hint}.")
 
     # ------------------------------------------------------------------ page
     async def page(self, request: Request) -> Response:

@@ -14,12 +14,16 @@ Every `blip_tools.errors` code has a deliberate entry (a test checks that none f
   console's user can then send the same request again;
 - the model failed on this request, or anything else: 500.
 
+The console API's own routing errors use the same body: `not_found` (404) for a path under `/ui/api/` that names no
+endpoint, `method_not_allowed` (405, with `Allow`) for an endpoint called with another method.
+
 A subclass without an entry of its own answers as its nearest listed base class (e.g. `RemoteService`'s
 `RequestTooLarge` as `payload_too_large`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import MappingProxyType
 
 from starlette.responses import JSONResponse
@@ -44,9 +48,27 @@ STATUS_BY_CODE = MappingProxyType(
         "index_read_only": 409,
         "inference_error": 500,
         "blip_error": 500,
+        "not_found": 404,
+        "method_not_allowed": 405,
     }
 )
 """`BlipError.code` → HTTP status."""
+
+
+class NotFound(BlipError):
+    """No console API endpoint at this path (HTTP 404)."""
+
+    code = "not_found"
+
+
+class MethodNotAllowed(BlipError):
+    """A console API endpoint called with a method it does not take (HTTP 405); `allow` lists those it takes."""
+
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: Iterable[str]) -> None:
+        super().__init__(message)
+        self.allow = tuple(allow)
 
 
 def status_for(exc: BlipError) -> int:
@@ -66,11 +88,13 @@ def retry_after(exc: BlipError) -> str | None:
 
 
 def error_response(exc: BlipError) -> JSONResponse:
-    """`{"error": <code>, "message": <text>}` with the error's status (and `Retry-After` when it has one)."""
+    """`{"error": <code>, "message": <text>}` with the error's status (and `Retry-After` or `Allow` when it has one)."""
     headers = {}
     hint = retry_after(exc)
     if hint is not None:
         headers["Retry-After"] = hint
+    if isinstance(exc, MethodNotAllowed):
+        headers["Allow"] = ", ".join(exc.allow)
     return JSONResponse(
         {"error": exc.code, "message": str(exc).strip() or type(exc).__name__},
         status_code=status_for(exc),
@@ -78,4 +102,4 @@ def error_response(exc: BlipError) -> JSONResponse:
     )
 
 
-__all__ = ["STATUS_BY_CODE", "error_response", "retry_after", "status_for"]
+__all__ = ["STATUS_BY_CODE", "MethodNotAllowed", "NotFound", "error_response", "retry_after", "status_for"]
