@@ -21,15 +21,25 @@ before the first result).
 Ray counts a request as queued until its router has picked a replica, so a burst that arrives all at once can be
 refused a little before that; the first `max_queued_requests` always get in. Every MCP message is a request
 (`tools/list` too), so a client that needs two requests for one tool call can have the second refused.
+Refusals carry a retry hint: HTTP 503s get `Retry-After: <retry_after_s>` and handle callers' `Overloaded` its
+`retry_after_s` (Ray's `backpressure_config`, Ray 2.60 and later; older Ray sends no header and callers assume 1 s).
+Ray logs a warning per refused request in the process that refused it; where blip-tools runs (the process that
+deploys, and `RayServeClient`'s) those warnings are thinned to one line per `REFUSAL_LOG_INTERVAL_S` with the
+count of the others (`limit_refusal_warnings`). The HTTP proxy is Ray's own process: its log keeps one line each.
 Start it with `blip-tools serve-ray` (needs the `ray` extra: `pip install "blip-tools[ray]"`).
 """
 
 from __future__ import annotations
 
+import atexit
+import inspect
 import logging
+import math
 import os
 import re
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +51,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_APP_NAME = "blip"
 DEFAULT_DEPLOYMENT_NAME = "Blip2Deployment"
+
+REFUSAL_LOG_INTERVAL_S = 10.0
+"""At most one line per this many seconds for Ray's per-request back-pressure warning (see `RefusalLogLimiter`)."""
+
+_SERVE_LOGGER = "ray.serve"
+_BACKPRESSURE_MESSAGE = "Request dropped due to backpressure"
+"""How Ray Serve's `BackPressureError` message (logged by its router for every refusal) begins."""
 
 
 def _require_ray() -> Any:
@@ -95,6 +112,11 @@ class RayServeConfig:
     max_constructor_retries: int | None = None
     """Replica starts Ray tries before the deployment fails (None: Ray's default, 3 per replica, at most 20)."""
 
+    retry_after_s: float | None = 1.0
+    """The retry hint of a refusal beyond `max_queued_requests`: Ray's HTTP 503 carries `Retry-After` (whole
+    seconds, rounded up) and a handle's `Overloaded` this `retry_after_s`. None: no header. Needs Ray 2.60 or later
+    (`backpressure_config`); older Ray sends no header."""
+
     def check(self) -> None:
         """Readable errors for impossible values, before anything starts."""
         if self.num_replicas < 1:
@@ -109,6 +131,8 @@ class RayServeConfig:
             raise InvalidInput(
                 f"max_constructor_retries must be None or an integer >= 1, got {self.max_constructor_retries}"
             )
+        if self.retry_after_s is not None and not (math.isfinite(self.retry_after_s) and self.retry_after_s >= 0):
+            raise InvalidInput(f"retry_after_s must be None or a number of seconds >= 0, got {self.retry_after_s}")
         if not self.route_prefix.startswith("/"):
             raise InvalidInput(f"route_prefix must start with '/', got {self.route_prefix!r}")
 
@@ -223,6 +247,12 @@ def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> A
     options: dict[str, Any] = {}
     if config.max_constructor_retries is not None:
         options["max_constructor_retry_count"] = config.max_constructor_retries
+    if config.retry_after_s is not None:
+        if "backpressure_config" in inspect.signature(serve.deployment).parameters:
+            options["backpressure_config"] = {"retry_after_s": config.retry_after_s}
+        else:  # Ray before 2.60: its 503 has no Retry-After (RemoteService then assumes 1 s)
+            logger.debug("this Ray Serve has no backpressure_config: its 503s carry no Retry-After")
+    limit_refusal_warnings()  # the process that deploys holds handles too (and usually shows its log)
     ingress_cls = serve.ingress()(Blip2Deployment)
     deployment = serve.deployment(
         ingress_cls,
@@ -356,6 +386,100 @@ def _deploy_error(serve: Any, app_name: str) -> BlipError:
     )
 
 
+# ---------------------------------------------------------------------------------------------- refusal warnings
+class RefusalLogLimiter(logging.Filter):
+    """Thins Ray Serve's back-pressure warning, which its router logs once per refused request, to one line per
+    `interval_s`, without losing the count.
+
+    The first refusal after a quiet interval is logged as Ray wrote it; the ones that follow within `interval_s`
+    are counted, and when the interval ends one summary line (on the same logger, also a warning) says how many
+    more were refused since the last line and quotes the latest. A burst of 10,000 refusals in a second is two
+    lines; a sustained overload one line per interval. Other records pass untouched. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = REFUSAL_LOG_INTERVAL_S,
+        *,
+        logger_name: str = _SERVE_LOGGER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._logger = logging.getLogger(logger_name)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._quiet_until = -math.inf
+        self._last_line_at = 0.0
+        self._suppressed = 0
+        self._latest = ""
+        self._timer: threading.Timer | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or getattr(record, "blip_refusal_summary", False):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot format is not ours to judge
+            return True
+        if not message.startswith(_BACKPRESSURE_MESSAGE):
+            return True
+        now = self._clock()
+        with self._lock:
+            if now >= self._quiet_until and self._suppressed == 0:
+                self._quiet_until = now + self.interval_s
+                self._last_line_at = now
+                return True
+            self._suppressed += 1
+            self._latest = message
+            if self._timer is None:
+                self._timer = threading.Timer(max(0.0, self._quiet_until - now), self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+        return False
+
+    def flush(self) -> None:
+        """Log the summary of the refusals counted since the last line, if any (also called at exit)."""
+        with self._lock:
+            count, latest = self._suppressed, self._latest
+            self._suppressed = 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not count:
+                return
+            now = self._clock()
+            since, self._last_line_at = now - self._last_line_at, now
+            self._quiet_until = now + self.interval_s  # refusals are still coming: the next line an interval on
+        self._logger.warning(
+            "%d more requests dropped due to backpressure in the last %.1f s (logged once per %g s by blip-tools; "
+            "latest: %s)",
+            count,
+            since,
+            self.interval_s,
+            latest,
+            extra={"blip_refusal_summary": True},
+        )
+
+
+_limiter_lock = threading.Lock()
+
+
+def limit_refusal_warnings(interval_s: float = REFUSAL_LOG_INTERVAL_S) -> RefusalLogLimiter:
+    """Install (once per process) the `RefusalLogLimiter` on Ray Serve's logger, where its router logs a warning
+    per refused request; returns the one installed. It acts in this process only: Ray's HTTP proxy runs in an actor
+    of its own, which no application code reaches, and logs each refusal there."""
+    serve_logger = logging.getLogger(_SERVE_LOGGER)
+    with _limiter_lock:
+        for existing in serve_logger.filters:
+            if isinstance(existing, RefusalLogLimiter):
+                return existing
+        limiter = RefusalLogLimiter(interval_s)
+        serve_logger.addFilter(limiter)
+        atexit.register(limiter.flush)
+        return limiter
+
+
 # ---------------------------------------------------------------------------------------------- client side
 def map_ray_error(exc: BaseException) -> BlipError | None:
     """The `BlipError` for what a handle call raised: back-pressure → `Overloaded`, replica errors unwrapped."""
@@ -396,6 +520,7 @@ class RayServeClient:
 
     def __init__(self, handle: Any | None = None, *, app_name: str = DEFAULT_APP_NAME) -> None:
         _, serve = _require_ray()
+        limit_refusal_warnings()  # this process's router logs a warning per refused call
         self.handle = handle if handle is not None else serve.get_app_handle(app_name)
         self.last_replica: dict[str, Any] | None = None
 
@@ -448,10 +573,13 @@ class RayServeClient:
 
 
 __all__ = [
+    "REFUSAL_LOG_INTERVAL_S",
     "Blip2Deployment",
     "RayServeClient",
     "RayServeConfig",
+    "RefusalLogLimiter",
     "build_app",
+    "limit_refusal_warnings",
     "map_ray_error",
     "proxy_address",
     "run",
