@@ -42,7 +42,7 @@ from .clock import RunClock
 from .config import LORA_NEEDS_PEFT, FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog
 from .layout import CHECKPOINT_DIR, METRICS_FILE, find_checkpoints
-from .writes import install, replace_text, staged_folder, writing
+from .writes import install, normal_modes, replace_text, staged_folder, writing
 
 logger = logging.getLogger(__name__)
 
@@ -519,6 +519,7 @@ class Trainer:
                 (tmp / "trainer_state.json").write_text(
                     json.dumps({"step": step, "fingerprint": state["fingerprint"]}, indent=2) + "\n"
                 )
+                normal_modes(tmp)
                 if path.exists():
                     shutil.rmtree(path)
                 os.replace(tmp, path)  # a crash mid-write never leaves a half checkpoint that resume would pick
@@ -799,6 +800,7 @@ class Trainer:
         with writing("the fine-tuned checkpoint", self.out_dir, resume), staged_folder(self.out_dir) as stage:
             base.save_pretrained(stage)
             self.processor.save_pretrained(stage)
+            normal_modes(stage)  # safetensors writes its file with mode 0600: unreadable to a service account
             install(stage, self.out_dir)
         logger.info("saved the fine-tuned checkpoint to %s", self.out_dir)
 

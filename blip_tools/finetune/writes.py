@@ -8,6 +8,10 @@ only a hard kill leaves a dot-named temporary behind, which the next write of th
 A full disk does not always surface as an `OSError`: `torch.save` raises `RuntimeError("... unexpected pos N
 vs M")` and safetensors a `SafetensorError("... No space left on device (os error 28)")`. `writing()` maps
 those too, so a full disk ends a run with one actionable line, not a traceback.
+
+Everything written gets the permissions a file created there normally gets (0666, or 0777 for a folder, less the
+umask): safetensors writes its file through a private temporary (mode 0600), which would otherwise make the
+model unreadable to another user, e.g. the service account that serves it (`normal_modes`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import errno
 import filecmp
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -115,6 +121,32 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def normal_modes(folder: Path) -> None:
+    """Give every file and folder under `folder` (itself included) the mode a newly created one gets there.
+
+    That mode is found by creating a folder inside `folder` (`os.mkdir(..., 0o777)`, so the umask and any
+    default ACL apply) and reading it back, not with `os.umask()`, which sets the process-wide umask to read it
+    and so races with threads that create files meanwhile.
+    """
+    probe = folder / f"{STAGING_PREFIX}mode-{os.getpid()}-{threading.get_ident()}"
+    with suppress(OSError):  # left by a hard kill of this very process id and thread: an empty folder
+        os.rmdir(probe)
+    os.mkdir(probe, 0o777)
+    try:
+        dir_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.rmdir(probe)
+    file_mode = dir_mode & 0o666
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), dir_mode)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+    os.chmod(folder, dir_mode)
+
+
 def install(stage: Path, out_dir: Path) -> None:
     """Move every file of the complete `stage` into `out_dir` (renames: no data is copied, nothing can fill up).
 
@@ -147,4 +179,4 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-__all__ = ["STAGING_PREFIX", "install", "replace_text", "staged_folder", "write_error", "writing"]
+__all__ = ["STAGING_PREFIX", "install", "normal_modes", "replace_text", "staged_folder", "write_error", "writing"]
