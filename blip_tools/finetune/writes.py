@@ -31,6 +31,8 @@ from ..errors import BlipError, InvalidInput
 
 STAGING_PREFIX = ".export-"
 """The export is staged in `out_dir/.export-XXXX/` and its files are moved into `out_dir` once all are written."""
+_CONFIG = "config.json"
+"""`from_pretrained` reads it first: a folder without it is no model yet."""
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 # torch.save reports a short write as "unexpected pos N vs M" (or "file write failed"): a full disk or quota.
 _FULL_HINTS = ("no space left", "os error 28", "disk quota", "os error 122", "unexpected pos", "file write failed")
@@ -153,12 +155,20 @@ def install(stage: Path, out_dir: Path) -> None:
     A file identical to the one `out_dir` already holds (the configs and tokenizer of an earlier export of the
     same run, which a resume requires to start from the same base) stays as it is, and the weights go last: a
     run exported again then changes its folder with one atomic rename of the weights, so a crash or Ctrl-C
-    between two renames cannot leave new weights beside an older config. Weight files of an earlier export that
-    this one did not write (another sharding) are removed afterwards, as `save_pretrained` does when it writes
-    over a folder; nothing else in `out_dir` is touched.
+    between two renames cannot leave new weights beside an older config. The first export into a folder moves
+    `config.json` last, after the weights: until that one rename the folder holds no `config.json`, so nothing
+    takes it for a model while it is half-moved. (Moving one staged folder into place is not an option: `out_dir`
+    is the model folder and already holds the run's checkpoints, metrics.json and lock.) Weight files of an
+    earlier export that this one did not write (another sharding) are removed afterwards, as `save_pretrained`
+    does when it writes over a folder; nothing else in `out_dir` is touched.
     """
     names = {child.name for child in stage.iterdir()}
-    for name in sorted(names, key=lambda n: (n.endswith(_WEIGHT_SUFFIXES), n.endswith(".index.json"), n)):
+    first = not (out_dir / _CONFIG).exists()
+
+    def order(name: str) -> tuple[bool, bool, bool, str]:
+        return (first and name == _CONFIG, name.endswith(_WEIGHT_SUFFIXES), name.endswith(".index.json"), name)
+
+    for name in sorted(names, key=order):
         source, target = stage / name, out_dir / name
         if not name.endswith(_WEIGHT_SUFFIXES) and _same_file(source, target):
             continue

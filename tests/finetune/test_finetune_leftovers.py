@@ -51,3 +51,27 @@ def test_every_exported_file_gets_the_mode_of_a_normally_created_file(
     assert "out/model.safetensors" in modes and "out/checkpoints/step-0000001/state.pt" in modes
     want = {name: dir_mode if (tmp_path / name).is_dir() else file_mode for name in modes}
     assert {k: oct(v) for k, v in modes.items()} == {k: oct(v) for k, v in want.items()}
+
+
+def test_the_first_export_never_shows_a_config_without_the_rest(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import Blip2ForConditionalGeneration
+
+    out = tmp_path / "out"
+    seen: list[set[str]] = []
+    real = os.replace
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        real(src, dst, *args, **kwargs)
+        if Path(dst).parent == out:  # what a reader of the folder sees after each rename
+            seen.append({p.name for p in out.iterdir() if not p.name.startswith(".")})
+
+    monkeypatch.setattr(os, "replace", replace)
+    finetune(caption_data, out, settings=_settings(tiny_checkpoint / "captioner"), max_steps=1, **FAST)
+    monkeypatch.undo()
+    model_files = seen[-1] - {"metrics.json"}
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= model_files
+    # Until config.json appears nothing takes the folder for a model; once it does, all the rest is there.
+    assert [names for names in seen if "config.json" in names and not model_files <= names] == []
+    assert Blip2ForConditionalGeneration.from_pretrained(out) is not None
