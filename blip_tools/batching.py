@@ -18,6 +18,8 @@
   fails. Out-of-memory errors also call `on_oom` and lower that key's batch size for a while.
 - Every future is resolved: errors anywhere in the worker fail only the requests concerned, and if the worker
   thread ever stops, queued requests fail with `ServiceClosed` and `submit` refuses new ones.
+- `weak_handler=True` holds a bound-method handler weakly: the batcher's threads then do not keep its object (a
+  service and its model) alive, and once that object is garbage-collected the batcher drains and stops by itself.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,6 +50,9 @@ _DEFAULT_BATCH_S = 0.1
 """Assumed time per batch for the retry hint before any batch has run."""
 _EMA_ALPHA = 0.2
 _DEFAULT_OOM_COOLDOWN_S = 60.0
+_IDLE_RECHECK_S = 1.0
+"""The idle worker re-checks `_closing` this often: the owner's finalizer sets it without notifying (see
+`_owner_gone`)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             `max_wait_ms` or a tenth of the last batch's time, at least 1 ms), or for as long as recent closed-loop
             returns took per caller (x1.5), the next batch is held open for them, at most this long and never
             longer than the last batch took, so alternating cohorts merge into full batches. 0 turns it off.
+        weak_handler: `handler` is a bound method to hold through a `weakref.WeakMethod`, so the worker thread does
+            not keep its object alive. Once that object is garbage-collected the batcher closes (draining: what
+            is queued then fails with `ServiceClosed`, as the handler is gone) and its threads exit.
     """
 
     def __init__(
@@ -244,9 +253,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_batch_size_for: Callable[[Hashable], int] | None = None,
         oom_cooldown_s: float = _DEFAULT_OOM_COOLDOWN_S,
         max_merge_wait_ms: float = 0.0,
+        weak_handler: bool = False,
     ) -> None:
         if not callable(handler):
             raise InvalidInput(f"handler must be callable, got {handler!r}")
+        owner = getattr(handler, "__self__", None)
+        if weak_handler and (owner is None or not hasattr(handler, "__func__")):
+            raise InvalidInput(f"weak_handler needs a bound method as handler, got {handler!r}")
         self._max_batch_size = _check_positive_int("max_batch_size", max_batch_size)
         self._max_queue = _check_positive_int("max_queue", max_queue)
         if (
@@ -265,7 +278,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise InvalidInput(f"max_merge_wait_ms must be a finite number >= 0, got {max_merge_wait_ms!r}")
         if isinstance(oom_cooldown_s, bool) or not isinstance(oom_cooldown_s, int | float) or not oom_cooldown_s >= 0:
             raise InvalidInput(f"oom_cooldown_s must be a number >= 0, got {oom_cooldown_s!r}")
-        self._handler = handler
+        self._handler: Callable[[], Callable[[Hashable, list[ItemT]], Sequence[ResultT | BaseException]] | None]
+        if weak_handler:
+            try:
+                self._handler = weakref.WeakMethod(handler)
+            except TypeError as exc:  # an object without weak reference support (`__slots__`)
+                raise InvalidInput(f"weak_handler needs an object that supports weak references: {exc}") from exc
+        else:
+            self._handler = lambda: handler
         self._max_wait_s = float(max_wait_ms) / 1000.0
         self._name = str(name)
         self._is_oom = is_oom
@@ -328,6 +348,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._thread.start()
         self._reaper = threading.Thread(target=self._reaper_main, name=f"{self._name}-reaper", daemon=True)
         self._reaper.start()
+        if weak_handler:
+            # Holds only a weak reference to the batcher; needs nothing at exit (the threads are daemons).
+            weakref.finalize(owner, DynamicBatcher._owner_gone, weakref.ref(self)).atexit = False
 
     # ------------------------------------------------------------------ public API
 
@@ -359,8 +382,22 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     @property
     def closed(self) -> bool:
-        """True once `close()` was called (or the worker stopped): `submit` raises `ServiceClosed`."""
+        """True once `close()` was called (or the worker stopped, or the handler's owner was collected)."""
         return self._closing
+
+    @staticmethod
+    def _owner_gone(ref: weakref.ref[DynamicBatcher[ItemT, ResultT]]) -> None:
+        """The weak handler's object was collected: close (drain, then stop) like `close()`, without joining.
+
+        A finalizer runs in whatever thread dropped the last reference, possibly the worker while it holds the
+        queue's lock mid-update, or a thread inside `Condition.notify`: so it only sets flags (atomic under the
+        GIL; every reader copes with `_closing` turning true at any time) and takes no lock and notifies nobody.
+        The idle worker notices within `_IDLE_RECHECK_S`.
+        """
+        batcher = ref()
+        if batcher is not None:
+            batcher._close_called = True
+            batcher._closing = True
 
     def submit(
         self, key: Hashable, item: ItemT, *, timeout_s: float | None = None
@@ -538,6 +575,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         finally:
                             self._reaper_asleep, self._reaper_by = False, math.inf
                 self._fail_expired(expired)
+                # Not kept while asleep: a request's future (its callbacks) may hold what the owner of a weak
+                # handler is, and the reaper can sleep for good.
+                del expired
         except BaseException:
             logger.critical("%s: deadline reaper stopped unexpectedly", self._name, exc_info=True)
 
@@ -582,7 +622,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             with self._cond:
                 while True:
                     while not self._pending and not self._closing:
-                        self._cond.wait()
+                        self._cond.wait(_IDLE_RECHECK_S)  # timed: `_owner_gone` sets `_closing` without notifying
                     if not self._pending:
                         return None
                     now = time.monotonic()
@@ -660,7 +700,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._return_s = self._return_n = 0.0
 
     def _execute(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
-        """Mark the batch running (dropping cancelled and expired requests), then run it."""
+        """Mark the batch running (dropping cancelled and expired requests), then run it.
+
+        A weak handler is resolved once here and held until the batch (retries included) is done.
+        """
+        handler = self._handler()
+        if handler is None:  # its owner is gone: `_owner_gone` has closed the batcher (or is about to)
+            self._drop(batch, f"{self._name} is closed: its owner was garbage-collected before this request ran")
+            return
         live: list[_Pending[ItemT, ResultT]] = []
         now = time.monotonic()
         for request in batch:
@@ -671,14 +718,21 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             live.append(request)
         if live:
-            self._run(live[0].key, live, retried=False)
+            self._run(handler, live[0].key, live, retried=False)
 
-    def _run(self, key: Hashable, batch: list[_Pending[ItemT, ResultT]], *, retried: bool) -> None:
+    def _run(
+        self,
+        handler: Callable[[Hashable, list[ItemT]], Sequence[ResultT | BaseException]],
+        key: Hashable,
+        batch: list[_Pending[ItemT, ResultT]],
+        *,
+        retried: bool,
+    ) -> None:
         """One handler call; on an exception, split and retry so only the guilty request fails."""
         start = time.monotonic()
         waits = tuple(start - request.enqueued for request in batch)
         try:
-            out = self._handler(key, [request.item for request in batch])
+            out = handler(key, [request.item for request in batch])
         except BaseException as exc:
             exec_s = time.monotonic() - start
             oom = self._safe_is_oom(exc)
@@ -694,8 +748,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 )
                 self._notify(self._count(key, batch, waits, exec_s, failed=0, retried=retried, split=True))
                 middle = len(batch) // 2
-                self._run(key, batch[:middle], retried=True)
-                self._run(key, batch[middle:], retried=True)
+                self._run(handler, key, batch[:middle], retried=True)
+                self._run(handler, key, batch[middle:], retried=True)
                 return
             request = batch[0]
             self._start_delivery()
