@@ -21,7 +21,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from .batching import BatchEvent, DynamicBatcher
 from .errors import BlipError, InferenceError, InvalidInput, Overloaded, ServiceClosed
@@ -43,6 +43,9 @@ from .results import (
 )
 from .runtime import VQA_TEMPLATE, Blip2Runtime, GenerationItem, ImageItem, check_prompt
 from .settings import BlipSettings
+
+if TYPE_CHECKING:
+    from .index import ImageIndex
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +147,8 @@ class _DaemonPool:
                 job()
             except BaseException:
                 logger.exception("blip-tools: a preparation job failed")
+            # Not kept while waiting for the next job: it may hold a private service that is otherwise dropped.
+            del job
             with self._lock:
                 self._idle += 1
 
@@ -238,15 +243,21 @@ class Blip2Service:
     """The shared BLIP-2 service: captioning, VQA, embeddings and ITM scores, dynamically batched.
 
     Use `Blip2Service.shared()` for the process-wide instance, or `Blip2Service(settings)` for a private one.
+    A private service nobody references any more is garbage-collected with its model, and its worker threads
+    stop; `close()` stops it at a known time.
     """
 
     _shared: ClassVar[Blip2Service | None] = None
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+    _image_index: ImageIndex | None = None
+    """The index `ImageIndex.for_service` made for this service; it lives as long as the service does."""
 
     def __init__(self, settings: BlipSettings | None = None, *, runtime: Blip2Runtime | None = None) -> None:
         self.settings = settings if settings is not None else BlipSettings()
         self.runtime = runtime if runtime is not None else Blip2Runtime(self.settings)
         self._started_at = time.monotonic()
+        # A weak handler: the worker thread must not keep this service (and its model) alive. Once the service is
+        # garbage-collected its batcher stops by itself; `close()` remains the way to stop it at a known time.
         self._batcher: DynamicBatcher[_Request, _Outcome] = DynamicBatcher(
             self._handle,
             max_batch_size=self.settings.max_batch_size,
@@ -255,6 +266,7 @@ class Blip2Service:
             max_queue=self.settings.max_queue,
             name="blip-model-worker",
             on_oom=self.runtime.empty_cache,
+            weak_handler=True,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -429,7 +441,8 @@ class Blip2Service:
 
         def deliver(extra: T, future: concurrent.futures.Future[_Outcome]) -> None:  # when the batch is done
             try:
-                outcome = self._wait(future)  # done already: maps a cancelled request as the sync calls do
+                # Not `self._wait`: the future keeps this callback, and must not keep the service alive.
+                outcome = Blip2Service._wait(future)  # done already: maps a cancelled request as the sync calls do
             except BaseException as exc:
                 post(exc)
             else:
