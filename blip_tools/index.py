@@ -35,7 +35,6 @@ import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -493,8 +492,8 @@ class _DeferredProgress:
             self.error = exc
 
 
-_SHARED: weakref.WeakKeyDictionary[Blip2Service, ImageIndex] = weakref.WeakKeyDictionary()
 _SHARED_LOCK = threading.Lock()
+"""Guards `Blip2Service._image_index`, where `for_service` keeps each service's index."""
 
 
 # ---------------------------------------------------------------------------------------------- the index
@@ -652,11 +651,12 @@ class ImageIndex:
             from .service import Blip2Service
 
             service = Blip2Service.shared()
+        # Kept on the service, not in a map keyed by it: the index holds its service, so a WeakKeyDictionary entry
+        # would keep a dropped private service (and its model) alive for good; this cycle the collector frees.
         with _SHARED_LOCK:
-            index = _SHARED.get(service)
+            index = service._image_index
             if index is None or index._closed:
-                index = cls(service=service)
-                _SHARED[service] = index
+                index = service._image_index = cls(service=service)
             return index
 
     # ------------------------------------------------------------------ connections and transactions
