@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,9 +118,14 @@ def _refuse_another_run(where: str, saved: dict[str, Any], now: dict[str, Any]) 
         saved = saved | {"base_model": model_key(saved["base_model"])}
     diff = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
     if diff:
+        images = (
+            " (images: an image file holds other bytes than when the run was saved, e.g. the same name with new pixels)"
+            if "images" in diff
+            else ""
+        )
         raise InvalidInput(
-            f"Cannot resume {where}: the run differs in {diff} (saved, now). Use the same data and options, or a "
-            "new output folder."
+            f"Cannot resume {where}: the run differs in {diff} (saved, now){images}. Use the same data and options, "
+            "or a new output folder."
         )
 
 
@@ -441,6 +447,7 @@ class Trainer:
             "train_examples": len(self.train_rows),
             "train_data": self._data_digest(self.train_rows, self.train_examples),
             "val_data": self._data_digest(self.val_rows, self.val_examples),
+            "images": self._images_digest(),
             "batch_size": c.batch_size,
             "grad_accum": c.grad_accum,
             "seed": c.seed,
@@ -458,15 +465,39 @@ class Trainer:
 
     def _data_digest(self, rows: Sequence[_Encoded], examples: Sequence[Example]) -> str:
         """A short hash of the encoded examples, in order (images relative to the data file: a moved folder matches)."""
-        items = []
-        for r in rows:
-            image = examples[r.index].image
-            try:
-                name = os.path.relpath(image, self.data_file.parent)
-            except ValueError:  # another drive (Windows)
-                name = str(image)
-            items.append([name, r.input_ids, r.labels])
+        items = [[self._relative(examples[r.index].image), r.input_ids, r.labels] for r in rows]
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+    def _images_digest(self) -> str:
+        """A short hash of the bytes of every image the run uses, by name: the same names with new pixels differ.
+
+        `_data_digest` covers the images' names only. Every image was just read whole by the data check (and
+        decoded), so reading it again to hash is cheap next to that; a copied or touched folder still matches.
+        """
+        images = {ex.image for ex in (*self.train_examples, *self.val_examples)}
+
+        def digest(image: Path) -> str:
+            sha = hashlib.sha256()
+            try:
+                with open(image, "rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        sha.update(chunk)
+            except OSError as exc:
+                raise InvalidInput(f"Cannot read the image {image}: {exc.strerror or exc}.") from exc
+            return sha.hexdigest()
+
+        ordered = sorted(images)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib frees the GIL
+            hashes = list(pool.map(digest, ordered))
+        items = sorted([self._relative(image), h] for image, h in zip(ordered, hashes, strict=True))
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+    def _relative(self, image: Path) -> str:
+        """`image` relative to the data file's folder (so a moved folder matches), else as it is."""
+        try:
+            return os.path.relpath(image, self.data_file.parent)
+        except ValueError:  # another drive (Windows)
+            return str(image)
 
     def _check_saved_run(self, fingerprint: dict[str, Any]) -> None:
         """A resume with no checkpoint left: refuse other data or options than the metrics.json there records.

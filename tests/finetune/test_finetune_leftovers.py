@@ -5,15 +5,18 @@ changed under the same name, and a first export that no reader sees half-moved."
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _finetune_testlib import write_image
 
-from blip_tools import BlipSettings
+from blip_tools import BlipSettings, InvalidInput
 from blip_tools.finetune import finetune
+from blip_tools.finetune.trainer import StepInfo
 
 FAST: dict[str, Any] = {"val_fraction": 0, "progress": False}
 LOCK = ".finetune.lock"
@@ -51,6 +54,69 @@ def test_every_exported_file_gets_the_mode_of_a_normally_created_file(
     assert "out/model.safetensors" in modes and "out/checkpoints/step-0000001/state.pt" in modes
     want = {name: dir_mode if (tmp_path / name).is_dir() else file_mode for name in modes}
     assert {k: oct(v) for k, v in modes.items()} == {k: oct(v) for k, v in want.items()}
+
+
+def test_a_resume_is_refused_when_an_image_has_new_bytes_under_the_same_name(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(caption_data, data)
+    settings = _settings(tiny_checkpoint / "captioner")
+    options: dict[str, Any] = {"max_steps": 3, "save_every": 1, **FAST}
+
+    class Crash(RuntimeError):
+        pass
+
+    def stop_at_2(info: StepInfo) -> None:
+        if info.step == 2:
+            raise Crash
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        finetune(data, out, settings=settings, on_step=stop_at_2, **options)
+    image = data / "img" / "1.png"
+    original = image.read_bytes()
+    write_image(image, 999)  # same name, same size in pixels, other pixels
+    assert image.read_bytes() != original
+    with pytest.raises(InvalidInput, match=r"from .*step-0000002: the run differs in \{'images': .*new pixels"):
+        finetune(data, out, settings=settings, resume=True, **options)
+
+    # The same bytes again, with a new modification time (a copy, a restore): the same run, resumed.
+    image.write_bytes(original)
+    os.utime(image, ns=(1_000_000_000, 1_000_000_000))
+    report = finetune(data, out, settings=settings, resume=True, **options)
+    assert report.resumed_from_step == 2 and report.steps == 3
+
+    # With no checkpoint left, what metrics.json records is compared the same way.
+    shutil.rmtree(out / "checkpoints")
+    write_image(image, 998)
+    with pytest.raises(InvalidInput, match=r"as its metrics\.json records it\): the run differs in \{'images'"):
+        finetune(data, out, settings=settings, resume=True, **options)
+
+
+def test_a_run_saved_before_images_were_fingerprinted_still_resumes(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blip_tools.finetune.trainer import Trainer
+
+    settings = _settings(tiny_checkpoint / "captioner")
+    options: dict[str, Any] = {"max_steps": 3, "save_every": 1, **FAST}
+    real = Trainer._fingerprint
+
+    def without_images(self: Trainer, total_steps: int, warmup: int) -> dict[str, Any]:
+        return {k: v for k, v in real(self, total_steps, warmup).items() if k != "images"}
+
+    def stop_at_2(info: StepInfo) -> None:
+        if info.step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_fingerprint", without_images)  # what an earlier version saved
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(caption_data, out, settings=settings, on_step=stop_at_2, **options)
+    monkeypatch.undo()
+    report = finetune(caption_data, out, settings=settings, resume=True, **options)
+    assert report.resumed_from_step == 2 and report.steps == 3
 
 
 def test_the_first_export_never_shows_a_config_without_the_rest(
