@@ -21,10 +21,11 @@ from ..settings import BlipSettings
 from .clock import RunClock
 from .config import LORA_NEEDS_PEFT, FinetuneConfig, FinetuneReport, SkippedLine
 from .data import DataIssue, Example, IssueLog, read_examples
-from .layout import CHECKPOINT_DIR, is_run_folder
+from .layout import CHECKPOINT_DIR, is_empty, is_run_folder
+from .lock import RunLock, busy, held_elsewhere
 
 if TYPE_CHECKING:
-    from .trainer import StepInfo
+    from .trainer import StepInfo, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,26 @@ def _check_writable(out: Path) -> None:
         raise InvalidInput(f"Cannot write the output folder {out}: {existing} is not writable. Choose another folder.")
 
 
+def _check_out(out: Path, resume: bool, *, locked: bool = False) -> None:
+    """Refuse an output folder that holds something this run may not write into, or (unless this run holds its
+    lock: `locked`) one another run holds."""
+    if not out.is_dir() or is_empty(out):
+        return
+    if not locked and held_elsewhere(out):  # say so rather than "not empty": it is, with that run's files
+        raise busy(out)
+    if not resume:
+        raise InvalidInput(
+            f"Output folder {out} is not empty. Choose a new folder, or pass resume=True (--resume) to "
+            "continue the run saved there."
+        )
+    if not is_run_folder(out):
+        raise InvalidInput(
+            f"Output folder {out} is not empty and holds no fine-tuning run to resume (no "
+            f"{CHECKPOINT_DIR}/step-N/ checkpoint, no metrics.json of a run). Choose a new or empty folder; "
+            "nothing there was changed."
+        )
+
+
 def finetune(
     data: str | Path,
     out_dir: str | Path,
@@ -84,8 +105,9 @@ def finetune(
 
     Raises:
         InvalidInput: bad options, no data file, bad data lines with `on_error="stop"` (each listed with file
-            and line), an `out_dir` that holds something else or cannot be created or written, or a resume that
-            does not match the saved run.
+            and line), an `out_dir` that holds something else or cannot be created or written, an `out_dir`
+            another run is using (each run holds a lock on its folder from start to end), or a resume that does
+            not match the saved run (its options, or its data: the examples and the bytes of every image).
         ModelNotAvailable: the base checkpoint cannot be loaded, or is not a captioner (e.g. a retrieval checkpoint).
     """
     clock = RunClock()  # the report's seconds: from here to the end, less the imports of torch and transformers
@@ -105,18 +127,7 @@ def finetune(
             + ("is not a folder" if base.exists() else "does not exist")
             + ": point --model (BLIP_MODEL) at a checkpoint folder written by save_pretrained, or at a hub id."
         )
-    if out.is_dir() and any(out.iterdir()):
-        if not resume:
-            raise InvalidInput(
-                f"Output folder {out} is not empty. Choose a new folder, or pass resume=True (--resume) to "
-                "continue the run saved there."
-            )
-        if not is_run_folder(out):
-            raise InvalidInput(
-                f"Output folder {out} is not empty and holds no fine-tuning run to resume (no "
-                f"{CHECKPOINT_DIR}/step-N/ checkpoint, no metrics.json of a run). Choose a new or empty folder; "
-                "nothing there was changed."
-            )
+    _check_out(out, resume)
     _check_writable(out)
     with clock.importing():
         import torch  # noqa: F401  (resolve_device needs it; importing it takes seconds that are not the run's)
@@ -130,6 +141,35 @@ def finetune(
             except ImportError as exc:
                 raise InvalidInput(LORA_NEEDS_PEFT) from exc
 
+    # Held until the end: a second run into this folder fails here at once, not after interleaving its
+    # checkpoints and export with this one's. It creates the folder; a run that stops before writing anything
+    # into it (bad data, a base model that is no captioner) removes it again.
+    lock = RunLock.acquire(out)
+    trainer = None
+    try:
+        _check_out(out, resume, locked=True)  # again, now that no other run can write there: one may have just finished
+        trainer = _trainer(data, out, model_name, settings, cfg, resume, on_step, clock)
+        report = trainer.run()
+    finally:
+        lock.release(keep_folder=trainer is not None and trainer.wrote_output)
+    logger.info(
+        "fine-tuned %s → %s: %d steps, loss %s → %s, %d lines skipped",
+        model_name, out, report.steps, report.first_loss, report.final_loss, len(report.skipped),
+    )  # fmt: skip
+    return report
+
+
+def _trainer(
+    data: str | Path,
+    out: Path,
+    model_name: str,
+    settings: BlipSettings,
+    cfg: FinetuneConfig,
+    resume: bool,
+    on_step: Callable[[StepInfo], None] | None,
+    clock: RunClock,
+) -> Trainer:
+    """Read and check the data, and set up the run (no model loaded yet)."""
     log = IssueLog(cfg.on_error)
     dataset = read_examples(data, settings, log)
     what = f"the data of {dataset.file}"
@@ -162,7 +202,7 @@ def finetune(
     with clock.importing():
         from .trainer import Trainer
 
-    trainer = Trainer(
+    return Trainer(
         model_name=model_name,
         out_dir=out,
         config=cfg,
@@ -175,12 +215,6 @@ def finetune(
         on_step=on_step,
         clock=clock,
     )
-    report = trainer.run()
-    logger.info(
-        "fine-tuned %s → %s: %d steps, loss %s → %s, %d lines skipped",
-        model_name, out, report.steps, report.first_loss, report.final_loss, len(report.skipped),
-    )  # fmt: skip
-    return report
 
 
 __all__ = [

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+from .lock import LOCK_FILE
 from .writes import STAGING_PREFIX
 
 CHECKPOINT_DIR = "checkpoints"
@@ -31,11 +32,17 @@ def find_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def is_empty(out_dir: Path) -> bool:
+    """Whether `out_dir` holds nothing but, at most, the lock file of a run (this one's, or a killed one's)."""
+    return all(child.name == LOCK_FILE for child in out_dir.iterdir())
+
+
 def is_run_folder(out_dir: Path) -> bool:
     """Whether `out_dir` holds what a fine-tuning run writes, so `resume` may write there.
 
     True with a checkpoint, with a `metrics.json` of ours (a finished run), or when the folder holds nothing but
-    a `checkpoints/` folder and temporary files of a run stopped before its first checkpoint or export completed.
+    a `checkpoints/` folder and temporary files of a run stopped before its first checkpoint or export completed
+    (and the lock file of a run killed while it held the folder).
     """
     if find_checkpoints(out_dir):
         return True
@@ -45,8 +52,8 @@ def is_run_folder(out_dir: Path) -> bool:
         metrics = None
     if isinstance(metrics, dict) and {"base_model", "config", "steps"} <= metrics.keys():
         return True
-    leftovers = {CHECKPOINT_DIR, METRICS_FILE + ".tmp"}
+    leftovers = {CHECKPOINT_DIR, METRICS_FILE + ".tmp", LOCK_FILE}
     return all(child.name in leftovers or child.name.startswith(STAGING_PREFIX) for child in out_dir.iterdir())
 
 
-__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "find_checkpoints", "is_run_folder"]
+__all__ = ["CHECKPOINT_DIR", "METRICS_FILE", "find_checkpoints", "is_empty", "is_run_folder"]

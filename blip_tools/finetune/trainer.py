@@ -199,6 +199,8 @@ class Trainer:
         self.on_step = on_step
         self.clock = clock
         self.fingerprint: dict[str, Any] | None = None
+        self.wrote_output = False
+        """Whether the run began writing into `out_dir` (a checkpoint, metrics.json or the model)."""
         self.device = resolve_device(config.device or str(settings.device))
         self.frozen_dtype, self.autocast = _precision(config, self.device)
         self.model: Any = None
@@ -539,6 +541,7 @@ class Trainer:
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
         path = self.out_dir / CHECKPOINT_DIR / f"step-{step:07d}"
         tmp = path.with_name(path.name + ".tmp")
+        self.wrote_output = True
         with writing(f"the checkpoint of step {step}", path, "to continue from the last complete checkpoint"):
             # A hard kill (the OOM killer, SIGTERM) mid-save leaves its `step-N.tmp`, as big as a checkpoint, which
             # no later save of another step would overwrite: remove every one before this save needs the space.
@@ -828,6 +831,7 @@ class Trainer:
             "to continue from its last checkpoint and write the model again (writing it needs room for a whole "
             "copy: the previous model in the folder stays until the new one is complete)"
         )
+        self.wrote_output = True
         with writing("the fine-tuned checkpoint", self.out_dir, resume), staged_folder(self.out_dir) as stage:
             base.save_pretrained(stage)
             self.processor.save_pretrained(stage)
@@ -850,6 +854,7 @@ class Trainer:
         # Rewritten whole at every checkpoint (its format is one JSON object); the temporary file and os.replace
         # mean a crash or full disk leaves the previous complete metrics.json, never a truncated one.
         path = self.out_dir / METRICS_FILE
+        self.wrote_output = True
         with writing("the metrics", path, "to continue from the last complete checkpoint"):
             self.out_dir.mkdir(parents=True, exist_ok=True)
             replace_text(path, json.dumps(payload, indent=1) + "\n")

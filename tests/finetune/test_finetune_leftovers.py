@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,121 @@ def test_every_exported_file_gets_the_mode_of_a_normally_created_file(
     assert "out/model.safetensors" in modes and "out/checkpoints/step-0000001/state.pt" in modes
     want = {name: dir_mode if (tmp_path / name).is_dir() else file_mode for name in modes}
     assert {k: oct(v) for k, v in modes.items()} == {k: oct(v) for k, v in want.items()}
+
+
+def test_a_second_run_into_the_same_folder_fails_at_once_and_the_first_is_untouched(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from blip_tools import Blip2Service
+    from blip_tools.cli import main
+
+    base = tiny_checkpoint / "captioner"
+    out = tmp_path / "out"
+    reached = {1: threading.Event(), 2: threading.Event()}
+    go = {1: threading.Event(), 2: threading.Event()}
+    result: dict[str, Any] = {}
+
+    def hold(info: StepInfo) -> None:
+        if info.step in reached:
+            reached[info.step].set()
+            assert go[info.step].wait(120)
+
+    def first() -> None:  # a checkpoint at step 2 (not 1), 3 steps
+        try:
+            result["report"] = finetune(
+                caption_data, out, settings=_settings(base), on_step=hold, max_steps=3, save_every=2, **FAST
+            )
+        except BaseException as exc:
+            result["error"] = exc
+            for event in reached.values():
+                event.set()
+
+    def second(resume: bool) -> str:
+        with pytest.raises(InvalidInput) as info:
+            finetune(caption_data, out, settings=_settings(base), resume=resume, max_steps=3, **FAST)
+        return str(info.value)
+
+    busy = f"Another fine-tuning run (process {os.getpid()} on "
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        # Both started into a new folder: the first holds it (and nothing else is there yet).
+        assert reached[1].wait(120) and "error" not in result, result
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+        message = second(resume=False)
+        assert message.startswith(busy) and f"is using the output folder {out}: wait for it to end" in message
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]
+        go[1].set()
+        # With the first run's checkpoint there: "another run", not "not empty, pass --resume" (it is, with its files).
+        assert reached[2].wait(120) and "error" not in result, result
+        before = sorted(p.name for p in out.iterdir())
+        assert "checkpoints" in before
+        for resume in (False, True):
+            message = second(resume)
+            assert message.startswith(busy) and f"is using the output folder {out}: wait for it to end" in message
+        argv = ["finetune", "--data", str(caption_data), "--out", str(out), "--model", str(base), "--resume"]
+        assert main([*argv, "--device", "cpu", "--max-steps", "3", "--val-fraction", "0", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {busy}") and str(out) in err
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        for event in go.values():
+            event.set()
+        thread.join(120)
+    assert "error" not in result, result
+    assert result["report"].steps == 3
+    assert LOCK not in {p.name for p in out.iterdir()}  # released and removed with the run
+
+    # A lock file left by a run killed later (say, a resume) does not get in the way of loading or serving.
+    (out / LOCK).write_text("12345 elsewhere\n")
+    with Blip2Service(_settings(out)) as service:
+        assert isinstance(service.caption(str(caption_data / "img" / "0.png")).caption, str)
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from blip_tools import BlipSettings
+from blip_tools.finetune import finetune
+def hold(info):
+    if info.step == 1:
+        print("ready", flush=True)
+        time.sleep(600)
+settings = BlipSettings(model=sys.argv[1], device="cpu", dtype="float32")
+finetune(sys.argv[2], sys.argv[3], settings=settings, on_step=hold, max_steps=2, save_every=1, val_fraction=0,
+         progress=False)
+"""
+
+
+def test_a_killed_run_holds_the_folder_until_it_dies_and_blocks_nothing_after(
+    tiny_checkpoint: Path, caption_data: Path, tmp_path: Path
+) -> None:
+    base = tiny_checkpoint / "captioner"
+    out = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(base), str(caption_data), str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(InvalidInput, match=rf"^Another fine-tuning run \(process {holder.pid} on .*{out}"):
+            finetune(caption_data, out, settings=_settings(base), resume=True, max_steps=2, **FAST)
+    finally:
+        holder.kill()  # SIGKILL: no handler runs, the lock file stays; the OS drops the flock
+        holder.wait(30)
+    assert (out / LOCK).exists()
+    report = finetune(caption_data, out, settings=_settings(base), resume=True, max_steps=2, **FAST)
+    assert report.resumed_from_step == 1 and report.steps == 2
+    assert LOCK not in {p.name for p in out.iterdir()}
+
+    # A folder holding only a killed run's lock file counts as empty: a new run may use it without --resume.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / LOCK).write_text("")
+    assert finetune(caption_data, fresh, settings=_settings(base), max_steps=1, **FAST).steps == 1
 
 
 def test_a_resume_is_refused_when_an_image_has_new_bytes_under_the_same_name(
