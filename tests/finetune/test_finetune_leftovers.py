@@ -151,12 +151,14 @@ def test_a_killed_run_holds_the_folder_until_it_dies_and_blocks_nothing_after(
     base = tiny_checkpoint / "captioner"
     out = tmp_path / "out"
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(base), str(caption_data), str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
-    )  # fmt: skip
+    log = tmp_path / "holder.log"
+    with open(log, "w") as stderr:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, str(base), str(caption_data), str(out)],
+            stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
+        )  # fmt: skip
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready", log.read_text()[-2000:]
         with pytest.raises(InvalidInput, match=rf"^Another fine-tuning run \(process {holder.pid} on .*{out}"):
             finetune(caption_data, out, settings=_settings(base), resume=True, max_steps=2, **FAST)
     finally:
