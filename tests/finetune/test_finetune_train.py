@@ -17,8 +17,9 @@ from blip_tools import Blip2Service, BlipSettings, InvalidInput
 from blip_tools.finetune import FinetuneReport, finetune
 from blip_tools.finetune.trainer import StepInfo
 
-#: Memorisation run: a high learning rate and ~120 full-batch steps (the tiny model needs both).
-MEMORISE = {"max_steps": 120, "batch_size": 6, "lr": 1e-2, "warmup_steps": 5, "weight_decay": 0.0, "val_fraction": 0}
+#: Memorisation run: a high learning rate and 200 full-batch steps (the tiny model needs both). 120 steps were
+#: borderline: the loss ended at 0.12 on one CPU and 5 of the 6 captions came back (float rounding differs by CPU).
+MEMORISE = {"max_steps": 200, "batch_size": 6, "lr": 1e-2, "warmup_steps": 5, "weight_decay": 0.0, "val_fraction": 0}
 
 
 def _settings(model: Path | str) -> BlipSettings:
@@ -35,7 +36,7 @@ def trained(steerable_base: Path, caption_data: Path, tmp_path_factory: pytest.T
 def test_loss_falls_and_every_training_caption_is_memorised(trained: FinetuneReport, caption_data: Path) -> None:
     metrics = json.loads(trained.metrics_path.read_text())
     losses = [s["loss"] for s in metrics["steps"]]
-    assert [s["step"] for s in metrics["steps"]] == list(range(1, 121))
+    assert [s["step"] for s in metrics["steps"]] == list(range(1, MEMORISE["max_steps"] + 1))
     assert trained.first_loss == losses[0]
     assert trained.final_loss is not None and trained.final_loss <= losses[0] / 2
     assert min(losses[-10:]) < 0.1 * losses[0]
@@ -43,7 +44,7 @@ def test_loss_falls_and_every_training_caption_is_memorised(trained: FinetuneRep
     # The rate each step applied: linear warm-up from 0 over 5 steps, the peak at step 6, then cosine decay to 0.
     assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.8e-2) and lrs[5] == pytest.approx(1e-2)
     assert 0.0 < lrs[-1] < 1e-5 and lrs[60] < lrs[10]
-    assert trained.steps == 120 and trained.train_examples == 6 and trained.skipped == []
+    assert trained.steps == MEMORISE["max_steps"] and trained.train_examples == 6 and trained.skipped == []
     # The default trainable set is tiny next to the whole model: Q-Former + query tokens + projection.
     assert trained.trainable_params < trained.total_params / 2
 
