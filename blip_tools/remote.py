@@ -499,6 +499,15 @@ def _overlay_image(source: ImageInput, size: tuple[int, int], settings: BlipSett
 
 
 # ---------------------------------------------------------------------------------------------- the MCP client
+def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """A dropped `RemoteService`'s finalizer: stop its private loop, whose thread then closes it (`_run_loop`).
+
+    It may run in any thread, at any allocation: `call_soon_threadsafe` takes no lock, and a loop that close()
+    has closed already is left alone."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(loop.stop)
+
+
 class DaemonClient:
     """Async access to a daemon's MCP tools and resources; a fresh connection per operation, in any event loop.
 
@@ -1013,6 +1022,8 @@ class RemoteService(Blip2Service):
                         target=self._run_loop, args=(self._loop,), name="blip-remote-loop", daemon=True
                     )
                     self._thread.start()
+                    # Dropped without close() (a notebook cell run again): stop the thread, which closes the loop.
+                    weakref.finalize(self, _stop_loop, self._loop).atexit = False
                 # Registered under the lock, so a concurrent close() sees this call and ends it.
                 future = asyncio.run_coroutine_threadsafe(self._guarded(coro), self._loop)
                 self._futures.add(future)

@@ -405,6 +405,24 @@ def test_send_files_always_reads_the_file_here(daemon: Daemon, private_dir: Path
         sender.caption(path)
 
 
+def test_a_dropped_remote_service_is_collected_and_its_loop_thread_ends(daemon: Daemon, shared_dir: Path) -> None:
+    """A `RemoteService` dropped without `close()` (a notebook cell run again) leaves no thread behind: its private
+    event-loop thread used to run for the rest of the process, one per dropped service."""
+    import gc
+    import weakref
+
+    before = set(threading.enumerate())
+    service = RemoteService(daemon.url, token=TOKEN, settings=BlipSettings())
+    assert service.caption(shared_dir / "img0.png", max_new_tokens=3).caption
+    (thread,) = [t for t in threading.enumerate() if t not in before and t.name == "blip-remote-loop"]
+    ref = weakref.ref(service)
+    del service
+    gc.collect()
+    assert ref() is None
+    thread.join(10)
+    assert not thread.is_alive(), "the dropped RemoteService's loop thread is still running"
+
+
 def test_wrong_token_is_a_clear_error(daemon: Daemon) -> None:
     with RemoteService(daemon.url, token="wrong-token-0123456789") as bad, pytest.raises(BlipError, match="token"):
         bad.model_info()
