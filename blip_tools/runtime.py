@@ -226,6 +226,11 @@ def _check_encodable(text: str, what: str) -> None:
         ) from exc
 
 
+def _readable(ch: str) -> bool:
+    """A character the retrieval tokenizer keeps: not whitespace, a control or format character, or U+FFFD."""
+    return not (ch.isspace() or ch == "\ufffd" or unicodedata.category(ch)[0] == "C")
+
+
 def _sanitize(text: str) -> str:
     # A literal "<image>" in user text would add placeholder tokens and misalign the image features.
     return text.replace(_IMAGE_TOKEN, " ").strip()
@@ -651,14 +656,17 @@ class Blip2Runtime:
             if not isinstance(text, str):
                 raise InvalidInput(f"Texts to embed or score must be strings, got {type(text).__name__}.")
             clean = _sanitize(text[:MAX_TEXT_CHARS])
-            if not clean:
+            _check_encodable(clean, "A text to embed or score")
+            if not any(_readable(ch) for ch in clean):  # the tokenizer drops control characters: nothing left
                 if _IMAGE_TOKEN in text:
                     raise InvalidInput(
                         f"The text {text[:40]!r} is empty once the reserved {_IMAGE_TOKEN!r} token is removed; "
                         "describe the image in words."
                     )
-                raise InvalidInput("Texts to embed or score must be non-empty strings.")
-            _check_encodable(clean, "A text to embed or score")
+                raise InvalidInput(
+                    "Texts to embed or score must be non-empty strings"
+                    + (" (this one has only whitespace and control characters)." if text.strip() else ".")
+                )
             out.append(clean)
         return out
 
@@ -934,8 +942,14 @@ class Blip2Runtime:
         return torch.nn.functional.normalize(query_embeds.mean(dim=1), dim=-1)
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        tok = self.load_retrieval().processor.tokenizer
-        enc = tok(list(texts), padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        loaded = self.load_retrieval()
+        # The first MAX_TEXT_TOKENS tokens, fewer where the Q-Former has fewer text positions: past them its
+        # position table has no row, and the long text failed its whole batch (every caller in it).
+        positions = getattr(loaded.model.config.qformer_config, "max_position_embeddings", None)
+        limit = min(MAX_TEXT_TOKENS, positions) if isinstance(positions, int) and positions > 0 else MAX_TEXT_TOKENS
+        enc = loaded.processor.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=limit, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
