@@ -51,7 +51,9 @@ class LocateResult(BaseModel):
     box: list[int] = Field(
         description="[x0, y0, x1, y1] in pixels around the peak region (x1, y1 exclusive), inside the image."
     )
-    peak: list[int] = Field(description="[x, y] pixel where the heatmap is highest.")
+    peak: list[int] = Field(
+        description="[x, y] pixel where the heatmap is highest inside the peak grid cell (always inside `box`)."
+    )
     grid: list[list[float]] = Field(
         description="The heatmap on the vision patch grid (rows top to bottom), values in [0, 1]."
     )
@@ -251,11 +253,35 @@ def peak_box(grid: npt.NDArray[np.float32], width: int, height: int, threshold: 
                 stack.append((nr, nc))
     r0, r1 = min(r for r, _ in seen), max(r for r, _ in seen)
     c0, c1 = min(c for _, c in seen), max(c for _, c in seen)
-    x0 = min(math.floor(c0 * width / cols), width - 1)
-    y0 = min(math.floor(r0 * height / rows), height - 1)
-    x1 = max(min(math.ceil((c1 + 1) * width / cols), width), x0 + 1)
-    y1 = max(min(math.ceil((r1 + 1) * height / rows), height), y0 + 1)
+    x0, x1 = _cell_span(c0, c1, cols, width)
+    y0, y1 = _cell_span(r0, r1, rows, height)
     return [x0, y0, x1, y1]
+
+
+def _cell_span(first: int, last: int, cells: int, size: int) -> tuple[int, int]:
+    """The pixels [start, stop) that grid cells first..last cover along a side of `size` pixels (never empty)."""
+    start = min(math.floor(first * size / cells), size - 1)
+    return start, max(min(math.ceil((last + 1) * size / cells), size), start + 1)
+
+
+def peak_pixel(grid: npt.NDArray[np.float32], heatmap: npt.NDArray[np.float32]) -> list[int]:
+    """[x, y]: the hottest heatmap pixel inside the grid's peak cell, the cell `peak_box` grows its box from.
+
+    Not the heatmap's own maximum: bilinear upsampling samples pixel centres, which seldom hit a cell's centre,
+    and clamps at the borders, so a slightly cooler cell at the image's edge can come out hotter than the peak
+    cell (a 300 x 11 image: the peak was reported in another cell, outside the box). A flat grid (no evidence)
+    has no peak: the image's centre.
+    """
+    height, width = heatmap.shape
+    rows, cols = grid.shape
+    if float(grid.max()) <= 0.0:
+        return [width // 2, height // 2]
+    row, col = (int(v) for v in np.unravel_index(int(np.argmax(grid)), grid.shape))
+    x0, x1 = _cell_span(col, col, cols, width)
+    y0, y1 = _cell_span(row, row, rows, height)
+    cell = heatmap[y0:y1, x0:x1]
+    dy, dx = np.unravel_index(int(np.argmax(cell)), cell.shape)
+    return [x0 + int(dx), y0 + int(dy)]
 
 
 def build_locate_result(
@@ -270,13 +296,11 @@ def build_locate_result(
     """Upsample a Grad-CAM grid to the image and find its peak and box (caller thread)."""
     width, height = image.size
     heatmap = upsample(grid, width, height)
-    flat = int(np.argmax(heatmap))
-    peak = [flat % width, flat // width] if float(heatmap.max()) > 0.0 else [width // 2, height // 2]
     result = LocateResult(
         text=text,
         itm_probability=float(itm_probability),
         box=peak_box(grid, width, height),
-        peak=peak,
+        peak=peak_pixel(grid, heatmap),
         grid=[[round(float(v), 4) for v in row] for row in grid],
         layer=layer,
         image=info,
@@ -287,4 +311,4 @@ def build_locate_result(
     return result
 
 
-__all__ = ["LocateResult", "build_locate_result", "gradcam_batch", "peak_box", "upsample"]
+__all__ = ["LocateResult", "build_locate_result", "gradcam_batch", "peak_box", "peak_pixel", "upsample"]
