@@ -342,10 +342,11 @@ def test_a_batchs_results_reach_an_event_loop_in_one_wake_up(settings: Any, imag
         while svc._batcher._last_end == ended and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         before = svc.stats()
-        tasks = [asyncio.create_task(svc.acaption(images[i % len(images)], max_new_tokens=2)) for i in range(8)]
-        while svc.stats().requests < before.requests + 8:  # all eight queued (the window waits for the eighth)
-            await asyncio.sleep(0.005)
+        # Counting from before the calls start: their preparation never wakes the loop, only results do. (Counting
+        # once all eight were queued missed the wake-up when the batch had already delivered by then.)
         calls = _count_wake_ups(asyncio.get_running_loop())
+        tasks = [asyncio.create_task(svc.acaption(images[i % len(images)], max_new_tokens=2)) for i in range(8)]
+        await asyncio.sleep(0)  # each task runs up to its await: its preparation is in a thread
         deadline = time.monotonic() + 30
         while svc.stats().completed < before.completed + 8 and time.monotonic() < deadline:
             time.sleep(0.005)  # hold the loop while the batch delivers: every post lands before a drain
