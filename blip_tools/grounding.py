@@ -62,6 +62,8 @@ class LocateResult(BaseModel):
     timing: Timing = Field(default_factory=Timing)
 
     _heatmap: npt.NDArray[np.float32] | None = PrivateAttr(default=None)
+    _grid: npt.NDArray[np.float32] | None = PrivateAttr(default=None)
+    """The grid as computed (`grid` holds it rounded to 4 decimals); None when rebuilt from JSON."""
     _image: Image.Image | None = PrivateAttr(default=None)
     _image_source: Callable[[], Image.Image] | None = PrivateAttr(default=None)
     """Decodes the image when `overlay_png` first needs it (a daemon's result: no decode unless asked for)."""
@@ -69,9 +71,12 @@ class LocateResult(BaseModel):
     @property
     def heatmap(self) -> npt.NDArray[np.float32]:
         """The heatmap at the image's size: shape (height, width), float32, values in [0, 1]."""
-        if self._heatmap is None:  # rebuilt from JSON (or a daemon's reply): upsample the patch grid once
-            self._heatmap = upsample(np.asarray(self.grid, dtype=np.float32), self.image.width, self.image.height)
+        if self._heatmap is None:  # upsampled once, when first asked for: a 40-megapixel image's is 160 MB
+            self._heatmap = upsample(self._exact_grid(), self.image.width, self.image.height)
         return self._heatmap
+
+    def _exact_grid(self) -> npt.NDArray[np.float32]:
+        return self._grid if self._grid is not None else np.asarray(self.grid, dtype=np.float32)
 
     def summary(self) -> str:
         """A one-line description for a model or a terminal."""
@@ -96,20 +101,30 @@ class LocateResult(BaseModel):
             self._image_source = None
         if self._image is None:
             raise InferenceError("This LocateResult has no image attached (it was rebuilt from JSON).")
-        base = np.asarray(self._image.convert("RGB"), dtype=np.float32) / 255.0
-        heat = self.heatmap
+        image = self._image.convert("RGB")
+        full_width, full_height = image.size
+        if max_side is not None and max(image.size) > max_side:
+            # Scaled down first, the heatmap drawn at the output size: blending at full size and scaling the
+            # result took 8 s and 2.7 GB for a 40-megapixel image (float32 copies of it), for a 1024-pixel PNG.
+            scale = max_side / max(image.size)
+            image = image.resize(
+                (max(1, round(full_width * scale)), max(1, round(full_height * scale))),
+                Image.Resampling.BILINEAR,
+                reducing_gap=3.0,
+            )
+            heat = upsample(self._exact_grid(), image.width, image.height)
+        else:
+            heat = self.heatmap
+        base = np.asarray(image, dtype=np.float32) / 255.0
         weight = (np.clip(alpha, 0.0, 1.0) * np.power(heat, 0.7))[..., None]
         blended = (1.0 - weight) * base + weight * _jet(heat)
         out = Image.fromarray((np.clip(blended, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "RGB")
         if draw_box:
-            x0, y0, x1, y1 = self.box
+            sx, sy = out.width / full_width, out.height / full_height
+            x0, y0 = math.floor(self.box[0] * sx), math.floor(self.box[1] * sy)
+            x1, y1 = max(math.ceil(self.box[2] * sx), x0 + 1), max(math.ceil(self.box[3] * sy), y0 + 1)
             width = max(1, round(min(out.size) / 150))
             ImageDraw.Draw(out).rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=width)
-        if max_side is not None and max(out.size) > max_side:
-            scale = max_side / max(out.size)
-            out = out.resize(
-                (max(1, round(out.width * scale)), max(1, round(out.height * scale))), Image.Resampling.BILINEAR
-            )
         buffer = io.BytesIO()
         out.save(buffer, format="PNG", optimize=False)
         return buffer.getvalue()
@@ -226,11 +241,22 @@ def _normalise(grid: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 # ---------------------------------------------------------------------------------------------- caller side
 
 
-def upsample(grid: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.float32]:
-    """Bilinear upsampling of a [0, 1] grid to (height, width), still in [0, 1]."""
+def upsample(
+    grid: npt.NDArray[np.float32], width: int, height: int, region: tuple[int, int, int, int] | None = None
+) -> npt.NDArray[np.float32]:
+    """Bilinear upsampling of a [0, 1] grid to (height, width), still in [0, 1].
+
+    `region` = (x0, y0, x1, y1): only those pixels (x1, y1 exclusive) of that map, computed alone.
+    """
     image = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32), mode="F")
-    resized = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
-    return np.clip(resized, 0.0, 1.0)
+    if region is None:
+        resized = image.resize((width, height), Image.Resampling.BILINEAR)
+    else:
+        x0, y0, x1, y1 = region
+        rows, cols = grid.shape
+        box = (x0 * cols / width, y0 * rows / height, x1 * cols / width, y1 * rows / height)
+        resized = image.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, box=box)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
 def peak_box(grid: npt.NDArray[np.float32], width: int, height: int, threshold: float = BOX_THRESHOLD) -> list[int]:
@@ -264,7 +290,7 @@ def _cell_span(first: int, last: int, cells: int, size: int) -> tuple[int, int]:
     return start, max(min(math.ceil((last + 1) * size / cells), size), start + 1)
 
 
-def peak_pixel(grid: npt.NDArray[np.float32], heatmap: npt.NDArray[np.float32]) -> list[int]:
+def peak_pixel(grid: npt.NDArray[np.float32], width: int, height: int) -> list[int]:
     """[x, y]: the hottest heatmap pixel inside the grid's peak cell, the cell `peak_box` grows its box from.
 
     Not the heatmap's own maximum: bilinear upsampling samples pixel centres, which seldom hit a cell's centre,
@@ -272,14 +298,13 @@ def peak_pixel(grid: npt.NDArray[np.float32], heatmap: npt.NDArray[np.float32]) 
     cell (a 300 x 11 image: the peak was reported in another cell, outside the box). A flat grid (no evidence)
     has no peak: the image's centre.
     """
-    height, width = heatmap.shape
     rows, cols = grid.shape
     if float(grid.max()) <= 0.0:
         return [width // 2, height // 2]
     row, col = (int(v) for v in np.unravel_index(int(np.argmax(grid)), grid.shape))
     x0, x1 = _cell_span(col, col, cols, width)
     y0, y1 = _cell_span(row, row, rows, height)
-    cell = heatmap[y0:y1, x0:x1]
+    cell = upsample(grid, width, height, (x0, y0, x1, y1))  # the heatmap's pixels there, without the rest
     dy, dx = np.unravel_index(int(np.argmax(cell)), cell.shape)
     return [x0 + int(dx), y0 + int(dy)]
 
@@ -293,20 +318,19 @@ def build_locate_result(
     layer: int,
     timing: Timing | None = None,
 ) -> LocateResult:
-    """Upsample a Grad-CAM grid to the image and find its peak and box (caller thread)."""
+    """A Grad-CAM grid's peak and box on the image (caller thread); the heatmap is upsampled when first used."""
     width, height = image.size
-    heatmap = upsample(grid, width, height)
     result = LocateResult(
         text=text,
         itm_probability=float(itm_probability),
         box=peak_box(grid, width, height),
-        peak=peak_pixel(grid, heatmap),
+        peak=peak_pixel(grid, width, height),
         grid=[[round(float(v), 4) for v in row] for row in grid],
         layer=layer,
         image=info,
         timing=timing or Timing(),
     )
-    result._heatmap = heatmap
+    result._grid = np.asarray(grid, dtype=np.float32)
     result._image = image
     return result
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from blip_tools import Blip2Service, BlipSettings
 from blip_tools.errors import InvalidInput
-from blip_tools.grounding import build_locate_result, peak_box, upsample
+from blip_tools.grounding import _cell_span, build_locate_result, peak_box, upsample
 from blip_tools.results import ImageInfo
 
 TEXTS = ["a dog", "A Red car on the street", "two cats laying on a blanket near a window", "Dog", "dog dog"]
@@ -265,3 +265,25 @@ def test_locate_is_deterministic_and_in_range(service: Blip2Service) -> None:
     assert float(first.heatmap.min()) >= 0.0 and float(first.heatmap.max()) <= 1.0
     grid = np.asarray(first.grid)
     assert grid.min() >= 0.0 and grid.max() <= 1.0
+
+
+def test_overlay_of_a_large_image_is_drawn_at_the_output_size(service: Blip2Service) -> None:
+    """The overlay was blended at full size and then scaled down: 8 s and 2.7 GB of float32 copies for a
+    40-megapixel image, to send a 512-pixel PNG. Now no full-size heatmap is made unless `heatmap` is read."""
+    image = Image.new("RGB", (3000, 1500), (0, 0, 0))
+    result = service.locate(image, "a dog")
+    assert result._heatmap is None  # nothing upsampled to 3000 x 1500 yet
+    overlay = Image.open(io.BytesIO(result.overlay_png(max_side=300)))
+    assert overlay.size == (300, 150) and result._heatmap is None
+    x0, y0, x1, y1 = result.box
+    assert overlay.getpixel((x0 // 10, y0 // 10)) == (255, 255, 255)  # the box's corner, scaled
+    assert overlay.getpixel((-(-x1 // 10) - 1, -(-y1 // 10) - 1)) == (255, 255, 255)
+    full = Image.open(io.BytesIO(result.overlay_png(max_side=None)))
+    assert full.size == (3000, 1500) and result.heatmap.shape == (1500, 3000)
+    grid = np.asarray(result.grid)
+    row, col = np.unravel_index(int(np.argmax(grid)), grid.shape)
+    cx0, cx1 = _cell_span(int(col), int(col), grid.shape[1], 3000)
+    cy0, cy1 = _cell_span(int(row), int(row), grid.shape[0], 1500)
+    px, py = result.peak
+    assert cx0 <= px < cx1 and cy0 <= py < cy1
+    assert float(result.heatmap[py, px]) == pytest.approx(float(result.heatmap[cy0:cy1, cx0:cx1].max()), abs=1e-5)
