@@ -655,7 +655,7 @@ class Blip2Runtime:
         for text in texts:
             if not isinstance(text, str):
                 raise InvalidInput(f"Texts to embed or score must be strings, got {type(text).__name__}.")
-            clean = _sanitize(text[:MAX_TEXT_CHARS])
+            clean = _sanitize(text.lstrip()[:MAX_TEXT_CHARS])  # leading blanks do not use up the characters
             _check_encodable(clean, "A text to embed or score")
             if not any(_readable(ch) for ch in clean):  # the tokenizer drops control characters: nothing left
                 if _IMAGE_TOKEN in text:

@@ -123,6 +123,14 @@ def test_long_text_reads_its_first_64_tokens(service: Blip2Service, make_image: 
     assert service.locate(image, long).grid == service.locate(image, cut).grid
 
 
+def test_leading_whitespace_does_not_use_up_the_characters_read(service: Blip2Service) -> None:
+    """Texts were cut at 4,096 characters before stripping: a text after 5,000 blanks or newlines was refused
+    as empty."""
+    vector = service.embed_texts(["a dog"])[0].vector
+    assert service.embed_texts([" " * 5000 + "a dog"])[0].vector == pytest.approx(vector, abs=1e-6)
+    assert service.embed_texts(["\n" * 5000 + "a dog  "])[0].vector == pytest.approx(vector, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def short_positions(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny retrieval model with only 32 text positions in its Q-Former (fewer than the 64 tokens read)."""
