@@ -28,8 +28,9 @@ _CORPUS_WORDS = (
 TINY_NUM_QUERY_TOKENS = 8
 TINY_IMAGE_SIZE = 32
 MARKER_FILE = "blip_tools_tiny.json"
-#: Bumped when the tiny checkpoint changes, so `--demo` rebuilds an older one (2: room for the longest request).
-TINY_VERSION = 2
+#: Bumped when the tiny checkpoint changes, so `--demo` rebuilds an older one (2: room for the longest request;
+#: 3: the retrieval config knows its `<image>` id).
+TINY_VERSION = 3
 
 
 def _corpus() -> list[str]:
@@ -204,6 +205,9 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
         qformer_config=_qformer_config(vocab_size=len(r_processor.tokenizer), text_input=True),
         num_query_tokens=TINY_NUM_QUERY_TOKENS,
         image_text_hidden_size=16,
+        # Its processor puts the query tokens' `<image>` placeholders before every text; the model removes them only
+        # when it knows their id, so without it transformers' own `processor(images, text)` path scored wrongly.
+        image_token_index=r_processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(seed + 1)
     r_model = Blip2ForImageTextRetrieval(r_config).eval()

@@ -45,12 +45,22 @@ def reference(tiny_checkpoint: Path) -> Iterator[tuple[Any, Any]]:
 def test_embeddings_and_scores_equal_transformers(service: Blip2Service, reference: tuple[Any, Any]) -> None:
     """The documented forward (`use_image_text_matching_head=False/True`) against `embed_*` and `score`.
 
-    The text goes through the tokenizer alone: the tiny processor also puts its 8 `<image>` tokens in front,
-    which the model skips only when its config has an `image_token_index` (the tiny one has none).
+    The text goes through the tokenizer alone here, as the service feeds it, so the model is told there are no
+    `<image>` placeholders to drop; the processor's own path is checked in the next test.
     """
-    import torch
 
     model, processor = reference
+    placeholder = model.config.image_token_index
+    model.config.image_token_index = None
+    try:
+        _compare_with_transformers(service, model, processor)
+    finally:
+        model.config.image_token_index = placeholder
+
+
+def _compare_with_transformers(service: Blip2Service, model: Any, processor: Any) -> None:
+    import torch
+
     for seed, size in ((1, (48, 40)), (2, (30, 70)), (3, (100, 20))):
         image = _pixels(seed, size)
         inputs = dict(processor.tokenizer(TEXTS, padding=True, return_tensors="pt"))
@@ -71,6 +81,26 @@ def test_embeddings_and_scores_equal_transformers(service: Blip2Service, referen
         np.testing.assert_allclose([s.itm_probability for s in scored], match, atol=1e-5)
         # Lower-casing is the tokenizer's (uncased BERT), as in transformers.
         assert texts[0] == pytest.approx(service.embed_texts(["A DOG"])[0].vector, abs=1e-6)
+
+
+def test_transformers_processor_path_on_the_tiny_checkpoint_equals_score(
+    service: Blip2Service, reference: tuple[Any, Any]
+) -> None:
+    """transformers' documented `model(**processor(images=..., text=...))` gives `score`'s numbers on the tiny
+    checkpoint too: its processor puts `<image>` placeholders before the text, which the model drops only when its
+    config has their id (it had none, and ITC came out 0.58 where -0.20 is right)."""
+    import torch
+
+    model, processor = reference
+    image = _pixels(4, (48, 40))
+    scored = service.score(image, TEXTS).scores
+    with torch.no_grad():
+        for text, got in zip(TEXTS, scored, strict=True):
+            inputs = processor(images=image, text=text, return_tensors="pt")
+            itc = model(**inputs, use_image_text_matching_head=False).logits_per_image
+            itm = model(**inputs, use_image_text_matching_head=True).logits_per_image
+            assert float(itc) == pytest.approx(got.itc, abs=1e-5)
+            assert float(torch.softmax(itm, dim=1)[0, 1]) == pytest.approx(got.itm_probability, abs=1e-5)
 
 
 def test_one_by_one_batched_and_concurrent_calls_agree(settings: BlipSettings) -> None:
