@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from blip_tools._ctrl_c import caused_by_ctrl_c
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from blip_tools.remote import SendFiles
     from blip_tools.settings import BlipSettings
 
@@ -140,6 +142,21 @@ def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def settings_error(exc: ValidationError) -> str:
+    """Invalid settings as one line naming each setting's flag and variable, as `blip-tools` words it.
+
+    e.g. `Invalid settings: max_queue: Input should be greater than or equal to 1 (got 0). Fix --max-queue or
+    BLIP_MAX_QUEUE.`
+    """
+    from blip_tools.params import format_validation_error
+
+    flags = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+    fields = list(dict.fromkeys(str(e["loc"][0]) for e in exc.errors() if e.get("loc")))
+    where = [f"{flags[f]} or BLIP_{f.upper()}" if f in flags else f"BLIP_{f.upper()}" for f in fields]
+    detail = format_validation_error(exc).removeprefix("Invalid arguments: ")
+    return f"Invalid settings: {detail}. Fix {', '.join(where) or 'the BLIP_* variables'}."
+
+
 def send_files_choice(args: argparse.Namespace, settings: BlipSettings) -> SendFiles:
     """`--send-files` when given, else the `BLIP_REMOTE_SEND_FILES` setting (default `auto`)."""
     return args.send_files if args.send_files is not None else settings.remote_send_files
@@ -151,6 +168,9 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     logging.captureWarnings(True)
+    from blip_tools.cli._logging import skip_library_echoes
+
+    skip_library_echoes()  # huggingface_hub prints its warnings itself: once, not twice
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,13 +196,12 @@ def _run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from blip_tools.errors import BlipError
-    from blip_tools.params import format_validation_error
     from blip_tools.settings import BlipSettings
 
     try:
         settings = BlipSettings(**settings_kwargs(args))
     except ValidationError as exc:
-        logger.error("invalid settings: %s", format_validation_error(exc))
+        logger.error("%s", settings_error(exc))
         return 2
     except BlipError as exc:
         logger.error("%s", exc)
