@@ -18,6 +18,7 @@ from typing import Any
 from .. import __version__
 from .._ctrl_c import caused_by_ctrl_c
 from ..errors import BlipError
+from ._logging import skip_library_echoes
 
 _COMMAND_MODULES = ["core", "collections", "finetune", "bench", "ray"]
 
@@ -104,17 +105,23 @@ def _output_closed() -> int:
     return _SIGPIPE_STATUS
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Log to stderr (INFO with -v, else WARNING), each line once."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    skip_library_echoes()  # huggingface_hub prints its warnings itself: once, not twice
+
+
 def _run(argv: Sequence[str] | None) -> int:
     """Parse and run one command; its heavy imports happen here, under `main`'s guard."""
     from pydantic import ValidationError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.verbose)
     try:
         code: int = args.handler(args)
     except BlipError as exc:

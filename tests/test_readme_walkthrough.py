@@ -1,0 +1,90 @@
+"""What a new user following README.md ran into (helper-56's walkthrough), checked on the programs themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def test_blip_mcp_invalid_settings_name_the_flag_and_the_variable() -> None:
+    # A host config with a bad value (flag or `env`) shows one line in the host's MCP log that says what to fix,
+    # as `blip-tools` does; it used to read "invalid settings: Invalid arguments: max_batch_size: ...".
+    run = subprocess.run(
+        [sys.executable, "-m", "mcp_server", "--transport", "http", "--port", "0", "--max-batch-size", "0"],
+        env=_env(BLIP_MAX_QUEUE="0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "Invalid settings: max_batch_size: Input should be greater than or equal to 1 (got 0)" in run.stderr
+    assert "Fix --max-batch-size or BLIP_MAX_BATCH_SIZE, --max-queue or BLIP_MAX_QUEUE." in run.stderr
+    assert "Invalid arguments" not in run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr
+
+
+_ECHO_CHECK = """
+import logging, sys
+{configure}
+import huggingface_hub.utils.logging  # adds huggingface_hub's own stderr handler, as loading a model does
+logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+logging.getLogger("blip_tools.runtime").warning("a blip-tools warning")
+"""
+
+
+@pytest.mark.parametrize(
+    "configure",
+    [
+        "from blip_tools.cli import _configure_logging; _configure_logging(False)",
+        "from blip_tools.cli import _configure_logging; _configure_logging(True)",
+        "from mcp_server.cli import _configure_logging; _configure_logging('INFO')",
+    ],
+    ids=["blip-tools", "blip-tools -v", "blip-mcp"],
+)
+def test_hub_warnings_are_printed_once(configure: str) -> None:
+    # With the hub unreachable (no network, or a mistyped model name) every retry warning of huggingface_hub
+    # used to appear twice: once from its own handler, once from ours.
+    code = textwrap.dedent(_ECHO_CHECK).format(configure=configure)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("Retrying in 1s [Retry 1/5].") == 1, run.stderr
+    assert run.stderr.count("a blip-tools warning") == 1, run.stderr
+
+
+def test_a_library_without_its_own_handler_is_still_logged() -> None:
+    import logging
+
+    from blip_tools.cli._logging import SkipLibraryEchoes
+
+    top = logging.getLogger("huggingface_hub")
+    saved = top.handlers[:]
+    try:
+        for handler in saved:
+            top.removeHandler(handler)
+        record = logging.LogRecord("huggingface_hub.utils._http", logging.WARNING, __file__, 1, "x", None, None)
+        assert SkipLibraryEchoes().filter(record)
+        top.addHandler(logging.NullHandler())
+        assert not SkipLibraryEchoes().filter(record)
+        other = logging.LogRecord("huggingface_hubx", logging.WARNING, __file__, 1, "x", None, None)
+        assert SkipLibraryEchoes().filter(other)
+    finally:
+        for handler in top.handlers[:]:
+            top.removeHandler(handler)
+        for handler in saved:
+            top.addHandler(handler)
