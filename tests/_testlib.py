@@ -1,10 +1,12 @@
 """Helpers shared by the test folders (importable as `_testlib`: pytest puts `tests/` on the path for its
-conftest): bounded polling, a uvicorn server on a thread, and a command's process started as from a terminal."""
+conftest): bounded polling, a uvicorn server on a thread, a command's process started as from a terminal, the CLI run
+in-process, a free port and a runtime whose model calls can be held."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from blip_tools.runtime import Blip2Runtime
 
 WAIT_S = 60.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +109,56 @@ def record_mcp_requests(monkeypatch: Any) -> list[str]:
 
     monkeypatch.setattr(httpx2.AsyncClient, "send", recording)
     return sent
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    """`blip-tools ARGV` in this process: (exit status, stdout, stderr); a traceback on stderr fails the test."""
+    from blip_tools.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment a user's shell has: no `BLIP_*` but `extra`, and no TRANSFORMERS_VERBOSITY (conftest sets
+    it for this process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_") and k != "TRANSFORMERS_VERBOSITY"}
+    return {**env, **extra}
+
+
+class GatedRuntime(Blip2Runtime):
+    """A real runtime whose `generate()` waits for `gate` (set: runs at once), so a batch can be held running.
+
+    `entered` is set once a batch reached it, `seen` has each batch's size; `poison` (a prompt) makes a batch
+    holding it fail, `oom_above` (a size) makes larger batches fail as out of memory.
+    """
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.seen: list[int] = []
+        self.poison: str | None = None
+        self.oom_above: int | None = None
+
+    def generate(self, items: Any, params: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(timeout=30)
+        self.seen.append(len(items))
+        if self.oom_above is not None and len(items) > self.oom_above:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.poison is not None:
+            poison_ids = self.encode_prompt(self.poison)
+            if any(it.prompt_ids == poison_ids for it in items):
+                raise ValueError("simulated failure on one input")
+        return super().generate(items, params)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _testlib import run_cli
 
 from blip_tools import Blip2Service
 from blip_tools.cli import main
@@ -39,18 +40,11 @@ def one_image(tmp_path: Path, make_image: Callable[..., Any]) -> Path:
     return path
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
 def test_caption_takes_a_data_uri(tiny_env: None, one_image: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A data URI longer than a file name may be is an image, not a folder to look up."""
     uri = "data:image/png;base64," + base64.b64encode(one_image.read_bytes()).decode("ascii")
     assert len(uri) > 300
-    code, out, _ = _run(capsys, "caption", uri, "--max-new-tokens", "3", "--json")
+    code, out, _ = run_cli(capsys, "caption", uri, "--max-new-tokens", "3", "--json")
     assert code == 0
     assert json.loads(out)["image"]["source"].startswith("data URI")
 
@@ -75,7 +69,7 @@ def test_invalid_settings_are_a_clean_usage_error(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     for command in (["caption", str(one_image)], ["ask", str(one_image), "what is it?"]):
-        code, _, err = _run(capsys, *command, *argv)
+        code, _, err = run_cli(capsys, *command, *argv)
         assert code == 2
         assert err.startswith("error: Invalid settings: ") and err.count("\n") == 1
         for name in names:
@@ -87,7 +81,7 @@ def test_tiny_checkpoint_into_an_unwritable_place_is_a_clean_error(
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    code, _, err = _run(capsys, "tiny-checkpoint", str(blocker / "ckpt"))
+    code, _, err = run_cli(capsys, "tiny-checkpoint", str(blocker / "ckpt"))
     assert code == 2
     assert err.startswith(f"error: Cannot write the tiny checkpoint to {blocker / 'ckpt'}: Not a directory")
 
@@ -119,7 +113,7 @@ def test_caption_json_shape_follows_the_arguments(
     only = str(single / "only.png")
 
     def shape(*images: str) -> Any:
-        code, out, _ = _run(capsys, "caption", *images, "--max-new-tokens", "2", "--json")
+        code, out, _ = run_cli(capsys, "caption", *images, "--max-new-tokens", "2", "--json")
         assert code == 0
         return json.loads(out)
 
@@ -134,7 +128,7 @@ def test_caption_shows_a_data_uri_by_its_size(
     tiny_env: None, one_image: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uri = "data:image/png;base64," + base64.b64encode(one_image.read_bytes()).decode("ascii")
-    code, out, _ = _run(capsys, "caption", uri, "--max-new-tokens", "2")
+    code, out, _ = run_cli(capsys, "caption", uri, "--max-new-tokens", "2")
     assert code == 0
     assert out.startswith("data URI (") and "base64" not in out
 
@@ -150,7 +144,7 @@ def test_caption_finds_a_folder_named_without_a_slash(
     (tmp_path / "photos").mkdir()
     make_image(24).save(tmp_path / "photos" / "a.png")
     monkeypatch.chdir(tmp_path)
-    code, out, _ = _run(capsys, "caption", "photos", "--max-new-tokens", "2", "--json")
+    code, out, _ = run_cli(capsys, "caption", "photos", "--max-new-tokens", "2", "--json")
     assert code == 0
     assert [row["image"]["source"] for row in json.loads(out)] == ["photos/a.png"]
 
@@ -165,7 +159,7 @@ def test_demo_with_a_daemon_is_refused_before_building_anything(
 
     monkeypatch.setattr(blip_tools.testing, "ensure_demo_checkpoint", never)
     monkeypatch.setenv("BLIP_REMOTE_URL", "http://127.0.0.1:9/mcp")  # refused before any connection
-    code, _, err = _run(capsys, "caption", str(one_image), "--demo")
+    code, _, err = run_cli(capsys, "caption", str(one_image), "--demo")
     assert code == 2 and err.startswith("error: --demo configures a model loaded here")
 
 

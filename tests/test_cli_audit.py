@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _testlib import child_env, run_cli
 
 from blip_tools import Blip2Service
 from blip_tools.cli import main
@@ -37,20 +38,6 @@ def tiny_env(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     Blip2Service.set_shared(previous)
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    """The environment a user's shell has: no `BLIP_*` but `extra`, and no TRANSFORMERS_VERBOSITY (conftest sets
-    it for this process)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_") and k != "TRANSFORMERS_VERBOSITY"}
-    return {**env, **extra}
-
-
 def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_env: dict[str, str], tmp_path: Path) -> None:
     """`blip-tools ... | head -1`: no BrokenPipeError traceback, the shell's status for a closed pipe (141)."""
     read_end, write_end = os.pipe()
@@ -61,7 +48,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_env: dict[str, st
             stdout=write_end,
             stderr=subprocess.PIPE,
             text=True,
-            env=_child_env(tiny_env),
+            env=child_env(tiny_env),
             timeout=120,
         )
     finally:
@@ -76,7 +63,7 @@ def test_a_closed_stdout_is_no_error(tiny_env: dict[str, str], tmp_path: Path) -
         f"exec {shlex.quote(sys.executable)} -m blip_tools duplicates --index {shlex.quote(str(tmp_path / 'i'))} >&-"
     )
     proc = subprocess.run(
-        ["/bin/sh", "-c", command], stderr=subprocess.PIPE, text=True, env=_child_env(tiny_env), timeout=120
+        ["/bin/sh", "-c", command], stderr=subprocess.PIPE, text=True, env=child_env(tiny_env), timeout=120
     )
     assert proc.stderr == ""
     assert proc.returncode == 0
@@ -88,7 +75,7 @@ def test_tiny_checkpoint_writes_nothing_on_stderr(tmp_path: Path) -> None:
         [sys.executable, "-m", "blip_tools", "tiny-checkpoint", str(tmp_path / "ckpt")],
         capture_output=True,
         text=True,
-        env=_child_env({}),
+        env=child_env({}),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -127,7 +114,7 @@ def test_a_missing_image_fails_before_any_model_loads(
     argv = [a.replace("{missing}", missing) for a in argv] + ["--index", str(tmp_path / "i.sqlite")] * (
         argv[0] == "search"
     )
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == status
     if "--json" in argv:  # still one valid JSON object, the failure in it
         row = json.loads(out)
@@ -148,9 +135,9 @@ def test_a_bare_name_that_exists_is_read_as_that_file_or_folder(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "photos").mkdir()
     make_image(31).save(tmp_path / "cat", format="PNG")
-    code, _, err = _run(capsys, "ask", "photos", "what is it?")
+    code, _, err = run_cli(capsys, "ask", "photos", "what is it?")
     assert code == 2 and "is a directory" in err and "base64" not in err
-    code, out, err = _run(capsys, "caption", "cat", "--max-new-tokens", "2")
+    code, out, err = run_cli(capsys, "caption", "cat", "--max-new-tokens", "2")
     assert code == 0, err
     assert out.startswith(os.path.join(os.curdir, "cat") + ": ")
 
@@ -174,7 +161,7 @@ def test_generation_errors_name_the_flags(
 ) -> None:
     """The user typed --num-captions, not num_return_sequences; and the flags are checked before anything loads."""
     for command in (["caption", str(tmp_path / "x.png")], ["ask", str(tmp_path / "x.png"), "what?"]):
-        code, _, err = _run(capsys, *command, *argv)
+        code, _, err = run_cli(capsys, *command, *argv)
         assert code == 2 and err.startswith("error: Invalid arguments: ") and err.count("\n") == 1, err
         assert all(flag in err for flag in flags), err
         assert not any(field in err for field in fields), err
@@ -186,7 +173,7 @@ def test_an_empty_folder_is_named_in_the_error(
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    code, out, err = _run(capsys, "caption", str(empty), "--json")
+    code, out, err = run_cli(capsys, "caption", str(empty), "--json")
     assert code == 2 and out == ""
     assert err.startswith("error: no image files (") and err.rstrip().endswith(f"in {empty}")
 
@@ -226,7 +213,7 @@ def test_a_glob_that_matches_nothing_says_so_without_loading_the_model(
     tiny_env: dict[str, str], no_model_loads: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pattern = str(tmp_path / "nothing" / "*.jpg")
-    code, out, _ = _run(capsys, "caption", pattern, "--json")
+    code, out, _ = run_cli(capsys, "caption", pattern, "--json")
     assert code == 1
     (row,) = json.loads(out)  # a glob gives a list, however many images it held
     assert row["image"] == pattern and row["type"] == "InvalidImage"

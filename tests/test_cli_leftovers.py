@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _testlib import child_env, run_cli
 
 from blip_tools import Blip2Service
 from blip_tools.cli import main
@@ -57,18 +57,6 @@ def png(tmp_path: Path, make_image: Callable[..., Any]) -> Path:
     return path
 
 
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_") and k != "TRANSFORMERS_VERBOSITY"}
-    return {**env, **extra}
-
-
 def _pipe_in(monkeypatch: pytest.MonkeyPatch, data: bytes) -> None:
     """stdin as a pipe holding `data` (not a terminal)."""
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
@@ -86,15 +74,15 @@ def test_index_exits_1_when_some_images_failed_and_still_indexes_the_rest(
     make_image(1).save(folder / "good.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     db = str(tmp_path / "i.sqlite")
-    code, out, err = _run(capsys, "index", str(folder), "--index", db, "--no-captions")
+    code, out, err = run_cli(capsys, "index", str(folder), "--index", db, "--no-captions")
     assert code == 1
     assert "1 searchable images" in out and "1 failed" in out and "done" in out
     assert "broken.png" in err and "good.png" not in err
-    code, out, _ = _run(capsys, "index", str(folder), "--index", db, "--no-captions", "--json")
+    code, out, _ = run_cli(capsys, "index", str(folder), "--index", db, "--no-captions", "--json")
     assert code == 1  # the broken file is still there (not retried until it changes), so still not all indexed
     assert json.loads(out)["failed"] == 1
     (folder / "broken.png").unlink()
-    code, out, _ = _run(capsys, "index", str(folder), "--index", db, "--no-captions")
+    code, out, _ = run_cli(capsys, "index", str(folder), "--index", db, "--no-captions")
     assert code == 0, out
 
 
@@ -112,16 +100,16 @@ def test_caption_reads_the_image_piped_to_stdin(
     tiny_env: dict[str, str], png: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _pipe_in(monkeypatch, png.read_bytes())
-    code, out, _ = _run(capsys, "caption", "-", "--json", *_FAST)
+    code, out, _ = run_cli(capsys, "caption", "-", "--json", *_FAST)
     assert code == 0
     row = json.loads(out)  # one image argument: one object
     assert row["image"]["source"] == "<stdin>" and row["captions"]
     _pipe_in(monkeypatch, png.read_bytes())
-    code, out, _ = _run(capsys, "caption", "-", str(png), *_FAST)
+    code, out, _ = run_cli(capsys, "caption", "-", str(png), *_FAST)
     assert code == 0
     assert out.startswith("<stdin>: ") and f"\n{png}: " in out
     _pipe_in(monkeypatch, png.read_bytes())
-    code, out, _ = _run(capsys, "ask", "-", "what is it?", "--json", *_FAST)
+    code, out, _ = run_cli(capsys, "ask", "-", "what is it?", "--json", *_FAST)
     assert code == 0 and json.loads(out)["image"]["source"] == "<stdin>"
 
 
@@ -130,13 +118,13 @@ def test_stdin_is_capped_at_the_image_byte_limit(
 ) -> None:
     monkeypatch.setenv("BLIP_MAX_IMAGE_BYTES", "100")
     _pipe_in(monkeypatch, png.read_bytes())
-    code, out, _ = _run(capsys, "caption", "-", "--json", *_FAST)
+    code, out, _ = run_cli(capsys, "caption", "-", "--json", *_FAST)
     assert code == 1
     row = json.loads(out)
     assert row["image"] == "<stdin>" and row["type"] == "PayloadTooLarge"
     assert "100-byte limit (BLIP_MAX_IMAGE_BYTES)" in row["error"]
     _pipe_in(monkeypatch, b"")
-    code, _, err = _run(capsys, "caption", "-", *_FAST)
+    code, _, err = run_cli(capsys, "caption", "-", *_FAST)
     assert code == 1 and err.startswith("<stdin>: error: ") and "empty (0 bytes)" in err
 
 
@@ -165,7 +153,7 @@ def test_stdin_twice_or_from_a_terminal_is_a_usage_error(
         _pipe_in(monkeypatch, b"x")
     else:
         monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b"")))
-    code, out, err = _run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
 
@@ -176,7 +164,7 @@ def test_a_real_pipe_on_stdin(tiny_env: dict[str, str], png: Path) -> None:
         [sys.executable, "-m", "blip_tools", "caption", "-", *_FAST],
         input=png.read_bytes(),
         capture_output=True,
-        env=_child_env(tiny_env),
+        env=child_env(tiny_env),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -197,7 +185,7 @@ def test_a_unicode_file_name_prints_under_an_ascii_stdout(
     proc = subprocess.run(
         [sys.executable, "-m", "blip_tools", *argv, *_FAST],
         capture_output=True,
-        env=_child_env({**tiny_env, "PYTHONIOENCODING": "ascii"}),
+        env=child_env({**tiny_env, "PYTHONIOENCODING": "ascii"}),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -226,7 +214,7 @@ def test_several_missing_images_fail_without_loading_the_model(
     tiny_env: dict[str, str], no_model_loads: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = [str(tmp_path / "typo1.png"), (tmp_path / "typo2.jpg").as_uri(), str(tmp_path / "gone" / "x.png")]
-    code, out, _ = _run(capsys, "caption", *missing, "--json")
+    code, out, _ = run_cli(capsys, "caption", *missing, "--json")
     assert code == 1
     rows = json.loads(out)
     assert [r["type"] for r in rows] == ["InvalidImage"] * 3
@@ -237,7 +225,7 @@ def test_one_existing_image_among_missing_ones_is_read_once(
     tiny_env: dict[str, str], png: Path, tmp_path: Path, reads: Counter[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Not all missing: nothing is checked up front, the service reads each image once."""
-    code, out, _ = _run(capsys, "caption", str(png), str(tmp_path / "typo.png"), "--json", *_FAST)
+    code, out, _ = run_cli(capsys, "caption", str(png), str(tmp_path / "typo.png"), "--json", *_FAST)
     assert code == 1
     assert [("error" in r) for r in json.loads(out)] == [False, True]
     assert reads[str(png)] == 1
@@ -260,7 +248,7 @@ def test_a_single_checked_image_is_read_once_and_keeps_its_name(
         "locate": ["locate", str(png), "a thing"],
         "search": ["search", "--image", str(png), "--index", str(tmp_path / "i.sqlite")],
     }[command]
-    code, out, err = _run(capsys, *argv, "--json")
+    code, out, err = run_cli(capsys, *argv, "--json")
     assert code == 0, err
     assert reads[str(png)] == 1
     image = json.loads(out)["image"]
@@ -280,7 +268,7 @@ def test_a_rotated_photo_is_turned_once(
     exif[0x0112] = 6  # rotate 90° on display
     im.save(path, format="JPEG", exif=exif.tobytes())
     expected = load_image(str(path), BlipSettings()).info
-    code, out, _ = _run(capsys, "caption", str(path), "--json", *_FAST)
+    code, out, _ = run_cli(capsys, "caption", str(path), "--json", *_FAST)
     assert code == 0
     image = json.loads(out)["image"]
     assert (image["width"], image["height"], image["sha256"]) == (20, 30, expected.sha256)

@@ -8,7 +8,6 @@ can target it. One Ray instance and one deployment serve the whole module.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from _testlib import record_mcp_requests  # noqa: E402
+from _testlib import free_port, record_mcp_requests  # noqa: E402
 
 from blip_tools import BlipSettings  # noqa: E402
 from blip_tools.errors import InvalidImage, ModelNotAvailable, Overloaded  # noqa: E402
@@ -29,19 +28,13 @@ MAX_ONGOING = 8
 MAX_QUEUED = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
     """Ray on 2 CPUs, Serve's HTTP proxy on a free loopback port, 2 replicas of the tiny checkpoint."""
     from blip_tools.testing import tiny_settings_kwargs
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    port = _free_port()
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = BlipSettings(**tiny_settings_kwargs(tiny_checkpoint), max_wait_ms=50.0)
@@ -386,5 +379,5 @@ def test_proxy_address_reads_the_running_serve_instance(ray_app: dict[str, Any])
 
     port = urlsplit(ray_app["url"]).port
     assert proxy_address() == ("127.0.0.1", port)
-    serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})  # attached: Serve ignores the new port
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})  # attached: Serve ignores the new port
     assert proxy_address() == ("127.0.0.1", port)

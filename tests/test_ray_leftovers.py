@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,8 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from _testlib import free_port  # noqa: E402
+
 from blip_tools import BlipSettings  # noqa: E402
 from blip_tools.errors import Overloaded  # noqa: E402
 from blip_tools.ray_serve import RayServeClient, RayServeConfig, build_app  # noqa: E402
@@ -29,19 +30,13 @@ RETRY_AFTER_S = 3.0
 BURST = 12
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def small_ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
     """Ray on 2 CPUs, Serve's proxy on a free loopback port, 1 replica: 1 request at a time, 1 queued per caller."""
     from blip_tools.testing import tiny_settings_kwargs
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    port = _free_port()
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = BlipSettings(**tiny_settings_kwargs(tiny_checkpoint), max_wait_ms=5.0)

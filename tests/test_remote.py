@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _testlib import record_mcp_requests
+from _testlib import free_port, record_mcp_requests
 
 from blip_tools import BlipSettings
 from blip_tools.errors import (
@@ -60,12 +59,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Daemon:
     """`blip-mcp --transport http` in a thread: stoppable and restartable on the same port, same service."""
 
@@ -75,7 +68,7 @@ class Daemon:
         self.owns_service = service is None
         self.service = Blip2Service(settings).start() if service is None else service
         self.max_body_bytes = max_body_bytes
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -568,7 +561,7 @@ def test_prepare_image_sends_paths_or_data(tmp_path: Path, make_image: Callable[
 
 
 def test_daemon_not_running_fails_fast() -> None:
-    with RemoteService(f"http://127.0.0.1:{_free_port()}", connect_timeout_s=2.0) as nowhere:
+    with RemoteService(f"http://127.0.0.1:{free_port()}", connect_timeout_s=2.0) as nowhere:
         started = time.monotonic()
         with pytest.raises(ModelNotAvailable, match=r"unreachable.*blip-mcp --transport http"):
             nowhere.caption("data:image/png;base64,AAAA")
@@ -867,7 +860,7 @@ def test_cli_collection_commands_with_the_daemon_down_fail_clearly(
 ) -> None:
     """Daemon down: every collection command exits 2 with the unreachable message, as `caption` does; no index
     file is created."""
-    down = f"http://127.0.0.1:{_free_port()}/mcp"
+    down = f"http://127.0.0.1:{free_port()}/mcp"
     monkeypatch.setenv("BLIP_REMOTE_URL", down)
     image = str(photos / "p0.png")
     for argv in (
@@ -1229,7 +1222,7 @@ def test_add_listener_is_unavailable_with_a_hint_and_the_with_block_closes() -> 
     """No local batcher: add_listener says to poll stats() (no AttributeError), and `with` gives the RemoteService."""
     from blip_tools.errors import CapabilityUnavailable
 
-    with RemoteService(f"http://127.0.0.1:{_free_port()}/mcp", settings=BlipSettings()) as client:
+    with RemoteService(f"http://127.0.0.1:{free_port()}/mcp", settings=BlipSettings()) as client:
         assert isinstance(client, RemoteService)
         with pytest.raises(CapabilityUnavailable, match=r"poll RemoteService\.stats\(\)"):
             client.add_listener(print)
@@ -1250,7 +1243,7 @@ def _answering(status: int, body: bytes, headers: dict[str, str]) -> Iterator[st
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

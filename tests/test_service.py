@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _testlib import GatedRuntime
 
 from blip_tools import (
     Blip2Service,
@@ -196,42 +197,17 @@ def test_mixed_tasks_and_params_grouped(settings: BlipSettings, images: list[Any
     assert stats.batches < len(calls)
 
 
-class _GatedRuntime(Blip2Runtime):
-    """A real runtime whose generate() can be held on an event, or fail on chosen prompts."""
-
-    def __init__(self, settings: BlipSettings) -> None:
-        super().__init__(settings)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-        self.seen: list[int] = []
-        self.poison: str | None = None
-        self.oom_above: int | None = None
-
-    def generate(self, items: Any, params: Any) -> Any:
-        self.entered.set()
-        assert self.gate.wait(timeout=30)
-        self.seen.append(len(items))
-        if self.oom_above is not None and len(items) > self.oom_above:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if self.poison is not None:
-            poison_ids = self.encode_prompt(self.poison)
-            if any(it.prompt_ids == poison_ids for it in items):
-                raise ValueError("simulated failure on one input")
-        return super().generate(items, params)
-
-
 @pytest.fixture
-def gated(settings: BlipSettings) -> Iterator[tuple[Blip2Service, _GatedRuntime]]:
+def gated(settings: BlipSettings) -> Iterator[tuple[Blip2Service, GatedRuntime]]:
     s = settings.model_copy(update={"max_batch_size": 8, "max_queue": 4, "max_wait_ms": 0.0})
-    runtime = _GatedRuntime(s)
+    runtime = GatedRuntime(s)
     svc = Blip2Service(s, runtime=runtime).start()
     yield svc, runtime
     runtime.gate.set()
     svc.close(drain=False)
 
 
-def _hold_worker(svc: Blip2Service, runtime: _GatedRuntime, image: Any) -> concurrent.futures.Future[Any]:
+def _hold_worker(svc: Blip2Service, runtime: GatedRuntime, image: Any) -> concurrent.futures.Future[Any]:
     runtime.gate.clear()
     pool = concurrent.futures.ThreadPoolExecutor(1)
     fut = pool.submit(svc.caption, image, max_new_tokens=4)
@@ -240,7 +216,7 @@ def _hold_worker(svc: Blip2Service, runtime: _GatedRuntime, image: Any) -> concu
     return fut
 
 
-def test_overload_cancellation_and_deadline(gated: tuple[Blip2Service, _GatedRuntime], images: list[Any]) -> None:
+def test_overload_cancellation_and_deadline(gated: tuple[Blip2Service, GatedRuntime], images: list[Any]) -> None:
     svc, runtime = gated
     running = _hold_worker(svc, runtime, images[0])
 
@@ -269,7 +245,7 @@ def test_overload_cancellation_and_deadline(gated: tuple[Blip2Service, _GatedRun
 
 
 def test_async_call_cancelled_while_preparing_is_never_submitted(
-    gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
+    gated: tuple[Blip2Service, GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc, runtime = gated
     loading, release, loaded = threading.Event(), threading.Event(), threading.Event()
@@ -361,7 +337,7 @@ def test_a_batchs_results_reach_an_event_loop_in_one_wake_up(settings: Any, imag
 
 
 def test_async_call_cancelled_just_after_submitting_is_cancelled(
-    gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
+    gated: tuple[Blip2Service, GatedRuntime], images: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     svc, runtime = gated
     running = _hold_worker(svc, runtime, images[0])
@@ -395,7 +371,7 @@ def test_async_call_cancelled_just_after_submitting_is_cancelled(
 
 def test_request_deadline(settings: BlipSettings, images: list[Any]) -> None:
     s = settings.model_copy(update={"request_timeout_s": 0.2, "max_wait_ms": 0.0})
-    runtime = _GatedRuntime(s)
+    runtime = GatedRuntime(s)
     with Blip2Service(s, runtime=runtime).start() as svc:
         running = _hold_worker(svc, runtime, images[0])
         pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -409,7 +385,7 @@ def test_request_deadline(settings: BlipSettings, images: list[Any]) -> None:
         pool.shutdown()
 
 
-def test_failing_request_fails_alone(gated: tuple[Blip2Service, _GatedRuntime], images: list[Any]) -> None:
+def test_failing_request_fails_alone(gated: tuple[Blip2Service, GatedRuntime], images: list[Any]) -> None:
     svc, runtime = gated
     runtime.poison = "poisoned prompt"
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -432,7 +408,7 @@ def test_failing_request_fails_alone(gated: tuple[Blip2Service, _GatedRuntime], 
 
 
 def test_async_calls_raise_each_failure_where_it_happened(
-    gated: tuple[Blip2Service, _GatedRuntime], images: list[Any], tmp_path: Path
+    gated: tuple[Blip2Service, GatedRuntime], images: list[Any], tmp_path: Path
 ) -> None:
     """Async calls prepare and submit in a thread and get their outcome by callback: a failure in preparation,
     in submission or in the batch reaches the awaiting caller as the project's typed error, and the callers in
@@ -460,7 +436,7 @@ def test_async_calls_raise_each_failure_where_it_happened(
         asyncio.run(svc.acaption(images[0], max_new_tokens=4))
 
 
-def test_out_of_memory_halves_and_all_succeed(gated: tuple[Blip2Service, _GatedRuntime], images: list[Any]) -> None:
+def test_out_of_memory_halves_and_all_succeed(gated: tuple[Blip2Service, GatedRuntime], images: list[Any]) -> None:
     svc, runtime = gated
     runtime.oom_above = 1
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -478,7 +454,7 @@ def test_out_of_memory_halves_and_all_succeed(gated: tuple[Blip2Service, _GatedR
 
 def test_close_drains_every_future(settings: BlipSettings, images: list[Any]) -> None:
     s = settings.model_copy(update={"max_batch_size": 2, "max_wait_ms": 0.0})
-    runtime = _GatedRuntime(s)
+    runtime = GatedRuntime(s)
     svc = Blip2Service(s, runtime=runtime).start()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         running = _hold_worker(svc, runtime, images[0])
@@ -781,7 +757,7 @@ def test_embed_texts_backs_off_on_a_full_queue_and_leaves_nothing_behind(setting
         assert one == pytest.approx(batched.vector, abs=1e-5)
 
 
-class _InterruptingRuntime(_GatedRuntime):
+class _InterruptingRuntime(GatedRuntime):
     """Preparing a 99-pixel-wide image raises KeyboardInterrupt, as Ctrl-C in the caller's thread would."""
 
     def preprocess(self, image: Any, key: str, *, retrieval: bool = False) -> Any:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _testlib import GatedRuntime
 
 from blip_tools import Blip2Service, BlipSettings, InvalidInput, ServiceClosed
 from blip_tools.batching import DynamicBatcher
 from blip_tools.index import ImageIndex
-from blip_tools.runtime import Blip2Runtime
 
 JOIN_S = 10.0
 
@@ -50,24 +50,9 @@ def _assert_stopped(threads: tuple[threading.Thread, ...]) -> None:
         assert not thread.is_alive(), f"{thread.name} still runs {JOIN_S} s after its service was dropped"
 
 
-class _GatedRuntime(Blip2Runtime):
-    """A real runtime whose generate() waits for `gate` (so a batch can be held running)."""
-
-    def __init__(self, settings: BlipSettings) -> None:
-        super().__init__(settings)
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-
-    def generate(self, items: Any, params: Any) -> Any:
-        self.entered.set()
-        assert self.gate.wait(timeout=30)
-        return super().generate(items, params)
-
-
-def _gated(settings: BlipSettings) -> tuple[Blip2Service, _GatedRuntime]:
+def _gated(settings: BlipSettings) -> tuple[Blip2Service, GatedRuntime]:
     s = settings.model_copy(update={"max_batch_size": 8, "max_wait_ms": 0.0})
-    runtime = _GatedRuntime(s)
+    runtime = GatedRuntime(s)
     return Blip2Service(s, runtime=runtime).start(), runtime
 
 
