@@ -88,3 +88,28 @@ def test_a_library_without_its_own_handler_is_still_logged() -> None:
             top.removeHandler(handler)
         for handler in saved:
             top.addHandler(handler)
+
+
+@pytest.mark.parametrize(
+    ("args", "warned"),
+    [
+        (["--connect", "http://127.0.0.1:9/mcp", "--allowed-dir", "/tmp"], True),  # README's proxy host config
+        (["--connect", "http://127.0.0.1:9/mcp", "--allowed-dir", "/tmp", "--send-files", "always"], False),
+        (["--connect", "http://192.0.2.1:9/mcp", "--allowed-dir", "/tmp"], False),  # auto sends bytes: checked
+        (["--connect", "http://192.0.2.1:9/mcp", "--allowed-dir", "/tmp", "--send-files", "never"], True),
+        (["--connect", "http://127.0.0.1:9/mcp"], False),
+    ],
+)
+def test_proxy_says_when_its_allowed_dirs_do_not_apply(args: list[str], warned: bool) -> None:
+    # `blip-mcp --connect URL --allowed-dir DIR` looked restricted, but with the daemon on loopback (send_files
+    # auto) or --send-files never it sends paths unchecked and the daemon's own BLIP_ALLOWED_DIRS decides.
+    run = subprocess.run(
+        [sys.executable, "-m", "mcp_server", *args],
+        env=_env(),
+        stdin=subprocess.DEVNULL,  # the host closes stdin at once: the proxy starts and ends (exit 0)
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert ("limit only the files this proxy reads" in run.stderr) is warned, run.stderr
