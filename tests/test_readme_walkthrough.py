@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -113,3 +116,57 @@ def test_proxy_says_when_its_allowed_dirs_do_not_apply(args: list[str], warned: 
     )
     assert run.returncode == 0, run.stderr
     assert ("limit only the files this proxy reads" in run.stderr) is warned, run.stderr
+
+
+@pytest.fixture
+def loopback_daemon(tiny_checkpoint: Path) -> Iterator[str]:
+    """A `blip-mcp --transport http` daemon on the tiny checkpoint, on a free loopback port: its MCP URL."""
+    models = ["--model", str(tiny_checkpoint / "captioner"), "--retrieval-model", str(tiny_checkpoint / "retrieval")]
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "mcp_server", "--transport", "http", "--port", "0", *models],
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert daemon.stderr is not None
+        for line in daemon.stderr:  # "... blip-mcp HTTP ready on 127.0.0.1:PORT/mcp (...)"
+            found = re.search(r"HTTP ready on (127\.0\.0\.1:\d+/mcp)", line)
+            if found:
+                break
+        else:
+            pytest.fail(f"the daemon never got ready (exit status {daemon.wait(timeout=30)})")
+        threading.Thread(target=daemon.stderr.read, daemon=True).start()  # keep its log pipe drained
+        yield f"http://{found.group(1)}"
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+
+
+def test_cli_allowed_dir_applies_with_a_daemon_on_loopback(tmp_path: Path, loopback_daemon: str) -> None:
+    # `blip-tools caption IMG --allowed-dir DIR` with BLIP_REMOTE_URL on loopback (BLIP_REMOTE_SEND_FILES auto)
+    # sent the path to the daemon unchecked, so an image outside DIR was captioned; now it is read (and refused)
+    # here, and an image inside DIR is still captioned by the daemon.
+    from PIL import Image
+
+    inside, outside = tmp_path / "inside", tmp_path / "outside.png"
+    inside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside)
+    Image.new("RGB", (8, 8)).save(inside / "in.png")
+    for flags, env in (
+        (["--allowed-dir", str(inside)], {}),
+        ([], {"BLIP_ALLOWED_DIRS": str(inside)}),
+    ):
+        for image, status in ((outside, 1), (inside / "in.png", 0)):
+            run = subprocess.run(
+                [sys.executable, "-m", "blip_tools", "caption", str(image), *flags],
+                env=_env(BLIP_REMOTE_URL=loopback_daemon, **env),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=tmp_path,
+            )
+            assert run.returncode == status, run.stderr
+            assert ("outside the allowed directories" in run.stderr) is (status == 1), run.stderr
