@@ -162,25 +162,20 @@ def send_files_choice(args: argparse.Namespace, settings: BlipSettings) -> SendF
     return args.send_files if args.send_files is not None else settings.remote_send_files
 
 
-def _warn_if_allowed_dirs_unused(url: str, settings: BlipSettings, send_files: SendFiles) -> None:
+def _warn_if_allowed_dirs_unused(settings: BlipSettings, send_files: SendFiles) -> None:
     """`--allowed-dir` on a proxy limits only the files it reads; say so when it sends paths instead.
 
-    With `send_files` `never`, or `auto` and the daemon on loopback, the proxy passes image paths to the daemon
-    as they are, and the daemon's own `BLIP_ALLOWED_DIRS` decides what may be read: a host config that gives the
-    proxy `--allowed-dir` would otherwise look restricted while it is not.
+    With `--send-files never` (`auto` becomes `always` when allowed directories are set), the proxy passes image
+    paths to the daemon as they are, and the daemon's own `BLIP_ALLOWED_DIRS` decides what may be read: a host
+    config that gives the proxy `--allowed-dir` would otherwise look restricted while it is not.
     """
-    from blip_tools.remote import is_loopback_url
-
-    if not settings.allowed_dirs or send_files == "always" or (send_files == "auto" and not is_loopback_url(url)):
-        return
-    why = "--send-files never" if send_files == "never" else "the daemon is on loopback (send_files=auto)"
-    logger.warning(
-        "--allowed-dir / BLIP_ALLOWED_DIRS (%s) limit only the files this proxy reads and sends; %s, so image "
-        "paths go to the daemon as they are and the daemon's own BLIP_ALLOWED_DIRS decides what it reads. "
-        "Set BLIP_ALLOWED_DIRS on the daemon, or use --send-files always to check paths here.",
-        ":".join(str(d) for d in settings.allowed_dirs),
-        why,
-    )
+    if settings.allowed_dirs and send_files == "never":
+        logger.warning(
+            "--allowed-dir / BLIP_ALLOWED_DIRS (%s) limit only the files this proxy reads and sends; with "
+            "--send-files never image paths go to the daemon as they are and the daemon's own BLIP_ALLOWED_DIRS "
+            "decides what it reads. Set BLIP_ALLOWED_DIRS on the daemon, or drop --send-files never.",
+            ":".join(str(d) for d in settings.allowed_dirs),
+        )
 
 
 def _configure_logging(level: str) -> None:
@@ -238,7 +233,9 @@ def _run(args: argparse.Namespace) -> int:
         from .proxy import run_proxy
 
         send_files = send_files_choice(args, settings)
-        _warn_if_allowed_dirs_unused(args.connect, settings, send_files)
+        if send_files == "auto" and settings.allowed_dirs:
+            send_files = "always"  # paths are checked only where they are read: read them here, where they apply
+        _warn_if_allowed_dirs_unused(settings, send_files)
         return run_proxy(args.connect, settings, wire, send_files=send_files)
 
     config = None

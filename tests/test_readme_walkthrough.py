@@ -96,16 +96,14 @@ def test_a_library_without_its_own_handler_is_still_logged() -> None:
 @pytest.mark.parametrize(
     ("args", "warned"),
     [
-        (["--connect", "http://127.0.0.1:9/mcp", "--allowed-dir", "/tmp"], True),  # README's proxy host config
-        (["--connect", "http://127.0.0.1:9/mcp", "--allowed-dir", "/tmp", "--send-files", "always"], False),
-        (["--connect", "http://192.0.2.1:9/mcp", "--allowed-dir", "/tmp"], False),  # auto sends bytes: checked
+        (["--connect", "http://127.0.0.1:9/mcp", "--allowed-dir", "/tmp", "--send-files", "never"], True),
         (["--connect", "http://192.0.2.1:9/mcp", "--allowed-dir", "/tmp", "--send-files", "never"], True),
-        (["--connect", "http://127.0.0.1:9/mcp"], False),
+        (["--connect", "http://127.0.0.1:9/mcp", "--allowed-dir", "/tmp"], False),  # auto: files read (checked) here
+        (["--connect", "http://127.0.0.1:9/mcp", "--send-files", "never"], False),
     ],
 )
 def test_proxy_says_when_its_allowed_dirs_do_not_apply(args: list[str], warned: bool) -> None:
-    # `blip-mcp --connect URL --allowed-dir DIR` looked restricted, but with the daemon on loopback (send_files
-    # auto) or --send-files never it sends paths unchecked and the daemon's own BLIP_ALLOWED_DIRS decides.
+    # With --send-files never the proxy sends paths unchecked and the daemon's own BLIP_ALLOWED_DIRS decides.
     run = subprocess.run(
         [sys.executable, "-m", "mcp_server", *args],
         env=_env(),
@@ -116,6 +114,8 @@ def test_proxy_says_when_its_allowed_dirs_do_not_apply(args: list[str], warned: 
     )
     assert run.returncode == 0, run.stderr
     assert ("limit only the files this proxy reads" in run.stderr) is warned, run.stderr
+    if "--allowed-dir" in args and not warned:
+        assert "send_files=always" in run.stderr  # what the proxy logs it does
 
 
 @pytest.fixture
@@ -170,3 +170,28 @@ def test_cli_allowed_dir_applies_with_a_daemon_on_loopback(tmp_path: Path, loopb
             )
             assert run.returncode == status, run.stderr
             assert ("outside the allowed directories" in run.stderr) is (status == 1), run.stderr
+
+
+async def test_proxy_allowed_dir_applies_with_a_daemon_on_loopback(tmp_path: Path, loopback_daemon: str) -> None:
+    # README's proxy host config: `blip-mcp --connect URL --allowed-dir DIR` with the daemon on loopback. Under
+    # send_files auto the proxy sent paths unchecked, so the model read an image outside DIR; now it reads the
+    # files itself (checked) and sends their bytes.
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+    from PIL import Image
+
+    inside, outside = tmp_path / "inside", tmp_path / "outside.png"
+    inside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside)
+    Image.new("RGB", (8, 8)).save(inside / "in.png")
+    proxy = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--connect", loopback_daemon, "--allowed-dir", str(inside)],
+        env=_env(),
+    )
+    async with Client(stdio_client(proxy)) as client:
+        refused = await client.call_tool("caption_image", {"image": str(outside)})
+        assert refused.is_error
+        assert refused.content[0].text.startswith("[path_not_allowed]"), refused.content  # type: ignore[union-attr]
+        captioned = await client.call_tool("caption_image", {"image": str(inside / "in.png")})
+        assert not captioned.is_error, captioned.content
