@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -195,3 +196,29 @@ async def test_proxy_allowed_dir_applies_with_a_daemon_on_loopback(tmp_path: Pat
         assert refused.content[0].text.startswith("[path_not_allowed]"), refused.content  # type: ignore[union-attr]
         captioned = await client.call_tool("caption_image", {"image": str(inside / "in.png")})
         assert not captioned.is_error, captioned.content
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in a name")
+def test_caption_names_a_file_with_non_utf8_bytes_as_the_index_does(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    # Text showed `caf\udce9.jpg` and --json `caf?.jpg` (the file could not be told apart); the index shows the
+    # byte as `\xe9`. Now all three agree.
+    from PIL import Image
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"), format="PNG")
+    env = _env(BLIP_MODEL=str(tiny_checkpoint / "captioner"), BLIP_RETRIEVAL_MODEL=str(tiny_checkpoint / "retrieval"))
+    for extra in ([], ["--json"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "blip_tools", "caption", "odd", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert run.returncode == 0, run.stderr
+        if extra:
+            assert json.loads(run.stdout)[0]["image"]["source"] == "odd/caf\\xe9.png"
+        else:
+            assert run.stdout.startswith("odd/caf\\xe9.png: "), run.stdout
