@@ -11,8 +11,9 @@ a daemon restart needs no reconnect logic: the next call simply works again. A d
 with `ModelNotAvailable` (bounded connect timeout), never a hang.
 
 Images given as paths are read here and sent as `data:` URIs when the daemon cannot see this machine's files
-(`send_files`): `"auto"` sends data unless the daemon's URL is loopback, `"always"` always sends data, `"never"`
-sends paths (made absolute). Bytes and PIL images are always sent as data.
+(`send_files`): `"auto"` sends data unless the daemon's URL is loopback and this side sets no `allowed_dirs` (paths
+are checked where they are read: with `allowed_dirs` set here, files are read here, where they apply), `"always"`
+always sends data, `"never"` sends paths (made absolute). Bytes and PIL images are always sent as data.
 """
 
 from __future__ import annotations
@@ -422,6 +423,13 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+def sends_data(send_files: SendFiles, loopback: bool, settings: BlipSettings) -> bool:
+    """Whether image paths are read on this side and sent as data: `always`; `auto` unless the daemon is on
+    loopback (it reads the same files) and this side sets no `allowed_dirs` (a path is checked only where it is
+    read, so with `allowed_dirs` here the file is read here, where they apply); never with `never`."""
+    return send_files == "always" or (send_files == "auto" and (not loopback or bool(settings.allowed_dirs)))
+
+
 def prepare_image(ref: ImageInput | str, settings: BlipSettings, *, send_data: bool) -> tuple[str, str | None]:
     """Turn an image reference into the string sent to the daemon, and the source label to show locally.
 
@@ -803,7 +811,8 @@ class RemoteService(Blip2Service):
         token: the daemon's bearer token, if it requires one. Default: `settings.token` (`BLIP_TOKEN`).
         settings: this side's settings: `allowed_dirs` and `max_image_bytes` apply when files are read here.
             Defaults to `BlipSettings()`.
-        send_files: `auto` (send file contents unless the daemon is on loopback), `always` or `never`.
+        send_files: `auto` (send file contents unless the daemon is on loopback and `settings.allowed_dirs` is
+            unset; see `sends_data`), `always` or `never`.
             Default: `settings.remote_send_files` (`BLIP_REMOTE_SEND_FILES`, else `auto`).
         connect_timeout_s: how long a connection attempt may take before the daemon counts as down.
         concurrency: most calls in flight at once from one batch method.
@@ -870,8 +879,8 @@ class RemoteService(Blip2Service):
 
     @property
     def sends_data(self) -> bool:
-        """Whether image paths are read here and sent as data (see `send_files`)."""
-        return self.send_files == "always" or (self.send_files == "auto" and not self.daemon.loopback)
+        """Whether image paths are read here and sent as data (see `send_files` and the function `sends_data`)."""
+        return sends_data(self.send_files, self.daemon.loopback, self.settings)
 
     @property
     def started(self) -> bool:
@@ -1473,5 +1482,6 @@ __all__ = [
     "prepare_image",
     "request_budget",
     "send_in_chunks",
+    "sends_data",
     "transport_error",
 ]

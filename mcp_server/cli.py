@@ -165,9 +165,10 @@ def send_files_choice(args: argparse.Namespace, settings: BlipSettings) -> SendF
 def _warn_if_allowed_dirs_unused(settings: BlipSettings, send_files: SendFiles) -> None:
     """`--allowed-dir` on a proxy limits only the files it reads; say so when it sends paths instead.
 
-    With `--send-files never` (`auto` becomes `always` when allowed directories are set), the proxy passes image
-    paths to the daemon as they are, and the daemon's own `BLIP_ALLOWED_DIRS` decides what may be read: a host
-    config that gives the proxy `--allowed-dir` would otherwise look restricted while it is not.
+    With `--send-files never` the proxy passes image paths to the daemon as they are, and the daemon's own
+    `BLIP_ALLOWED_DIRS` decides what may be read: a host config that gives the proxy `--allowed-dir` would otherwise
+    look restricted while it is not. (`auto` reads the files here when allowed directories are set:
+    `blip_tools.remote.sends_data`.)
     """
     if settings.allowed_dirs and send_files == "never":
         logger.warning(
@@ -233,8 +234,6 @@ def _run(args: argparse.Namespace) -> int:
         from .proxy import run_proxy
 
         send_files = send_files_choice(args, settings)
-        if send_files == "auto" and settings.allowed_dirs:
-            send_files = "always"  # paths are checked only where they are read: read them here, where they apply
         _warn_if_allowed_dirs_unused(settings, send_files)
         return run_proxy(args.connect, settings, wire, send_files=send_files)
 

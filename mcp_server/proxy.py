@@ -43,6 +43,7 @@ from blip_tools.remote import (
     prepare_image,
     request_budget,
     send_in_chunks,
+    sends_data,
 )
 from blip_tools.settings import BlipSettings
 
@@ -70,14 +71,15 @@ class ProxyContext:
     """This side's settings: `allowed_dirs` and `max_image_bytes` apply to files read here."""
 
     send_files: SendFiles = "auto"
-    """`auto`: send file contents unless the daemon is on loopback; `always`; `never`."""
+    """`auto`: send file contents unless the daemon is on loopback and no `allowed_dirs` are set here; `always`;
+    `never` (see `blip_tools.remote.sends_data`)."""
 
     fallback_tools: list[types.Tool] = field(default_factory=list)
     """Our own tool definitions, listed while the daemon is unreachable."""
 
     @property
     def sends_data(self) -> bool:
-        return self.send_files == "always" or (self.send_files == "auto" and not self.daemon.loopback)
+        return sends_data(self.send_files, self.daemon.loopback, self.settings)
 
 
 # ---------------------------------------------------------------------------------------------- image arguments
@@ -428,13 +430,15 @@ def create_proxy(
     @asynccontextmanager
     async def lifespan(_server: Server[ProxyContext]) -> AsyncIterator[ProxyContext]:
         fallback = await local_tool_definitions(settings)
+        context = ProxyContext(daemon=daemon, settings=settings, send_files=send_files, fallback_tools=fallback)
         logger.info(
-            "blip-mcp proxy: forwarding to %s (send_files=%s%s)",
+            "blip-mcp proxy: forwarding to %s (send_files=%s%s: image files are %s)",
             daemon.url,
             send_files,
             ", daemon on loopback" if daemon.loopback else "",
+            "read here and sent" if context.sends_data else "sent as paths",
         )
-        yield ProxyContext(daemon=daemon, settings=settings, send_files=send_files, fallback_tools=fallback)
+        yield context
 
     return Server(
         PROXY_NAME,

@@ -416,6 +416,19 @@ def test_a_dropped_remote_service_is_collected_and_its_loop_thread_ends(daemon: 
     assert not thread.is_alive(), "the dropped RemoteService's loop thread is still running"
 
 
+def test_allowed_dirs_here_apply_to_a_loopback_daemon(daemon: Daemon, shared_dir: Path, private_dir: Path) -> None:
+    """With `allowed_dirs` on this side, `auto` reads files here even for a loopback daemon, so they apply: a path
+    outside them was sent unchecked, and the daemon (which may read it) captioned it."""
+    mine = BlipSettings(allowed_dirs=[private_dir])
+    with RemoteService(daemon.url, token=TOKEN, settings=mine) as limited:
+        assert limited.sends_data
+        assert limited.caption(private_dir / "mine.png", max_new_tokens=3).image.source == str(private_dir / "mine.png")
+        with pytest.raises(PathNotAllowed):
+            limited.caption(shared_dir / "img0.png", max_new_tokens=3)
+    with RemoteService(daemon.url, token=TOKEN, settings=BlipSettings()) as open_side:
+        assert not open_side.sends_data  # no allowed_dirs here: paths go to the loopback daemon, as before
+
+
 def test_wrong_token_is_a_clear_error(daemon: Daemon) -> None:
     with RemoteService(daemon.url, token="wrong-token-0123456789") as bad, pytest.raises(BlipError, match="token"):
         bad.model_info()

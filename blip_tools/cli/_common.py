@@ -127,17 +127,15 @@ def service_from_args(args: argparse.Namespace, *, remote: bool = False, files_r
     `files_read_here` is for commands that read their image files here anyway (the index hashes every file):
     with `BLIP_REMOTE_SEND_FILES=auto` the daemon then gets the files' contents even on loopback, so it needs no
     access to them (its own allowed_dirs, its container's mounts) and a path it may not read cannot turn into a
-    failure recorded against the file. So does every command when allowed directories are set here
-    (`--allowed-dir`, `BLIP_ALLOWED_DIRS`), which then limit what is read. `never` still sends paths.
+    failure recorded against the file. With allowed directories set here (`--allowed-dir`, `BLIP_ALLOWED_DIRS`)
+    every command reads its files here under `auto`, so they apply (`blip_tools.remote.sends_data`). `never`
+    still sends paths.
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     remote = remote and not getattr(args, "local", False)
     settings = settings_from_args(args, demo=not remote)  # a daemon's client needs no demo checkpoint built
     if remote and settings.remote_url:
-        if (files_read_here or settings.allowed_dirs) and settings.remote_send_files == "auto":
-            # Also with --allowed-dir / BLIP_ALLOWED_DIRS: paths are checked only where they are read, and under
-            # `auto` a daemon on loopback would get them unchecked (its own allowed_dirs deciding), so the flag
-            # would not apply; read here, the files obey it.
+        if files_read_here and settings.remote_send_files == "auto":
             settings = settings.model_copy(update={"remote_send_files": "always"})
         given = [flag for name, flag in _LOCAL_MODEL_FLAGS.items() if getattr(args, name, None) not in (None, False)]
         if given:
