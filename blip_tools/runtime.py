@@ -406,7 +406,7 @@ class Blip2Runtime:
                 else f"a local directory {local.resolve()} (not found) and the Hugging Face Hub id '{name}'"
             )
             raise ModelNotAvailable(
-                f"Could not load the BLIP-2 checkpoint '{name}': {type(exc).__name__}: {str(exc)[:300]}. "
+                f"Could not load the BLIP-2 checkpoint '{name}': {type(exc).__name__}: {str(exc)[:300].rstrip('. ')}. "
                 f"Looked for {where}. Fix: point BLIP_MODEL / --model at a local folder written by save_pretrained, "
                 "make the hub reachable with the weights cached (HF_HOME), or run with --demo to use a tiny random "
                 "checkpoint built on the fly."

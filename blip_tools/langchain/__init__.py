@@ -10,6 +10,7 @@ tools = Blip2Toolkit().get_tools()  # caption_image, caption_images, answer_ques
 from __future__ import annotations
 
 from ._base import Blip2BaseTool, format_tool_validation_error, map_blip_errors, to_tool_exception
+from .collection_tools import IndexImagesTool, LocateInImageTool, SearchImagesTool
 from .embeddings import Blip2Embeddings
 from .loader import Blip2ImageLoader
 from .toolkit import TOOL_CLASSES, Blip2Toolkit
@@ -35,7 +36,10 @@ __all__ = [
     "EmbedImageTool",
     "EmbedTextTool",
     "ImageError",
+    "IndexImagesTool",
+    "LocateInImageTool",
     "ScoreImageTextTool",
+    "SearchImagesTool",
     "format_tool_validation_error",
     "map_blip_errors",
     "to_tool_exception",

@@ -190,3 +190,12 @@ def test_locate_without_the_overlay_returns_text_only(service: Any, lc_folder: P
     assert message.status == "success"
     assert isinstance(message.content, str) and "matches best" in message.content
     assert isinstance(message.artifact, LocateResult) and message.artifact.overlay_png().startswith(b"\x89PNG")
+
+
+def test_collection_tools_are_exported_with_the_others() -> None:
+    """`from blip_tools.langchain import LocateInImageTool` (as the README writes it) works, like the other tools."""
+    import blip_tools.langchain as lc
+    from blip_tools.langchain import collection_tools
+
+    for name in ("IndexImagesTool", "SearchImagesTool", "LocateInImageTool"):
+        assert getattr(lc, name) is getattr(collection_tools, name) and name in lc.__all__
