@@ -669,9 +669,26 @@ def _from_pil(im: Image.Image, settings: BlipSettings) -> Image.Image:
     return _apply_orientation(rgb, orientation)
 
 
+def display_name(text: str) -> str:
+    """`text` safe for JSON and terminals: bytes of a file name that are not UTF-8 are shown as `\\xNN`.
+
+    Python keeps such bytes in a `str` as lone surrogates (PEP 383); no JSON encoder accepts those, and `\\xNN`
+    (not `?`) still tells such names apart.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no byte made (not from argv or a folder listing)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _shorten(text: str, limit: int = 160) -> str:
     """Printable and at most `limit` characters (paths in messages can be long or hostile)."""
-    text = "".join(ch if ch.isprintable() else "?" for ch in text[: limit + 1])
+    text = "".join(ch if ch.isprintable() else "?" for ch in display_name(text[: limit + 1]))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -681,6 +698,7 @@ __all__ = [
     "ImageInput",
     "LoadedImage",
     "describe_ref",
+    "display_name",
     "has_image_signature",
     "load_image",
     "pixel_hash",

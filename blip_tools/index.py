@@ -56,6 +56,7 @@ from .errors import (
     PayloadTooLarge,
 )
 from .images import _check_allowed, _read_file, describe_ref
+from .images import display_name as _display  # bytes of a name that are not UTF-8 as \xNN
 from .results import CaptionResult, EmbeddingResult
 from .runtime import model_key
 
@@ -124,22 +125,6 @@ Additive, so the schema version stays 1: an older blip-tools still reads and wri
 which only makes the next run of this version hash those files once more)."""
 _WEIGHTS_KEY: Final = "weights:"
 """Meta key prefix: `weights:<model name>` holds the fingerprint of the local checkpoint that made its vectors."""
-
-
-def _display(text: str) -> str:
-    """`text` safe for JSON and terminals: bytes of a file name that are not UTF-8 are shown as `\\xNN`.
-
-    Python keeps such bytes in a `str` as lone surrogates (PEP 383); no JSON encoder accepts those.
-    """
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- results

@@ -128,6 +128,17 @@ def test_sources_are_short_and_never_carry_the_data(tmp_path: Path) -> None:
     assert load_image(str(path), s).info.source == str(path)
 
 
+def test_a_name_with_bytes_that_are_not_utf8_is_shown_with_x_escapes(tmp_path: Path) -> None:
+    """Such a name (a lone surrogate in Python, PEP 383) shows as `caf\\xe9.png` in every result, as the index
+    shows it: it was `caf?.png` (`ask --json`, MCP results), which named no file and told such names apart less."""
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    with open(raw, "wb") as handle:
+        handle.write(encode(pattern()))
+    source = load_image(os.fsdecode(raw), make_settings()).info.source
+    assert source == str(tmp_path) + "/caf\\xe9.png"
+    assert source.encode("utf-8")  # JSON-safe
+
+
 def test_equal_pixels_give_equal_hash_across_formats_and_names(tmp_path: Path) -> None:
     im = pattern()
     (tmp_path / "one.png").write_bytes(encode(im, "PNG"))

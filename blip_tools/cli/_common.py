@@ -259,20 +259,6 @@ def handed_on(loaded: LoadedImage) -> Image.Image:
     return loaded.image
 
 
-def shown_name(name: str) -> str:
-    """A file name as output shows it: bytes that are not UTF-8 (kept in a `str` as lone surrogates, PEP 383) as
-    `\\xNN`, as the index's results show them, so text and JSON name the file alike (not `\\udce9`, not `?`)."""
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        pass
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no byte made (not from argv or a folder listing)
-        return name.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def relabel(result: Any, source: str) -> Any:
     """`result` (caption, answer, locate: it has an `image: ImageInfo`) with the image's `source` set to how the
     command line named the image, not `PIL image` or `bytes (N)`."""

@@ -28,7 +28,6 @@ from ._common import (
     read_stdin_image,
     relabel,
     service_from_args,
-    shown_name,
 )
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -220,11 +219,11 @@ def _glob(ref: str) -> list[str] | None:
 
 def _label(ref: str) -> str:
     """How an image argument is shown in the output: a path as given; data URIs, base64 and URLs described."""
-    from ..images import _classify, describe_ref
+    from ..images import _classify, describe_ref, display_name
 
     if ref == STDIN:
         return STDIN_LABEL
-    return shown_name(ref) if _classify(ref) in ("path", "file-uri") else describe_ref(ref)
+    return display_name(ref) if _classify(ref) in ("path", "file-uri") else describe_ref(ref)
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
@@ -289,10 +288,7 @@ def _caption(args: argparse.Namespace) -> int:
                 results[i] = relabel(result, sources[i]) if labelled else result
     failed = 0
     rows: list[dict[str, Any]] = []
-    for given, result in zip(images, results, strict=True):
-        ref = _label(given)
-        if shown_name(given) != given and ref == shown_name(given) and not isinstance(result, BlipError):
-            result = relabel(result, ref)  # a file name with bytes that are not UTF-8: `\xNN` in JSON too, not `?`
+    for ref, result in zip(map(_label, images), results, strict=True):
         if isinstance(result, BlipError):
             failed += 1
             rows.append({"image": ref, "error": str(result), "type": type(result).__name__})
