@@ -71,6 +71,14 @@ the SDK's own default is 30)."""
 DEFAULT_MAX_SESSIONS = 1000
 """Open MCP sessions at most (about 40 MB at ~40 KB each; the SDK's own default is 10,000)."""
 
+DEFAULT_CLIENT_TIMEOUT_S = 30.0
+"""A request's head must arrive within this many seconds, its body with no pause longer (uvicorn has no such limit:
+a client that stops sending held its connection and its file descriptor for good)."""
+
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+"""Largest request head (request line and headers); more gets 431. uvicorn's httptools parser has no limit: one
+client sending headers without end grew the daemon by 200 MB."""
+
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -174,6 +182,15 @@ class HttpConfig:
     open sessions"). Open sessions and clients without sessions are unaffected; room frees up as sessions are
     closed or reach `session_idle_timeout_s`."""
 
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
+    """Seconds a client has to send a request's head (from connecting, or from the previous response), and the
+    longest pause allowed while it sends a body. A client that is too slow gets 408 and the connection is closed,
+    so half-open and slowloris connections cannot pile up (each holds a file descriptor). Not a limit on calls:
+    once a request has arrived, its answer may take as long as the model needs."""
+
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    """Largest request head (request line plus headers); a longer one gets 431 and the connection is closed."""
+
     stateless: bool = False
     """Serve MCP without sessions: every request stands alone (the SDK's stateless HTTP mode).
 
@@ -203,6 +220,12 @@ class HttpConfig:
             raise InvalidInput(f"session_idle_timeout_s must be a number of seconds > 0, got {idle!r}")
         if isinstance(self.max_sessions, bool) or not isinstance(self.max_sessions, int) or self.max_sessions < 1:
             raise InvalidInput(f"max_sessions must be an integer >= 1, got {self.max_sessions!r}")
+        slow = self.client_timeout_s
+        if isinstance(slow, bool) or not isinstance(slow, int | float) or not 0 < slow < math.inf:
+            raise InvalidInput(f"client_timeout_s must be a number of seconds > 0, got {slow!r}")
+        head = self.max_header_bytes
+        if isinstance(head, bool) or not isinstance(head, int) or head < 1024:
+            raise InvalidInput(f"max_header_bytes must be an integer >= 1024, got {head!r}")
 
     def body_limit(self, settings: BlipSettings) -> int:
         """The request body limit in bytes."""
@@ -467,12 +490,192 @@ class _ShutdownCutFilter(logging.Filter):
 _SHUTDOWN_CUT_FILTER = _ShutdownCutFilter()
 
 
+# ---------------------------------------------------------------------------------------------- slow clients
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 52\r\n"
+    b"connection: close\r\n\r\nRequest Timeout: the request did not arrive in time.\n"
+)
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 41\r\nconnection: close\r\n\r\nRequest header fields are too large.\n"
+)
+
+
+class _ClientDeadlines(asyncio.Protocol):
+    """Deadlines for what a client sends, on top of uvicorn's HTTP protocols (which have none but keep-alive).
+
+    A request's head must be complete within `client_timeout_s` of the connection (or of the previous response),
+    and its body must keep coming, with no pause longer than that; otherwise the client gets 408 (none if it sent
+    nothing) and the connection is closed. While the app has not read what arrived (uvicorn paused reading), the
+    client is not waiting on itself and the clock restarts. Once a request has arrived nothing is timed: answers
+    take as long as they take, SSE streams stay open. Subclasses say which phase the connection is in.
+    """
+
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    # set by uvicorn's protocol classes
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    flow: Any
+    cycle: Any
+
+    _timer: asyncio.TimerHandle | None = None
+    _timed: str | None = None  # the phase `_timer` runs for
+    _head_data = False  # bytes came while the head was timed
+
+    def _phase(self) -> str | None:
+        """ "head" while a request's head is awaited, "body" while its body is, None while the app has the turn."""
+        raise NotImplementedError
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._deadline(progress=False)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._timed == "head":
+            self._head_data = True
+        self._deadline(progress=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._deadline(progress=False)
+
+    def handle_websocket_upgrade(self, *args: Any) -> None:
+        self._stop_timer()  # the connection is another protocol's from here on
+        super().handle_websocket_upgrade(*args)  # type: ignore[misc]
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timed = None, None
+
+    def _deadline(self, *, progress: bool) -> None:
+        """(Re)arm the timer for the current phase: the head's from its start, the body's from the latest bytes."""
+        if self.transport.is_closing():
+            self._stop_timer()
+            return
+        phase = self._phase()
+        if phase is not None and phase == self._timed and (phase == "head" or not progress):
+            return
+        self._stop_timer()
+        if phase is not None:
+            self._timer = self.loop.call_later(self.client_timeout_s, self._expired)
+            self._timed, self._head_data = phase, False
+
+    def _expired(self) -> None:
+        timed, self._timer, self._timed = self._timed, None, None
+        if self.transport.is_closing() or self._phase() is None:
+            return
+        if self.flow.read_paused:  # the app has not read what came yet: not the client's delay
+            self._deadline(progress=True)
+            return
+        if timed == "body" or self._head_data:
+            self.transport.write(_REQUEST_TIMEOUT)
+        self.transport.close()
+
+    def _refuse_head(self) -> None:
+        self._stop_timer()
+        if not self.transport.is_closing():
+            self.transport.write(_HEAD_TOO_LARGE)
+            self.transport.close()
+
+
+def _guarded_protocols() -> dict[str, type[asyncio.Protocol]]:
+    """`http=` name → uvicorn's protocol class with `_ClientDeadlines` (httptools only where it is installed)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(_ClientDeadlines, H11Protocol):
+        """h11 limits the head itself (`h11_max_incomplete_event_size`); its state machine gives the phase."""
+
+        def _phase(self) -> str | None:
+            import h11
+
+            state = self.conn.their_state
+            return "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+
+    protocols: dict[str, type[asyncio.Protocol]] = {"h11": GuardedH11Protocol}
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is optional
+        protocols["auto"] = GuardedH11Protocol
+        return protocols
+
+    class GuardedHttpToolsProtocol(_ClientDeadlines, HttpToolsProtocol):
+        """httptools has no limit on the head: its size is counted here, and the parser's callbacks give the phase."""
+
+        _message = "idle"  # "head" from a message's first byte, "body" once its headers are in, "idle" once done
+        _head_bytes = 0
+        _head_over = False
+
+        def _phase(self) -> str | None:
+            if self._message != "idle":
+                return self._message
+            return "head" if self.cycle is None or self.cycle.response_complete else None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_over:
+                self._refuse_head()
+
+        def on_message_begin(self) -> None:
+            self._message, self._head_bytes = "head", 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            if self._count_head(len(url)):
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self._count_head(len(name) + len(value) + 4):
+                super().on_header(name, value)
+
+        def _count_head(self, size: int) -> bool:
+            self._head_bytes += size
+            self._head_over = self._head_over or self._head_bytes > self.max_header_bytes
+            return not self._head_over
+
+        def on_headers_complete(self) -> None:
+            if self._head_over:  # refused once this chunk is parsed; the app never sees it
+                return
+            self._message = "body"
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._head_over:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._message = "idle"
+            if not self._head_over:
+                super().on_message_complete()
+
+    protocols["httptools"] = protocols["auto"] = GuardedHttpToolsProtocol
+    return protocols
+
+
+def client_guarded_protocol(config: HttpConfig, http: str = "auto") -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol `http` ("auto", "h11", "httptools") with `config`'s client deadlines and head limit."""
+    base = _guarded_protocols()[http]
+    limits = {"client_timeout_s": float(config.client_timeout_s), "max_header_bytes": config.max_header_bytes}
+    return type(base.__name__, (base,), limits)
+
+
 def uvicorn_config(app: Starlette, config: HttpConfig, **overrides: Any) -> Any:
     """A `uvicorn.Config` that logs to stderr at warning level (no access log, no server header).
 
-    Requests still running 5 s after SIGTERM (or Ctrl-C) are cut; the log says how many in one line.
+    Requests still running 5 s after SIGTERM (or Ctrl-C) are cut; the log says how many in one line. Clients get
+    `config.client_timeout_s` to send a request and `config.max_header_bytes` for its head (`_ClientDeadlines`);
+    `http=` ("auto", "h11", "httptools") picks the parser as in uvicorn.
     """
+    http = overrides.pop("http", "auto")
     options: dict[str, Any] = {
+        "http": client_guarded_protocol(config, http) if isinstance(http, str) else http,
+        "h11_max_incomplete_event_size": config.max_header_bytes,
         "host": config.host,
         "port": config.port,
         "log_level": "warning",
