@@ -23,6 +23,7 @@ import asyncio
 import errno
 import hmac
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -35,8 +36,10 @@ from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
+import anyio
 import uvicorn
 from mcp.server.transport_security import RequestBodyLimitMiddleware, TransportSecuritySettings
+from pydantic_core import from_json
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
@@ -385,6 +388,106 @@ class BodyLimitMiddleware:
             await refuse(self.max_body_size)(scope, receive, send)
 
 
+# ---------------------------------------------------------------------------------------------- dropped calls
+_SESSION_HEADER = b"mcp-session-id"
+
+
+def _request_ids(body: bytes) -> list[Any]:
+    """The ids of the JSON-RPC requests in a POST body (none for notifications, responses or invalid JSON)."""
+    try:
+        parsed = from_json(body)
+    except ValueError:
+        return []
+    messages = parsed if isinstance(parsed, list) else [parsed]
+    return [m["id"] for m in messages if isinstance(m, dict) and "method" in m and m.get("id") is not None]
+
+
+class DroppedCallsMiddleware:
+    """A session-based (2025-era) client that drops the connection of a call still running cancels the call.
+
+    Over streamable HTTP a call's answer comes back on the POST's own connection (an SSE stream), and this server
+    keeps no event store to replay it: once the client has dropped that connection, the answer can never reach it.
+    The SDK still ran such calls to the end (on that wire only `notifications/cancelled` cancels), so a client that
+    vanished (killed, timed out, asleep) left its calls queued for the model, each holding a place in the queue
+    and the model's time: 20 killed clients' queued captions were all computed afterwards. This sends that
+    notification for the client, through its own session, once the connection is gone without the answer: the
+    tool's handler is cancelled and the batcher drops the queued request, as the SDK does for modern clients, which
+    cancel by closing the stream. Requests without a session (modern clients, stateless mode) are left alone.
+    """
+
+    def __init__(self, app: ASGIApp, path: str = MCP_PATH) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope.get("path") != self.path
+            or not any(name == _SESSION_HEADER for name, _ in scope.get("headers", ()))
+        ):
+            await self.app(scope, receive, send)
+            return
+        opening = dict(scope)  # as it came: routing adds to `scope` in place
+        chunks: list[bytes] | None = []
+        request_ids: list[Any] = []
+        client_gone = answered = False
+
+        async def watched_receive() -> Message:
+            nonlocal chunks, client_gone
+            message = await receive()
+            if message["type"] == "http.request" and chunks is not None:
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    request_ids.extend(_request_ids(b"".join(chunks)))
+                    chunks = None
+            elif message["type"] == "http.disconnect":
+                client_gone = True
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            if client_gone and not answered and request_ids:
+                with anyio.move_on_after(10, shield=True):
+                    for request_id in request_ids:
+                        await self._cancel(opening, request_id)
+
+    async def _cancel(self, scope: Scope, request_id: Any) -> None:
+        """Post `notifications/cancelled` for `request_id` to the app as the client would (same session, same
+        credentials); a request that already finished ignores it."""
+        body = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": request_id, "reason": "The client closed the connection of this call."},
+            }
+        ).encode()
+        dropped = (b"content-length", b"content-type", b"transfer-encoding")
+        headers = [(name, value) for name, value in scope["headers"] if name not in dropped]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if delivered:
+                return {"type": "http.disconnect"}
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def discard(message: Message) -> None:
+            pass
+
+        logger.debug("a client dropped the connection of call %r: cancelling it", request_id)
+        await self.app({**scope, "headers": headers}, receive, discard)
+
+
 # ---------------------------------------------------------------------------------------------- the app
 def service_from_request(request: Request) -> Blip2Service:
     """The running service, for routes other modules add (e.g. /metrics, /ui)."""
@@ -464,6 +567,7 @@ def build_http_app(
             Middleware(HostOriginMiddleware, security=security),
             Middleware(BearerTokenMiddleware, token=config.token, exempt_paths=exempt_paths),
             Middleware(BodyLimitMiddleware, max_body_size=limit, refusals=body_refusals),
+            *([] if config.stateless else [Middleware(DroppedCallsMiddleware)]),
         ],
         lifespan=lifespan,
     )

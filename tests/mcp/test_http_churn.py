@@ -144,3 +144,60 @@ def test_calls_and_streams_that_outlast_the_client_timeout_are_not_cut(
             body = response.read()
         assert response.status_code == 200
         assert b'"isError":false' in body, body[:500]
+
+
+# ------------------------------------------------------------------------------------------ dropped calls
+@pytest.fixture(scope="module")
+def session_server(churn_service: Any) -> Iterator[str]:
+    """The HTTP app as `blip-mcp --transport http` serves it (sessions kept), on the gated tiny service."""
+    import uvicorn
+
+    from mcp_server import create_server
+    from mcp_server.http import HttpConfig, build_http_app, uvicorn_config
+
+    config = HttpConfig(port=0, token=TOKEN)
+    with serving(uvicorn.Server(uvicorn_config(build_http_app(create_server(churn_service), config), config))) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_a_session_client_that_drops_a_call_cancels_it(session_server: str, churn_service: Any, tmp_path: Path) -> None:
+    """Its answer could never be delivered (no event store): the queued requests are dropped, not computed.
+
+    Before, all of them ran once the model was free (20 killed clients: 20 captions for nobody)."""
+    from _mcp_testlib import poll, watching_cancellations, write_image
+
+    images = [str(write_image(tmp_path / f"d{i}.png", 20 + i)) for i in range(4)]
+    gate: Gate = churn_service.runtime.generate
+    auth = {**ACCEPT, "Authorization": f"Bearer {TOKEN}"}
+    before = churn_service.stats()
+    with httpx.Client(base_url=session_server, timeout=WAIT_S) as http, watching_cancellations(churn_service) as seen:
+        r = http.post("/mcp", content=INIT, headers=auth)
+        headers = {**auth, "mcp-session-id": r.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
+        http.post("/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+
+        def call(request_id: int, image: str) -> dict[str, Any]:
+            arguments = {"image": image, "max_new_tokens": 3}
+            return {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "method": "tools/call",
+                "params": {"name": "caption_image", "arguments": arguments},
+            }
+
+        with gate.holding(images[0]):
+            with httpx.Client(base_url=session_server, timeout=WAIT_S) as dropping:
+                streams = [
+                    dropping.stream("POST", "/mcp", json=call(10 + i, images[1 + i]), headers=headers) for i in (0, 1)
+                ]
+                responses = [stream.__enter__() for stream in streams]
+                assert [response.status_code for response in responses] == [200, 200]
+                poll(lambda: churn_service.stats().queue_depth >= 2, what="both calls queued")
+            # The client is gone: both connections closed, with the calls still queued behind the blocker.
+            poll(seen.is_set, what="the server-side handler to be cancelled")
+        poll(lambda: churn_service.stats().queue_depth == 0, what="the queue to drain")
+        after = churn_service.stats()
+        assert after.cancelled - before.cancelled == 2
+        assert after.completed - before.completed == 1  # the blocker only
+        # The same session goes on: a call whose client waits is answered.
+        r = http.post("/mcp", json=call(12, images[3]), headers=headers)
+        assert r.status_code == 200 and b'"isError":false' in r.content, r.text[:500]
