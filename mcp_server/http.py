@@ -11,7 +11,10 @@ Security, outermost first, for EVERY route (ours and those other modules add):
    that speak JSON (the console's API) get the refusal in their own error form (`body_refusals`).
 
 Session-based (2025-era) MCP clients are bounded too (`HttpConfig.max_sessions`, `session_idle_timeout_s`): a
-session a client never closes is forgotten once idle, and no more than so many are open at once.
+session a client never closes is forgotten once idle, and no more than so many are open at once; a call whose
+connection such a client drops is cancelled (`DroppedCallsMiddleware`). Every client gets `client_timeout_s` to send
+a request and `max_header_bytes` for its head (`_ClientDeadlines`, in `uvicorn_config`): a slow or half-open
+connection is closed, not kept.
 
 Other modules build on `build_http_app(server, config, routes=..., lifespan_hooks=...)`; their routes sit
 behind the same three checks and reach the service with `service_from_request(request)`.
@@ -544,6 +547,8 @@ def build_http_app(
         host=config.host,
     )
 
+    resumable = server.session_manager.event_store is not None
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with server.session_manager.run(), AsyncExitStack() as hooks:
@@ -567,7 +572,8 @@ def build_http_app(
             Middleware(HostOriginMiddleware, security=security),
             Middleware(BearerTokenMiddleware, token=config.token, exempt_paths=exempt_paths),
             Middleware(BodyLimitMiddleware, max_body_size=limit, refusals=body_refusals),
-            *([] if config.stateless else [Middleware(DroppedCallsMiddleware)]),
+            # stateless: the SDK cancels a dropped call itself; an event store would let a client resume instead
+            *([] if config.stateless or resumable else [Middleware(DroppedCallsMiddleware)]),
         ],
         lifespan=lifespan,
     )
