@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="HTTP: open MCP sessions at most; one more gets HTTP 503 until one closes or expires (default 1000).",
     )
+    transport.add_argument(
+        "--client-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="HTTP: time a client has to send a request's headers, and the longest pause within its body, before "
+        "it gets 408 and is disconnected (default 30). Calls themselves may take as long as the model needs.",
+    )
     remote = parser.add_argument_group("shared daemon (load no model here)")
     remote.add_argument(
         "--connect",
@@ -239,7 +247,13 @@ def _run(args: argparse.Namespace) -> int:
 
     config = None
     if wire is None:
-        from .http import DEFAULT_MAX_SESSIONS, DEFAULT_PORT, DEFAULT_SESSION_IDLE_TIMEOUT_S, HttpConfig
+        from .http import (
+            DEFAULT_CLIENT_TIMEOUT_S,
+            DEFAULT_MAX_SESSIONS,
+            DEFAULT_PORT,
+            DEFAULT_SESSION_IDLE_TIMEOUT_S,
+            HttpConfig,
+        )
 
         config = HttpConfig(
             host=args.host,
@@ -251,6 +265,7 @@ def _run(args: argparse.Namespace) -> int:
                 DEFAULT_SESSION_IDLE_TIMEOUT_S if args.session_idle_timeout is None else args.session_idle_timeout
             ),
             max_sessions=DEFAULT_MAX_SESSIONS if args.max_sessions is None else args.max_sessions,
+            client_timeout_s=DEFAULT_CLIENT_TIMEOUT_S if args.client_timeout is None else args.client_timeout,
         )
         try:
             config.check()  # e.g. a non-loopback bind without a token: refuse before loading anything

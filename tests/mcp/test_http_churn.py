@@ -201,3 +201,26 @@ def test_a_session_client_that_drops_a_call_cancels_it(session_server: str, chur
         # The same session goes on: a call whose client waits is answered.
         r = http.post("/mcp", json=call(12, images[3]), headers=headers)
         assert r.status_code == 200 and b'"isError":false' in r.content, r.text[:500]
+
+
+def test_blip_mcp_client_timeout_flag_cuts_off_a_silent_client(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`blip-mcp --transport http --client-timeout 1`: a connection that sends only half a request is answered 408
+    and closed after about a second (the default is 30 s); an impossible value is a usage error (exit 2)."""
+    import subprocess
+    import sys
+
+    from _mcp_testlib import http_args, ready_port
+    from _testlib import WAIT_S, python_process
+
+    stderr = tmp_path / "stderr.txt"
+    with python_process([*http_args(tiny_checkpoint), "--client-timeout", "1"], stderr, stdout=subprocess.DEVNULL) as p:
+        port = ready_port(p, stderr)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
+            answer, waited = _outcome(sock, within_s=10)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert 0.5 < waited < 5, waited
+    refused = subprocess.run(
+        [sys.executable, *http_args(tiny_checkpoint), "--client-timeout", "0"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "client_timeout_s" in refused.stderr, refused.stderr[-2000:]
