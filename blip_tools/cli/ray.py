@@ -40,6 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="requests waiting for a replica at each HTTP proxy (one per node with replicas) before callers get "
         "Overloaded / HTTP 503 (default 64; -1 unbounded)",
     )
+    g.add_argument(
+        "--retry-after",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the retry hint of a refused request: Retry-After on Ray's HTTP 503, retry_after_s on Overloaded "
+        "(default 1; needs Ray 2.60 or later)",
+    )
     g = p.add_argument_group("cluster and HTTP")
     g.add_argument(
         "--address",
@@ -84,6 +92,7 @@ def _serve_ray(args: argparse.Namespace) -> int:
         num_cpus=args.cpus,
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
+        retry_after_s=args.retry_after,
         route_prefix=args.route_prefix,
         name=args.name,
         token=token,
