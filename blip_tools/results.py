@@ -111,7 +111,8 @@ class ServiceStats(BaseModel):
     retries: int = Field(description="Batches split and retried after a failure or out-of-memory.")
     cache_hits: int = Field(description="Image-feature cache hits.")
     cache_misses: int
-    prefix_cache_hits: int = 0
+    prefix_cache_hits: int = Field(default=0, description="Rows whose image-prefix KV came from its cache.")
+    prefix_cache_misses: int = Field(default=0, description="Rows that looked in the image-prefix KV cache in vain.")
     graph_batches: int = Field(default=0, description="Batches decoded by the CUDA-graph loop (BLIP_CUDA_GRAPHS).")
     graphs_captured: int = Field(default=0, description="Decoding steps captured as CUDA graphs (one per bucket).")
     graph_error: str | None = Field(default=None, description="Why a capture failed (decoding then runs without).")

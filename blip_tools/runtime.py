@@ -597,6 +597,11 @@ class Blip2Runtime:
         """Rows whose image-prefix KV came from the cache (read by `Blip2Service.stats`)."""
         return self.prefix_cache.hits
 
+    @property
+    def prefix_cache_misses(self) -> int:
+        """Rows that looked for their image-prefix KV in the cache and had to compute it."""
+        return self.prefix_cache.misses
+
     def empty_cache(self) -> None:
         """Release cached device memory after an out-of-memory error."""
         import torch

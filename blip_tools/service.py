@@ -960,6 +960,7 @@ class Blip2Service:
             cache_hits=rt.feature_cache.hits + rt.retrieval_cache.hits,
             cache_misses=rt.feature_cache.misses + rt.retrieval_cache.misses,
             prefix_cache_hits=getattr(rt, "prefix_cache_hits", 0),
+            prefix_cache_misses=getattr(rt, "prefix_cache_misses", 0),
             graph_batches=decoder.batches if (decoder := getattr(rt, "decoder", None)) else 0,
             graphs_captured=decoder.captured if decoder else 0,
             graph_error=decoder.graph_error if decoder else None,

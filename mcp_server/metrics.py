@@ -251,8 +251,11 @@ class _StatsCollector(Collector):
         hits.add_metric(["features"], s.cache_hits)
         hits.add_metric(["prefix"], s.prefix_cache_hits)
         yield hits
-        misses = CounterMetricFamily("blip_cache_misses", "Image-feature cache misses.", labels=["cache"])
+        misses = CounterMetricFamily(
+            "blip_cache_misses", "Cache misses: image features, and the image-prefix KV cache.", labels=["cache"]
+        )
         misses.add_metric(["features"], s.cache_misses)
+        misses.add_metric(["prefix"], s.prefix_cache_misses)
         yield misses
 
         info = service.model_info()

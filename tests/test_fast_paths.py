@@ -69,6 +69,8 @@ def test_second_question_hits_both_caches(settings: BlipSettings, make_image: Ca
         after = svc.stats()
         again = svc.answer(image, "what color is the car?", max_new_tokens=6)
     assert after.prefix_cache_hits == before.prefix_cache_hits + 1
+    assert after.prefix_cache_misses == before.prefix_cache_misses  # found, not computed again
+    assert before.prefix_cache_misses >= 1  # the first question computed it
     assert after.cache_hits == before.cache_hits + 1
     assert again.answer == first.answer and again.answers[0].mean_logprob == pytest.approx(
         first.answers[0].mean_logprob, abs=1e-5

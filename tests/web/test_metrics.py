@@ -117,6 +117,8 @@ def test_cache_hits_move_on_a_repeated_image(web_server: WebServer) -> None:
         second = http.post("/ui/api/answer?question=what%20colour", content=image, headers=srv.headers())
     assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
     assert srv.sample("blip_cache_hits_total", {"cache": "features"}) >= hits + 1
+    assert srv.sample("blip_cache_hits_total", {"cache": "prefix"}) >= 1
+    assert srv.sample("blip_cache_misses_total", {"cache": "prefix"}) >= 1  # the first question's
 
 
 def test_errors_are_counted_by_type_and_interface(web_server: WebServer) -> None:
