@@ -166,11 +166,15 @@ def test_the_limiter_passes_other_records_and_counts_a_burst() -> None:
     assert dropped[2].startswith("Request dropped")
 
 
-def test_serve_ray_retry_after_flag_is_checked_before_ray_starts(capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_ray_retry_after_flag_is_checked_before_ray_starts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`blip-tools serve-ray --retry-after SECONDS` sets `RayServeConfig.retry_after_s`; a negative value is a usage
     error (exit 2) before any Ray work."""
     from _testlib import run_cli
 
+    started: list[Any] = []
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: started.append(args))
     code, _, err = run_cli(capsys, "serve-ray", "--demo", "--retry-after", "-1")
     assert code == 2 and "retry_after_s must be None or a number of seconds >= 0" in err, err
-    assert not ray.is_initialized()
+    assert not started
