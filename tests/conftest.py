@@ -91,3 +91,32 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     monkeypatch.setattr(images, "_read_file", counting)
     monkeypatch.setattr(index_module, "_read_file", counting)
     return counted
+
+
+@pytest.fixture
+def tiny_env(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """`BLIP_*` variables pointing at the tiny checkpoint (also returned, for a child process); the process-wide
+    service is put back afterwards. For the command-line tests."""
+    from blip_tools import Blip2Service
+    from blip_tools.testing import tiny_settings_kwargs
+
+    for name in ("BLIP_REMOTE_URL", "BLIP_ALLOWED_DIRS", "BLIP_MAX_BATCH_SIZE", "BLIP_MAX_IMAGE_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    env = {f"BLIP_{name.upper()}": value for name, value in tiny_settings_kwargs(tiny_checkpoint).items()}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    previous = Blip2Service._shared
+    yield env
+    Blip2Service.set_shared(previous)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any model loads (for commands that must fail on their images first)."""
+    from blip_tools.runtime import Blip2Runtime
+
+    def refuse(self: Blip2Runtime) -> None:
+        raise AssertionError("a model was loaded for a command whose images do not exist")
+
+    monkeypatch.setattr(Blip2Runtime, "load_captioner", refuse)
+    monkeypatch.setattr(Blip2Runtime, "load_retrieval", refuse)

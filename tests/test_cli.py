@@ -8,29 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _testlib import run_cli
 
-from blip_tools import Blip2Service
 from blip_tools.cli import main
-
-
-@pytest.fixture
-def tiny_env(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """`BLIP_*` variables pointing at the tiny checkpoint; the shared service is put back afterwards."""
-    from blip_tools.testing import tiny_settings_kwargs
-
-    for name in ("BLIP_REMOTE_URL", "BLIP_ALLOWED_DIRS", "BLIP_MAX_BATCH_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in tiny_settings_kwargs(tiny_checkpoint).items():
-        monkeypatch.setenv(f"BLIP_{name.upper()}", value)
-    previous = Blip2Service._shared
-    yield
-    Blip2Service.set_shared(previous)
 
 
 @pytest.fixture

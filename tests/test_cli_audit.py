@@ -11,31 +11,14 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _testlib import child_env, run_cli
 
-from blip_tools import Blip2Service
 from blip_tools.cli import main
-from blip_tools.runtime import Blip2Runtime
-
-
-@pytest.fixture
-def tiny_env(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """`BLIP_*` variables pointing at the tiny checkpoint (also returned, for a child process)."""
-    from blip_tools.testing import tiny_settings_kwargs
-
-    for name in ("BLIP_REMOTE_URL", "BLIP_ALLOWED_DIRS", "BLIP_MAX_BATCH_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    env = {f"BLIP_{name.upper()}": value for name, value in tiny_settings_kwargs(tiny_checkpoint).items()}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    previous = Blip2Service._shared
-    yield env
-    Blip2Service.set_shared(previous)
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tiny_env: dict[str, str], tmp_path: Path) -> None:
@@ -80,15 +63,6 @@ def test_tiny_checkpoint_writes_nothing_on_stderr(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-
-
-@pytest.fixture
-def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(self: Blip2Runtime) -> None:
-        raise AssertionError("a model was loaded for a command whose only image does not exist")
-
-    monkeypatch.setattr(Blip2Runtime, "load_captioner", refuse)
-    monkeypatch.setattr(Blip2Runtime, "load_retrieval", refuse)
 
 
 @pytest.mark.parametrize(
