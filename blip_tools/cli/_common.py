@@ -259,6 +259,20 @@ def handed_on(loaded: LoadedImage) -> Image.Image:
     return loaded.image
 
 
+def image_argument(service: Blip2Service, ref: str, *, stdin: bool) -> tuple[ImageInput, str | None]:
+    """A command's one image argument (`-`: the bytes on stdin), read before a local model loads and handed on.
+
+    Returns what to give the service and how its result should name the image (`relabel`; None: as the service
+    names it). Read and decoded (a URL fetched) once: a mistyped path fails before the model loads.
+    """
+    image: ImageInput = read_stdin_image(service.settings) if stdin else as_cli_image(ref)
+    source = STDIN_LABEL if stdin else None
+    loaded = check_image_first(service, image)
+    if loaded is None:  # a daemon's client: the daemon reads it
+        return image, source
+    return handed_on(loaded), source or loaded.info.source
+
+
 def relabel(result: Any, source: str) -> Any:
     """`result` (caption, answer, locate: it has an `image: ImageInfo`) with the image's `source` set to how the
     command line named the image, not `PIL image` or `bytes (N)`."""

@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InvalidInput
-from ..index import _display
+from ..images import display_name as _display
 from ._common import (
-    STDIN_LABEL,
     HelpFormatter,
     add_model_options,
     add_remote_option,
-    as_cli_image,
-    check_image_first,
     check_stdin,
-    handed_on,
+    image_argument,
     print_json,
-    read_stdin_image,
     relabel,
     service_from_args,
 )
@@ -179,16 +175,12 @@ def _search(args: argparse.Namespace) -> int:
         print("error: give a text QUERY or --image IMAGE (one of them)", file=sys.stderr)
         return 2
     stdin = args.image is not None and check_stdin([args.image])
-    image: ImageInput | None = None if args.image is None or stdin else as_cli_image(args.image)
-    source = STDIN_LABEL if stdin else None
+    image: ImageInput | None = None
+    source: str | None = None
     service, index = _open(args)
     with service, index:
-        if stdin:
-            image = read_stdin_image(service.settings)
-        if image is not None:
-            loaded = check_image_first(service, image)  # before the retrieval model loads
-            if loaded is not None:  # handed on: read (or fetched) and decoded once
-                image, source = handed_on(loaded), source or loaded.info.source
+        if args.image is not None:  # before the retrieval model loads
+            image, source = image_argument(service, args.image, stdin=stdin)
         result = index.search(args.query, image=image, top_k=args.top_k, directory=args.dir, rerank=args.rerank)
         _note_stale(index)
     if source is not None:
@@ -233,12 +225,8 @@ def _locate(args: argparse.Namespace) -> int:
     if args.output is not None:
         _check_output(args.output)
     stdin = check_stdin([args.image])
-    source = STDIN_LABEL if stdin else None
     with service_from_args(args, remote=True) as service:
-        image: ImageInput = read_stdin_image(service.settings) if stdin else as_cli_image(args.image)
-        loaded = check_image_first(service, image)  # before the retrieval model loads
-        if loaded is not None:  # handed on: read (or fetched) and decoded once
-            image, source = handed_on(loaded), source or loaded.info.source
+        image, source = image_argument(service, args.image, stdin=stdin)  # before the retrieval model loads
         result = service.locate(image, args.text)
     if source is not None:
         result = relabel(result, source)

@@ -24,6 +24,7 @@ from ._common import (
     check_images_first,
     check_stdin,
     handed_on,
+    image_argument,
     print_json,
     read_stdin_image,
     relabel,
@@ -308,10 +309,10 @@ def _ask(args: argparse.Namespace) -> int:
     gen = _gen_kwargs(args)
     stdin = check_stdin([args.image])
     with service_from_args(args, remote=True) as service:
-        image = read_stdin_image(service.settings) if stdin else as_cli_image(args.image)
+        image, source = image_argument(service, args.image, stdin=stdin)
         result = service.answer(image, args.question, **gen)
-    if stdin:
-        result = relabel(result, STDIN_LABEL)
+    if source is not None:
+        result = relabel(result, source)
     if args.json:
         print_json(result.model_dump_json(indent=2))
     else:
