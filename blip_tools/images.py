@@ -42,7 +42,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from blip_tools import _fetch
+from blip_tools import _fetch, _prepare
 from blip_tools.errors import (
     BlipError,
     ImageTooLarge,
@@ -346,7 +346,8 @@ def _bytes_from_str(ref: str, kind: str, settings: BlipSettings, source: str) ->
                 f"Image URLs are disabled ({source}). Enable them with BLIP_ALLOW_URLS=true (or --allow-urls), "
                 "or download the image and pass a file path or base64 data."
             )
-        return _fetch.fetch_url(text, max_bytes=settings.max_image_bytes, timeout_s=settings.url_timeout_s)
+        with _prepare.blocking():  # a download: other images go on being prepared meanwhile
+            return _fetch.fetch_url(text, max_bytes=settings.max_image_bytes, timeout_s=settings.url_timeout_s)
     return _read_file(Path(ref), settings, source)
 
 

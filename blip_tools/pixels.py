@@ -2,7 +2,7 @@
 
 The transformers processor validates its keyword arguments, round-trips the image through numpy and PIL and
 normalises channel by channel on every call: about 0.5 ms of Python per image, paid by every request in the
-caller threads (where, under the GIL, it competes with the model worker). For the common configuration (PIL
+preparation threads (where, under the GIL, it competes with the model worker). For the common configuration (PIL
 backend, fixed height × width resize, rescale, normalise) `fast_pixels` returns a function doing the same
 arithmetic in the same dtypes, so the tensors are bit-identical; any other configuration keeps the processor.
 """

@@ -1,7 +1,8 @@
 """Model I/O: load BLIP-2 checkpoints and run batched captioning, VQA, embeddings and ITM.
 
 This is the only module that touches `transformers` models. Every batch method is called from the batcher's
-single worker thread; preprocessing (`preprocess_*`, `encode_prompt`) is called from caller threads.
+single worker thread; preprocessing (`preprocess`, `encode_prompt`) from the preparation pool or a batch call's
+thread.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from . import _prepare
 from .errors import BlipError, CapabilityUnavailable, InvalidInput, ModelNotAvailable
 from .params import GenerationParams
 from .pixels import PixelFn, processor_pixels
@@ -434,9 +436,13 @@ class Blip2Runtime:
         retries to fail) would try once more in turn, and the last caller would wait for all of them. A call
         that arrives after a failure tries again, so a checkpoint fixed meanwhile loads without a restart.
         """
+        loaded = current()
+        if loaded is not None:
+            return loaded
         started, ended = self._attempts[kind]
         waited_for = started if started > ended else None  # an attempt in progress, which holds the lock
-        with self._lock:
+        # A load, or the wait for one, takes seconds to minutes: other preparation jobs go on meanwhile.
+        with _prepare.blocking(), self._lock:
             loaded = current()
             if loaded is not None:
                 return loaded

@@ -1,7 +1,8 @@
 """`Blip2Service`: the one model owner per process. Typed requests → DynamicBatcher → runtime → typed results.
 
-Callers' threads decode and preprocess images (so a bad image fails alone and CPU work overlaps the model);
-one worker thread runs batches. Sync methods block the calling thread; async twins await without blocking
+A process-wide pool sized to the CPUs (`_prepare`) decodes and preprocesses the images of single calls, sync and
+async alike, and batch calls' images in the caller's thread (so a bad image fails alone and CPU work overlaps the
+model); one worker thread runs batches. Sync methods block the calling thread; async twins await without blocking
 the event loop, and cancelling the awaiting task cancels the queued request.
 """
 
@@ -11,11 +12,8 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import contextvars
 import functools
 import logging
-import os
-import queue
 import threading
 import time
 import weakref
@@ -23,6 +21,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
+from . import _prepare
 from .batching import BatchEvent, DynamicBatcher
 from .errors import BlipError, InferenceError, InvalidInput, Overloaded, ServiceClosed
 from .grounding import LocateResult, build_locate_result, gradcam_batch
@@ -51,9 +50,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _CLOSED = "The blip-tools service is closed; create a new one or restart the server."
-
-_prepare_pool: _DaemonPool | None = None
-_prepare_pool_lock = threading.Lock()
 
 
 class _Mailbox:
@@ -110,64 +106,13 @@ def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
     return box
 
 
-class _DaemonPool:
-    """A thread pool of daemon threads: work waiting in it never holds up the end of the process.
-
-    The async calls' preparation may wait for a model that is still loading (minutes for a real checkpoint, more
-    for a first download). `ThreadPoolExecutor` joins its threads when the interpreter exits (as asyncio does with
-    its default executor when the loop closes), so Ctrl-C or SIGTERM during a load left the process running
-    until the load was done. Threads start on demand, up to `max_workers`, and stay for the next job.
-    """
-
-    def __init__(self, max_workers: int, name: str) -> None:
-        self._max_workers = max_workers
-        self._name = name
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads = 0
-        self._idle = 0  # threads done with their job and not yet promised another
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        """Run `fn()` on a pool thread (in a copy of the caller's context); its exceptions are logged."""
-        self._jobs.put(functools.partial(contextvars.copy_context().run, fn))
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-                return
-            if self._threads >= self._max_workers:
-                return  # the next thread to finish takes it
-            self._threads += 1
-            name = f"{self._name}_{self._threads - 1}"
-        threading.Thread(target=self._work, name=name, daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                job()
-            except BaseException:
-                logger.exception("blip-tools: a preparation job failed")
-            # Not kept while waiting for the next job: it may hold a private service that is otherwise dropped.
-            del job
-            with self._lock:
-                self._idle += 1
-
-
 def _prepare_in_thread(fn: Callable[[], None]) -> None:
-    """Run `fn` on the process-wide thread pool that decodes and preprocesses images for the async calls.
+    """Run `fn` on the process-wide preparation pool (`blip_tools._prepare`).
 
     Not `loop.run_in_executor`: its asyncio future would wake the event loop once more per request, only to
-    record that `fn` returned (`fn` reports to the loop itself). Sized like asyncio's default executor; daemon
-    threads (see `_DaemonPool`).
+    record that `fn` returned (`fn` reports to the loop itself).
     """
-    global _prepare_pool
-    pool = _prepare_pool
-    if pool is None:
-        with _prepare_pool_lock:
-            if _prepare_pool is None:
-                _prepare_pool = _DaemonPool(min(32, (os.cpu_count() or 1) + 4), "blip-prepare")
-            pool = _prepare_pool
-    pool.submit(fn)
+    _prepare.pool().submit(fn)
 
 
 def _settle(waiter: asyncio.Future[Any], exc: BaseException | None, value: Any) -> None:
@@ -417,38 +362,34 @@ class Blip2Service:
         except concurrent.futures.CancelledError as exc:
             raise BlipError("The request was cancelled before it ran.") from exc
 
-    async def _arequest(self, prepare: Callable[[], tuple[Hashable, Any, T]]) -> tuple[_Outcome, T]:
-        """Run `prepare` in a worker thread, submit its request from there, and await the outcome.
+    def _start_request(
+        self,
+        prepare: Callable[[], tuple[Hashable, Any, T]],
+        settle: Callable[[BaseException | None, tuple[_Outcome, T] | None], None],
+    ) -> Callable[[], None]:
+        """Run `prepare` on the preparation pool, submit its request from there, and `settle` once with the outcome.
 
-        Returns the outcome with `prepare`'s extra (image info). The thread submits as soon as its image is
-        ready, not when the event loop next resumes this task (with many callers, or a busy MCP server, that is
-        later: 32 asyncio callers on the tiny model filled batches of 29-30 instead of 31), and the outcome
-        reaches the loop in one callback, so the task wakes once per request rather than also when preparation
-        ends (about 9 % more throughput for those callers). If this task is cancelled meanwhile, the request is
-        cancelled if it was submitted, and never submitted if it was not. The waiter is always settled, unless
-        the task has gone.
+        `settle(exc, None)` or `settle(None, (outcome, extra))`, where extra is `prepare`'s third value (image
+        info); it is called from a pool thread or the model's worker, and exactly once unless the request is
+        abandoned before it was submitted. The thread submits as soon as its image is ready (with 32 asyncio
+        callers, waiting for their task to resume first filled batches of 29-30 instead of 31), and the caller
+        wakes once per request, when its result is ready. Returns `abandon()`: the request is cancelled if it
+        was submitted, and never submitted if it was not.
         """
-        loop = asyncio.get_running_loop()
-        mailbox = _mailbox(loop)
-        waiter: asyncio.Future[tuple[_Outcome, T]] = loop.create_future()
         lock = threading.Lock()
         submitted: list[concurrent.futures.Future[_Outcome]] = []
         abandoned = False
-
-        def post(exc: BaseException | None, value: tuple[_Outcome, T] | None = None) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
-                mailbox.post(_settle, waiter, exc, value)
 
         def deliver(extra: T, future: concurrent.futures.Future[_Outcome]) -> None:  # when the batch is done
             try:
                 # Not `self._wait`: the future keeps this callback, and must not keep the service alive.
                 outcome = Blip2Service._wait(future)  # done already: maps a cancelled request as the sync calls do
             except BaseException as exc:
-                post(exc)
+                settle(exc, None)
             else:
-                post(None, (outcome, extra))
+                settle(None, (outcome, extra))
 
-        def run() -> None:  # in a worker thread
+        def run() -> None:  # on a pool thread
             try:
                 key, payload, extra = prepare()
                 with lock:
@@ -457,18 +398,63 @@ class Blip2Service:
                     future = self._submit(key, payload)
                     submitted.append(future)
             except BaseException as exc:  # bad input, overload, a closed service: the caller gets it
-                post(exc)
+                settle(exc, None)
                 return
             future.add_done_callback(functools.partial(deliver, extra))
 
-        _prepare_in_thread(run)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
+        def abandon() -> None:
+            nonlocal abandoned
             with lock:
                 abandoned = True
             for future in submitted:
                 future.cancel()
+
+        _prepare_in_thread(run)
+        return abandon
+
+    def _request(self, prepare: Callable[[], tuple[Hashable, Any, T]]) -> tuple[_Outcome, T]:
+        """A sync call: prepare on the pool (see `_prepare`), submit, and wait for the outcome and `prepare`'s extra."""
+        if _prepare.in_pool_thread():  # waiting on the pool from one of its own threads could wait forever
+            key, payload, extra = prepare()
+            return self._wait(self._submit(key, payload)), extra
+        done = threading.Lock()  # held until settled: lighter than a Future's condition, for one waiter
+        done.acquire()
+        box: list[Any] = []
+
+        def settle(exc: BaseException | None, value: tuple[_Outcome, T] | None) -> None:
+            box.append((exc, value))
+            done.release()
+
+        abandon = self._start_request(prepare, settle)
+        try:
+            done.acquire()
+        except BaseException:  # Ctrl-C while waiting
+            abandon()
+            raise
+        exc, value = box[0]
+        if exc is not None:
+            raise exc
+        return cast(tuple[_Outcome, T], value)
+
+    async def _arequest(self, prepare: Callable[[], tuple[Hashable, Any, T]]) -> tuple[_Outcome, T]:
+        """The async `_request`: the outcome reaches the loop through its mailbox, one wake-up per batch.
+
+        If this task is cancelled meanwhile, the request is abandoned. The waiter is always settled, unless the
+        task has gone.
+        """
+        loop = asyncio.get_running_loop()
+        mailbox = _mailbox(loop)
+        waiter: asyncio.Future[tuple[_Outcome, T]] = loop.create_future()
+
+        def settle(exc: BaseException | None, value: tuple[_Outcome, T] | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+                mailbox.post(_settle, waiter, exc, value)
+
+        abandon = self._start_request(prepare, settle)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            abandon()
             raise
 
     @staticmethod
@@ -544,8 +530,8 @@ class Blip2Service:
     ) -> CaptionResult:
         """Caption one image; with `prompt`, continue that text (prompted captioning)."""
         began = time.monotonic()
-        key, item, info, _ = self._prepare_generation(CAPTION, image, prompt, params, gen)
-        return self._caption_result(self._wait(self._submit(key, item)), info, prompt, began)
+        outcome, info = self._request(lambda: self._prepare_generation(CAPTION, image, prompt, params, gen)[:3])
+        return self._caption_result(outcome, info, prompt, began)
 
     async def acaption(
         self, image: ImageInput, prompt: str | None = None, *, params: GenerationParams | None = None, **gen: Any
@@ -560,8 +546,8 @@ class Blip2Service:
     ) -> AnswerResult:
         """Answer a question about one image (prompt `Question: {q} Answer:`)."""
         began = time.monotonic()
-        key, item, info, _ = self._prepare_generation(ANSWER, image, question, params, gen)
-        return self._answer_result(self._wait(self._submit(key, item)), info, question, began)
+        outcome, info = self._request(lambda: self._prepare_generation(ANSWER, image, question, params, gen)[:3])
+        return self._answer_result(outcome, info, question, began)
 
     async def aanswer(
         self, image: ImageInput, question: str, *, params: GenerationParams | None = None, **gen: Any
@@ -931,8 +917,8 @@ class Blip2Service:
         """How well each text matches the image: ITC cosine similarity and ITM probability."""
         began = time.monotonic()
         texts = _score_texts(texts)
-        key, payload, info = self._prepare_score(image, texts)
-        return self._score_result(self._wait(self._submit(key, payload)), texts, info, began)
+        outcome, info = self._request(lambda: self._prepare_score(image, texts))
+        return self._score_result(outcome, texts, info, began)
 
     async def ascore(self, image: ImageInput, texts: Sequence[str]) -> ScoreResult:
         """Async `score`."""
@@ -1011,8 +997,8 @@ class Blip2Service:
     def locate(self, image: ImageInput, text: str) -> LocateResult:
         """Where `text` matches in the image: ITM Grad-CAM heatmap (image size, [0, 1]), peak and box."""
         began = time.monotonic()
-        key, payload, loaded = self._prepare_locate(image, text)
-        return self._locate_result(self._wait(self._submit(key, payload)), loaded, text, began)
+        outcome, loaded = self._request(lambda: self._prepare_locate(image, text))
+        return self._locate_result(outcome, loaded, text, began)
 
     async def alocate(self, image: ImageInput, text: str) -> LocateResult:
         """Async `locate`."""

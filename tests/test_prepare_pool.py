@@ -1,0 +1,248 @@
+"""The preparation pool: at most `slots` jobs use the CPU at once, and a job that waits (a download, a model
+load) lets the others go on, so one slow URL or a loading model never holds up other callers' images."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from blip_tools import Blip2Service, BlipSettings, _prepare
+from blip_tools._prepare import PreparePool, blocking
+
+WAIT_S = 10.0
+
+
+class _Meter:
+    """Counts jobs running at once (outside `blocking()`), and the most seen."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+        self.done = 0
+
+    def job(self, seconds: float = 0.05) -> Callable[[], None]:
+        def run() -> None:
+            with self._lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(seconds)  # a CPU job's duration; not marked as waiting
+            with self._lock:
+                self.now -= 1
+                self.done += 1
+
+        return run
+
+    def wait_done(self, count: int) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while self.done < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.done == count, f"{self.done} of {count} jobs ran within {WAIT_S} s"
+
+
+def test_at_most_slots_jobs_run_at_once_and_all_of_them_run() -> None:
+    pool = PreparePool(2, "test-slots")
+    meter = _Meter()
+    for _ in range(8):
+        pool.submit(meter.job())
+    meter.wait_done(8)
+    assert meter.most == 2
+
+
+def test_a_job_waiting_in_blocking_lets_the_next_job_run_and_the_limit_holds_again_after() -> None:
+    pool = PreparePool(1, "test-blocking")
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def waits() -> None:
+        with blocking():
+            entered.set()
+            release.wait(WAIT_S)
+        finished.set()
+
+    pool.submit(waits)
+    assert entered.wait(WAIT_S)
+    meter = _Meter()
+    pool.submit(meter.job(0.0))
+    meter.wait_done(1)  # ran while the first job still waits
+    assert not finished.is_set()
+    release.set()
+    assert finished.wait(WAIT_S)
+    for _ in range(6):  # the thread that stood in for the waiting one does not stay as an extra slot
+        pool.submit(meter.job())
+    meter.wait_done(7)
+    assert meter.most == 1
+
+
+def test_max_threads_bounds_the_jobs_waiting_at_once() -> None:
+    pool = PreparePool(1, "test-max", max_threads=2)
+    release = threading.Event()
+    waiting = threading.Semaphore(0)
+
+    def waits() -> None:
+        with blocking():
+            waiting.release()
+            release.wait(WAIT_S)
+
+    pool.submit(waits)
+    pool.submit(waits)
+    assert waiting.acquire(timeout=WAIT_S) and waiting.acquire(timeout=WAIT_S)
+    meter = _Meter()
+    pool.submit(meter.job(0.0))
+    time.sleep(0.3)
+    assert meter.done == 0  # both threads wait: the third job waits for one of them
+    release.set()
+    meter.wait_done(1)
+
+
+def test_blocking_outside_a_pool_thread_and_nested_does_nothing() -> None:
+    with blocking(), blocking():
+        pass
+    pool = PreparePool(1, "test-nested")
+    meter = _Meter()
+    seen: list[int] = []
+
+    def nested() -> None:
+        with blocking():
+            with blocking():
+                pass
+            seen.append(1)
+
+    pool.submit(nested)
+    for _ in range(4):
+        pool.submit(meter.job())
+    meter.wait_done(4)
+    assert seen == [1] and meter.most == 1
+
+
+# ---------------------------------------------------------------------------------------------- in the service
+
+
+@pytest.fixture
+def one_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's preparation pool with one slot, as on a 2-core machine, whatever this one has."""
+    monkeypatch.setattr(_prepare, "_pool", PreparePool(1, "blip-prepare-test"))
+    yield
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # the test reads it
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_slow_download_does_not_hold_up_other_callers_images(
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blip_tools import _fetch
+
+    started, release = threading.Event(), threading.Event()
+    data = _png(make_image(1))
+
+    def slow_fetch(url: str, **kwargs: Any) -> bytes:
+        started.set()
+        release.wait(WAIT_S)
+        return data
+
+    monkeypatch.setattr(_fetch, "fetch_url", slow_fetch)
+    with Blip2Service(settings.model_copy(update={"allow_urls": True})) as svc:
+        svc.caption(make_image(2), max_new_tokens=3)  # the model is loaded
+        thread, out = _in_thread(lambda: svc.caption("https://example.com/a.png", max_new_tokens=3))
+        assert started.wait(WAIT_S)
+        began = time.monotonic()
+        svc.caption(make_image(3), max_new_tokens=3)
+        assert time.monotonic() - began < WAIT_S / 2
+        assert thread.is_alive()  # the download still waits
+        release.set()
+        thread.join(WAIT_S)
+        assert out and out[0].caption == svc.caption(make_image(1), max_new_tokens=3).caption
+
+
+def test_a_model_loading_does_not_hold_up_callers_of_a_loaded_one(
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: None
+) -> None:
+    with Blip2Service(settings) as svc:
+        svc.caption(make_image(1), max_new_tokens=3)
+        loading, release = threading.Event(), threading.Event()
+        load = svc.runtime._load_retrieval
+
+        def slow_load() -> Any:
+            loading.set()
+            release.wait(WAIT_S)
+            return load()
+
+        svc.runtime._load_retrieval = slow_load  # type: ignore[method-assign]
+        thread, out = _in_thread(lambda: svc.score(make_image(2), ["a photo"]))
+        assert loading.wait(WAIT_S)
+        began = time.monotonic()
+        svc.caption(make_image(3), max_new_tokens=3)
+        assert time.monotonic() - began < WAIT_S / 2
+        release.set()
+        thread.join(WAIT_S)
+        assert out and out[0].best == "a photo"
+
+
+def test_a_sync_call_made_on_a_preparation_thread_runs_there(
+    service: Blip2Service, make_image: Callable[..., Any], one_slot: None
+) -> None:
+    """Waiting for the pool from its only thread would wait forever."""
+    done = threading.Event()
+    out: list[str] = []
+
+    def job() -> None:
+        out.append(service.caption(make_image(4), max_new_tokens=3).caption)
+        done.set()
+
+    _prepare.pool().submit(job)
+    assert done.wait(WAIT_S)
+    assert out == [service.caption(make_image(4), max_new_tokens=3).caption]
+
+
+def test_sync_callers_errors_and_images_reach_them_from_the_pool(
+    service: Blip2Service, make_image: Callable[..., Any], one_slot: None
+) -> None:
+    """The preparation moved to the pool; what a sync caller sees did not change."""
+    from blip_tools import InvalidImage, InvalidInput
+
+    with pytest.raises(InvalidImage, match="not found"):
+        service.caption("/no/such/image.png")
+    with pytest.raises(InvalidInput, match="max_new_tokens"):
+        service.caption(make_image(5), max_new_tokens=0)
+    result = service.answer(make_image(5), "what is it?", max_new_tokens=3)
+    assert result.image.width == 48 and result.image.height == 40
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
+def test_a_forked_child_gets_a_pool_of_its_own() -> None:
+    """The parent's pool threads are not in the child: a job submitted there must still run."""
+    import os
+
+    ran = threading.Event()
+    _prepare.pool().submit(ran.set)
+    assert ran.wait(WAIT_S)  # the parent's pool has threads now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if a job runs
+        child_ran = threading.Event()
+        _prepare.pool().submit(child_ran.set)
+        os._exit(0 if child_ran.wait(5.0) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
