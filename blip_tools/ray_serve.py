@@ -273,7 +273,7 @@ def build_app(settings: BlipSettings, config: RayServeConfig | None = None) -> A
         "route_prefix": config.route_prefix,
         "name": config.name,
     }
-    return deployment.bind(settings.model_dump(mode="json"), config_dict)
+    return deployment.bind(settings.for_server().model_dump(mode="json"), config_dict)  # replicas serve for good
 
 
 def run(settings: BlipSettings, config: RayServeConfig | None = None, *, blocking: bool = False) -> Any:

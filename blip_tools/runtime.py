@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import logging
 import math
@@ -452,7 +453,10 @@ class Blip2Runtime:
             counts = self._attempts[kind]
             counts[0] += 1
             try:
-                return load()
+                loaded = load()
+                if self.settings.gc_freeze:
+                    gc.freeze()  # the model and the libraries stay: full collections need not walk them again
+                return loaded
             except BlipError as exc:
                 self._failed[kind] = (counts[0], exc)
                 raise

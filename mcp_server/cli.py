@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     from blip_tools.settings import BlipSettings
 
     try:
-        settings = BlipSettings(**settings_kwargs(args))
+        settings = BlipSettings(**settings_kwargs(args)).for_server()
     except ValidationError as exc:
         logger.error("%s", settings_error(exc))
         return 2
