@@ -15,8 +15,10 @@ import contextvars
 import functools
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,31 @@ _MAX_THREADS = 32
 """Most threads, those waiting in `blocking()` included: at most this many URL fetches run at once."""
 
 _local = threading.local()
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """In the main thread, a Ctrl-C that comes while the pool's books are open is raised once they are closed.
+
+    A sync call submits from its caller's thread: in a script or a notebook, the main thread, where Ctrl-C raises
+    `KeyboardInterrupt` at whatever line runs. Raised inside `submit`, it could leave the pool's lock held, or a
+    slot counted to a thread never started, and every later call of the process would wait for good.
+    """
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        yield  # other threads get no KeyboardInterrupt; a C-level handler (ignore, default) raises nothing
+        return
+    pending: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)  # to the handler that was there, now the books are closed
 
 
 class PreparePool:
@@ -53,8 +80,9 @@ class PreparePool:
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Run `fn()` on a pool thread, in a copy of the caller's context; its exceptions are logged."""
-        with self._cond:
-            self._jobs.append(functools.partial(contextvars.copy_context().run, fn))
+        job = functools.partial(contextvars.copy_context().run, fn)
+        with _ctrl_c_deferred(), self._cond:
+            self._jobs.append(job)
             started = self._wake_locked()
             if started is None and self._threads == 0:  # no thread at all will ever run it
                 self._jobs.pop()
@@ -81,6 +109,13 @@ class PreparePool:
             logger.warning("%s: could not start another thread", self._name, exc_info=True)
             return None
         return True
+
+    def stalled(self) -> bool:
+        """Whether a job submitted now would wait for one in `blocking()`: every thread may wait there, none may start.
+
+        Read without the lock: a hint for a sync caller, which then prepares in its own thread.
+        """
+        return self._running < self._slots and not self._idle and self._threads >= self._max_threads
 
     def _work(self) -> None:
         _local.pool = self
@@ -117,9 +152,10 @@ _pool_lock = threading.Lock()
 
 def _forget_pool() -> None:
     """In a forked child: the parent's pool threads do not exist there, so the next job makes a new pool."""
-    global _pool, _pool_lock
+    global _pool, _pool_lock, _local
     _pool = None
     _pool_lock = threading.Lock()
+    _local = threading.local()  # forked from a pool thread: this thread is not one of the new pool's
 
 
 if hasattr(os, "register_at_fork"):

@@ -455,6 +455,7 @@ class Blip2Runtime:
             try:
                 loaded = load()
                 if self.settings.gc_freeze:
+                    gc.collect()  # the load's own cyclic garbage is freed, not frozen
                     gc.freeze()  # the model and the libraries stay: full collections need not walk them again
                 return loaded
             except BlipError as exc:

@@ -409,12 +409,18 @@ class Blip2Service:
             for future in submitted:
                 future.cancel()
 
-        _prepare_in_thread(run)
+        try:
+            _prepare_in_thread(run)
+        except BaseException:  # Ctrl-C as the job was handed over (raised once the pool's books were closed)
+            abandon()
+            raise
         return abandon
 
     def _request(self, prepare: Callable[[], tuple[Hashable, Any, T]]) -> tuple[_Outcome, T]:
         """A sync call: prepare on the pool (see `_prepare`), submit, and wait for the outcome and `prepare`'s extra."""
-        if _prepare.in_pool_thread():  # waiting on the pool from one of its own threads could wait forever
+        # On a pool thread, waiting for the pool could wait forever; with every pool thread waiting on a download or a
+        # model load, a caller of a loaded model would wait for them: prepare here, as before the pool.
+        if _prepare.in_pool_thread() or _prepare.pool().stalled():
             key, payload, extra = prepare()
             return self._wait(self._submit(key, payload)), extra
         done = threading.Lock()  # held until settled: lighter than a Future's condition, for one waiter
