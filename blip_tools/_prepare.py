@@ -36,8 +36,13 @@ def _ctrl_c_deferred() -> Iterator[None]:
     `KeyboardInterrupt` at whatever line runs. Raised inside `submit`, it could leave the pool's lock held, or a
     slot counted to a thread never started, and every later call of the process would wait for good.
     """
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
-        yield  # other threads get no KeyboardInterrupt; a C-level handler (ignore, default) raises nothing
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        # Other threads get no KeyboardInterrupt, and other handlers (asyncio's, a server's) do not raise: swapping
+        # theirs out could deliver one Ctrl-C twice (once through the loop's wake-up fd, once re-raised).
+        yield
         return
     pending: list[int] = []
 

@@ -145,15 +145,11 @@ def test_ctrl_c_landing_while_a_caller_hands_a_job_to_the_pool_does_not_wedge_it
     pool = PreparePool(1, "audit-ctrl-c")
     armed = False
 
-    def ctrl_c(signum: int, frame: Any) -> None:  # as `signal.default_int_handler`, while `submit` runs
-        if armed:
-            raise KeyboardInterrupt
-
-    def press_ctrl_c(signum: int, frame: Any) -> None:
+    def press_ctrl_c(signum: int, frame: Any) -> None:  # Ctrl-C only while `submit` runs
         if armed:
             signal.raise_signal(signal.SIGINT)
 
-    previous = signal.signal(signal.SIGALRM, press_ctrl_c), signal.signal(signal.SIGINT, ctrl_c)
+    previous = signal.signal(signal.SIGALRM, press_ctrl_c), signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.setitimer(signal.ITIMER_REAL, 0.00003, 0.00003)
     interrupted = 0
     try:
