@@ -154,7 +154,9 @@ def load_image(ref: ImageInput, settings: BlipSettings) -> LoadedImage:
     except BlipError as exc:
         logger.debug("image %s refused: %s", source, exc)
         raise
-    info = ImageInfo(source=source, width=image.width, height=image.height, sha256=pixel_hash(image))
+    with _prepare.gil_free(image.width * image.height):
+        sha256 = pixel_hash(image)
+    info = ImageInfo(source=source, width=image.width, height=image.height, sha256=sha256)
     return LoadedImage(image=image, info=info)
 
 
@@ -559,7 +561,7 @@ def _decode(data: bytes, settings: BlipSettings, source: str) -> Image.Image:
         raise InvalidImage(_unidentified_message(data, source)) from exc
     except Exception as exc:  # Pillow's plugins raise many types on hostile headers
         raise InvalidImage(f"The image {source} has a corrupt header ({type(exc).__name__}).") from exc
-    with im:
+    with im, _prepare.gil_free(im.width * im.height):
         _check_pixels(im.width, im.height, settings, source)
         try:
             im.load()  # first frame only: animated GIF/WebP/APNG are never iterated

@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._prepare import gil_free
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -62,8 +64,9 @@ def fast_pixels(image_processor: Any) -> PixelFn | None:
     channel = np.arange(3)[:, None, None]
 
     def pixels(image: Image.Image) -> torch.Tensor:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        resized = np.asarray(rgb.resize((width, height), resample=resample))  # (H, W, 3) uint8
+        with gil_free(image.width * image.height):
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            resized = np.asarray(rgb.resize((width, height), resample=resample))  # (H, W, 3) uint8
         return torch.from_numpy(table[channel, resized.transpose(2, 0, 1)])[None]
 
     return pixels

@@ -246,3 +246,26 @@ def test_a_forked_child_gets_a_pool_of_its_own() -> None:
         os._exit(0 if child_ran.wait(5.0) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_photos_decode_hash_and_resize_give_up_the_slot_and_a_small_images_do_not(
+    service: Blip2Service, make_image: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long GIL-free C work on a large image runs outside the slot limit, so photos are decoded several at a time;
+    a small image's short C calls keep the slot (more threads would only take turns on the GIL)."""
+    import contextlib
+
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def recording() -> Iterator[None]:
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(_prepare, "blocking", recording)
+    service.caption(_png(make_image(6, (48, 40))), max_new_tokens=3)
+    assert entered == []
+    big = make_image(7, (400, 300))
+    assert big.width * big.height >= _prepare.GIL_FREE_PIXELS
+    service.caption(_png(big), max_new_tokens=3)
+    assert len(entered) == 3  # the decode, the pixel hash and the resize
