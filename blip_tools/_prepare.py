@@ -203,8 +203,8 @@ def gil_free(pixels: int) -> contextlib.AbstractContextManager[None]:
     A photo's decode, hash and resize are long C calls that release the GIL, and as many threads as CPUs cannot
     keep the CPUs busy with them (the Python between them holds the GIL): with its slot given up meanwhile, more
     images are decoded at once. A small image's C calls are short, and it keeps its slot (more threads only take
-    turns). 32 callers on 2 CPUs, 1920x1080 JPEGs: 52 images/s without this, 82 with it (82-85 with a thread
-    per caller, before the pool); 640x480: 307-314 against 317-331.
+    turns). 32 callers on 2 CPUs, 1920x1080 JPEGs: 52 images/s with one slot and without this, 82 with two slots
+    and this (78-85 with a thread per caller, before the pool); 640x480: 307-314 against 317-331.
     """
     return blocking() if pixels >= GIL_FREE_PIXELS else contextlib.nullcontext()
 
