@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import random
 import threading
@@ -134,6 +135,12 @@ def _closed_loop_async(
     return asyncio.run(run()), latencies
 
 
+def _offline(svc: Blip2Service, images: Sequence[Any], n: int, gen: dict[str, Any]) -> None:
+    """B1's "offline" mode: the same images through the service's batch API, `n` per `caption_batch` call."""
+    for j in range(0, len(images), n):
+        svc.caption_batch(images[j : j + n], **gen)
+
+
 def _items(rt: Blip2Runtime, images: Sequence[Any], tag: str) -> list[GenerationItem]:
     prompt = rt.encode_prompt(None)
     return [GenerationItem(rt.preprocess(img, f"{tag}-{i}"), prompt) for i, img in enumerate(images)]
@@ -214,14 +221,10 @@ def b1_closed_loop(ctx: BenchContext) -> ScenarioResult:
                 for j in range(0, len(items), n):
                     rt.generate(items[j : j + n], params)
 
-            def offline(svc: Blip2Service = off, images: list[Any] = images, n: int = n) -> None:
-                for j in range(0, len(images), n):
-                    svc.caption_batch(images[j : j + n], **gen)
-
             latencies: dict[str, list[float]] = {"dynamic": [], "dynamic_async": []}
             for _ in range(rounds):
                 walls["runtime_bound"].append(timed(runtime_bound)[0])
-                walls["offline"].append(timed(offline)[0])
+                walls["offline"].append(timed(functools.partial(_offline, off, images, n, gen))[0])
                 wall, lat = _closed_loop(dyn, images, n, per, gen)
                 walls["dynamic"].append(wall)
                 latencies["dynamic"] += lat
@@ -319,13 +322,8 @@ def _photo_note(ctx: BenchContext, callers: int = 32, per: int = 4, rounds: int 
     walls: dict[str, list[float]] = {"offline": [], "dynamic": [], "dynamic_async": []}
     with ctx.service(max_batch_size=callers) as svc:
         svc.caption_batch(photos[:callers], **gen)  # warm-up
-
-        def offline() -> None:
-            for j in range(0, len(photos), callers):
-                svc.caption_batch(photos[j : j + callers], **gen)
-
         for _ in range(rounds):
-            walls["offline"].append(timed(offline)[0])
+            walls["offline"].append(timed(functools.partial(_offline, svc, photos, callers, gen))[0])
             walls["dynamic"].append(_closed_loop(svc, photos, callers, per, gen)[0])
             walls["dynamic_async"].append(_closed_loop_async(svc, photos, callers, per, gen)[0])
     rate = {mode: len(photos) / median(w) for mode, w in walls.items()}
