@@ -194,6 +194,12 @@ def test_a_session_client_that_drops_a_call_cancels_it(session_server: str, chur
                 poll(lambda: churn_service.stats().queue_depth >= 2, what="both calls queued")
             # The client is gone: both connections closed, with the calls still queued behind the blocker.
             poll(seen.is_set, what="the server-side handler to be cancelled")
+            # Each connection's call is cancelled on its own, and `seen` tells of the first only: wait for both before
+            # the blocker ends, or the worker may take the second into a batch.
+            poll(
+                lambda: sum(p.future.cancelled() for p in list(churn_service._batcher._pending)) == 2,
+                what="both queued requests to be cancelled",
+            )
         poll(lambda: churn_service.stats().queue_depth == 0, what="the queue to drain")
         after = churn_service.stats()
         assert after.cancelled - before.cancelled == 2

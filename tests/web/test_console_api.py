@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+from typing import Any
 
-from _web_testlib import SHAPES, WebServer, png_bytes, shape_image
+from _web_testlib import SHAPES, WebServer, png_bytes, poll, shape_image
 from PIL import Image
 
 
@@ -142,7 +143,14 @@ def test_dashboard_series_follow_requests(web_server: WebServer) -> None:
         for i in range(3):
             r = http.post("/ui/api/caption?max_new_tokens=4", content=png_bytes(shape_image(i)), headers=srv.headers())
             assert r.status_code == 200
-        data = http.get("/ui/api/dashboard", params={"window": 60}, headers=srv.headers()).json()
+
+        def dashboard() -> Any:
+            return http.get("/ui/api/dashboard", params={"window": 60}, headers=srv.headers()).json()
+
+        # The live series come from the batch listener, which the worker calls just after delivering a batch's
+        # results: the last caption's batch may not be in them yet.
+        poll(lambda: sum(p["throughput"] for p in dashboard()["live"]["series"]) >= 3, what="the live series")
+        data = dashboard()
     live = data["live"]
     assert data["status"] == "ok" and data["stats"]["requests"] >= 3
     assert len(live["series"]) == 60

@@ -91,6 +91,12 @@ def test_counters_and_histograms_move_after_console_requests(web_server: WebServ
         responses = list(pool.map(lambda i: caption_upload(srv, i), range(4)))
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     assert all(r.json()["caption"] is not None for r in responses)
+    # The histograms come from the batch listener, which the worker calls just after delivering the batch's results:
+    # wait until it has observed all four requests (a batch's request durations are observed last).
+    poll(
+        lambda: srv.sample("blip_request_duration_seconds_count", caption) >= before["duration_count"] + 4,
+        what="the batch listener to observe the four requests",
+    )
 
     assert srv.sample("blip_requests_total", caption) == before["requests"] + 4
     assert srv.sample("blip_completed_requests_total") >= before["completed"] + 4
