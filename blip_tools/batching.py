@@ -752,14 +752,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._run(handler, key, batch[middle:], retried=True)
                 return
             request = batch[0]
+            event = self._count(key, batch, waits, exec_s, failed=1, retried=retried)  # before its caller hears
             self._start_delivery()
             self._set_exception(request, _as_request_error(exc, oom=oom))
-            self._notify(self._count(key, batch, waits, exec_s, failed=1, retried=retried))
+            self._notify(event)
             return
         exec_s = time.monotonic() - start
         size = self._result_length(out)
         if size != len(batch):
             shown = "a non-sequence" if size is None else f"{size} results"
+            event = self._count(key, batch, waits, exec_s, failed=len(batch), retried=retried)
             self._start_delivery()
             for request in batch:
                 self._set_exception(
@@ -769,10 +771,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         "(it must return one result per request, in order); this is a bug in the handler"
                     ),
                 )
-            self._notify(self._count(key, batch, waits, exec_s, failed=len(batch), retried=retried))
+            self._notify(event)
             return
-        # Count the batch before resolving its futures, so a caller reading stats() right after its result
-        # already sees the batch that produced it.
+        # Count the batch before resolving its futures, so a caller reading stats() right after its result (or its
+        # error, on every path) already sees the batch that produced it. Listeners are told after delivery.
         failed = sum(1 for result in out if isinstance(result, BaseException))
         event = self._count(key, batch, waits, exec_s, failed=failed, retried=retried)
         self._start_delivery()
@@ -881,7 +883,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     def _expire(self, request: _Pending[ItemT, ResultT], now: float) -> None:
         waited = now - request.enqueued
-        self._set_raw_exception(
+        with self._cond:
+            self._expired += 1  # counted first, like every outcome: stats() read after the error must include it
+        expired = self._set_raw_exception(
             request,
             RequestTimeout(
                 f"the request waited {waited:.2f} s in the queue, past its {request.timeout_s} s deadline, "
@@ -889,8 +893,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 "BLIP_REQUEST_TIMEOUT_S"
             ),
         )
-        with self._cond:
-            self._expired += 1
+        if not expired:
+            with self._cond:
+                self._expired -= 1
 
     def _pop_head(self) -> list[_Pending[ItemT, ResultT]]:
         with self._cond:
@@ -906,9 +911,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         for request in requests:
             if not self._claim(request):
                 continue
-            if self._set_raw_exception(request, ServiceClosed(message)):
+            with self._cond:
+                self._dropped += 1  # counted first, like every outcome
+            if not self._set_raw_exception(request, ServiceClosed(message)):
                 with self._cond:
-                    self._dropped += 1
+                    self._dropped -= 1
 
     def _fail_request(self, request: _Pending[ItemT, ResultT], exc: BaseException, *, prefix: str) -> None:
         """Fail one request that could not run, counting it as an error."""
@@ -937,12 +944,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     def _set_exception(self, request: _Pending[ItemT, ResultT], error: BaseException) -> int:
         """Fail a request that ran (or was being assembled) and count it as an error; returns 1 if set."""
-        if not self._set_raw_exception(request, error):
-            return 0
         with self._cond:
-            self._errors += 1
-            self._task_counts(request.task)[2] += 1
-        return 1
+            self._errors += 1  # counted first, like a result: stats() read after the error must include it
+            counts = self._task_counts(request.task)
+            counts[2] += 1
+        if self._set_raw_exception(request, error):
+            return 1
+        with self._cond:
+            self._errors -= 1
+            counts[2] -= 1
+        return 0
 
     def _set_result(self, request: _Pending[ItemT, ResultT], result: ResultT) -> None:
         with self._cond:
