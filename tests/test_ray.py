@@ -33,6 +33,12 @@ def ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
     """Ray on 2 CPUs, Serve's HTTP proxy on a free loopback port, 2 replicas of the tiny checkpoint."""
     from blip_tools.testing import tiny_settings_kwargs
 
+    # Ray Serve's controller gives its HTTP proxy three readiness checks of RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S
+    # (5 s) to start, then kills it and serve.start() fails with ActorDiedError: on a loaded 2-core machine the
+    # proxy's worker process took 21 s to start. 20 s a check; serve.start() itself still waits at most 60 s.
+    # (Read by Ray's processes, which ray.init starts with this environment.)
+    env = pytest.MonkeyPatch()
+    env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     port = free_port()
     try:
@@ -49,6 +55,7 @@ def ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        env.undo()
 
 
 @pytest.fixture

@@ -966,6 +966,20 @@ def test_calls_queued_behind_a_failing_load_get_its_error_and_later_calls_try_ag
     monkeypatch.setattr(Blip2Runtime, "_from_pretrained", failing)
     runtime = Blip2Runtime(BlipSettings(model=str(tmp_path / "a"), retrieval_model=str(tmp_path / "b"), device="cpu"))
     load = runtime.load_retrieval if retrieval else runtime.load_captioner
+    # The threads that reached the load lock: the test waits for the three callers to be blocked there (a fixed
+    # 0.2 s sleep lets a caller started late on a loaded machine arrive after the failure and load again).
+    at_lock: set[threading.Thread] = set()
+    lock = runtime._lock
+
+    class _Watched:
+        def __enter__(self) -> Any:
+            at_lock.add(threading.current_thread())
+            return lock.__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            return lock.__exit__(*exc)
+
+    runtime._lock = _Watched()  # type: ignore[assignment]
     errors: list[BaseException] = []
 
     def call() -> None:
@@ -982,7 +996,11 @@ def test_calls_queued_behind_a_failing_load_get_its_error_and_later_calls_try_ag
     waiting = [threading.Thread(target=call) for _ in range(3)]
     for t in waiting:
         t.start()
-    time.sleep(0.2)  # the three are now blocked on the load in progress
+    deadline = time.monotonic() + 30
+    while not at_lock.issuperset(waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # In the lock's `__enter__` each has already seen the attempt in progress: it will get that attempt's error.
+    assert at_lock.issuperset(waiting), "the three callers never reached the load in progress"
     release.set()
     for t in [first, *waiting]:
         t.join(30)
