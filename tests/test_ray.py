@@ -8,6 +8,7 @@ can target it. One Ray instance and one deployment serve the whole module.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,26 @@ def test_ctrl_c_on_a_shared_cluster_removes_only_this_app(monkeypatch: pytest.Mo
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["serve-ray", "--model", "m"]) == 0
     assert "serve.shutdown" in calls and calls[-1] == "ray.shutdown"
+
+
+def test_serve_ray_gives_a_local_proxy_time_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray instance serve-ray starts gets 20 s proxy readiness checks (Ray's 5 s killed a proxy that took 21 s on
+    a busy host); a cluster it joins, or a value the user set, is left as it is."""
+    from blip_tools.cli import main
+
+    _fake_cluster(monkeypatch)
+    seen: list[str | None] = []
+    monkeypatch.setattr(
+        ray, "init", lambda *a, **k: seen.append(os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"))
+    )
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "")  # recorded, so what serve-ray sets is undone
+    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")
+    assert main(["serve-ray", "--address", "auto", "--model", "m"]) == 0
+    assert main(["serve-ray", "--model", "m"]) == 0
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "7")
+    assert main(["serve-ray", "--model", "m"]) == 0
+    assert seen == [None, "20", "7"]
 
 
 def test_a_failed_deploy_still_shuts_down_what_serve_ray_started(monkeypatch: pytest.MonkeyPatch) -> None:

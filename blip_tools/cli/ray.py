@@ -13,6 +13,10 @@ import threading
 from ..errors import CapabilityUnavailable
 from ._common import add_model_options, settings_from_args
 
+_PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+_PROXY_READY_S = "20"
+"""Seconds a readiness check of Serve's HTTP proxy may take on a Ray instance serve-ray starts (Ray's default: 5)."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -108,6 +112,10 @@ def _serve_ray(args: argparse.Namespace) -> int:
     if args.detach and not address:
         print("error: --detach needs a running cluster (--address or RAY_ADDRESS)", file=sys.stderr)
         return 2
+    if not address:
+        # Ray starts here, and its processes read this: Serve's controller gives its HTTP proxy 3 checks of 5 s to
+        # start, then kills it and serve.start() fails (ActorDiedError). On a busy 2-core host the proxy took 21 s.
+        os.environ.setdefault(_PROXY_READY_ENV, _PROXY_READY_S)
     ray.init(address=address, include_dashboard=False if not address else None, logging_level=logging.WARNING)
     leave_running = False
     deployed = False
