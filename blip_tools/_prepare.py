@@ -1,8 +1,9 @@
 """The process-wide preparation threads: image decoding and preprocessing for every single call, off the worker.
 
-At most one job per usable CPU holds the GIL-bound part of a preparation at once. Callers that each prepared in
-their own thread (32 of them, on 2 cores) took turns on the GIL at every C call that releases it (PIL, numpy,
-hashlib), each turn a context switch: a small image took 2.7x as long to prepare as in one thread. A job about
+One job at a time holds the GIL-bound part of a preparation (one per usable CPU on a free-threaded Python).
+Callers that each prepared in their own thread (32 of them, on 2 cores) took turns on the GIL at every C call
+that releases it (PIL, numpy, hashlib), each turn a context switch: a small image took 2.7x as long to prepare
+as in one thread. A job about
 to wait (a URL fetch, a model load) enters `blocking()`, which lets another thread take the next job meanwhile,
 so a slow download never holds up other callers' images; so does the long, GIL-free C work on a large image
 (`gil_free`: decoding, hashing and resizing a photo), so photos are still decoded several at a time.
@@ -17,6 +18,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -176,6 +178,19 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def pool_slots() -> int:
+    """Slots of the process's pool: 1 while the GIL is on, one per usable CPU on a free-threaded Python.
+
+    Under the GIL the Python of two preparations cannot run at once, and a second slot only adds a thread taking
+    turns with the first (and with the callers and the model's worker) at every C call; the long GIL-free work on
+    an image gives its slot up anyway (`gil_free`). 32 callers on 2 CPUs, one slot against two (with `gil_free`
+    from 40,000 pixels against 100,000): tiny-model B1 threads 0.88-0.91x offline against 0.85-0.87x and asyncio
+    0.93-0.96x against 0.93, 1920x1080 JPEGs 87-92 images/s against 82-89, 320x240 and 240x180 level.
+    """
+    gil_enabled: Callable[[], bool] | None = getattr(sys, "_is_gil_enabled", None)
+    return 1 if gil_enabled is None or gil_enabled() else usable_cpus()
+
+
 def pool() -> PreparePool:
     """The process's preparation pool, made on first use."""
     global _pool
@@ -183,7 +198,7 @@ def pool() -> PreparePool:
     if current is None:
         with _pool_lock:
             if _pool is None:
-                _pool = PreparePool(usable_cpus(), "blip-prepare")
+                _pool = PreparePool(pool_slots(), "blip-prepare")
             current = _pool
     return current
 
@@ -193,18 +208,18 @@ def in_pool_thread() -> bool:
     return getattr(_local, "pool", None) is not None
 
 
-GIL_FREE_PIXELS = 100_000
+GIL_FREE_PIXELS = 40_000
 """From this many pixels up, decoding, hashing and resizing an image run mostly without the GIL (`gil_free`)."""
 
 
 def gil_free(pixels: int) -> contextlib.AbstractContextManager[None]:
     """`blocking()` around work on an image of `pixels` pixels, if it is large enough to run mostly without the GIL.
 
-    A photo's decode, hash and resize are long C calls that release the GIL, and as many threads as CPUs cannot
-    keep the CPUs busy with them (the Python between them holds the GIL): with its slot given up meanwhile, more
-    images are decoded at once. A small image's C calls are short, and it keeps its slot (more threads only take
-    turns). 32 callers on 2 CPUs, 1920x1080 JPEGs: 52 images/s with one slot and without this, 82 with two slots
-    and this (78-85 with a thread per caller, before the pool); 640x480: 307-314 against 317-331.
+    A photo's decode, hash and resize are long C calls that release the GIL: with its slot given up meanwhile,
+    several images are decoded at once while the next job's Python runs. A small image's C calls are short, and
+    it keeps its slot (more threads only take turns). 32 callers on 2 CPUs, 1920x1080 JPEGs: 52 images/s with one
+    slot and without this, 87-92 with it (78-85 with a thread per caller, before the pool). From 100,000 pixels
+    up, one slot left 320x240 JPEGs (76,800 pixels) 10 % behind two; from 40,000 they are level.
     """
     return blocking() if pixels >= GIL_FREE_PIXELS else contextlib.nullcontext()
 

@@ -47,6 +47,19 @@ class _Meter:
         assert self.done == count, f"{self.done} of {count} jobs ran within {WAIT_S} s"
 
 
+def test_the_process_pool_has_one_slot_under_the_gil_and_one_per_cpu_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the GIL a second slot only adds a thread taking turns; a free-threaded Python runs one per CPU."""
+    import sys
+
+    monkeypatch.setattr(_prepare, "usable_cpus", lambda: 6)
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    assert _prepare.pool_slots() == 1
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    assert _prepare.pool_slots() == 6
+    monkeypatch.delattr(sys, "_is_gil_enabled", raising=False)  # Python before 3.13: the GIL is always on
+    assert _prepare.pool_slots() == 1
+
+
 def test_at_most_slots_jobs_run_at_once_and_all_of_them_run() -> None:
     pool = PreparePool(2, "test-slots")
     meter = _Meter()
