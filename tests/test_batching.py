@@ -883,7 +883,10 @@ def _closed_loop_batch_sizes(merge_ms: float, callers: int = 8, rounds: int = 8)
 def test_merge_window_lets_alternating_cohorts_merge() -> None:
     merged = _closed_loop_batch_sizes(merge_ms=500)
     assert sum(merged) == 64
-    assert len(merged) <= 11 and merged.count(8) >= 6, merged  # cohorts merged into full batches
+    # Cohorts merged into full batches. Not 6 full ones: on a machine loaded 4x over, the callers' threads start and
+    # come back late at first, and the first batches went out partial ([2, 5, 7, 8, 8, 8, ...]: 11 batches, 5 full).
+    # Alternating cohorts (below) make 14 or more batches with at most one full.
+    assert len(merged) <= 11 and merged.count(8) >= 4, merged
     alternating = _closed_loop_batch_sizes(merge_ms=0)
     assert sum(alternating) == 64
     assert len(alternating) >= 14, alternating  # the old rule: two cohorts of 4 take turns
