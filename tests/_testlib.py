@@ -118,6 +118,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def local_ray_serve() -> Iterator[int]:
+    """Ray on 2 CPUs with Serve's HTTP proxy on a free loopback port (yielded); Serve and Ray shut down after.
+
+    Started as `serve-ray` starts a local instance: 20 s readiness checks for the proxy (Ray's 5 s, three times,
+    killed a proxy that took 21 s to start on a loaded 2-core machine, and serve.start() failed). Ray's processes
+    read the variable from the environment `ray.init` starts them with.
+    """
+    import ray
+    from ray import serve
+
+    from blip_tools.cli.ray import _PROXY_READY_ENV, _PROXY_READY_S
+
+    previous = os.environ.get(_PROXY_READY_ENV)
+    os.environ[_PROXY_READY_ENV] = _PROXY_READY_S
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            yield port
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    finally:
+        if previous is None:
+            os.environ.pop(_PROXY_READY_ENV, None)
+        else:
+            os.environ[_PROXY_READY_ENV] = previous
+
+
 def run_cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
     """`blip-tools ARGV` in this process: (exit status, stdout, stderr); a traceback on stderr fails the test."""
     from blip_tools.cli import main

@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from _testlib import free_port, record_mcp_requests  # noqa: E402
+from _testlib import free_port, local_ray_serve, record_mcp_requests  # noqa: E402
 
 from blip_tools import BlipSettings  # noqa: E402
 from blip_tools.errors import InvalidImage, ModelNotAvailable, Overloaded  # noqa: E402
@@ -34,16 +34,7 @@ def ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
     """Ray on 2 CPUs, Serve's HTTP proxy on a free loopback port, 2 replicas of the tiny checkpoint."""
     from blip_tools.testing import tiny_settings_kwargs
 
-    # Ray Serve's controller gives its HTTP proxy three readiness checks of RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S
-    # (5 s) to start, then kills it and serve.start() fails with ActorDiedError: on a loaded 2-core machine the
-    # proxy's worker process took 21 s to start. 20 s a check; serve.start() itself still waits at most 60 s.
-    # (Read by Ray's processes, which ray.init starts with this environment.)
-    env = pytest.MonkeyPatch()
-    env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_ray_serve() as port:
         settings = BlipSettings(**tiny_settings_kwargs(tiny_checkpoint), max_wait_ms=50.0)
         config = RayServeConfig(
             num_replicas=2,
@@ -53,10 +44,6 @@ def ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
         )
         handle = serve.run(build_app(settings, config), name=config.name, route_prefix="/")
         yield {"handle": handle, "url": f"http://127.0.0.1:{port}/mcp"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        env.undo()
 
 
 @pytest.fixture

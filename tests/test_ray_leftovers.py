@@ -20,7 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from _testlib import free_port  # noqa: E402
+from _testlib import local_ray_serve  # noqa: E402
 
 from blip_tools import BlipSettings  # noqa: E402
 from blip_tools.errors import Overloaded  # noqa: E402
@@ -35,16 +35,7 @@ def small_ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
     """Ray on 2 CPUs, Serve's proxy on a free loopback port, 1 replica: 1 request at a time, 1 queued per caller."""
     from blip_tools.testing import tiny_settings_kwargs
 
-    # Ray Serve's controller gives its HTTP proxy three readiness checks of RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S
-    # (5 s) to start, then kills it and serve.start() fails with ActorDiedError: on a loaded 2-core machine the
-    # proxy's worker process took 21 s to start. 20 s a check; serve.start() itself still waits at most 60 s.
-    # (Read by Ray's processes, which ray.init starts with this environment.)
-    env = pytest.MonkeyPatch()
-    env.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_ray_serve() as port:
         settings = BlipSettings(**tiny_settings_kwargs(tiny_checkpoint), max_wait_ms=5.0)
         config = RayServeConfig(
             num_replicas=1,
@@ -55,10 +46,6 @@ def small_ray_app(tiny_checkpoint: Path) -> Iterator[dict[str, Any]]:
         )
         handle = serve.run(build_app(settings, config), name=config.name, route_prefix="/")
         yield {"handle": handle, "base": f"http://127.0.0.1:{port}"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        env.undo()
 
 
 @pytest.fixture
