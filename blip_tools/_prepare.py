@@ -3,10 +3,10 @@
 One job at a time holds the GIL-bound part of a preparation (one per usable CPU on a free-threaded Python).
 Callers that each prepared in their own thread (32 of them, on 2 cores) took turns on the GIL at every C call
 that releases it (PIL, numpy, hashlib), each turn a context switch: a small image took 2.7x as long to prepare
-as in one thread. A job about
-to wait (a URL fetch, a model load) enters `blocking()`, which lets another thread take the next job meanwhile,
-so a slow download never holds up other callers' images; so does the long, GIL-free C work on a large image
-(`gil_free`: decoding, hashing and resizing a photo), so photos are still decoded several at a time.
+as in one thread. A job about to wait (a URL fetch, a model load) enters `blocking()`, which lets another thread
+take the next job meanwhile, so a slow download never holds up other callers' images; so does the long,
+GIL-free C work on a large image (`gil_free`: decoding, hashing and resizing a photo), so photos are still
+decoded several at a time.
 """
 
 from __future__ import annotations
