@@ -208,6 +208,21 @@ def _as_request_error(exc: BaseException, *, oom: bool) -> BlipError:
     return error
 
 
+def _check_submit(key: Hashable, timeout_s: float | None) -> None:
+    """`InvalidInput` unless the key is hashable and `timeout_s` is None or a positive number of seconds."""
+    if timeout_s is not None and (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not math.isfinite(timeout_s)
+        or timeout_s <= 0
+    ):
+        raise InvalidInput(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
+    try:
+        hash(key)
+    except Exception as exc:
+        raise InvalidInput(f"batch key must be hashable: {type(exc).__name__}: {exc}") from exc
+
+
 def _check_positive_int(name: str, value: object) -> int:
     """Validate an integer >= 1 (bool refused) and return it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -222,7 +237,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         handler: `handler(key, items)` runs one batch and returns one result per item, in order. An element
             that is an exception fails only that request. It always runs on the worker thread.
         max_batch_size: most requests in one handler call.
-        max_wait_ms: wait window, from the oldest request, used only when the worker was idle.
+        max_wait_ms: wait window, from the oldest request, used only when the worker was idle. While requests
+            announced with `expect()` are still on their way, an idle worker's batch waits for them instead, up to
+            `max_merge_wait_ms` from its oldest request and never longer than the last batch took.
         max_queue: most requests waiting; one more raises `Overloaded` at once.
         name: shown in thread names, logs and error messages.
         is_oom: says whether a handler exception is an out-of-memory error.
@@ -331,6 +348,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         # While the worker holds a batch open (timed wait): the queue length that should wake it early. Submits
         # below it don't notify, so 32 arrivals cost one wake-up instead of 32 (deadlines are the reaper's job).
         self._wake_at_len: int | None = None
+        self._expected = 0
+        """Requests announced with `expect()` and not submitted yet (being prepared): a batch may wait for them."""
 
         self._requests = 0
         self._batches = 0
@@ -399,8 +418,30 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             batcher._close_called = True
             batcher._closing = True
 
+    def expect(self) -> None:
+        """Announce one request on its way (its input is being prepared); submit it with `expected=True`.
+
+        An idle worker's batch that is not full waits for announced requests, at most `max_merge_wait_ms` from its
+        oldest request and never longer than the last batch took: a burst of callers whose images are still being
+        decoded then fills one batch, instead of the model starting on the first few and the rest waiting a
+        whole batch for the next. `unexpect()` withdraws an announcement that will not be submitted.
+        """
+        with self._cond:
+            self._expected += 1
+
+    def unexpect(self) -> None:
+        """Withdraw one `expect()`: that request will not be submitted (its preparation failed, its caller left)."""
+        with self._cond:
+            self._expected -= 1
+            self._wake_holder_locked()
+
+    def _wake_holder_locked(self) -> None:
+        """A request the worker may be holding a batch open for will not come: let it look again."""
+        if self._wake_at_len is not None:
+            self._cond.notify()
+
     def submit(
-        self, key: Hashable, item: ItemT, *, timeout_s: float | None = None
+        self, key: Hashable, item: ItemT, *, timeout_s: float | None = None, expected: bool = False
     ) -> concurrent.futures.Future[ResultT]:
         """Queue one request and return its future; never blocks.
 
@@ -409,28 +450,27 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             item: passed to the handler in the `items` list.
             timeout_s: the request fails with `RequestTimeout` if it has not started this many seconds after
                 submit. None: no deadline.
+            expected: the request was announced with `expect()`; this call ends the announcement, whether the
+                request is queued or refused.
 
         Raises:
             Overloaded: the queue is full; `retry_after_s` says when to try again.
             ServiceClosed: `close()` was called or the worker stopped.
             InvalidInput: the key is not hashable or `timeout_s` is not a positive number.
         """
-        if timeout_s is not None and (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, int | float)
-            or not math.isfinite(timeout_s)
-            or timeout_s <= 0
-        ):
-            raise InvalidInput(f"timeout_s must be a positive number of seconds or None, got {timeout_s!r}")
         try:
-            hash(key)
-        except Exception as exc:
-            raise InvalidInput(f"batch key must be hashable: {type(exc).__name__}: {exc}") from exc
+            _check_submit(key, timeout_s)
+        except InvalidInput:
+            if expected:
+                self.unexpect()
+            raise
         task = _task_of(key)
         future: concurrent.futures.Future[ResultT] = concurrent.futures.Future()
         expired: list[_Pending[ItemT, ResultT]] = []
         try:
             with self._cond:
+                if expected:
+                    self._expected -= 1  # queued below (whose submit wakes the worker as usual) or refused
                 if self._closing or not self._thread.is_alive():
                     raise self._closed_error()
                 if len(self._pending) >= self._max_queue:
@@ -438,6 +478,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     expired = self._prune_locked(time.monotonic())
                 if len(self._pending) >= self._max_queue:
                     self._rejected += 1
+                    if expected:
+                        self._wake_holder_locked()
                     retry_after_s = _retry_after(self._ema_exec_s, len(self._pending), self._max_batch_size)
                     raise Overloaded(
                         f"the request queue is full ({len(self._pending)} requests waiting, "
@@ -647,6 +689,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         back = self._returning - self._arrivals_since_end
                         self._hold_open(wait_s, len(self._pending) + min(missing, max(back, 1)))
                         continue
+                    if self._idle and self._expected > 0 and missing > 0 and not self._closing:
+                        remaining = head.enqueued + max(self._max_wait_s, self._expect_budget_s()) - now
+                        if remaining > 0:
+                            # A burst at an idle worker, still being prepared: wake when the batch could be full,
+                            # when they are all here, or at the budget's end.
+                            self._hold_open(remaining, len(self._pending) + min(missing, self._expected))
+                            continue
                     if self._idle and self._max_wait_s > 0 and not self._closing:
                         remaining = head.enqueued + self._max_wait_s - now
                         if remaining > 0 and missing > 0:
@@ -669,6 +718,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._cond.wait(wait_s)
         finally:
             self._wake_at_len = None
+
+    def _expect_budget_s(self) -> float:
+        """How long a batch may wait, from its oldest request, for announced requests: `max_merge_wait_ms`, never
+        longer than the last batch took (a batch split in two costs about one batch time)."""
+        if self._last_exec_s > 0:
+            return min(self._merge_wait_s, self._last_exec_s)
+        return self._merge_wait_s
 
     def _merge_until_locked(self) -> float:
         """When the merge window ends (0: no window): returning callers keep arriving, capped by the budget."""

@@ -336,9 +336,15 @@ class Blip2Service:
         if self.closed:
             raise ServiceClosed(_CLOSED)
 
-    def _submit(self, key: Hashable, payload: Any) -> concurrent.futures.Future[_Outcome]:
-        self._check_open()
-        return self._batcher.submit(key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s)
+    def _submit(self, key: Hashable, payload: Any, *, expected: bool = False) -> concurrent.futures.Future[_Outcome]:
+        """Queue one request; `expected`: it was announced with the batcher's `expect()`, which this call ends."""
+        if self.closed:
+            if expected:
+                self._batcher.unexpect()
+            raise ServiceClosed(_CLOSED)
+        return self._batcher.submit(
+            key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s, expected=expected
+        )
 
     def _open_call(self, count: int, *, retrieval: bool = False) -> None:
         """What a batch call checks once, before any per-item work: the service is open and its model loads.
@@ -373,12 +379,21 @@ class Blip2Service:
         info); it is called from a pool thread or the model's worker, and exactly once unless the request is
         abandoned before it was submitted. The thread submits as soon as its image is ready (with 32 asyncio
         callers, waiting for their task to resume first filled batches of 29-30 instead of 31), and the caller
-        wakes once per request, when its result is ready. Returns `abandon()`: the request is cancelled if it
-        was submitted, and never submitted if it was not.
+        wakes once per request, when its result is ready. Until it is submitted or given up, the request is
+        announced to the batcher (`expect()`), so an idle worker waits for a burst still being prepared instead of
+        starting on its first request alone. Returns `abandon()`: the request is cancelled if it was submitted,
+        and never submitted if it was not.
         """
         lock = threading.Lock()
         submitted: list[concurrent.futures.Future[_Outcome]] = []
         abandoned = False
+        announced = False  # to the batcher, until submitted or given up: ended exactly once, under `lock`
+
+        def withdraw() -> None:  # `lock` held
+            nonlocal announced
+            if announced:
+                announced = False
+                self._batcher.unexpect()
 
         def deliver(extra: T, future: concurrent.futures.Future[_Outcome]) -> None:  # when the batch is done
             try:
@@ -390,14 +405,18 @@ class Blip2Service:
                 settle(None, (outcome, extra))
 
         def run() -> None:  # on a pool thread
+            nonlocal announced
             try:
                 key, payload, extra = prepare()
                 with lock:
                     if abandoned:
                         return
-                    future = self._submit(key, payload)
+                    announced = False  # `_submit` ends the announcement, whatever happens there
+                    future = self._submit(key, payload, expected=True)
                     submitted.append(future)
             except BaseException as exc:  # bad input, overload, a closed service: the caller gets it
+                with lock:
+                    withdraw()
                 settle(exc, None)
                 return
             future.add_done_callback(functools.partial(deliver, extra))
@@ -406,10 +425,13 @@ class Blip2Service:
             nonlocal abandoned
             with lock:
                 abandoned = True
+                withdraw()
             for future in submitted:
                 future.cancel()
 
         try:
+            self._batcher.expect()
+            announced = True
             _prepare_in_thread(run)
         except BaseException:  # Ctrl-C as the job was handed over (raised once the pool's books were closed)
             abandon()

@@ -37,12 +37,14 @@ class BlipSettings(BaseSettings):
     """Most requests the batcher puts in one forward pass."""
 
     max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
-    """Wait window (counted from the oldest request) used only when the worker was idle."""
+    """Wait window (counted from the oldest request) used only when the worker was idle. Requests whose image is
+    still being prepared (a burst of callers) are waited for beyond it, within `max_merge_wait_ms`."""
 
     max_merge_wait_ms: float = Field(default=50.0, ge=0.0, le=10_000.0)
     """After a batch, hold the next one open this long at most while the callers it served come back (closed
     loops, agents), so alternating groups of callers merge into full batches. Never longer than the last batch
-    took, and only while they keep arriving; 0 turns it off."""
+    took, and only while they keep arriving. Also how long an idle worker's batch may wait for requests whose image
+    is still being prepared (never longer than the last batch took). 0 turns both off."""
 
     max_queue: int = Field(default=256, ge=1, le=1_000_000)
     """Requests that may wait; one more is rejected at once with `Overloaded`."""

@@ -994,3 +994,94 @@ def test_the_merge_window_learns_how_long_closed_loop_callers_take_to_come_back(
 def test_merge_window_must_be_a_number() -> None:
     with pytest.raises(InvalidInput, match="max_merge_wait_ms"):
         DynamicBatcher(lambda k, items: items, max_batch_size=2, max_wait_ms=0, max_queue=4, max_merge_wait_ms=-1)
+
+
+# ---------------------------------------------------------------------- announced requests (expect)
+
+
+def test_an_idle_batch_waits_for_announced_requests_that_trickle_in(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    """Four requests announced at once and submitted 50 ms apart (their images still being prepared) make one
+    batch, which starts as soon as the last one is in; unannounced, each goes out alone after the 1 ms window."""
+    for announce, expected_sizes in ((True, [4]), (False, [1, 1, 1, 1])):
+        handler = Handler()
+        batcher = make_batcher(handler, max_wait_ms=1, max_merge_wait_ms=5000)
+        if announce:
+            for _ in range(4):
+                batcher.expect()
+        futures = []
+        for i in range(4):
+            time.sleep(0.05)
+            futures.append(batcher.submit("k", i, expected=announce))
+        last = time.monotonic()
+        assert results(futures) == [("k", i) for i in range(4)]
+        assert time.monotonic() - last < 2.0  # not the 5 s budget
+        assert handler.sizes == expected_sizes
+
+
+def test_the_wait_for_announced_requests_is_bounded(make_batcher: Callable[..., DynamicBatcher[Any, Any]]) -> None:
+    """An announced request that never comes holds a batch `max_merge_wait_ms` at most, and once a batch has run,
+    no longer than that batch took."""
+
+    def handler(key: Hashable, items: list[Any]) -> list[Any]:
+        time.sleep(0.05)
+        return items
+
+    batcher = make_batcher(handler, max_wait_ms=0, max_merge_wait_ms=300)
+    batcher.expect()  # never submitted
+    began = time.monotonic()
+    assert batcher.submit("k", 1).result(WAIT_S) == 1
+    assert 0.29 <= time.monotonic() - began < 0.29 + 2.0  # the 0.3 s budget, counted from the request
+    began = time.monotonic()
+    assert batcher.submit("k", 2).result(WAIT_S) == 2
+    # Now capped by the last batch's 0.05 s: ~0.1 s with this batch's own 0.05 s, far from 0.35 s.
+    assert time.monotonic() - began < 0.25
+
+
+def test_a_withdrawn_or_refused_announcement_ends_the_wait(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    handler = Handler()
+    batcher = make_batcher(handler, max_wait_ms=0, max_merge_wait_ms=5000, max_queue=1)
+    for _ in range(3):
+        batcher.expect()
+    first = batcher.submit("k", 1, expected=True)  # held open for the two others
+    time.sleep(0.1)
+    assert not first.done()
+    batcher.unexpect()  # one will not come after all
+    with pytest.raises(InvalidInput):
+        batcher.submit("k", 2, timeout_s=-1, expected=True)  # nor the other: refused, which ends it too
+    assert first.result(2.0) == ("k", 1)
+    # A full queue's refusal also ends an announcement.
+    gate_handler = Handler(gate_calls=1)
+    batcher = make_batcher(gate_handler, max_wait_ms=0, max_merge_wait_ms=5000, max_queue=1)
+    for _ in range(2):
+        batcher.expect()
+    held = batcher.submit("k", 1, expected=True)
+    with pytest.raises(Overloaded):
+        batcher.submit("k", 2, expected=True)
+    assert gate_handler.entered.wait(2.0)  # the batch went out at once, not after 5 s
+    gate_handler.gate.set()
+    assert held.result(WAIT_S) == ("k", 1)
+    assert gate_handler.sizes == [1]
+
+
+def test_a_busy_worker_does_not_wait_for_announced_requests(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    """Only an idle worker's batch waits for a burst still being prepared: a request that queued while a batch
+    ran goes out when it ends, even if it came just before the end and more are announced."""
+    handler = Handler(gate_calls=1)
+    batcher = make_batcher(
+        handler, max_wait_ms=0, max_merge_wait_ms=5000, max_batch_size_for=lambda k: 1 if k == "first" else 8
+    )
+    blocker = batcher.submit("first", 0)
+    assert handler.entered.wait(WAIT_S)
+    time.sleep(0.5)  # a long batch, so the wait budget (the last batch's time) would be long
+    batcher.expect()  # never submitted
+    queued = batcher.submit("k", 1)
+    handler.gate.set()
+    released = time.monotonic()
+    assert results([blocker, queued]) == [("first", 0), ("k", 1)]
+    assert time.monotonic() - released < 0.3  # ~0.5 s if it waited for the announced request

@@ -4,6 +4,7 @@ in a sync caller never leaves the pool wedged."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -444,3 +445,92 @@ def test_ctrl_c_landing_while_a_caller_hands_a_job_to_the_pool_does_not_wedge_it
         f"a job submitted after the interrupts never ran (running {pool._running}, idle {pool._idle}, "
         f"threads {pool._threads}, queued {len(pool._jobs)})"
     )
+
+
+# ---------------------------------------------------------------------------------------------- bursts
+
+
+def _burst_service(settings: BlipSettings, prepare_s: float = 0.02) -> tuple[Blip2Service, list[int]]:
+    """A service whose images take `prepare_s` each to preprocess (one at a time, on the one-slot pool), with a 1 ms
+    idle window and a 5 s merge budget, its model loaded but no batch run yet; and the batch sizes it runs."""
+    svc = Blip2Service(settings.model_copy(update={"max_wait_ms": 1.0, "max_merge_wait_ms": 5000.0}))
+    svc.runtime.load_captioner()
+    preprocess = svc.runtime.preprocess
+
+    def slow_preprocess(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(prepare_s)
+        return preprocess(*args, **kwargs)
+
+    svc.runtime.preprocess = slow_preprocess  # type: ignore[method-assign]
+    sizes: list[int] = []
+    svc.add_listener(lambda event: sizes.append(event.size))
+    return svc, sizes
+
+
+def _at_once(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run `calls` in threads that start together; their results (or exceptions), in order."""
+    barrier = threading.Barrier(len(calls))
+    out: list[Any] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = calls[i]()
+        except BaseException as exc:  # the test reads it
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    return out
+
+
+def test_a_burst_of_callers_fills_one_batch_while_their_images_are_prepared(
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
+) -> None:
+    """Eight callers at once: their images are prepared one after another (20 ms each, far past the 1 ms window),
+    and the worker waits for the ones still on their way instead of starting the model on the first alone."""
+    svc, sizes = _burst_service(settings)
+    with svc:
+        images = [make_image(40 + i) for i in range(8)]
+        out = _at_once([lambda image=image: svc.caption(image, max_new_tokens=3) for image in images])
+        assert [r.caption for r in out] == [r.caption for r in svc.caption_batch(images, max_new_tokens=3)]
+        assert sizes[0] == 8, sizes
+        assert svc._batcher._expected == 0  # every announcement ended
+
+
+def test_callers_that_fail_or_give_up_do_not_hold_up_a_burst(
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
+) -> None:
+    """A caller whose image cannot be read, or an async caller cancelled while its image waits for the pool, is no
+    longer on its way: the others' batch goes out when they are in, not after the 5 s budget."""
+    from blip_tools import InvalidImage
+
+    svc, sizes = _burst_service(settings)
+    with svc:
+        began = time.monotonic()
+        calls: list[Callable[[], Any]] = [
+            lambda i=i: svc.caption(make_image(50 + i), max_new_tokens=3) for i in range(3)
+        ]
+        out = _at_once([*calls, lambda: svc.caption("/no/such/image.png")])
+        assert time.monotonic() - began < 3.0
+        assert isinstance(out[3], InvalidImage) and all(not isinstance(r, BaseException) for r in out[:3])
+        assert sizes == [3]
+        assert svc._batcher._expected == 0
+    svc, sizes = _burst_service(settings)  # a fresh one: the budget is now capped by the tiny model's batch time
+    with svc:
+
+        async def two_and_one_cancelled() -> list[Any]:
+            tasks = [asyncio.ensure_future(svc.acaption(make_image(60 + i), max_new_tokens=3)) for i in range(3)]
+            await asyncio.sleep(0.005)  # all three announced; the third's image waits behind the first two
+            tasks[2].cancel()
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        began = time.monotonic()
+        results = asyncio.run(two_and_one_cancelled())
+        assert time.monotonic() - began < 3.0
+        assert isinstance(results[2], asyncio.CancelledError)
+        assert sizes == [2]
+        assert svc._batcher._expected == 0

@@ -222,8 +222,8 @@ def _submitted(daemon: Daemon) -> Iterator[list[concurrent.futures.Future[Any]]]
     original = service._submit
     futures: list[concurrent.futures.Future[Any]] = []
 
-    def recording(key: Any, payload: Any) -> concurrent.futures.Future[Any]:
-        future = original(key, payload)
+    def recording(key: Any, payload: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future = original(key, payload, **kwargs)
         futures.append(future)  # from the service's preparation threads: list.append is atomic
         return future
 

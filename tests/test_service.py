@@ -354,8 +354,8 @@ def test_async_call_cancelled_just_after_submitting_is_cancelled(
     submitted, release = threading.Event(), threading.Event()
     submit = svc._submit
 
-    def held_submit(key: Any, payload: Any) -> Any:
-        future = submit(key, payload)
+    def held_submit(key: Any, payload: Any, **kwargs: Any) -> Any:
+        future = submit(key, payload, **kwargs)
         submitted.set()
         assert release.wait(timeout=10)  # the request is queued; its thread has not returned yet
         return future
