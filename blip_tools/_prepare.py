@@ -23,6 +23,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+try:
+    import _signal as _raw_signal  # `signal`'s C module: the same calls, without the enum conversions (10x cheaper)
+except ImportError:  # pragma: no cover - other Pythons
+    _raw_signal = signal
+
 logger = logging.getLogger(__name__)
 
 _MAX_THREADS = 32
@@ -32,16 +37,17 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """In the main thread, a Ctrl-C that comes while the pool's books are open is raised once they are closed.
+def ctrl_c_deferred() -> Iterator[None]:
+    """In the main thread, a Ctrl-C that comes inside the block is raised once the block is done.
 
-    A sync call submits from its caller's thread: in a script or a notebook, the main thread, where Ctrl-C raises
-    `KeyboardInterrupt` at whatever line runs. Raised inside `submit`, it could leave the pool's lock held, or a
-    slot counted to a thread never started, and every later call of the process would wait for good.
+    A sync call hands its work over from its caller's thread: in a script or a notebook, the main thread, where
+    Ctrl-C raises `KeyboardInterrupt` at whatever line runs. Raised inside the pool's `submit` or the batcher's
+    books, it could leave a lock held, or a slot or a request counted that never comes, and every later call of the
+    process would wait for good (or wait longer). About 1.5 µs in the main thread, 0.2 µs in others.
     """
     if (
         threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        or _raw_signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
         # Other threads get no KeyboardInterrupt, and other handlers (asyncio's, a server's) do not raise: swapping
         # theirs out could deliver one Ctrl-C twice (once through the loop's wake-up fd, once re-raised).
@@ -52,11 +58,11 @@ def _ctrl_c_deferred() -> Iterator[None]:
     def note(signum: int, frame: Any) -> None:
         pending.append(signum)
 
-    previous = signal.signal(signal.SIGINT, note)
+    previous = _raw_signal.signal(signal.SIGINT, note)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _raw_signal.signal(signal.SIGINT, previous)
         if pending:
             signal.raise_signal(signal.SIGINT)  # to the handler that was there, now the books are closed
 
@@ -89,7 +95,7 @@ class PreparePool:
     def submit(self, fn: Callable[[], None]) -> None:
         """Run `fn()` on a pool thread, in a copy of the caller's context; its exceptions are logged."""
         job = functools.partial(contextvars.copy_context().run, fn)
-        with _ctrl_c_deferred(), self._cond:
+        with ctrl_c_deferred(), self._cond:
             self._jobs.append(job)
             started = self._wake_locked()
             if started is None and self._threads == 0:  # no thread at all will ever run it

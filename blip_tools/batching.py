@@ -6,7 +6,9 @@
   `concurrent.futures.Future`. A full queue rejects at once with `Overloaded`; nothing ever blocks in `submit`.
 - The worker forms the next batch from what queued while the last one ran. Only when it was idle (the queue
   was empty after its last batch) does it wait up to `max_wait_ms`, counted from the oldest request, for the
-  batch to fill. A batch holds requests with equal keys only (e.g. same task and decoding parameters).
+  batch to fill; or longer, for requests announced with `expect()` and still being prepared (a burst of
+  callers decoding their images), up to the merge budget below. A batch holds requests with equal keys only
+  (e.g. same task and decoding parameters).
 - Merge window (`max_merge_wait_ms`, off by default here, 50 ms in the service): callers served by a batch
   usually come straight back. While they keep arriving, or for as long as their recent returns took, the next
   batch is held open for them (never longer than the last batch took), so groups of callers that would
@@ -239,7 +241,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_batch_size: most requests in one handler call.
         max_wait_ms: wait window, from the oldest request, used only when the worker was idle. While requests
             announced with `expect()` are still on their way, an idle worker's batch waits for them instead, up to
-            `max_merge_wait_ms` from its oldest request and never longer than the last batch took.
+            `max_merge_wait_ms` (or `max_wait_ms`, if longer) from its oldest request, but no longer than the
+            last batch took, and for no more than the queue has room for.
         max_queue: most requests waiting; one more raises `Overloaded` at once.
         name: shown in thread names, logs and error messages.
         is_oom: says whether a handler exception is an out-of-memory error.
@@ -251,7 +254,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             loops). While fewer have come back than the batch held and they keep arriving (gaps up to
             `max_wait_ms` or a tenth of the last batch's time, at least 1 ms), or for as long as recent closed-loop
             returns took per caller (x1.5), the next batch is held open for them, at most this long and never
-            longer than the last batch took, so alternating cohorts merge into full batches. 0 turns it off.
+            longer than the last batch took, so alternating cohorts merge into full batches. Also how long an
+            idle worker's batch may wait for announced requests (`expect()`). 0 turns both off.
         weak_handler: `handler` is a bound method to hold through a `weakref.WeakMethod`, so the worker thread does
             not keep its object alive. Once that object is garbage-collected the batcher closes (draining: what
             is queued then fails with `ServiceClosed`, as the handler is gone) and its threads exit.
@@ -421,8 +425,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     def expect(self) -> None:
         """Announce one request on its way (its input is being prepared); submit it with `expected=True`.
 
-        An idle worker's batch that is not full waits for announced requests, at most `max_merge_wait_ms` from its
-        oldest request and never longer than the last batch took: a burst of callers whose images are still being
+        An idle worker's batch that is not full waits for announced requests (of any key), at most
+        `max_merge_wait_ms` (or `max_wait_ms`, if longer) from its oldest request, no longer than the last batch
+        took, and for no more than the queue has room for: a burst of callers whose images are still being
         decoded then fills one batch, instead of the model starting on the first few and the rest waiting a
         whole batch for the next. `unexpect()` withdraws an announcement that will not be submitted.
         """
@@ -689,12 +694,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         back = self._returning - self._arrivals_since_end
                         self._hold_open(wait_s, len(self._pending) + min(missing, max(back, 1)))
                         continue
-                    if self._idle and self._expected > 0 and missing > 0 and not self._closing:
+                    # A burst at an idle worker, still being prepared: wait for as many as could join the batch
+                    # and fit in the queue (more would be refused while the worker waits).
+                    coming = min(missing, self._expected, self._max_queue - len(self._pending))
+                    if self._idle and coming > 0 and not self._closing:
                         remaining = head.enqueued + max(self._max_wait_s, self._expect_budget_s()) - now
-                        if remaining > 0:
-                            # A burst at an idle worker, still being prepared: wake when the batch could be full,
-                            # when they are all here, or at the budget's end.
-                            self._hold_open(remaining, len(self._pending) + min(missing, self._expected))
+                        if remaining > 0:  # wake when they are here, or at the budget's end
+                            self._hold_open(remaining, len(self._pending) + coming)
                             continue
                     if self._idle and self._max_wait_s > 0 and not self._closing:
                         remaining = head.enqueued + self._max_wait_s - now

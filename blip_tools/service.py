@@ -342,9 +342,10 @@ class Blip2Service:
             if expected:
                 self._batcher.unexpect()
             raise ServiceClosed(_CLOSED)
-        return self._batcher.submit(
-            key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s, expected=expected
-        )
+        with _prepare.ctrl_c_deferred():  # from a batch call's main thread: never leave the batcher's lock held
+            return self._batcher.submit(
+                key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s, expected=expected
+            )
 
     def _open_call(self, count: int, *, retrieval: bool = False) -> None:
         """What a batch call checks once, before any per-item work: the service is open and its model loads.
@@ -423,17 +424,21 @@ class Blip2Service:
 
         def abandon() -> None:
             nonlocal abandoned
-            with lock:
-                abandoned = True
-                withdraw()
-            for future in submitted:
-                future.cancel()
+            with _prepare.ctrl_c_deferred():  # a second Ctrl-C must not leave a lock held or the count wrong
+                with lock:
+                    abandoned = True
+                    withdraw()
+                for future in submitted:
+                    future.cancel()
 
         try:
-            self._batcher.expect()
-            announced = True
-            _prepare_in_thread(run)
-        except BaseException:  # Ctrl-C as the job was handed over (raised once the pool's books were closed)
+            # A Ctrl-C in the middle would leave the batcher's lock held (every later call would wait for good), or
+            # the request counted as on its way for good: it is raised once the books are closed.
+            with _prepare.ctrl_c_deferred():
+                self._batcher.expect()
+                announced = True
+                _prepare_in_thread(run)
+        except BaseException:  # that Ctrl-C
             abandon()
             raise
         return abandon

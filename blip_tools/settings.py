@@ -38,7 +38,7 @@ class BlipSettings(BaseSettings):
 
     max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     """Wait window (counted from the oldest request) used only when the worker was idle. Requests whose image is
-    still being prepared (a burst of callers) are waited for beyond it, within `max_merge_wait_ms`."""
+    still being prepared (a burst of callers) may be waited for longer, up to `max_merge_wait_ms`."""
 
     max_merge_wait_ms: float = Field(default=50.0, ge=0.0, le=10_000.0)
     """After a batch, hold the next one open this long at most while the callers it served come back (closed

@@ -1043,7 +1043,7 @@ def test_a_withdrawn_or_refused_announcement_ends_the_wait(
     make_batcher: Callable[..., DynamicBatcher[Any, Any]],
 ) -> None:
     handler = Handler()
-    batcher = make_batcher(handler, max_wait_ms=0, max_merge_wait_ms=5000, max_queue=1)
+    batcher = make_batcher(handler, max_wait_ms=0, max_merge_wait_ms=5000)
     for _ in range(3):
         batcher.expect()
     first = batcher.submit("k", 1, expected=True)  # held open for the two others
@@ -1053,18 +1053,18 @@ def test_a_withdrawn_or_refused_announcement_ends_the_wait(
     with pytest.raises(InvalidInput):
         batcher.submit("k", 2, timeout_s=-1, expected=True)  # nor the other: refused, which ends it too
     assert first.result(2.0) == ("k", 1)
-    # A full queue's refusal also ends an announcement.
+    # A full queue's refusal ends an announcement too.
     gate_handler = Handler(gate_calls=1)
-    batcher = make_batcher(gate_handler, max_wait_ms=0, max_merge_wait_ms=5000, max_queue=1)
-    for _ in range(2):
-        batcher.expect()
-    held = batcher.submit("k", 1, expected=True)
+    batcher = make_batcher(gate_handler, max_wait_ms=0, max_queue=1)
+    running = batcher.submit("k", 0)
+    assert gate_handler.entered.wait(WAIT_S)
+    queued = batcher.submit("k", 1)  # the queue is full
+    batcher.expect()
     with pytest.raises(Overloaded):
         batcher.submit("k", 2, expected=True)
-    assert gate_handler.entered.wait(2.0)  # the batch went out at once, not after 5 s
+    assert batcher._expected == 0
     gate_handler.gate.set()
-    assert held.result(WAIT_S) == ("k", 1)
-    assert gate_handler.sizes == [1]
+    assert results([running, queued]) == [("k", 0), ("k", 1)]
 
 
 def test_a_busy_worker_does_not_wait_for_announced_requests(
@@ -1085,3 +1085,20 @@ def test_a_busy_worker_does_not_wait_for_announced_requests(
     released = time.monotonic()
     assert results([blocker, queued]) == [("first", 0), ("k", 1)]
     assert time.monotonic() - released < 0.3  # ~0.5 s if it waited for the announced request
+
+
+def test_an_idle_batch_waits_only_for_announced_requests_the_queue_has_room_for(
+    make_batcher: Callable[..., DynamicBatcher[Any, Any]],
+) -> None:
+    """With a queue shorter than a batch, announced requests past its room would be refused while the worker
+    waited for them: it waits for no more than fit."""
+    handler = Handler()
+    batcher = make_batcher(handler, max_wait_ms=0, max_merge_wait_ms=5000, max_queue=2)
+    for _ in range(3):
+        batcher.expect()
+    began = time.monotonic()
+    futures = [batcher.submit("k", i, expected=True) for i in range(2)]  # the queue is now full
+    assert results(futures) == [("k", 0), ("k", 1)]
+    assert time.monotonic() - began < 2.0  # not the 5 s budget: the third could never be queued
+    assert handler.sizes == [2]
+    batcher.unexpect()

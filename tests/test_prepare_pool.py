@@ -534,3 +534,62 @@ def test_callers_that_fail_or_give_up_do_not_hold_up_a_burst(
         assert isinstance(results[2], asyncio.CancelledError)
         assert sizes == [2]
         assert svc._batcher._expected == 0
+
+
+_CALL_FILES = _SUBMIT_FILES | {"service.py", "batching.py"}
+"""Where a sync call's own Python runs in its caller's thread: the service, the batcher, the pool, the stdlib."""
+
+
+@pytest.mark.skipif(
+    not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread(),
+    reason="needs interval timers and the main thread",
+)
+def test_ctrl_c_landing_anywhere_in_a_sync_call_leaves_the_service_working(
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
+) -> None:
+    """A sync call announces its request to the batcher (`expect()`, which takes the batcher's lock) before handing
+    its image to the pool, and `abandon()` withdraws it on Ctrl-C. An interrupt inside either left the batcher's
+    lock held (every later call waited for good) or the request counted as on its way for good (every lone call
+    then waited out the budget for it): seen within 14 calls of one Ctrl-C each. Real signals, raised only while
+    the call's own Python runs in the main thread."""
+    svc = Blip2Service(settings)
+    svc.caption(make_image(1), max_new_tokens=3)  # loaded
+    image = make_image(2)
+    armed = False
+
+    def press_ctrl_c(signum: int, frame: Any) -> None:
+        if armed and frame is not None and os.path.basename(frame.f_code.co_filename) in _CALL_FILES:
+            signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGALRM, press_ctrl_c), signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+    interrupted = 0
+    try:
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            try:
+                armed = True
+                svc.caption(image, max_new_tokens=3)
+                armed = False
+            except KeyboardInterrupt:
+                armed = False
+                interrupted += 1
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    try:
+        assert interrupted > 0
+        lock = svc._batcher._cond._lock  # type: ignore[attr-defined]
+        assert lock.acquire(timeout=WAIT_S), "the batcher's lock was left held: every later call would wait forever"
+        lock.release()
+        deadline = time.monotonic() + WAIT_S  # the abandoned jobs end on the pool
+        while svc._batcher._expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert svc._batcher._expected == 0, "a request stays counted as on its way"
+        thread, out = _in_thread(lambda: svc.caption(make_image(3), max_new_tokens=3))
+        thread.join(WAIT_S)
+        assert out and not isinstance(out[0], BaseException), out
+    finally:
+        svc.close(drain=False, timeout_s=WAIT_S)
