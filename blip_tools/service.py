@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import queue
 import threading
 import time
 import weakref
@@ -602,16 +603,27 @@ class Blip2Service:
         """Submit `count` requests with a bounded window (backing off on Overloaded), collect in order.
 
         Items are prepared a batch's worth at a time and then submitted together, so the worker finds a full
-        batch instead of starting on the first few while the rest are still being decoded.
+        batch instead of starting on the first few while the rest are still being decoded. Outcomes come back
+        through a queue that the futures' callbacks fill, so the caller's thread waits on a C lock only: a Ctrl-C
+        there cannot leave a future's lock held, which `concurrent.futures.wait` could (the worker then waited for
+        it for good), nor break a `threading.Condition` midway (a `RuntimeError` instead of the interrupt).
         """
         results: list[T | BlipError | None] = [None] * count
         window = self._batch_window()
         chunk = max(1, self.settings.max_batch_size)
         pending: dict[concurrent.futures.Future[_Outcome], tuple[int, Any]] = {}
         prepared: collections.deque[tuple[int, Hashable, Any, Any]] = collections.deque()
+        outcomes: queue.SimpleQueue[tuple[concurrent.futures.Future[_Outcome], _Outcome | BaseException]]
+        outcomes = queue.SimpleQueue()
         done_count = 0
         next_index = 0
         deadline = time.monotonic() + self.settings.request_timeout_s
+
+        def arrived(future: concurrent.futures.Future[_Outcome]) -> None:  # on the worker (or here, if done already)
+            try:
+                outcomes.put((future, Blip2Service._wait(future)))
+            except BaseException as exc:
+                outcomes.put((future, exc))
 
         def record(index: int, value: T | BlipError) -> None:
             nonlocal done_count
@@ -634,7 +646,10 @@ class Blip2Service:
                 while prepared:
                     index, key, payload, meta = prepared[0]
                     try:
-                        pending[self._submit(key, payload)] = (index, meta)
+                        with _prepare.ctrl_c_deferred():  # the future's lock is taken here too
+                            future = self._submit(key, payload)
+                            pending[future] = (index, meta)
+                            future.add_done_callback(arrived)
                     except Overloaded as exc:
                         if pending:
                             break  # wait for some of ours to finish, then retry
@@ -649,15 +664,18 @@ class Blip2Service:
                     prepared.popleft()
                 if not pending:
                     continue
-                if next_index < count and not prepared and len(pending) < window:
-                    # Room in the window: prepare the next batch while this one runs.
-                    finished = {fut for fut in pending if fut.done()}
-                else:
-                    finished, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                for fut in finished:
+                finished = []
+                if not (next_index < count and not prepared and len(pending) < window):
+                    finished.append(outcomes.get())  # else there is room in the window: prepare more meanwhile
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        finished.append(outcomes.get_nowait())
+                for fut, outcome in finished:
                     index, meta = pending.pop(fut)
                     try:
-                        record(index, finish(index, self._wait(fut), meta))
+                        if isinstance(outcome, BaseException):
+                            raise outcome
+                        record(index, finish(index, outcome, meta))
                     except BlipError as exc:
                         if not return_exceptions:
                             raise
@@ -665,8 +683,9 @@ class Blip2Service:
                 if finished:
                     deadline = time.monotonic() + self.settings.request_timeout_s
         except BaseException:
-            for fut in pending:  # a failure or an interrupted caller: nobody will collect these any more
-                fut.cancel()
+            with _prepare.ctrl_c_deferred():
+                for fut in pending:  # a failure or an interrupted caller: nobody will collect these any more
+                    fut.cancel()
             raise
         return [r for r in results if r is not None]
 

@@ -536,25 +536,34 @@ def test_callers_that_fail_or_give_up_do_not_hold_up_a_burst(
         assert svc._batcher._expected == 0
 
 
-_CALL_FILES = _SUBMIT_FILES | {"service.py", "batching.py"}
-"""Where a sync call's own Python runs in its caller's thread: the service, the batcher, the pool, the stdlib."""
+_CALL_FILES = _SUBMIT_FILES | {"service.py", "batching.py", "_base.py"}
+"""Where a sync call's own Python runs in its caller's thread: the service, the batcher, the pool, the stdlib
+(`concurrent/futures/_base.py` included)."""
 
 
 @pytest.mark.skipif(
     not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread(),
     reason="needs interval timers and the main thread",
 )
+@pytest.mark.parametrize("batch", [False, True], ids=["caption", "caption_batch"])
 def test_ctrl_c_landing_anywhere_in_a_sync_call_leaves_the_service_working(
-    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool, batch: bool
 ) -> None:
     """A sync call announces its request to the batcher (`expect()`, which takes the batcher's lock) before handing
     its image to the pool, and `abandon()` withdraws it on Ctrl-C. An interrupt inside either left the batcher's
     lock held (every later call waited for good) or the request counted as on its way for good (every lone call
-    then waited out the budget for it): seen within 14 calls of one Ctrl-C each. Real signals, raised only while
-    the call's own Python runs in the main thread."""
+    then waited out the budget for it): seen within 14 calls of one Ctrl-C each. A batch call submits and waits
+    in its caller's thread: an interrupt there must not leave the batcher's lock or a request's future held (the
+    worker would wait on it for good). Real signals, raised only while the call's own Python runs in the main
+    thread."""
     svc = Blip2Service(settings)
     svc.caption(make_image(1), max_new_tokens=3)  # loaded
-    image = make_image(2)
+    images = [make_image(2 + i) for i in range(6)]
+    call = (
+        (lambda: svc.caption_batch(images, max_new_tokens=3))
+        if batch
+        else (lambda: svc.caption(images[0], max_new_tokens=3))
+    )
     armed = False
 
     def press_ctrl_c(signum: int, frame: Any) -> None:
@@ -569,7 +578,7 @@ def test_ctrl_c_landing_anywhere_in_a_sync_call_leaves_the_service_working(
         while time.monotonic() < end:
             try:
                 armed = True
-                svc.caption(image, max_new_tokens=3)
+                call()
                 armed = False
             except KeyboardInterrupt:
                 armed = False
@@ -588,7 +597,7 @@ def test_ctrl_c_landing_anywhere_in_a_sync_call_leaves_the_service_working(
         while svc._batcher._expected and time.monotonic() < deadline:
             time.sleep(0.01)
         assert svc._batcher._expected == 0, "a request stays counted as on its way"
-        thread, out = _in_thread(lambda: svc.caption(make_image(3), max_new_tokens=3))
+        thread, out = _in_thread(lambda: svc.caption_batch([make_image(9), make_image(10)], max_new_tokens=3))
         thread.join(WAIT_S)
         assert out and not isinstance(out[0], BaseException), out
     finally:
