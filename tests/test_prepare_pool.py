@@ -397,6 +397,38 @@ _SUBMIT_FILES = frozenset({"_prepare.py", "threading.py", "contextlib.py", "sign
 """Where `PreparePool.submit`'s Python runs: the pool, and the standard library it calls."""
 
 
+def _ctrl_c_storm(call: Callable[[], Any], files: frozenset[str], *, seconds: float, every_s: float) -> int:
+    """Call `call()` again and again for `seconds` while real Ctrl-Cs (SIGINT, every `every_s`) land whenever Python
+    in one of `files` runs in the main thread; how many calls were interrupted."""
+    armed = False
+
+    def press_ctrl_c(signum: int, frame: Any) -> None:  # Ctrl-C only while the call's own Python runs
+        # Not in other Python that runs meanwhile: an audit hook another test installed (tests/adversarial) or the
+        # unraisable hook swallow an interrupt and report it, which pytest turns into a failure (seen under load).
+        if armed and frame is not None and os.path.basename(frame.f_code.co_filename) in files:
+            signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGALRM, press_ctrl_c), signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.setitimer(signal.ITIMER_REAL, every_s, every_s)
+    interrupted = 0
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                armed = True
+                call()
+                armed = False
+            except KeyboardInterrupt:
+                armed = False
+                interrupted += 1
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    return interrupted
+
+
 @pytest.mark.skipif(
     not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread(),
     reason="needs interval timers and the main thread",
@@ -409,32 +441,7 @@ def test_ctrl_c_landing_while_a_caller_hands_a_job_to_the_pool_does_not_wedge_it
     every later call of the process (sync or async) waits forever. The old pool's `with self._lock:` on a C lock
     and `SimpleQueue.put` had no such window. Real signals, raised only while `submit` runs."""
     pool = PreparePool(1, "audit-ctrl-c")
-    armed = False
-
-    def press_ctrl_c(signum: int, frame: Any) -> None:  # Ctrl-C only while `submit` runs, in its own Python
-        # Not in other Python that runs meanwhile: an audit hook another test installed (tests/adversarial) or the
-        # unraisable hook swallow an interrupt and report it, which pytest turns into a failure (seen under load).
-        if armed and frame is not None and os.path.basename(frame.f_code.co_filename) in _SUBMIT_FILES:
-            signal.raise_signal(signal.SIGINT)
-
-    previous = signal.signal(signal.SIGALRM, press_ctrl_c), signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.setitimer(signal.ITIMER_REAL, 0.00003, 0.00003)
-    interrupted = 0
-    try:
-        end = time.monotonic() + 1.0
-        while time.monotonic() < end:
-            try:
-                armed = True
-                pool.submit(lambda: None)
-                armed = False
-            except KeyboardInterrupt:
-                armed = False
-                interrupted += 1
-    finally:
-        armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous[0])
-        signal.signal(signal.SIGINT, previous[1])
+    interrupted = _ctrl_c_storm(lambda: pool.submit(lambda: None), _SUBMIT_FILES, seconds=1.0, every_s=0.00003)
     assert interrupted > 0
     lock = pool._cond._lock  # type: ignore[attr-defined]
     assert lock.acquire(timeout=WAIT_S), "the pool's lock was left held: every later call would wait forever"
@@ -564,30 +571,7 @@ def test_ctrl_c_landing_anywhere_in_a_sync_call_leaves_the_service_working(
         if batch
         else (lambda: svc.caption(images[0], max_new_tokens=3))
     )
-    armed = False
-
-    def press_ctrl_c(signum: int, frame: Any) -> None:
-        if armed and frame is not None and os.path.basename(frame.f_code.co_filename) in _CALL_FILES:
-            signal.raise_signal(signal.SIGINT)
-
-    previous = signal.signal(signal.SIGALRM, press_ctrl_c), signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
-    interrupted = 0
-    try:
-        end = time.monotonic() + 1.5
-        while time.monotonic() < end:
-            try:
-                armed = True
-                call()
-                armed = False
-            except KeyboardInterrupt:
-                armed = False
-                interrupted += 1
-    finally:
-        armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous[0])
-        signal.signal(signal.SIGINT, previous[1])
+    interrupted = _ctrl_c_storm(call, _CALL_FILES, seconds=1.5, every_s=0.0001)
     try:
         assert interrupted > 0
         lock = svc._batcher._cond._lock  # type: ignore[attr-defined]
