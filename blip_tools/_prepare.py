@@ -17,16 +17,11 @@ import contextvars
 import functools
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
-try:
-    import _signal as _raw_signal  # `signal`'s C module: the same calls, without the enum conversions (10x cheaper)
-except ImportError:  # pragma: no cover - other Pythons
-    _raw_signal = signal
+from ._ctrl_c import ctrl_c_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -34,37 +29,6 @@ _MAX_THREADS = 32
 """Most threads, those waiting in `blocking()` included: at most this many URL fetches run at once."""
 
 _local = threading.local()
-
-
-@contextlib.contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
-    """In the main thread, a Ctrl-C that comes inside the block is raised once the block is done.
-
-    A sync call hands its work over from its caller's thread: in a script or a notebook, the main thread, where
-    Ctrl-C raises `KeyboardInterrupt` at whatever line runs. Raised inside the pool's `submit` or the batcher's
-    books, it could leave a lock held, or a slot or a request counted that never comes, and every later call of the
-    process would wait for good (or wait longer). About 1.5 µs in the main thread, 0.2 µs in others.
-    """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or _raw_signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        # Other threads get no KeyboardInterrupt, and other handlers (asyncio's, a server's) do not raise: swapping
-        # theirs out could deliver one Ctrl-C twice (once through the loop's wake-up fd, once re-raised).
-        yield
-        return
-    pending: list[int] = []
-
-    def note(signum: int, frame: Any) -> None:
-        pending.append(signum)
-
-    previous = _raw_signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    finally:
-        _raw_signal.signal(signal.SIGINT, previous)
-        if pending:
-            signal.raise_signal(signal.SIGINT)  # to the handler that was there, now the books are closed
 
 
 class PreparePool:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, TypeVar
 
+from blip_tools._ctrl_c import ctrl_c_deferred
 from blip_tools.errors import BlipError, InferenceError, InvalidInput, Overloaded, RequestTimeout, ServiceClosed
 
 logger = logging.getLogger(__name__)
@@ -400,7 +401,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     @property
     def queue_depth(self) -> int:
         """Requests waiting right now (cancelled ones count until the worker drops them)."""
-        with self._cond:
+        with ctrl_c_deferred(), self._cond:
             return len(self._pending)
 
     @property
@@ -431,12 +432,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         decoded then fills one batch, instead of the model starting on the first few and the rest waiting a
         whole batch for the next. `unexpect()` withdraws an announcement that will not be submitted.
         """
-        with self._cond:
+        with ctrl_c_deferred(), self._cond:
             self._expected += 1
 
     def unexpect(self) -> None:
         """Withdraw one `expect()`: that request will not be submitted (its preparation failed, its caller left)."""
-        with self._cond:
+        with ctrl_c_deferred(), self._cond:
             self._expected -= 1
             self._wake_holder_locked()
 
@@ -472,50 +473,51 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         task = _task_of(key)
         future: concurrent.futures.Future[ResultT] = concurrent.futures.Future()
         expired: list[_Pending[ItemT, ResultT]] = []
-        try:
-            with self._cond:
-                if expected:
-                    self._expected -= 1  # queued below (whose submit wakes the worker as usual) or refused
-                if self._closing or not self._thread.is_alive():
-                    raise self._closed_error()
-                if len(self._pending) >= self._max_queue:
-                    # Cancelled or expired requests must not hold slots a live request could use.
-                    expired = self._prune_locked(time.monotonic())
-                if len(self._pending) >= self._max_queue:
-                    self._rejected += 1
+        with ctrl_c_deferred():  # from a caller's main thread: a Ctrl-C must not leave the queue's lock held
+            try:
+                with self._cond:
                     if expected:
-                        self._wake_holder_locked()
-                    retry_after_s = _retry_after(self._ema_exec_s, len(self._pending), self._max_batch_size)
-                    raise Overloaded(
-                        f"the request queue is full ({len(self._pending)} requests waiting, "
-                        f"max_queue={self._max_queue}); retry after {retry_after_s:.2f} s "
-                        "(or raise BLIP_MAX_QUEUE if the hardware keeps up)",
-                        retry_after_s=retry_after_s,
+                        self._expected -= 1  # queued below (whose submit wakes the worker as usual) or refused
+                    if self._closing or not self._thread.is_alive():
+                        raise self._closed_error()
+                    if len(self._pending) >= self._max_queue:
+                        # Cancelled or expired requests must not hold slots a live request could use.
+                        expired = self._prune_locked(time.monotonic())
+                    if len(self._pending) >= self._max_queue:
+                        self._rejected += 1
+                        if expected:
+                            self._wake_holder_locked()
+                        retry_after_s = _retry_after(self._ema_exec_s, len(self._pending), self._max_batch_size)
+                        raise Overloaded(
+                            f"the request queue is full ({len(self._pending)} requests waiting, "
+                            f"max_queue={self._max_queue}); retry after {retry_after_s:.2f} s "
+                            "(or raise BLIP_MAX_QUEUE if the hardware keeps up)",
+                            retry_after_s=retry_after_s,
+                        )
+                    now = time.monotonic()
+                    self._pending.append(
+                        _Pending(
+                            key=key,
+                            task=task,
+                            item=item,
+                            future=future,
+                            enqueued=now,
+                            deadline=None if timeout_s is None else now + float(timeout_s),
+                            timeout_s=None if timeout_s is None else float(timeout_s),
+                        )
                     )
-                now = time.monotonic()
-                self._pending.append(
-                    _Pending(
-                        key=key,
-                        task=task,
-                        item=item,
-                        future=future,
-                        enqueued=now,
-                        deadline=None if timeout_s is None else now + float(timeout_s),
-                        timeout_s=None if timeout_s is None else float(timeout_s),
-                    )
-                )
-                self._requests += 1
-                self._task_counts(task)[0] += 1
-                self._last_arrival = now
-                self._arrivals_since_end += 1
-                if self._arrivals_since_end == self._returning:
-                    self._learn_return_locked(now)
-                if self._wake_at_len is None or len(self._pending) >= self._wake_at_len:
-                    self._cond.notify()
-                if timeout_s is not None and (self._reaper_asleep or now + timeout_s < self._reaper_by):
-                    self._reaper_cv.notify()
-        finally:
-            self._fail_expired(expired)
+                    self._requests += 1
+                    self._task_counts(task)[0] += 1
+                    self._last_arrival = now
+                    self._arrivals_since_end += 1
+                    if self._arrivals_since_end == self._returning:
+                        self._learn_return_locked(now)
+                    if self._wake_at_len is None or len(self._pending) >= self._wake_at_len:
+                        self._cond.notify()
+                    if timeout_s is not None and (self._reaper_asleep or now + timeout_s < self._reaper_by):
+                        self._reaper_cv.notify()
+            finally:
+                self._fail_expired(expired)
         return future
 
     def close(self, *, drain: bool = True, timeout_s: float | None = 30.0) -> None:
@@ -527,17 +529,18 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             timeout_s: longest wait for the worker. Requests still queued after it fail with `ServiceClosed`;
                 a handler call that is still running cannot be interrupted and finishes on its own.
         """
-        with self._cond:
-            self._closing = True
-            self._close_called = True
-            dropped = [] if drain else self._take_all_locked()
-            self._cond.notify_all()
-        self._drop(dropped, f"{self._name} was closed before this request ran")
+        with ctrl_c_deferred():  # from the caller's thread: a Ctrl-C must not leave the queue's or a future's lock held
+            with self._cond:
+                self._closing = True
+                self._close_called = True
+                dropped = [] if drain else self._take_all_locked()
+                self._cond.notify_all()
+            self._drop(dropped, f"{self._name} was closed before this request ran")
         if threading.current_thread() is self._thread:
             return  # closed from inside the handler: the worker stops after this batch
         self._thread.join(timeout_s)
         if self._thread.is_alive():
-            with self._cond:
+            with ctrl_c_deferred(), self._cond:
                 leftovers = self._take_all_locked()
             logger.warning(
                 "%s: worker still busy %.1f s after close(); failing %d queued requests",
@@ -549,7 +552,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     def stats(self) -> BatcherStats:
         """A consistent snapshot of the counters."""
-        with self._cond:
+        with ctrl_c_deferred(), self._cond:
             return BatcherStats(
                 requests=self._requests,
                 batches=self._batches,
@@ -569,7 +572,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """Call `fn(event)` on the worker thread after every handler call; its exceptions are logged."""
         if not callable(fn):
             raise InvalidInput(f"listener must be callable, got {fn!r}")
-        with self._cond:
+        with ctrl_c_deferred(), self._cond:
             self._listeners.append(fn)
 
     def __enter__(self) -> DynamicBatcher[ItemT, ResultT]:

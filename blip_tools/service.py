@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 from . import _prepare
+from ._ctrl_c import ctrl_c_deferred
 from .batching import BatchEvent, DynamicBatcher
 from .errors import BlipError, InferenceError, InvalidInput, Overloaded, ServiceClosed
 from .grounding import LocateResult, build_locate_result, gradcam_batch
@@ -343,10 +344,9 @@ class Blip2Service:
             if expected:
                 self._batcher.unexpect()
             raise ServiceClosed(_CLOSED)
-        with _prepare.ctrl_c_deferred():  # from a batch call's main thread: never leave the batcher's lock held
-            return self._batcher.submit(
-                key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s, expected=expected
-            )
+        return self._batcher.submit(
+            key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s, expected=expected
+        )
 
     def _open_call(self, count: int, *, retrieval: bool = False) -> None:
         """What a batch call checks once, before any per-item work: the service is open and its model loads.
@@ -425,7 +425,7 @@ class Blip2Service:
 
         def abandon() -> None:
             nonlocal abandoned
-            with _prepare.ctrl_c_deferred():  # a second Ctrl-C must not leave a lock held or the count wrong
+            with ctrl_c_deferred():  # a second Ctrl-C must not leave a lock held or the count wrong
                 with lock:
                     abandoned = True
                     withdraw()
@@ -435,7 +435,7 @@ class Blip2Service:
         try:
             # A Ctrl-C in the middle would leave the batcher's lock held (every later call would wait for good), or
             # the request counted as on its way for good: it is raised once the books are closed.
-            with _prepare.ctrl_c_deferred():
+            with ctrl_c_deferred():
                 self._batcher.expect()
                 announced = True
                 _prepare_in_thread(run)
@@ -646,7 +646,7 @@ class Blip2Service:
                 while prepared:
                     index, key, payload, meta = prepared[0]
                     try:
-                        with _prepare.ctrl_c_deferred():  # the future's lock is taken here too
+                        with ctrl_c_deferred():  # the future's lock is taken here too
                             future = self._submit(key, payload)
                             pending[future] = (index, meta)
                             future.add_done_callback(arrived)
@@ -683,7 +683,7 @@ class Blip2Service:
                 if finished:
                     deadline = time.monotonic() + self.settings.request_timeout_s
         except BaseException:
-            with _prepare.ctrl_c_deferred():
+            with ctrl_c_deferred():
                 for fut in pending:  # a failure or an interrupted caller: nobody will collect these any more
                     fut.cancel()
             raise

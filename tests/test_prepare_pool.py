@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _testlib import poll
 
 from blip_tools import Blip2Service, BlipSettings, _prepare
 from blip_tools._prepare import PreparePool, blocking
@@ -393,8 +394,8 @@ def test_callers_of_a_loaded_model_are_not_held_up_by_many_callers_waiting_for_a
         assert not held_up, "a caption of the loaded captioner waited for the retrieval model's load"
 
 
-_SUBMIT_FILES = frozenset({"_prepare.py", "threading.py", "contextlib.py", "signal.py", "enum.py"})
-"""Where `PreparePool.submit`'s Python runs: the pool, and the standard library it calls."""
+_SUBMIT_FILES = frozenset({"_prepare.py", "_ctrl_c.py", "threading.py", "contextlib.py", "signal.py", "enum.py"})
+"""Where `PreparePool.submit`'s Python runs: the pool, its Ctrl-C deferral, and the standard library it calls."""
 
 
 def _ctrl_c_storm(call: Callable[[], Any], files: frozenset[str], *, seconds: float, every_s: float) -> int:
@@ -457,7 +458,7 @@ def test_ctrl_c_landing_while_a_caller_hands_a_job_to_the_pool_does_not_wedge_it
 # ---------------------------------------------------------------------------------------------- bursts
 
 
-def _burst_service(settings: BlipSettings, prepare_s: float = 0.02) -> tuple[Blip2Service, list[int]]:
+def _burst_service(settings: BlipSettings, prepare_s: float = 0.1) -> tuple[Blip2Service, list[int]]:
     """A service whose images take `prepare_s` each to preprocess (one at a time, on the one-slot pool), with a 1 ms
     idle window and a 5 s merge budget, its model loaded but no batch run yet; and the batch sizes it runs."""
     svc = Blip2Service(settings.model_copy(update={"max_wait_ms": 1.0, "max_merge_wait_ms": 5000.0}))
@@ -497,7 +498,7 @@ def _at_once(calls: list[Callable[[], Any]]) -> list[Any]:
 def test_a_burst_of_callers_fills_one_batch_while_their_images_are_prepared(
     settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
 ) -> None:
-    """Eight callers at once: their images are prepared one after another (20 ms each, far past the 1 ms window),
+    """Eight callers at once: their images are prepared one after another (0.1 s each, far past the 1 ms window),
     and the worker waits for the ones still on their way instead of starting the model on the first alone."""
     svc, sizes = _burst_service(settings)
     with svc:
@@ -524,6 +525,7 @@ def test_callers_that_fail_or_give_up_do_not_hold_up_a_burst(
         out = _at_once([*calls, lambda: svc.caption("/no/such/image.png")])
         assert time.monotonic() - began < 3.0
         assert isinstance(out[3], InvalidImage) and all(not isinstance(r, BaseException) for r in out[:3])
+        poll(lambda: bool(sizes), 10.0, "the batch's listener")  # told just after the results go out
         assert sizes == [3]
         assert svc._batcher._expected == 0
     svc, sizes = _burst_service(settings)  # a fresh one: the budget is now capped by the tiny model's batch time
@@ -539,6 +541,7 @@ def test_callers_that_fail_or_give_up_do_not_hold_up_a_burst(
         results = asyncio.run(two_and_one_cancelled())
         assert time.monotonic() - began < 3.0
         assert isinstance(results[2], asyncio.CancelledError)
+        poll(lambda: bool(sizes), 10.0, "the batch's listener")  # told just after the results go out
         assert sizes == [2]
         assert svc._batcher._expected == 0
 
