@@ -340,10 +340,12 @@ class Blip2Service:
 
     def _submit(self, key: Hashable, payload: Any, *, expected: bool = False) -> concurrent.futures.Future[_Outcome]:
         """Queue one request; `expected`: it was announced with the batcher's `expect()`, which this call ends."""
-        if self.closed:
+        try:
+            self._check_open()
+        except ServiceClosed:
             if expected:
                 self._batcher.unexpect()
-            raise ServiceClosed(_CLOSED)
+            raise
         return self._batcher.submit(
             key, _Request(payload, time.monotonic()), timeout_s=self.settings.request_timeout_s, expected=expected
         )
