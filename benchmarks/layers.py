@@ -1,6 +1,8 @@
 """B3: per-call latency of each layer — runtime, service (sync/async), LangChain tool, MCP in-memory, MCP stdio,
-MCP HTTP — with a null model (pure overhead) and with the benchmark-size model. `mcp_bare_sdk` is the MCP SDK's
-own floor next to the in-memory row: a bare SDK tool around the same service call, returning only text.
+MCP HTTP — with a null model (pure overhead) and with the benchmark-size model. Two floors of the MCP SDK stand
+next to the in-memory row, both around the same service call and returning only text: `mcp_bare_sdk`, a bare
+`MCPServer` tool, and `mcp_sdk_round_trip`, a low-level `Server` whose `tools/call` handler awaits the call itself
+(no tool layer at all): what the SDK's client and in-memory transport cost with no server code in the way.
 
 Calls are sequential (one caller) and interleaved round by round across layers (the order reversed every other
 round), so machine noise hits every layer alike; figures are medians. The checks use paired ratios: each round's
@@ -68,8 +70,9 @@ def b3_layers(ctx: BenchContext) -> ScenarioResult:
                         "tiny: MCP in-memory <= 1.03x a direct service call (acaption, which its tool awaits)",
                         mcp <= 1.03,
                         f"{mcp:.3f}x ({_paired(times['mcp_in_memory'], times['service']):.3f}x the sync call; the "
-                        f"SDK floor, a bare tool returning only the caption text: "
-                        f"{_paired(times['mcp_bare_sdk'], times['service_async']):.3f}x)",
+                        f"SDK's floors, returning only the caption text: a bare tool "
+                        f"{_paired(times['mcp_bare_sdk'], times['service_async']):.3f}x, the round trip with no "
+                        f"tool layer {_paired(times['mcp_sdk_round_trip'], times['service_async']):.3f}x)",
                     )
                 )
     return ScenarioResult(
@@ -81,11 +84,12 @@ def b3_layers(ctx: BenchContext) -> ScenarioResult:
         notes=[
             f"median of {rounds} sequential calls per layer, interleaved (order reversed every other round); the "
             "in-process layers run their rounds first, then MCP stdio and HTTP in rounds of their own with fresh "
-            "service calls to compare with; `mcp_bare_sdk` is the SDK's floor for the MCP in-memory row: a bare "
-            "`MCPServer` tool that awaits the same `acaption` and returns only the caption text (no output schema, "
-            "none of our wrapping); x_ columns are paired: the median over rounds of the layer's call / that "
-            "round's service call; every layer decodes the same PNG path; the service's 2 ms idle wait window is "
-            "included from `service` on"
+            "service calls to compare with; `mcp_bare_sdk` and `mcp_sdk_round_trip` are the SDK's floors for the "
+            "MCP in-memory row: a bare `MCPServer` tool, and a low-level `Server` whose tools/call handler awaits "
+            "the call with no tool layer, each awaiting the same `acaption` and returning only the caption text "
+            "(no output schema, none of our wrapping); x_ columns are paired: the median over rounds of the "
+            "layer's call / that round's service call; every layer decodes the same PNG path; the service's 2 ms "
+            "idle wait window is included from `service` on"
         ],
     )
 
@@ -96,8 +100,9 @@ def _paired(values: list[float], base: list[float]) -> float:
 
 
 async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict[str, list[float]]:
-    from mcp import Client
+    from mcp import Client, types
     from mcp.server import MCPServer
+    from mcp.server.lowlevel import Server
 
     from blip_tools.images import load_image
     from blip_tools.langchain import CaptionImageTool
@@ -124,6 +129,17 @@ async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict
         """The cheapest MCP wrapper of the same service call: unstructured text, no output schema."""
         return (await svc.acaption(image, max_new_tokens=max_new_tokens)).caption
 
+    async def list_tools(_ctx: Any, _params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=[types.Tool(name="caption_text", input_schema={"type": "object"})])
+
+    async def call_tool(_ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        """The SDK's round trip alone: no tool layer, no validation, the same service call."""
+        arguments = params.arguments or {}
+        result = await svc.acaption(arguments["image"], max_new_tokens=arguments["max_new_tokens"])
+        return types.CallToolResult(content=[types.TextContent(type="text", text=result.caption)])
+
+    round_trip = Server("round-trip", on_list_tools=list_tools, on_call_tool=call_tool)
+
     layers: dict[str, Callable[[], Awaitable[Any]]] = {}
 
     async def call_sync(fn: Callable[[], Any]) -> Any:
@@ -140,6 +156,8 @@ async def _measure(ctx: BenchContext, kind: str, path: str, rounds: int) -> dict
             layers["mcp_in_memory"] = lambda: _call(memory, args)
             floor = await stack.enter_async_context(Client(bare))
             layers["mcp_bare_sdk"] = lambda: _call(floor, args, "caption_text")
+            sdk = await stack.enter_async_context(Client(round_trip))
+            layers["mcp_sdk_round_trip"] = lambda: _call(sdk, args, "caption_text")
             stdio = await stack.enter_async_context(Client(_stdio_params(ctx, kind)))
             layers["mcp_stdio"] = lambda: _call(stdio, args)
             url = await stack.enter_async_context(_http_server(ctx, kind))
