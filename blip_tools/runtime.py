@@ -202,7 +202,8 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def clean_text(text: str, max_chars: int) -> str:
     """Generated text as plain data: first line only, control characters removed, whitespace collapsed, capped."""
     text = text.split("\n", 1)[0]
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch == " ")
+    if not text.isprintable():  # printable text has no category-C character: skip the per-character pass
+        text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch == " ")
     text = _CONTROL_RE.sub(" ", text).strip()
     return text[:max_chars]
 
