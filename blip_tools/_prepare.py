@@ -191,19 +191,35 @@ def gil_free(pixels: int) -> contextlib.AbstractContextManager[None]:
     slot and without this, 87-92 with it (78-85 with a thread per caller, before the pool). From 100,000 pixels
     up, one slot left 320x240 JPEGs (76,800 pixels) 10 % behind two; from 40,000 they are level.
     """
-    return blocking() if pixels >= GIL_FREE_PIXELS else contextlib.nullcontext()
+    return blocking(waits=False) if pixels >= GIL_FREE_PIXELS else contextlib.nullcontext()
+
+
+WaitHook = Callable[[], Callable[[], None] | None]
+"""Called as a job's wait starts; what it returns is called as the wait ends."""
+
+
+def set_wait_hook(hook: WaitHook | None) -> None:
+    """This pool thread's current job tells `hook` when it waits (`blocking()`, not `gil_free`); None clears it.
+
+    The service withdraws the job's request from the batcher's announced requests meanwhile: a request whose image
+    is downloading, or whose model is loading, is not coming soon, and a batch must not wait for it.
+    """
+    _local.wait_hook = hook
 
 
 @contextlib.contextmanager
-def blocking() -> Iterator[None]:
+def blocking(*, waits: bool = True) -> Iterator[None]:
     """Mark a wait (network, a model load) inside a preparation job: another job may use the CPU meanwhile.
 
-    Outside a pool thread, and when nested, it does nothing.
+    `waits=False`: GIL-free work on the CPU (`gil_free`), which ends soon; the job's wait hook is not told. Outside
+    a pool thread, and when nested, it does nothing.
     """
     owner: PreparePool | None = getattr(_local, "pool", None)
     if owner is None or getattr(_local, "blocked", False):
         yield
         return
+    hook: WaitHook | None = getattr(_local, "wait_hook", None) if waits else None
+    resume = hook() if hook is not None else None
     _local.blocked = True
     owner._block()
     try:
@@ -211,3 +227,5 @@ def blocking() -> Iterator[None]:
     finally:
         owner._unblock()
         _local.blocked = False
+        if resume is not None:
+            resume()

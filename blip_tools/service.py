@@ -385,8 +385,8 @@ class Blip2Service:
         callers, waiting for their task to resume first filled batches of 29-30 instead of 31), and the caller
         wakes once per request, when its result is ready. Until it is submitted or given up, the request is
         announced to the batcher (`expect()`), so an idle worker waits for a burst still being prepared instead of
-        starting on its first request alone. Returns `abandon()`: the request is cancelled if it was submitted,
-        and never submitted if it was not.
+        starting on its first request alone; not while `prepare` waits on a download or a model load. Returns
+        `abandon()`: the request is cancelled if it was submitted, and never submitted if it was not.
         """
         lock = threading.Lock()
         submitted: list[concurrent.futures.Future[_Outcome]] = []
@@ -408,21 +408,38 @@ class Blip2Service:
             else:
                 settle(None, (outcome, extra))
 
+        def on_wait() -> Callable[[], None] | None:  # `prepare` waits (a download, a model load): not coming soon
+            with lock:
+                if not announced:
+                    return None
+                withdraw()
+            return renew
+
+        def renew() -> None:  # that wait is over: the request is on its way again, unless abandoned meanwhile
+            nonlocal announced
+            with lock:
+                if not abandoned and not announced:
+                    self._batcher.expect()
+                    announced = True
+
         def run() -> None:  # on a pool thread
             nonlocal announced
+            _prepare.set_wait_hook(on_wait)
             try:
                 key, payload, extra = prepare()
                 with lock:
                     if abandoned:
                         return
-                    announced = False  # `_submit` ends the announcement, whatever happens there
-                    future = self._submit(key, payload, expected=True)
+                    expected, announced = announced, False  # `_submit` ends the announcement, whatever happens
+                    future = self._submit(key, payload, expected=expected)
                     submitted.append(future)
             except BaseException as exc:  # bad input, overload, a closed service: the caller gets it
                 with lock:
                     withdraw()
                 settle(exc, None)
                 return
+            finally:
+                _prepare.set_wait_hook(None)
             future.add_done_callback(functools.partial(deliver, extra))
 
         def abandon() -> None:

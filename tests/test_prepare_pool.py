@@ -283,7 +283,7 @@ def test_a_photos_decode_hash_and_resize_give_up_the_slot_and_a_small_images_do_
 
     entered: list[str] = []
 
-    def recording() -> contextlib.AbstractContextManager[None]:
+    def recording(*, waits: bool = True) -> contextlib.AbstractContextManager[None]:
         caller = sys._getframe(1)  # gil_free, or what waits (a model load)
         entered.append(sys._getframe(2).f_code.co_name if caller.f_code.co_name == "gil_free" else "wait")
         return contextlib.nullcontext()
