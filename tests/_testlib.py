@@ -1,9 +1,11 @@
 """Helpers shared by the test folders (importable as `_testlib`: pytest puts `tests/` on the path for its
 conftest): bounded polling, a uvicorn server on a thread, a command's process started as from a terminal, the CLI run
-in-process, a free port and a runtime whose model calls can be held."""
+in-process, a free port, a call run on a thread, PNG bytes, a model load held back and a runtime whose model calls
+can be held."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -164,6 +166,42 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     it for this process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLIP_") and k != "TRANSFORMERS_VERBOSITY"}
     return {**env, **extra}
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run `fn` on a daemon thread; the list gets its result, or what it raised, once the thread ends."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # the test reads it
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def png_bytes(image: Any) -> bytes:
+    """A PIL image as PNG bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def hold_retrieval_load(svc: Any, hold_s: float = WAIT_S) -> tuple[threading.Event, threading.Event]:
+    """Make `svc`'s retrieval model load wait for `release` (at most `hold_s`); `loading` is set once it waits."""
+    loading, release = threading.Event(), threading.Event()
+    load = svc.runtime._load_retrieval
+
+    def slow_load() -> Any:
+        loading.set()
+        release.wait(hold_s)
+        return load()
+
+    svc.runtime._load_retrieval = slow_load
+    return loading, release
 
 
 class GatedRuntime(Blip2Runtime):

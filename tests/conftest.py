@@ -6,8 +6,12 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from blip_tools._prepare import PreparePool
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,6 +60,16 @@ def _image(seed: int, size: tuple[int, int] = (48, 40)):  # type: ignore[no-unty
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(arr, "RGB")
+
+
+@pytest.fixture
+def one_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[PreparePool]:
+    """The process's preparation pool with one slot, whatever this machine has."""
+    from blip_tools import _prepare
+
+    pool = _prepare.PreparePool(1, "blip-prepare-test")
+    monkeypatch.setattr(_prepare, "_pool", pool)
+    yield pool
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import random
 import threading
 import time
@@ -18,9 +17,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from _testlib import GatedRuntime, poll
+from _testlib import GatedRuntime, hold_retrieval_load, in_thread, png_bytes, poll
 
-from blip_tools import Blip2Service, BlipSettings, _prepare
+from blip_tools import Blip2Service, BlipSettings
 from blip_tools._prepare import PreparePool
 from blip_tools.batching import DynamicBatcher
 from blip_tools.errors import BlipError, InvalidImage, InvalidInput, Overloaded, ServiceClosed
@@ -82,14 +81,6 @@ class Spy:
             return self.calls.count(what)
 
 
-@pytest.fixture
-def pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[PreparePool]:
-    """A preparation pool of one slot for this test, whatever this machine has."""
-    fresh = PreparePool(1, "blip-prepare-test")
-    monkeypatch.setattr(_prepare, "_pool", fresh)
-    yield fresh
-
-
 def _service(settings: BlipSettings, runtime: Any = None, **update: Any) -> Blip2Service:
     """A service with a 1 ms idle window and a `BUDGET_MS` budget for announced requests, captioner loaded."""
     merged: dict[str, Any] = {"max_wait_ms": 1.0, "max_merge_wait_ms": BUDGET_MS, **update}
@@ -100,30 +91,10 @@ def _service(settings: BlipSettings, runtime: Any = None, **update: Any) -> Blip
 
 
 @pytest.fixture
-def svc(settings: BlipSettings, pool: PreparePool) -> Iterator[Blip2Service]:
+def svc(settings: BlipSettings, one_slot: PreparePool) -> Iterator[Blip2Service]:
     service = _service(settings)
     yield service
     service.close(drain=False, timeout_s=WAIT_S)
-
-
-def _png(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:  # the test reads it
-            out.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
 
 
 def _hold_preprocess(svc: Blip2Service) -> tuple[threading.Event, threading.Event]:
@@ -245,9 +216,9 @@ def test_every_failing_async_call_ends_its_announcement(
 
 
 def test_an_image_over_the_size_limits_ends_its_announcement(
-    settings: BlipSettings, make_image: Callable[..., Any], pool: PreparePool
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
 ) -> None:
-    data = _png(make_image(3, (64, 64)))
+    data = png_bytes(make_image(3, (64, 64)))
     for limits in ({"max_image_bytes": len(data) // 2}, {"max_image_pixels": 100}):
         svc = _service(settings, **limits)
         try:
@@ -284,7 +255,7 @@ def test_a_base_exception_raised_while_preparing_ends_the_announcement(
 
 
 def test_a_model_that_fails_to_load_while_preparing_ends_the_announcement(
-    settings: BlipSettings, make_image: Callable[..., Any], pool: PreparePool
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
 ) -> None:
     svc = Blip2Service(settings.model_copy(update={"max_wait_ms": 1.0, "max_merge_wait_ms": BUDGET_MS}))
     try:
@@ -323,7 +294,7 @@ def test_a_pool_that_cannot_take_the_job_ends_the_announcement(
 
 
 def test_calls_prepared_in_their_own_thread_never_announce(
-    svc: Blip2Service, make_image: Callable[..., Any], pool: PreparePool, monkeypatch: pytest.MonkeyPatch
+    svc: Blip2Service, make_image: Callable[..., Any], one_slot: PreparePool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stalled pool, or a call made on a pool thread, prepares in the caller's thread: it neither announces nor
     ends an announcement (a `submit(expected=True)` there would drive the count below 0)."""
@@ -341,7 +312,7 @@ def test_calls_prepared_in_their_own_thread_never_announce(
         finally:
             done.set()
 
-    pool.submit(on_the_pool)
+    one_slot.submit(on_the_pool)
     assert done.wait(WAIT_S)
     assert len(out) == 1 and not isinstance(out[0], BaseException), out
     monkeypatch.setattr(PreparePool, "stalled", lambda self: True)
@@ -387,7 +358,7 @@ def test_batch_calls_do_not_announce_and_their_async_twins_end_every_announcemen
 
 
 def test_a_service_closed_while_a_request_is_prepared_ends_its_announcement(
-    settings: BlipSettings, make_image: Callable[..., Any], pool: PreparePool
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
 ) -> None:
     for use_async in (False, True):
         svc = _service(settings)
@@ -398,7 +369,7 @@ def test_a_service_closed_while_a_request_is_prepared_ends_its_announcement(
                 return asyncio.run(svc.acaption(make_image(1), max_new_tokens=2))
             return svc.caption(make_image(1), max_new_tokens=2)
 
-        thread, out = _in_thread(call)
+        thread, out = in_thread(call)
         assert entered.wait(WAIT_S)
         assert expected(svc) == 1
         svc.close(timeout_s=WAIT_S)
@@ -414,7 +385,7 @@ def test_a_service_closed_while_a_request_is_prepared_ends_its_announcement(
 
 
 def test_close_racing_many_callers_leaves_no_announcement(
-    settings: BlipSettings, make_image: Callable[..., Any], pool: PreparePool
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
 ) -> None:
     svc = _service(settings)
     images = [make_image(20 + i) for i in range(4)]
@@ -445,15 +416,15 @@ def test_close_racing_many_callers_leaves_no_announcement(
 
 
 def test_an_overloaded_refusal_of_an_announced_request_ends_it(
-    settings: BlipSettings, make_image: Callable[..., Any], pool: PreparePool
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
 ) -> None:
     svc = _service(settings, runtime=GatedRuntime, max_queue=1, max_batch_size=1)
     runtime: GatedRuntime = svc.runtime  # type: ignore[assignment]
     try:
         runtime.gate.clear()
-        running, running_out = _in_thread(lambda: svc.caption(make_image(1), max_new_tokens=2))
+        running, running_out = in_thread(lambda: svc.caption(make_image(1), max_new_tokens=2))
         assert runtime.entered.wait(WAIT_S)
-        queued, queued_out = _in_thread(lambda: svc.caption(make_image(2), max_new_tokens=2))
+        queued, queued_out = in_thread(lambda: svc.caption(make_image(2), max_new_tokens=2))
         poll(lambda: svc._batcher.queue_depth == 1, WAIT_S, "the second request to queue")
         with pytest.raises(Overloaded):
             svc.caption(make_image(3), max_new_tokens=2)
@@ -474,7 +445,7 @@ def test_an_overloaded_refusal_of_an_announced_request_ends_it(
 
 
 def test_an_async_call_cancelled_before_while_and_after_its_image_is_prepared(
-    settings: BlipSettings, make_image: Callable[..., Any], pool: PreparePool
+    settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool
 ) -> None:
     svc = _service(settings, runtime=GatedRuntime)
     runtime: GatedRuntime = svc.runtime  # type: ignore[assignment]
@@ -591,7 +562,7 @@ def test_many_async_callers_cancelled_at_random_moments_leave_no_announcement(
 def test_a_lone_request_does_not_wait_for_a_request_stuck_in_a_blocking_wait(
     settings: BlipSettings,
     make_image: Callable[..., Any],
-    pool: PreparePool,
+    one_slot: PreparePool,
     monkeypatch: pytest.MonkeyPatch,
     stuck_in: str,
 ) -> None:
@@ -601,10 +572,10 @@ def test_a_lone_request_does_not_wait_for_a_request_stuck_in_a_blocking_wait(
     service that was up to min(50 ms, the last batch's time) per request; here the 3 s budget would show it."""
     from blip_tools import _fetch
 
-    started, release = threading.Event(), threading.Event()
-    data = _png(make_image(1))
+    data = png_bytes(make_image(1))
     svc = _service(settings, allow_urls=True)
     if stuck_in == "download":
+        started, release = threading.Event(), threading.Event()
 
         def slow_fetch(url: str, **kwargs: Any) -> bytes:
             started.set()
@@ -614,17 +585,10 @@ def test_a_lone_request_does_not_wait_for_a_request_stuck_in_a_blocking_wait(
         monkeypatch.setattr(_fetch, "fetch_url", slow_fetch)
         stuck: Callable[[], Any] = functools.partial(svc.caption, "https://example.com/a.png", max_new_tokens=2)
     else:
-        load = svc.runtime._load_retrieval
-
-        def slow_load() -> Any:
-            started.set()
-            release.wait(WAIT_S)
-            return load()
-
-        svc.runtime._load_retrieval = slow_load  # type: ignore[method-assign]
+        started, release = hold_retrieval_load(svc)
         stuck = functools.partial(svc.score, data, ["a photo"])
     try:
-        thread, out = _in_thread(stuck)
+        thread, out = in_thread(stuck)
         assert started.wait(WAIT_S)
         try:
             _lone_call_is_prompt(svc, make_image(2))

@@ -5,16 +5,15 @@ in a sync caller never leaves the pool wedged."""
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from _testlib import poll
+from _testlib import hold_retrieval_load, in_thread, png_bytes, poll
 
 from blip_tools import Blip2Service, BlipSettings, _prepare
 from blip_tools._prepare import PreparePool, blocking
@@ -140,55 +139,13 @@ def test_blocking_outside_a_pool_thread_and_nested_does_nothing() -> None:
 # ---------------------------------------------------------------------------------------------- in the service
 
 
-@pytest.fixture
-def one_slot(monkeypatch: pytest.MonkeyPatch) -> Iterator[PreparePool]:
-    """The process's preparation pool with one slot, whatever this machine has."""
-    pool = PreparePool(1, "blip-prepare-test")
-    monkeypatch.setattr(_prepare, "_pool", pool)
-    yield pool
-
-
-def _png(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _hold_retrieval_load(svc: Blip2Service, hold_s: float = WAIT_S) -> tuple[threading.Event, threading.Event]:
-    """Make `svc`'s retrieval model load wait for `release` (at most `hold_s`); `loading` is set once it waits."""
-    loading, release = threading.Event(), threading.Event()
-    load = svc.runtime._load_retrieval
-
-    def slow_load() -> Any:
-        loading.set()
-        release.wait(hold_s)
-        return load()
-
-    svc.runtime._load_retrieval = slow_load  # type: ignore[method-assign]
-    return loading, release
-
-
-def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:  # the test reads it
-            out.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, out
-
-
 def test_a_slow_download_does_not_hold_up_other_callers_images(
     settings: BlipSettings, make_image: Callable[..., Any], one_slot: PreparePool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from blip_tools import _fetch
 
     started, release = threading.Event(), threading.Event()
-    data = _png(make_image(1))
+    data = png_bytes(make_image(1))
 
     def slow_fetch(url: str, **kwargs: Any) -> bytes:
         started.set()
@@ -198,7 +155,7 @@ def test_a_slow_download_does_not_hold_up_other_callers_images(
     monkeypatch.setattr(_fetch, "fetch_url", slow_fetch)
     with Blip2Service(settings.model_copy(update={"allow_urls": True})) as svc:
         svc.caption(make_image(2), max_new_tokens=3)  # the model is loaded
-        thread, out = _in_thread(lambda: svc.caption("https://example.com/a.png", max_new_tokens=3))
+        thread, out = in_thread(lambda: svc.caption("https://example.com/a.png", max_new_tokens=3))
         assert started.wait(WAIT_S)
         began = time.monotonic()
         svc.caption(make_image(3), max_new_tokens=3)
@@ -214,8 +171,8 @@ def test_a_model_loading_does_not_hold_up_callers_of_a_loaded_one(
 ) -> None:
     with Blip2Service(settings) as svc:
         svc.caption(make_image(1), max_new_tokens=3)
-        loading, release = _hold_retrieval_load(svc)
-        thread, out = _in_thread(lambda: svc.score(make_image(2), ["a photo"]))
+        loading, release = hold_retrieval_load(svc)
+        thread, out = in_thread(lambda: svc.score(make_image(2), ["a photo"]))
         assert loading.wait(WAIT_S)
         began = time.monotonic()
         svc.caption(make_image(3), max_new_tokens=3)
@@ -289,12 +246,12 @@ def test_a_photos_decode_hash_and_resize_give_up_the_slot_and_a_small_images_do_
         return contextlib.nullcontext()
 
     monkeypatch.setattr(_prepare, "blocking", recording)
-    service.caption(_png(make_image(6, (48, 40))), max_new_tokens=3)
+    service.caption(png_bytes(make_image(6, (48, 40))), max_new_tokens=3)
     assert [name for name in entered if name != "wait"] == []
     big = make_image(7, (400, 300))
     assert big.width * big.height >= _prepare.GIL_FREE_PIXELS
     entered.clear()
-    service.caption(_png(big), max_new_tokens=3)
+    service.caption(png_bytes(big), max_new_tokens=3)
     # The decode, the pixel hash and the resize: one resize per loaded model (with the retrieval model loaded, a
     # caption also gets its image-text match); a model load that another test left to do may add a wait.
     steps = [name for name in entered if name != "wait"]
@@ -328,7 +285,7 @@ def test_ctrl_c_while_a_sync_call_waits_on_a_download_abandons_it_and_leaves_the
     from blip_tools import _fetch
 
     started, release = threading.Event(), threading.Event()
-    data = _png(make_image(1))
+    data = png_bytes(make_image(1))
     submits: list[Any] = []
 
     def slow_fetch(url: str, **kwargs: Any) -> bytes:
@@ -369,7 +326,7 @@ def test_callers_of_a_loaded_model_are_not_held_up_by_many_callers_waiting_for_a
     """
     with Blip2Service(settings) as svc:
         svc.caption(make_image(1), max_new_tokens=3)
-        loading, release = _hold_retrieval_load(svc, WAIT_S * 3)
+        loading, release = hold_retrieval_load(svc, WAIT_S * 3)
         waiters = [
             threading.Thread(target=svc.score, args=(make_image(2), ["a photo"]), daemon=True)
             for _ in range(_prepare._MAX_THREADS)
@@ -584,7 +541,7 @@ def test_ctrl_c_landing_anywhere_in_a_sync_call_leaves_the_service_working(
         while svc._batcher._expected and time.monotonic() < deadline:
             time.sleep(0.01)
         assert svc._batcher._expected == 0, "a request stays counted as on its way"
-        thread, out = _in_thread(lambda: svc.caption_batch([make_image(9), make_image(10)], max_new_tokens=3))
+        thread, out = in_thread(lambda: svc.caption_batch([make_image(9), make_image(10)], max_new_tokens=3))
         thread.join(WAIT_S)
         assert out and not isinstance(out[0], BaseException), out
     finally:
