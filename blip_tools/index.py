@@ -695,10 +695,12 @@ class ImageIndex:
         if self.read_only:
             raise _read_only(self.path, self._read_only_why)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _db_failure(self.path, exc) from exc
-        try:
+            try:
+                # Inside the `try` that rolls back: a Ctrl-C pressed while this waits for another writer (up to 30 s)
+                # is raised as it returns, with the transaction begun, which would hold the write lock for good.
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _db_failure(self.path, exc) from exc
             yield
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('generation', '1') "
@@ -706,8 +708,12 @@ class ImageIndex:
             )
             conn.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # keep the original error (a damaged file may refuse both)
-                conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                # Not `contextlib.suppress`: its `__enter__` is a Python call, where a second Ctrl-C would land first.
+                try:  # noqa: SIM105
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # keep the original error (a damaged file may refuse both)
+                    pass
             raise
 
     def _drop_connections(self) -> None:

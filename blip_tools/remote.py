@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from ._ctrl_c import ctrl_c_deferred
 from .errors import (
     BlipError,
     CapabilityUnavailable,
@@ -1022,8 +1023,11 @@ class RemoteService(Blip2Service):
 
     def _sync(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the private loop thread and wait for it (Ctrl-C cancels the call; close() ends it)."""
+        future: concurrent.futures.Future[T] | None = None
         try:
-            with self._lock:
+            # A Ctrl-C is held until the loop runs on its thread (a loop recorded without it would take every later
+            # call, and wait for good) and this call is registered; then it cancels the call, as one while it waits.
+            with ctrl_c_deferred(), self._lock:
                 self._check_open()
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
@@ -1036,23 +1040,21 @@ class RemoteService(Blip2Service):
                 # Registered under the lock, so a concurrent close() sees this call and ends it.
                 future = asyncio.run_coroutine_threadsafe(self._guarded(coro), self._loop)
                 self._futures.add(future)
-        except BaseException:
-            coro.close()
-            raise
-        try:
             return future.result()
         except concurrent.futures.CancelledError as exc:
             if self._closed:
                 raise self._closed_error() from exc
             raise BlipError("The request was cancelled before it finished.") from exc
         except BaseException:
-            future.cancel()
+            if future is not None:
+                future.cancel()
             raise
         finally:
-            with self._lock:
-                self._futures.discard(future)
+            if future is not None:
+                with self._lock:
+                    self._futures.discard(future)
             if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
-                coro.close()  # close() stopped the loop before the call started: no "never awaited" warning
+                coro.close()  # never started (refused, or close() stopped the loop first): no "never awaited" warning
 
     # ------------------------------------------------------------------ helpers
     async def _image_arg(self, image: ImageInput) -> tuple[str, str | None]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._ctrl_c import ctrl_c_deferred
 from ..errors import InvalidInput, ModelNotAvailable
 from ..settings import BlipSettings
 from .clock import RunClock
@@ -144,14 +145,17 @@ def finetune(
     # Held until the end: a second run into this folder fails here at once, not after interleaving its
     # checkpoints and export with this one's. It creates the folder; a run that stops before writing anything
     # into it (bad data, a base model that is no captioner) removes it again.
-    lock = RunLock.acquire(out)
+    lock: RunLock | None = None
     trainer = None
     try:
+        with ctrl_c_deferred():  # a Ctrl-C as acquire() returns would drop the held lock unrecorded
+            lock = RunLock.acquire(out)
         _check_out(out, resume, locked=True)  # again, now that no other run can write there: one may have just finished
         trainer = _trainer(data, out, model_name, settings, cfg, resume, on_step, clock)
         report = trainer.run()
     finally:
-        lock.release(keep_folder=trainer is not None and trainer.wrote_output)
+        if lock is not None:
+            lock.release(keep_folder=trainer is not None and trainer.wrote_output)
     logger.info(
         "fine-tuned %s → %s: %d steps, loss %s → %s, %d lines skipped",
         model_name, out, report.steps, report.first_loss, report.final_loss, len(report.skipped),

@@ -93,11 +93,13 @@ class RunLock:
         they are empty (a run that stopped before writing anything leaves no folder behind)."""
         fd, self._fd = self._fd, None
         if fd is not None:
-            path = self.folder / LOCK_FILE
-            with suppress(OSError):
-                if _same_file(fd, path):
-                    path.unlink()
-            os.close(fd)
+            try:
+                path = self.folder / LOCK_FILE
+                with suppress(OSError):
+                    if _same_file(fd, path):
+                        path.unlink()
+            finally:  # also on a Ctrl-C: a descriptor taken off `self` but left open keeps the folder locked
+                os.close(fd)
         if not keep_folder:
             _remove_empty(self.created)
 
@@ -110,21 +112,24 @@ def _lock(folder: Path) -> int:
         except OSError as exc:
             raise InvalidInput(f"Cannot write the output folder {folder}: {exc.strerror or exc} ({path}).") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise busy(folder) from None
+            except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without locks (some network shares)
+                logger.warning(
+                    "cannot lock %s (%s): another fine-tuning run into %s would not be noticed",
+                    path, exc.strerror or exc, folder,
+                )  # fmt: skip
+                return fd
+            if _same_file(fd, path):
+                with suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                return fd
+        except BaseException:  # busy, or a Ctrl-C: neither the descriptor nor its lock may outlive this call
             os.close(fd)
-            raise busy(folder) from None
-        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without locks (some network shares)
-            logger.warning(
-                "cannot lock %s (%s): another fine-tuning run into %s would not be noticed",
-                path, exc.strerror or exc, folder,
-            )  # fmt: skip
-            return fd
-        if _same_file(fd, path):
-            with suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            return fd
+            raise
         os.close(fd)  # the run that held it deleted it as it ended: lock the file at that path now
     raise InvalidInput(f"Cannot lock the output folder {folder}: {path} keeps being replaced.")
 
