@@ -400,6 +400,9 @@ def b4_open_loop(ctx: BenchContext) -> ScenarioResult:
             with ctx.service(**limits, gc_freeze=True) as svc:
                 svc.caption(images[0], **gen)
                 rows.append(_open_loop(svc, images, rate, duration, gen) | {"load": load})
+            # Its runtime is in a reference cycle: frozen, it (and its model) would stay until the end of B4.
+            del svc
+            gc.unfreeze()
     finally:
         gc.unfreeze()  # the scenarios after this one run with the default collector again
     checks = [

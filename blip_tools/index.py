@@ -708,12 +708,12 @@ class ImageIndex:
             )
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                # Not `contextlib.suppress`: its `__enter__` is a Python call, where a second Ctrl-C would land first.
-                try:  # noqa: SIM105
+            # Not `contextlib.suppress`: its `__enter__` is a Python call, where a second Ctrl-C would land first.
+            try:
+                if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:  # keep the original error (a damaged file may refuse both)
-                    pass
+            except sqlite3.Error:  # keep the original error (a damaged file, or a closed connection, refuses both)
+                pass
             raise
 
     def _drop_connections(self) -> None:

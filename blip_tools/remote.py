@@ -1025,18 +1025,23 @@ class RemoteService(Blip2Service):
         """Run a coroutine on the private loop thread and wait for it (Ctrl-C cancels the call; close() ends it)."""
         future: concurrent.futures.Future[T] | None = None
         try:
-            # A Ctrl-C is held until the loop runs on its thread (a loop recorded without it would take every later
-            # call, and wait for good) and this call is registered; then it cancels the call, as one while it waits.
+            # A Ctrl-C is held until this call is registered (so close() can end it); then it cancels the call, as
+            # one while it waits does.
             with ctrl_c_deferred(), self._lock:
                 self._check_open()
                 if self._loop is None:
-                    self._loop = asyncio.new_event_loop()
-                    self._thread = threading.Thread(
-                        target=self._run_loop, args=(self._loop,), name="blip-remote-loop", daemon=True
-                    )
-                    self._thread.start()
+                    # Recorded only once its thread runs: a thread that cannot start (the system's limit) must not
+                    # leave a loop that every later call would wait on for good.
+                    loop = asyncio.new_event_loop()
+                    thread = threading.Thread(target=self._run_loop, args=(loop,), name="blip-remote-loop", daemon=True)
+                    try:
+                        thread.start()
+                    except BaseException:
+                        loop.close()
+                        raise
+                    self._loop, self._thread = loop, thread
                     # Dropped without close() (a notebook cell run again): stop the thread, which closes the loop.
-                    weakref.finalize(self, _stop_loop, self._loop).atexit = False
+                    weakref.finalize(self, _stop_loop, loop).atexit = False
                 # Registered under the lock, so a concurrent close() sees this call and ends it.
                 future = asyncio.run_coroutine_threadsafe(self._guarded(coro), self._loop)
                 self._futures.add(future)

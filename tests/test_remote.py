@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _testlib import free_port, record_mcp_requests
+from _testlib import free_port, in_thread, record_mcp_requests
 
 from blip_tools import BlipSettings
 from blip_tools.errors import (
@@ -579,6 +579,27 @@ def test_daemon_not_running_fails_fast() -> None:
         with pytest.raises(ModelNotAvailable, match=r"unreachable.*blip-mcp --transport http"):
             nowhere.caption("data:image/png;base64,AAAA")
         assert time.monotonic() - started < 15
+
+
+def test_a_loop_thread_that_cannot_start_leaves_the_client_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread the system refuses (its limit) must not leave a loop recorded that no thread runs: every later call
+    would wait on it for good, and close() would fail."""
+    start = threading.Thread.start
+
+    def refused(self: threading.Thread) -> None:
+        if self.name == "blip-remote-loop":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    with RemoteService(f"http://127.0.0.1:{free_port()}", connect_timeout_s=2.0) as nowhere:
+        monkeypatch.setattr(threading.Thread, "start", refused)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            nowhere.caption("data:image/png;base64,AAAA")
+        monkeypatch.undo()
+        thread, out = in_thread(lambda: nowhere.caption("data:image/png;base64,AAAA"))
+        thread.join(20)
+        assert not thread.is_alive(), "the next call waits on a loop that no thread runs"
+        assert out and isinstance(out[0], ModelNotAvailable), out
 
 
 def test_default_service_follows_blip_remote_url(daemon: Daemon) -> None:
