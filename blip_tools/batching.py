@@ -409,6 +409,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """True once `close()` was called (or the worker stopped, or the handler's owner was collected)."""
         return self._closing
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread still runs (after `close()`: a batch outlasted its timeout)."""
+        return self._thread.is_alive()
+
     @staticmethod
     def _owner_gone(ref: weakref.ref[DynamicBatcher[ItemT, ResultT]]) -> None:
         """The weak handler's object was collected: close (drain, then stop) like `close()`, without joining.

@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import unicodedata
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -240,6 +241,23 @@ def _sanitize(text: str) -> str:
     return text.replace(_IMAGE_TOKEN, " ").strip()
 
 
+def _weakly_cached(method: Callable[[str], tuple[int, ...]], maxsize: int) -> Callable[[str], tuple[int, ...]]:
+    """`functools.lru_cache` of a bound method that does not keep its object alive.
+
+    A cache stored on an object and holding its bound method ties the object into a reference cycle: a dropped
+    runtime, and its models, would then wait for a full garbage collection to be freed.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(arg: str) -> tuple[int, ...]:
+        bound = ref()
+        if bound is None:  # pragma: no cover - the cache lives on the object, so it goes with it
+            raise ReferenceError("the object of this cached method is gone")
+        return bound(arg)
+
+    return functools.lru_cache(maxsize=maxsize)(call)
+
+
 class _LRU:
     """A small LRU of tensors keyed by image hash, with hit/miss counters (worker thread only)."""
 
@@ -337,7 +355,7 @@ class Blip2Runtime:
         self.settings = settings
         self._lock = threading.RLock()
         # Agents reuse a few prompts (no prompt, the VQA template per question): tokenise each once.
-        self._prompt_ids = functools.lru_cache(maxsize=4096)(self._tokenize_prompt)
+        self._prompt_ids = _weakly_cached(self._tokenize_prompt, 4096)
         self._captioner: _Loaded | None = None
         self._retrieval: _Loaded | None = None
         self._attempts: dict[str, list[int]] = {"captioner": [0, 0], "retrieval": [0, 0]}
@@ -613,6 +631,17 @@ class Blip2Runtime:
     def prefix_cache_misses(self) -> int:
         """Rows that looked for their image-prefix KV in the cache and had to compute it."""
         return self.prefix_cache.misses
+
+    def unload(self) -> None:
+        """Let both models go, with their caches and decoding buffers (a closed service's); a later call loads again.
+
+        Not under the load lock: a load in progress (minutes, for a download) must not hold up `close()`.
+        """
+        loaded = self._captioner is not None or self._retrieval is not None
+        self._captioner = self._retrieval = None
+        if loaded:  # else nothing is cached, and closing a service that never loaded must not import torch
+            self.empty_cache()
+        self._decoder = None
 
     def empty_cache(self) -> None:
         """Release cached device memory after an out-of-memory error."""

@@ -202,6 +202,7 @@ class Blip2Service:
     def __init__(self, settings: BlipSettings | None = None, *, runtime: Blip2Runtime | None = None) -> None:
         self.settings = settings if settings is not None else BlipSettings()
         self.runtime = runtime if runtime is not None else Blip2Runtime(self.settings)
+        self._owns_runtime = runtime is None  # close() unloads only a runtime this service made
         self._started_at = time.monotonic()
         # A weak handler: the worker thread must not keep this service (and its model) alive. Once the service is
         # garbage-collected its batcher stops by itself; `close()` remains the way to stop it at a known time.
@@ -256,11 +257,17 @@ class Blip2Service:
         return self._batcher.closed
 
     def close(self, drain: bool = True, timeout_s: float | None = 30.0) -> None:
-        """Stop accepting requests; with `drain`, finish the queued ones first. Every future is resolved."""
+        """Stop accepting requests; with `drain`, finish the queued ones first. Every future is resolved.
+
+        Then the models are let go (unless the runtime was passed in): their memory is freed now, even while
+        something still holds the closed service (a notebook variable, a `with` block's name).
+        """
         self._batcher.close(drain=drain, timeout_s=timeout_s)
         with Blip2Service._shared_lock:
             if Blip2Service._shared is self:
                 Blip2Service._shared = None
+        if self._owns_runtime and not self._batcher.running:
+            self.runtime.unload()
 
     def __enter__(self) -> Blip2Service:
         return self

@@ -74,6 +74,50 @@ def test_a_dropped_private_service_is_collected_with_its_model_and_threads(
     _assert_collected(retrieval, "the dropped service's retrieval model")
 
 
+def test_a_dropped_service_frees_its_model_without_a_full_collection(
+    settings: BlipSettings, make_image: Callable[..., Any]
+) -> None:
+    """In a notebook a service is old when it is dropped: its objects sit in the collector's oldest generation,
+    which is walked only now and then. Nothing may tie the model into a reference cycle (a prompt cache holding the
+    runtime's bound method did): dropping the service frees it at once, with only young collections running."""
+    svc = Blip2Service(settings)
+    assert svc.caption(make_image(1), max_new_tokens=4).caption is not None
+    captioner = weakref.ref(svc.runtime.load_captioner().model)
+    runtime = weakref.ref(svc.runtime)
+    gc.collect()  # everything alive now is in the oldest generation
+    del svc
+    deadline = time.monotonic() + JOIN_S
+    while captioner() is not None and time.monotonic() < deadline:
+        gc.collect(1)  # young collections only, as a running program makes them
+        time.sleep(0.02)
+    assert runtime() is None, "the dropped service's runtime waits for a full garbage collection"
+    assert captioner() is None, "the dropped service's model waits for a full garbage collection"
+
+
+def test_close_frees_the_models_while_the_service_is_still_held(
+    settings: BlipSettings, make_image: Callable[..., Any]
+) -> None:
+    """`close()` lets the models go at a known moment, though a name still holds the closed service (a notebook
+    variable, a `with` block's); a runtime passed in by the caller is the caller's and stays loaded."""
+    with Blip2Service(settings) as svc:
+        assert svc.caption(make_image(1), max_new_tokens=4).caption is not None
+        assert len(svc.embed_texts(["a red car"])[0].vector) > 0
+        captioner = weakref.ref(svc.runtime.load_captioner().model)
+        retrieval = weakref.ref(svc.runtime.load_retrieval().model)
+    assert not svc.runtime.loaded() and not svc.runtime.loaded(retrieval=True)
+    _assert_collected(captioner, "a closed service's captioner")
+    _assert_collected(retrieval, "a closed service's retrieval model")
+    with pytest.raises(ServiceClosed):
+        svc.caption(make_image(1), max_new_tokens=4)
+
+    from blip_tools.runtime import Blip2Runtime
+
+    runtime = Blip2Runtime(settings)
+    with Blip2Service(settings, runtime=runtime) as borrowed:
+        assert borrowed.caption(make_image(2), max_new_tokens=4).caption is not None
+    assert runtime.loaded()
+
+
 def test_a_dropped_toolkit_or_embeddings_frees_its_private_service(
     settings: BlipSettings, make_image: Callable[..., Any], tmp_path: Path
 ) -> None:
