@@ -2,17 +2,18 @@
 # One GPU session in one command: check that BLIP_CUDA_GRAPHS decodes as generate() does on the device, then
 # time the real size (bf16) against the H100 roofline. Writes everything to $OUT (default bench-results).
 #
-#   bash benchmarks/gpu_session.sh            # with the pydantic-stack wheels in .whl/ when the machine lacks them
+#   bash benchmarks/gpu_session.sh            # with the wheels of benchmarks/gpu_wheels.sh in .whl/
 #   BUDGET=300 OUT=/tmp/out bash benchmarks/gpu_session.sh
 #
-# The GPU machines here have torch and transformers but no internet: wheels for pydantic, pydantic-settings and
-# their dependencies are installed from .whl/ when present (pip download them beforehand; carry the folder).
+# The GPU machines here have torch and transformers but no internet: pydantic, pydantic-settings, pillow and their
+# dependencies are installed from .whl/ when the machine lacks them (fill it with `bash benchmarks/gpu_wheels.sh`
+# beforehand, for Python 3.11-3.13, and carry the folder). pip picks the wheels that match the machine's Python.
 set -u
 OUT=${OUT:-bench-results}
 BUDGET=${BUDGET:-420}
 mkdir -p "$OUT"
-if ! python3 -c "import pydantic_settings" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    pip install -q --no-deps --target /tmp/blip-site .whl/*.whl
+if ! python3 -c "import pydantic_settings, PIL" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --find-links .whl --target /tmp/blip-site pydantic pydantic-settings pillow
     export PYTHONPATH="/tmp/blip-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
