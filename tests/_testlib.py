@@ -55,6 +55,16 @@ def tiny_model_args(tiny_checkpoint: Path) -> list[str]:
     return ["--model", kw["model"], "--retrieval-model", kw["retrieval_model"], "--device", "cpu"]
 
 
+@contextmanager
+def default_sigint() -> Iterator[None]:
+    """Python's own Ctrl-C handler (`KeyboardInterrupt`) for the block, whatever the test runner installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def sigint_as_in_a_terminal() -> None:
     """`preexec_fn` that puts SIGINT back to its default, as a command started from a terminal has it.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _testlib import WAIT_S, free_port, in_thread
+from _testlib import WAIT_S, default_sigint, free_port, in_thread
 
 from blip_tools import Blip2Service, BlipSettings
 from blip_tools.errors import BlipError, ModelNotAvailable
@@ -80,15 +80,6 @@ def index(tmp_path: Path, service: Blip2Service) -> Iterator[ImageIndex]:
     idx = ImageIndex(tmp_path / "db" / "index.sqlite", service=service)
     yield idx
     idx.close()
-
-
-@contextlib.contextmanager
-def _default_sigint() -> Iterator[None]:
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _next_run_works(index: ImageIndex, folder: Path) -> None:
@@ -156,7 +147,7 @@ def test_a_real_ctrl_c_while_an_index_run_waits_for_another_writer_leaves_the_in
         finally:
             holder.execute("ROLLBACK")  # the other writer is done: the waiting BEGIN IMMEDIATE now succeeds
 
-    with _default_sigint():
+    with default_sigint():
         presser = threading.Thread(target=press_ctrl_c_while_waiting, daemon=True)
         presser.start()
         try:
@@ -267,7 +258,7 @@ def test_ctrl_c_as_a_remote_service_starts_its_loop_thread_leaves_it_usable() ->
             signal.raise_signal(signal.SIGINT)
 
     previous = sys.gettrace()
-    with _default_sigint():
+    with default_sigint():
         sys.settrace(press_ctrl_c_as_start_begins)
         try:
             with pytest.raises(KeyboardInterrupt):

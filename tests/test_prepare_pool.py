@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from _testlib import hold_retrieval_load, in_thread, png_bytes, poll
+from _testlib import default_sigint, hold_retrieval_load, in_thread, png_bytes, poll
 
 from blip_tools import Blip2Service, BlipSettings, _prepare
 from blip_tools._prepare import PreparePool, blocking
@@ -294,25 +294,24 @@ def test_ctrl_c_while_a_sync_call_waits_on_a_download_abandons_it_and_leaves_the
         return data
 
     monkeypatch.setattr(_fetch, "fetch_url", slow_fetch)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with Blip2Service(settings.model_copy(update={"allow_urls": True})) as svc:
-            svc.caption(make_image(2), max_new_tokens=3)
-            submit = svc._batcher.submit
-            svc._batcher.submit = lambda *a, **k: submits.append(a) or submit(*a, **k)  # type: ignore[method-assign]
-            _interrupt_main_when(started)
-            with pytest.raises(KeyboardInterrupt):
-                svc.caption("https://example.com/a.png", max_new_tokens=3)
+    with default_sigint():
+        try:
+            with Blip2Service(settings.model_copy(update={"allow_urls": True})) as svc:
+                svc.caption(make_image(2), max_new_tokens=3)
+                submit = svc._batcher.submit
+                svc._batcher.submit = lambda *a, **k: submits.append(a) or submit(*a, **k)  # type: ignore[method-assign]
+                _interrupt_main_when(started)
+                with pytest.raises(KeyboardInterrupt):
+                    svc.caption("https://example.com/a.png", max_new_tokens=3)
+                release.set()
+                assert svc.caption(make_image(3), max_new_tokens=3).caption is not None
+                deadline = time.monotonic() + WAIT_S
+                while (one_slot._running or one_slot._jobs) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert (one_slot._running, len(one_slot._jobs)) == (0, 0)
+                assert len(submits) == 1, "the abandoned request must never be submitted"
+        finally:
             release.set()
-            assert svc.caption(make_image(3), max_new_tokens=3).caption is not None
-            deadline = time.monotonic() + WAIT_S
-            while (one_slot._running or one_slot._jobs) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert (one_slot._running, len(one_slot._jobs)) == (0, 0)
-            assert len(submits) == 1, "the abandoned request must never be submitted"
-    finally:
-        release.set()
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_callers_of_a_loaded_model_are_not_held_up_by_many_callers_waiting_for_another_load(
